@@ -1,0 +1,386 @@
+"""One config tree for every entry point.
+
+The CLI, YAML/JSON files and the Slurm templates all fill the same dataclasses
+below; there is no second way to set a value. Files are merged first, then
+``--set section.key=value`` overrides from the command line. Unknown keys and
+values of the wrong type are errors that name the full dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    # A local directory in Hugging Face format, or a preset name: tiny, janus-pro-1b, janus-pro-7b.
+    path: str = "tiny"
+    # float32 | bfloat16 | float16; "auto" = bfloat16 on GPU, float32 on CPU.
+    dtype: str = "auto"
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    seed: int = 0  # for presets built with random weights
+
+
+@dataclass
+class RolloutConfig:
+    cfg_weight: float = 5.0  # classifier-free guidance for sampling
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = full distribution
+    greedy: bool = False
+    batch_size: int = 8
+
+
+@dataclass
+class TrainableConfig:
+    first_k_layers: int = 5
+    # all: every module of the first k layers; attention: q/k/v/o projections only
+    modules: str = "attention"
+    # explicit fnmatch patterns on parameter names; when non-empty they replace the two above
+    patterns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ConceptOverride:
+    """Per-concept settings for joint multi-concept runs (any None inherits from erase)."""
+
+    window_len: Optional[int] = None
+    loss_threshold: Optional[float] = None
+    erase_guidance: Optional[float] = None
+
+
+@dataclass
+class EraseConfig:
+    concept: str = "church"
+    # ear | svare | esd
+    method: str = "ear"
+    # hidden: MSE on the last hidden state (official code); logit: KL on gen-head logits (paper)
+    target_mode: str = "hidden"
+    erase_guidance: float = 1.0
+    loss_threshold: float = 0.05
+    window_len: int = 48
+    # sequential (generation order) | random
+    window_order: str = "sequential"
+    # window: optimizer step after each kept window (paper); sequence: one step per pair/batch
+    update_mode: str = "window"
+    # which prompt of the pair the teacher samples image tokens from: surrogate | target
+    rollout_from: str = "surrogate"
+    # logit mode: CFG weight applied on the teacher side when building targets (0 = off)
+    teacher_cfg_weight: float = 0.0
+    # S-VARE
+    svare_label_prob_max: float = 0.5
+    svare_preserve_weight: float = 0.5
+    # ESD-style baseline: share of image positions sampled as random patches each step
+    esd_patch_fraction: float = 0.25
+    # a target prompt without the concept word: warn (count) or fail
+    on_missing_concept: str = "warn"
+    concepts: dict[str, ConceptOverride] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    # a pairs file (JSON/CSV/JSONL), a shard directory, or empty for built-in pairs
+    pairs: str = ""
+    # auto | ear-json | ear-csv | copro-json | copro-csv | sixcd | coco | hf | jsonl | shards
+    format: str = "auto"
+    shuffle: bool = True
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    # malformed rows: fail | skip (skips are counted and reported)
+    on_error: str = "fail"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 50
+    pairs_per_step: int = 1
+    seed: int = 0
+    out_dir: str = "runs/erase"
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0 = only at the end
+    max_nonfinite_steps: int = 5
+    tensorboard: bool = True
+
+
+@dataclass
+class DistConfig:
+    # none | a path to a DeepSpeed JSON config (see ds_configs/)
+    deepspeed_config: str = "none"
+    # colocated | dedicated | offline
+    teacher_placement: str = "colocated"
+    teacher_ranks: int = 0  # dedicated placement: how many ranks serve the teacher
+    backend: str = "auto"  # auto | gloo | nccl
+    timeout_s: int = 60
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 2
+    partition: str = ""
+    time: str = "01:00:00"
+    job_name: str = "ear-dist"
+    signal_before_s: int = 120
+    extra_sbatch: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    erase: EraseConfig = field(default_factory=EraseConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def to_dict(self) -> dict:
+        # through JSON so tuples become lists and the dict is plain data (YAML/JSON safe)
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def validate(self) -> "Config":
+        validate(self)
+        return self
+
+
+# --------------------------------------------------------------------------- building
+
+_CHOICES = {
+    "erase.method": ("ear", "svare", "esd"),
+    "erase.target_mode": ("hidden", "logit"),
+    "erase.window_order": ("sequential", "random"),
+    "erase.update_mode": ("window", "sequence"),
+    "erase.rollout_from": ("surrogate", "target"),
+    "erase.on_missing_concept": ("warn", "fail"),
+    "trainable.modules": ("all", "attention"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "optim.name": ("adam", "adamw", "sgd"),
+    "dist.teacher_placement": ("colocated", "dedicated", "offline"),
+    "dist.backend": ("auto", "gloo", "nccl"),
+    "data.on_error": ("fail", "skip"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone do not catch; raise ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    positives = ["erase.window_len", "train.steps", "train.pairs_per_step", "rollout.batch_size"]
+    for key in positives:
+        if get_key(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")
+    if cfg.erase.loss_threshold < 0:
+        raise ConfigError(f"erase.loss_threshold: must be >= 0, got {cfg.erase.loss_threshold}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if cfg.trainable.first_k_layers < 0:
+        raise ConfigError("trainable.first_k_layers: must be >= 0")
+    if not 0.0 < cfg.erase.esd_patch_fraction <= 1.0:
+        raise ConfigError("erase.esd_patch_fraction: must be in (0, 1]")
+    for name, ov in cfg.erase.concepts.items():
+        if ov.window_len is not None and ov.window_len < 1:
+            raise ConfigError(f"erase.concepts.{name}.window_len: must be >= 1, got {ov.window_len}")
+        if ov.loss_threshold is not None and ov.loss_threshold < 0:
+            raise ConfigError(f"erase.concepts.{name}.loss_threshold: must be >= 0")
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a parsed value to the annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        out = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise ConfigError(
+                f"{prefix}{k}: unknown key (known keys of {prefix.rstrip('.') or 'the config'}: "
+                f"{', '.join(sorted(names))})"
+            )
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_file(path: Union[str, Path]) -> dict:
+    """Read a YAML or JSON config file into a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # parse errors carry line numbers in their message
+        raise ConfigError(f"{p}: cannot parse: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> {"a": {"b": {"c": parsed}}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. erase.window_len=24")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except Exception:
+        value = raw
+    node: dict = {}
+    cur = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return node
+
+
+def load_config(
+    files: Optional[list] = None,
+    overrides: Optional[list[str]] = None,
+    base: Optional[dict] = None,
+) -> Config:
+    """Merge ``base``, then each file, then each ``key=value`` override, and validate."""
+    data: dict = dict(base or {})
+    for f in files or []:
+        data = _merge(data, read_file(f))
+    for o in overrides or []:
+        data = _merge(data, parse_override(o))
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
