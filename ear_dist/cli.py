@@ -1,0 +1,60 @@
+"""``ear-dist <subcommand>``: one entry point; each area of the package registers its commands.
+
+Every command that runs a job takes ``--config FILE`` (repeatable, YAML/JSON) and
+``--set section.key=value`` overrides, which fill the one config tree in
+``ear_dist.config``. Areas add commands by exposing ``register(subparsers)`` in a
+module listed in ``COMMAND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ear_dist.config import ConfigError, load_config
+
+# Each module exposes register(subparsers) -> None.
+COMMAND_MODULES = [
+    "ear_dist.models.commands",
+]
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The config flags shared by every job command."""
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML/JSON config (repeatable; later wins)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="override one key, e.g. --set erase.window_len=24 (repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace, base: dict | None = None):
+    return load_config(files=args.config, overrides=args.overrides, base=base)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ear-dist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except ConfigError as e:
+        print(f"ear-dist: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ear-dist: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
