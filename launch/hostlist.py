@@ -75,7 +75,9 @@ def expand_hostlist(expression: str) -> list[str]:
     >>> expand_hostlist("node[1-3,7],gpu-a[01-02]")
     ['node1', 'node2', 'node3', 'node7', 'gpu-a01', 'gpu-a02']
 
-    Raises HostlistError naming the bad part of the expression.
+    Several bracket groups in one name expand as a product, first group
+    outermost. Text after a bracket group ("a[1-2]b") is accepted, though Slurm
+    22.05 itself rejects it. Raises HostlistError naming the bad part.
     """
     expression = expression.strip()
     if not expression:
@@ -83,9 +85,8 @@ def expand_hostlist(expression: str) -> list[str]:
     hosts = []
     for item in _split_top_level(expression):
         item = item.strip()
-        if not item:
-            raise HostlistError(f"empty host name in hostlist {expression!r}")
-        hosts.extend(_expand_item(item, expression))
+        if item:  # Slurm skips empty items ("a,,b")
+            hosts.extend(_expand_item(item, expression))
     return hosts
 
 
