@@ -97,6 +97,10 @@ class LocalSlurmCluster:
         self.conf_path: Path | None = None
         self.env: dict[str, str] = {}
         self.nodes = NODE_NAMES
+        # Per-node scratch (Slurm's TmpFS=ROOT/tmp/%n). Slurm does not export it as
+        # TMPDIR; MPI tests point TMPDIR at ROOT/tmp/$SLURMD_NODENAME themselves so
+        # the emulated nodes' Open MPI session directories stay apart.
+        self.tmpfs_root: Path | None = None
         self.partition = "debug"
         self._daemons: list[tuple[str, subprocess.Popen]] = []
 
@@ -116,6 +120,7 @@ class LocalSlurmCluster:
         if os.geteuid() != 0:
             raise SlurmClusterError("the local Slurm cluster runs its daemons as root (SlurmUser=root)")
         self.root = Path(tempfile.mkdtemp(prefix="ear-slurm-", dir=self._base_dir))
+        self.tmpfs_root = self.root / "tmp"
         try:
             self._write_files()
             self._start_daemons()

@@ -121,11 +121,13 @@ def test_fake_gpus_are_allocated_per_node(slurm_cluster):
 
 
 def test_srun_pmix_mpi4py_discovery_all_reduce(slurm_cluster):
-    # Open MPI's shared-memory segments would collide between the emulated nodes
-    # (same machine); TCP between them works. timeout: a broken MPI setup hangs.
+    # Open MPI's shared-memory segments and session directories would collide
+    # between the emulated nodes (one machine): TCP only, and a TMPDIR per node.
+    # timeout: a broken MPI setup hangs instead of failing.
+    per_task = (f"export TMPDIR={slurm_cluster.tmpfs_root}/$SLURMD_NODENAME && "
+                f"exec {PYTHON} -m launch.print_env --all-reduce --timeout-s=30")
     result = slurm_cluster.run(
-        ["timeout", "90", "srun", "--mpi=pmix", "--nodes=2", "--ntasks=2",
-         PYTHON, "-m", "launch.print_env", "--all-reduce", "--timeout-s=30"],
+        ["timeout", "90", "srun", "--mpi=pmix", "--nodes=2", "--ntasks=2", "bash", "-c", per_task],
         extra_env={**TASK_ENV, "OMPI_MCA_btl": "self,tcp"}, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = reports_of(result.stdout)
