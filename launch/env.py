@@ -391,8 +391,14 @@ def _single(environ: Mapping[str, str], run_command: RunCommand, resolves: Resol
     if job_id and _slurm_nodelist(environ):
         # A batch script: one process, but the address it derives is the one its
         # srun tasks will derive, so a script can hand it to torchrun.
-        return DistEnv(master_addr=_slurm_master(environ, run_command, resolves),
-                       master_port=_slurm_port(environ), launcher="single", job_id=job_id)
+        try:
+            master_addr = _slurm_master(environ, run_command, resolves)
+        except LaunchError:
+            if environ.get("SLURM_JOB_NUM_NODES", environ.get("SLURM_NNODES", "1")) != "1":
+                raise
+            master_addr = "127.0.0.1"  # a one-node job never leaves this machine
+        return DistEnv(master_addr=master_addr, master_port=_slurm_port(environ),
+                       launcher="single", job_id=job_id)
     master_addr = environ.get("MASTER_ADDR") or "127.0.0.1"
     if environ.get("MASTER_PORT"):
         master_port = _int_var(environ, "MASTER_PORT", "single")

@@ -16,7 +16,9 @@ The client commands (sbatch, srun, scontrol ...) find this cluster through
 SLURM_CONF, which ``cluster.env`` carries; jobs inherit it, so ``scontrol`` inside
 a job asks the same controller.
 
-The Debian packages come from ``scripts/install_system_deps.sh``.
+The Debian packages come from ``scripts/install_system_deps.sh``. To try sbatch
+scripts by hand, ``python -m tests.slurm_cluster`` starts a cluster, prints the
+SLURM_CONF line to export in another shell, and stops it on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ INSTALL_HINT = (
     "(Debian: slurmctld slurmd slurm-client munge openmpi-bin libpmix-dev; needs root)"
 )
 
-REQUIRED_PROGRAMS = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "srun", "scontrol")
+REQUIRED_PROGRAMS = ("munged", "slurmctld", "slurmd", "sinfo", "squeue", "scancel", "sbatch", "srun", "scontrol")
 NODE_NAMES = ("node1", "node2")
 TERMINAL_JOB_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
@@ -130,11 +132,9 @@ class LocalSlurmCluster:
             raise
 
     def stop(self) -> None:
-        """Cancel remaining jobs, stop the daemons this object started, remove its files."""
+        """Drain jobs, stop the daemons this object started, remove its files."""
         if any(proc.poll() is None for name, proc in self._daemons if name == "slurmctld"):
-            # Jobs left running would keep slurmstepd processes alive after slurmd.
-            subprocess.run(["scancel", "--full", "--partition", self.partition],
-                           env=self.env, capture_output=True, timeout=10)
+            self._drain_jobs()
         # Stop in reverse start order: the slurmd daemons, slurmctld, then munged.
         for name, proc in reversed(self._daemons):
             if proc.poll() is None:
@@ -147,9 +147,37 @@ class LocalSlurmCluster:
                 proc.kill()
                 proc.wait(timeout=5)
         self._daemons = []
+        self._kill_own_step_daemons()
         if self.root is not None and self.root.exists():
             shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
+
+    def _drain_jobs(self, timeout_s: float = 10.0) -> None:
+        # A job still running or completing keeps a slurmstepd that would retry
+        # its controller forever once the controller is gone: cancel, then wait
+        # until the controller has forgotten every job step.
+        self.run(["scancel", "--full", "--partition", self.partition], check=False, timeout=10)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            queue = self.run(["squeue", "-h", "-o", "%i %T"], check=False, timeout=10)
+            if queue.returncode == 0 and not queue.stdout.strip():
+                return
+            time.sleep(0.1)
+
+    def _kill_own_step_daemons(self) -> None:
+        """Kill slurmstepd processes left by this cluster's slurmd (found by its SLURM_CONF)."""
+        if self.conf_path is None:
+            return
+        marker = f"SLURM_CONF={self.conf_path}".encode()
+        for proc_dir in Path("/proc").glob("[0-9]*"):
+            try:
+                if (proc_dir / "comm").read_text().strip() != "slurmstepd":
+                    continue
+                if marker not in (proc_dir / "environ").read_bytes().split(b"\0"):
+                    continue
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue  # gone meanwhile, or not ours to read
 
     # -------------------------------------------------------------- configuration
     def _write_files(self) -> None:
@@ -359,3 +387,19 @@ def parse_exit_code(record: dict[str, str]) -> int:
     """The job's exit status from a ``scontrol show job`` record ("ExitCode=1:0" -> 1)."""
     match = re.match(r"(\d+):(\d+)", record.get("ExitCode", ""))
     return int(match.group(1)) if match else -1
+
+
+def main() -> None:
+    """Run a local cluster in the foreground until interrupted."""
+    with LocalSlurmCluster() as cluster:
+        print(f"export SLURM_CONF={cluster.conf_path}", flush=True)
+        print(f"nodes: {cluster.node_states()}; Ctrl-C stops the cluster", flush=True)
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    main()

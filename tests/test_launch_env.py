@@ -250,6 +250,15 @@ def test_batch_script_is_one_process_with_the_jobs_master():
     assert (env.master_addr, env.master_port) == ("127.0.0.1", 10042)
 
 
+def test_batch_script_on_one_node_without_scontrol_uses_loopback():
+    environ = {"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "cn17", "SLURM_JOB_NUM_NODES": "1"}
+    env = discover(environ, run_command=lambda argv: None, resolves=lambda host: False, mpi_world=no_mpi)
+    assert (env.master_addr, env.master_port) == ("127.0.0.1", 10042)
+    with pytest.raises(LaunchError, match="does not resolve"):
+        discover({**environ, "SLURM_JOB_NODELIST": "cn[17-18]", "SLURM_JOB_NUM_NODES": "2"},
+                 run_command=lambda argv: None, resolves=lambda host: False, mpi_world=no_mpi)
+
+
 def test_single_process():
     env = discover({}, mpi_world=no_mpi)
     assert (env.launcher, env.rank, env.world_size, env.is_main, env.is_distributed) == \
