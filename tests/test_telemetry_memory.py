@@ -9,12 +9,13 @@ def test_cpu_peak_is_process_rss_and_sees_a_large_allocation():
     before = peak_memory("cpu")
     assert before.kind == PROCESS_RSS
     assert before.reserved_peak_bytes is None
-    # touch 256 MiB so the pages become resident
-    block = torch.ones(64 * 2**20, dtype=torch.float32)
+    # a block bigger than the whole earlier peak, touched so its pages are resident,
+    # must raise the peak above the earlier one
+    block_bytes = before.peak_bytes + 64 * 2**20
+    block = torch.ones(block_bytes, dtype=torch.uint8)
     after = peak_memory()
     del block
-    assert after.peak_bytes >= 256 * 2**20
-    assert after.peak_bytes >= before.peak_bytes
+    assert after.peak_bytes >= block_bytes > before.peak_bytes
     reset_peak_memory("cpu")  # no-op on CPU: the peak stays
     assert peak_memory().peak_bytes >= after.peak_bytes
     metrics = after.as_metrics()
