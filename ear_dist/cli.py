@@ -18,6 +18,7 @@ from ear_dist.config import ConfigError, load_config
 COMMAND_MODULES = [
     "ear_dist.models.commands",
     "ear_dist.demo",
+    "ear_dist.telemetry.commands",
 ]
 
 
