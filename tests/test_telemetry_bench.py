@@ -88,3 +88,24 @@ def test_cli_bench_end_to_end_on_cpu(tmp_path, capsys):
     assert [e.value for e in acc.Scalars("throughput/pairs_per_s")] == pytest.approx(
         [r["throughput/pairs_per_s"] for r in records]
     )
+
+
+def test_cli_compare_prints_ratio_rows(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["bench", "--steps", "1", "--warmup", "0", "--out", str(out), "--set", "model.path=tiny",
+               "--set", "erase.window_len=8", "--compare", "erase.update_mode=window,sequence"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "comparison in one run, erase.update_mode: baseline window, candidate sequence" in printed
+    ratio_lines = {line.split()[0]: line for line in printed.split("comparison in one run")[1].splitlines()[1:]}
+    for row in ("step", "image", "teacher_rollout", "student_fwd_bwd"):
+        assert row in ratio_lines and ratio_lines[row].rstrip().endswith("x"), printed
+    # each side keeps its own metrics
+    assert len(list(read_jsonl(out / "erase.update_mode=window" / "metrics.jsonl"))) == 1
+    assert len(list(read_jsonl(out / "erase.update_mode=sequence" / "metrics.jsonl"))) == 1
+
+
+def test_cli_compare_bad_spec_is_a_clear_error(tmp_path, capsys):
+    rc = main(["bench", "--out", str(tmp_path), "--compare", "erase.update_mode=window"])
+    assert rc == 2
+    assert "expected KEY=BASELINE,CANDIDATE" in capsys.readouterr().err

@@ -108,6 +108,10 @@ def test_janus_pro_7b_shape_on_meta_device():
     # per layer 4*4096^2 + 3*4096*11008 + 2*4096 = 202,383,360; x30 + 4096 = 6,071,504,896
     # aligner 8*4096+4096 + 4096^2+4096 = 16,818,176; head 4096^2+4096 + 4096*16384+16384 = 83,906,560
     assert shape.n_params == 6_071_504_896 + 16_818_176 + 83_906_560 == 6_172_229_632
+    # the project's janus-pro-7b preset (untied text lm_head, outside N) has the same N
+    from ear_dist.models.presets import preset_config
+
+    assert janus_flops_shape(preset_config("janus-pro-7b")).n_params == 6_172_229_632
     # a student step on a 600-token sequence: 6N + 12*30*4096*600
     assert train_flops_per_token(shape, 600) == 6 * 6_172_229_632 + 12 * 30 * 4096 * 600
 
