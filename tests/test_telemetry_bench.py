@@ -2,6 +2,7 @@
 step really makes, and leaves TensorBoard and JSON-lines files that read back (no timing assertions)."""
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ear_dist.cli import main
@@ -109,3 +110,31 @@ def test_cli_compare_bad_spec_is_a_clear_error(tmp_path, capsys):
     rc = main(["bench", "--out", str(tmp_path), "--compare", "erase.update_mode=window"])
     assert rc == 2
     assert "expected KEY=BASELINE,CANDIDATE" in capsys.readouterr().err
+
+
+def test_presets_without_tokenizer_run_on_synthetic_prompt_ids(tmp_path, monkeypatch):
+    import ear_dist.telemetry.bench as bench_mod
+    from ear_dist.telemetry.bench import SyntheticPromptBundle
+
+    def tiny_without_tokenizer(*args, **kwargs):
+        bundle = load_janus("tiny", device="cpu", dtype="float32")
+        bundle.tokenizer = None  # like janus-pro-7b built with random weights
+        return bundle
+
+    monkeypatch.setattr(bench_mod, "load_janus", tiny_without_tokenizer)
+    notes = []
+    result = run_erasure_bench(tiny_cfg(update_mode="sequence", window_len=4, loss_threshold=0), steps=1, warmup=0, log_dir=tmp_path,
+                               prompt_len=7, echo=notes.append)
+    assert any("no tokenizer" in n for n in notes)
+    shape = janus_flops_shape(load_janus("tiny").model.config)
+    seq = 7 + 16 - 1  # every prompt is exactly prompt_len ids
+    assert result.counts.flops[STUDENT_FWD_BWD] == 2 * seq * train_flops_per_token(shape, seq)
+
+    bundle = SyntheticPromptBundle(**{k: getattr(tiny_without_tokenizer(), k)
+                                      for k in ("model", "tokenizer", "prompt_format", "name")})
+    bundle.prompt_len = 7
+    ids, mask = bundle.encode_prompts(["a photo of a church", "a photo of a house", "a photo of a church"])
+    assert ids.shape == (3, 7) and bool(mask.all())
+    assert bool((ids[:, 0] == bundle.prompt_format.bos_token_id).all())
+    assert bool((ids[:, -1] == bundle.prompt_format.boi_token_id).all())
+    assert torch.equal(ids[0], ids[2]) and not torch.equal(ids[0], ids[1])  # seeded by the prompt text
