@@ -280,8 +280,8 @@ class BenchResult:
     device_name: str
     dtype: torch.dtype
     peak: Optional[float]
-    memory: MemoryStats
-    nvml: NvmlStepStats
+    memory: MemoryStats  # the highest peak over the measured steps
+    nvml: NvmlStepStats  # the last measured step
     nvml_unavailable_reason: Optional[str]
     log_dir: Path
 
@@ -389,7 +389,7 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
     pairs = cfg.train.pairs_per_step
     measured: list[StepTiming] = []
     counts_sum = StepCounts()
-    memory = peak_memory(device)
+    memory: Optional[MemoryStats] = None  # the highest peak over the measured steps
     nvml_stats = NvmlStepStats()
     try:
         with MetricsWriter(log_dir, reductions=BENCH_REDUCTIONS) as writer:
@@ -403,14 +403,14 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
                 student_counts = instruments.end_step()
                 timing = timers.end_step()
                 nvml_stats = monitor.end_step()
-                memory = peak_memory(device)
+                step_memory = peak_memory(device)
                 counts = StepCounts()
                 counts.merge(teacher.counts)
                 counts.merge(student_counts)
                 teacher.counts = StepCounts()
                 # a student phase handles the step's image tokens once, however many forwards it took
                 counts.tokens[STUDENT_FWD_BWD] = result.image_tokens
-                writer.write(i, _step_metrics(timing, counts, result.image_tokens, pairs, peak, memory,
+                writer.write(i, _step_metrics(timing, counts, result.image_tokens, pairs, peak, step_memory,
                                               nvml_stats, result.loss))
                 tag = "warm-up" if i < warmup else "step"
                 echo(f"{tag} {i}: {timing.step_s * 1e3:.1f} ms, loss {result.loss:.4g}, "
@@ -418,11 +418,14 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
                 if i >= warmup:
                     measured.append(timing)
                     counts_sum.merge(counts)
+                    if memory is None or step_memory.peak_bytes > memory.peak_bytes:
+                        memory = step_memory
     finally:
         instruments.remove()
         monitor.close()
     return BenchResult(
-        timing=mean_timing(measured), counts=counts_sum.scaled(1.0 / steps), image_tokens_per_step=pairs * t, pairs_per_step=pairs,
+        timing=mean_timing(measured), counts=counts_sum.scaled(1.0 / steps),
+        image_tokens_per_step=pairs * t, pairs_per_step=pairs,
         device_name=device_name, dtype=dtype, peak=peak, memory=memory, nvml=nvml_stats,
         nvml_unavailable_reason=monitor.unavailable_reason, log_dir=Path(log_dir),
     )
