@@ -64,6 +64,7 @@ from ear_dist.telemetry.timer import (
 from ear_dist.telemetry.writer import MetricsWriter
 from ear_dist.train.step import ErasureStep, PairBatch, Updater
 from ear_dist.train.student import make_student
+from ear_dist.train.trainer import build_optimizer
 from ear_dist.train.trainable import LLM_LAYER, select_trainable_names
 
 # How each metric is combined over ranks when the benchmark runs distributed.
@@ -373,11 +374,7 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
     layers = [int(m.group(1)) for n in trainable if (m := LLM_LAYER.match(n))]
     # a trainable tensor outside the decoder layers (patterns) needs gradients down to layer 0
     lowest = min(layers) if len(layers) == len(trainable) else 0
-    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.optim.name]
-    opt_kwargs = {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}
-    if cfg.optim.name != "sgd":
-        opt_kwargs["betas"] = tuple(cfg.optim.betas)
-    optimizer = opt_cls([params[n] for n in trainable], **opt_kwargs)
+    optimizer = build_optimizer(student.parameters(), cfg.optim)
     instruments = StudentInstruments(student, timers, shape, trainable_params, lowest)
     updater = TimedUpdater(Updater(optimizer), instruments)
     step_fn = ErasureStep(student, bundle, teacher, erase, updater,
