@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import logging
 import os
 import platform
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher-cfg", action="store_true", help="logit mode: include an unconditional teacher row")
     p.add_argument("--warmup", type=int, default=None, help="default 3 (cuda) / 1 (cpu)")
     p.add_argument("--repeats", type=int, default=None, help="default 20 (cuda) / 3 (cpu)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="triton: chunk over the last dimension (power of two; default min(width, 4096))")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--interpret-triton", action="store_true",
                    help="cpu only: also run the Triton kernels under TRITON_INTERPRET=1 (not a speed figure)")
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
         from ear_dist.kernels.windowed_loss import fused_windowed_loss
 
         triton_label = "triton" if gpu else "triton (interpreter; not a speed figure)"
-        variants[triton_label] = fused_windowed_loss
+        variants[triton_label] = functools.partial(fused_windowed_loss, block_size=args.block_size)
 
     def sync():
         if gpu:
@@ -125,7 +128,8 @@ def main(argv=None) -> int:
     print(f"# bench_loss_kernel  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(f"# device: {device_name}; torch {torch.__version__}; triton {triton_version}")
     print(f"# T={args.tokens} V={args.vocab} H={args.hidden} dtype={args.dtype} window_len={args.window_len} "
-          f"kept~{args.kept_fraction:.0%} teacher_cfg={args.teacher_cfg} warmup={args.warmup} repeats={args.repeats}")
+          f"kept~{args.kept_fraction:.0%} teacher_cfg={args.teacher_cfg} warmup={args.warmup} repeats={args.repeats} "
+          f"block_size={args.block_size or 'auto'}")
     print(f"# command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}")
 
     rows = []

@@ -246,3 +246,62 @@ def test_dispatch_rejects_mismatched_shapes():
         windowed_loss("hidden", student, on_target, on_surrogate, idx[:, :5], 0.0, 1.0, backend="triton")
     with pytest.raises(ValueError, match="only in logit mode"):
         windowed_loss("hidden", student, on_target, on_surrogate, idx, 0.0, 1.0, uncond=student, backend="torch")
+
+
+def test_a_second_backward_through_the_same_graph_is_refused():
+    student, on_target, on_surrogate, _ = _inputs("hidden", seed=11)
+    leaf = student.clone().requires_grad_(True)
+    out = windowed_loss("hidden", leaf, on_target, on_surrogate, window_index(BATCH, TOKENS, 4), 0.0, 1.0,
+                        backend="triton")
+    (3.0 * out.loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.loss.backward()
+
+
+# --------------------------------------------------------------------------- GPU compilation
+
+_COMPILE_FOR_HOPPER = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import ear_dist.kernels.windowed_loss as K
+
+target = GPUTarget("cuda", 90, 32)
+ptr, f32 = "*bf16", "*fp32"
+logits = dict(student_ptr=ptr, target_ptr=ptr, surrogate_ptr=ptr, uncond_ptr=ptr, eta_ptr=f32)
+hidden = dict(student_ptr=ptr, target_ptr=ptr, surrogate_ptr=ptr, eta_ptr=f32)
+cases = [
+    (K._kl_loss_kernel, dict(logits, loss_ptr=f32, lse_student_ptr=f32, lse_target_ptr=f32, cfg_weight="fp32",
+                             num_tokens="i32", vocab="i32", HAS_UNCOND="constexpr", BLOCK="constexpr"),
+     dict(HAS_UNCOND=True, BLOCK=4096)),
+    (K._kl_grad_kernel, dict(logits, lse_student_ptr=f32, lse_target_ptr=f32, coef_ptr=f32, grad_ptr=ptr,
+                             cfg_weight="fp32", num_tokens="i32", vocab="i32", HAS_UNCOND="constexpr",
+                             BLOCK="constexpr"),
+     dict(HAS_UNCOND=False, BLOCK=4096)),
+    (K._mse_loss_kernel, dict(hidden, loss_ptr=f32, num_tokens="i32", width="i32", BLOCK="constexpr"),
+     dict(BLOCK=4096)),
+    (K._mse_grad_kernel, dict(hidden, coef_ptr=f32, grad_ptr=ptr, num_tokens="i32", width="i32",
+                              BLOCK="constexpr"), dict(BLOCK=4096)),
+    (K._scale_inplace_kernel, dict(grad_ptr=ptr, factor_ptr=f32, numel="i32", BLOCK="constexpr"),
+     dict(BLOCK=4096)),
+]
+for fn, signature, constexprs in cases:
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+                              options={"num_warps": 8})
+    assert compiled.asm["cubin"], fn.__name__
+    print("compiled", fn.__name__)
+"""
+
+
+def test_kernels_compile_for_an_h100_without_a_gpu():
+    """The interpreter accepts code the GPU compiler rejects (loop-carried types, scalar
+    branches); compiling ahead of time to sm_90 machine code with the ptxas that ships in
+    the triton wheel catches that here, without a GPU."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled ") == 5

@@ -19,7 +19,7 @@ in hidden mode):
 The gradient is computed in the forward call (as Liger-Kernel does for its fused
 losses), so neither the teacher outputs nor any ``[B, T, D]`` float32 intermediate is
 kept alive until backward: only one gradient buffer in the student's dtype. Backward
-multiplies it in place by the incoming scalar gradient.
+multiplies it in place by the incoming scalar gradient (a no-op kernel when that is 1).
 
 The guided target and all arithmetic are float32 whatever the input dtype. The
 plain-PyTorch definition is ``ear_dist.losses.windowed``; the tests compare the two.
@@ -188,6 +188,21 @@ def _mse_grad_kernel(
             tl.store(grad_ptr + row_offset + offs, (factor * diff).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _scale_inplace_kernel(grad_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
+    """``grad *= factor`` with the factor read on the device: no host sync, and no
+    memory traffic at all in the usual case of a factor of exactly 1."""
+    factor = tl.load(factor_ptr)
+    if factor != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_ptr + offs, (grad * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------- autograd
 
 
@@ -265,9 +280,16 @@ class _WindowedLossFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is None:
             return (None,) * 11
-        # in place: the buffer is ours alone, and this avoids a second [B, T, D] tensor.
-        # A second backward through the same graph fails autograd's version check.
-        grad.mul_(grad_loss.to(grad.dtype))
+        if getattr(ctx, "grad_consumed", False):
+            raise RuntimeError(
+                "the fused windowed loss computes its gradient in the forward pass and scales it in "
+                "place in backward; a second backward through the same graph is not supported"
+            )
+        ctx.grad_consumed = True
+        # in place: the buffer is ours alone, and this avoids a second [B, T, D] tensor
+        factor = grad_loss.detach().to(device=grad.device, dtype=torch.float32).reshape(1).contiguous()
+        block = 4096
+        _scale_inplace_kernel[(triton.cdiv(grad.numel(), block),)](grad, factor, grad.numel(), BLOCK=block)
         return (grad,) + (None,) * 10
 
 
