@@ -201,13 +201,15 @@ def main(argv=None) -> int:
     verdicts = []
     for mode, batch, name, r, group in rows:
         eager = group["eager"]
+        interpreted = "interpreter" in name
         vs_eager = eager["ms"] / r["ms"]
-        vs_compile = group["compile"]["ms"] / r["ms"] if "compile" in group else None
+        vs_compile = group["compile"]["ms"] / r["ms"] if "compile" in group and not interpreted else None
         mem_share = (r["extra"] / eager["extra"]) if (r["extra"] is not None and eager["extra"]) else None
         compile_text = f"{vs_compile:.2f}x" if vs_compile else "-"
         extra_text = f"{r['extra']:.1f}" if r["extra"] is not None else "n/a"
         share_text = f"{mem_share:.0%}" if mem_share is not None else "n/a"
-        print(f"{mode:<7}{batch:>4}  {name:<42}{r['ms']:>12.3f}{vs_eager:>8.2f}x{compile_text:>11}"
+        eager_text = "-" if interpreted else f"{vs_eager:.2f}x"
+        print(f"{mode:<7}{batch:>4}  {name:<42}{r['ms']:>12.3f}{eager_text:>9}{compile_text:>11}"
               f"{extra_text:>11}{share_text:>13}{r['kept']:>6.0%}")
         if gpu and name == triton_label:
             ok = vs_eager >= GOAL_VS_EAGER and (vs_compile is None or vs_compile >= GOAL_VS_COMPILE) \

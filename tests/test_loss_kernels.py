@@ -305,3 +305,18 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
                           timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("compiled ") == 5
+
+
+def test_no_gradient_pass_under_no_grad(monkeypatch):
+    student, on_target, on_surrogate, _ = _inputs("logit", seed=12)
+    leaf = student.clone().requires_grad_(True)
+    launched = []
+    real_grad_kernel = kernels._kl_grad_kernel
+    monkeypatch.setattr(kernels, "_kl_grad_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (launched.append(grid), real_grad_kernel[grid])[1]})())
+    idx = window_index(BATCH, TOKENS, 4)
+    with torch.no_grad():
+        out = windowed_loss("logit", leaf, on_target, on_surrogate, idx, 0.0, 1.0, backend="triton")
+    assert not out.loss.requires_grad and launched == []
+    windowed_loss("logit", leaf, on_target, on_surrogate, idx, 0.0, 1.0, backend="triton")
+    assert len(launched) == 1

@@ -221,7 +221,7 @@ def _num_warps(block: int) -> int:
 class _WindowedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, on_target, on_surrogate, uncond, window_index, loss_threshold, eta_rows,
-                cfg_weight, scale, mode, block_size):
+                cfg_weight, scale, mode, block_size, compute_grad):
         batch, num_tokens, width = student.shape
         rows = batch * num_tokens
         student_2d = student.reshape(rows, width).contiguous()
@@ -256,7 +256,7 @@ class _WindowedLossFunction(torch.autograd.Function):
         token_coef = kept.gather(1, window_index.long()).to(torch.float32) * scale
 
         grad = None
-        if ctx.needs_input_grad[0]:
+        if compute_grad:
             grad = torch.empty((rows, width), dtype=student.dtype, device=device)
             if mode == "logit":
                 _kl_grad_kernel[grid](
@@ -279,7 +279,7 @@ class _WindowedLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return (None,) * 11
+            return (None,) * 12
         if getattr(ctx, "grad_consumed", False):
             raise RuntimeError(
                 "the fused windowed loss computes its gradient in the forward pass and scales it in "
@@ -290,7 +290,7 @@ class _WindowedLossFunction(torch.autograd.Function):
         factor = grad_loss.detach().to(device=grad.device, dtype=torch.float32).reshape(1).contiguous()
         block = 4096
         _scale_inplace_kernel[(triton.cdiv(grad.numel(), block),)](grad, factor, grad.numel(), BLOCK=block)
-        return (grad,) + (None,) * 10
+        return (grad,) + (None,) * 11
 
 
 def fused_windowed_loss(
@@ -326,6 +326,8 @@ def fused_windowed_loss(
         student, on_target.detach(), on_surrogate.detach(),
         uncond.detach() if uncond is not None else None,
         window_index, thr, eta_rows, float(cfg_weight), float(scale), mode, block_size,
+        # forward runs with grad mode off, so ask here: no gradient pass under no_grad
+        student.requires_grad and torch.is_grad_enabled(),
     )
     return WindowedLoss(loss=loss, window_loss=window_loss, kept=kept, window_exists=window_exists, per_token=per_token)
 
