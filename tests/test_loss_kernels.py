@@ -15,8 +15,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import ear_dist.kernels.windowed_loss as kernels  # noqa: E402
-from ear_dist.losses.dispatch import resolve_backend, windowed_loss  # noqa: E402
-from ear_dist.losses.windowed import cfg_combine, guided_target, per_token_kl, window_index  # noqa: E402
+from ear_dist.losses.dispatch import resolve_backend, windowed_loss, windowed_loss_from_target  # noqa: E402
+from ear_dist.losses.windowed import (  # noqa: E402
+    cfg_combine,
+    guided_target,
+    per_token_kl,
+    per_token_mse,
+    window_index,
+    windowed_masked_loss,
+)
 
 if type(kernels._kl_loss_kernel).__name__ != "InterpretedFunction":
     # another test module imported the kernels before the interpreter was switched on
@@ -320,3 +327,18 @@ def test_no_gradient_pass_under_no_grad(monkeypatch):
     assert not out.loss.requires_grad and launched == []
     windowed_loss("logit", leaf, on_target, on_surrogate, idx, 0.0, 1.0, backend="triton")
     assert len(launched) == 1
+
+
+@pytest.mark.parametrize("mode", ["hidden", "logit"])
+def test_a_prebuilt_target_gives_the_reference_loss(mode):
+    student, on_target, on_surrogate, _ = _inputs(mode, seed=13)
+    target = guided_target(on_target, on_surrogate, 1.0)
+    idx = window_index(BATCH, TOKENS, MIXED_WINDOWS)
+    leaf = student.clone().requires_grad_(True)
+    per_token = per_token_mse(leaf, target) if mode == "hidden" else per_token_kl(leaf, target)
+    ref = windowed_masked_loss(per_token, idx, 0.3)
+    ref.loss.backward()
+    fused, fused_grad = _run("triton", mode, student, target, target, idx, 0.3, eta=0.0)
+    via_helper = windowed_loss_from_target(mode, student, target, idx, 0.3, backend="triton")
+    _assert_same(ref, leaf.grad, fused, fused_grad)
+    torch.testing.assert_close(via_helper.loss, ref.loss, rtol=1e-5, atol=1e-6)

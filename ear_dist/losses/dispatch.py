@@ -25,7 +25,7 @@ from ear_dist.losses.windowed import (
     windowed_masked_loss,
 )
 
-__all__ = ["resolve_backend", "triton_available", "windowed_loss"]
+__all__ = ["resolve_backend", "triton_available", "windowed_loss", "windowed_loss_from_target"]
 
 BACKENDS = ("auto", "torch", "triton")
 MODES = ("hidden", "logit")
@@ -107,6 +107,25 @@ def windowed_loss(
         mode, student, on_target, on_surrogate, window_index, loss_threshold, erase_guidance,
         uncond=uncond, cfg_weight=cfg_weight, scale=scale,
     )
+
+
+def windowed_loss_from_target(
+    mode: str,
+    student: torch.Tensor,
+    target: torch.Tensor,
+    window_index: torch.Tensor,
+    loss_threshold: Union[float, torch.Tensor],
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> WindowedLoss:
+    """:func:`windowed_loss` for a guided target already built by the caller.
+
+    With ``erase_guidance = 0`` the guided target is the surrogate input exactly, so
+    passing ``target`` as both teacher outputs reads it with the same memory traffic as
+    two separate teacher tensors.
+    """
+    return windowed_loss(mode, student, target, target, window_index, loss_threshold, 0.0, scale=scale,
+                         backend=backend)
 
 
 def reference_windowed_loss(
