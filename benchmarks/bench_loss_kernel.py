@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=None, help="image tokens per row (default 576 on cuda, 144 on cpu)")
     p.add_argument("--vocab", type=int, default=None, help="logit width (default 16384 on cuda, 1024 on cpu)")
     p.add_argument("--hidden", type=int, default=None, help="hidden width (default 4096 on cuda, 256 on cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default bfloat16 on cuda, float32 on cpu")
     p.add_argument("--window-len", type=int, default=48)
     p.add_argument("--kept-fraction", type=float, default=0.5,
                    help="threshold set so that about this share of windows is kept (exercises the mask)")
@@ -121,7 +122,10 @@ def main(argv=None) -> int:
         if gpu:
             torch.cuda.synchronize()
 
-    device_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    if gpu:
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     import importlib.metadata as md
 
     triton_version = md.version("triton") if triton_available() else "absent"

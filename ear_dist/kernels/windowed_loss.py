@@ -122,7 +122,8 @@ def _kl_grad_kernel(
         # a masked window: no reads, exact zeros
         for start in range(0, vocab, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            tl.store(grad_ptr + row_offset + offs, tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < vocab)
+            zeros = tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty)
+            tl.store(grad_ptr + row_offset + offs, zeros, mask=offs < vocab)
     else:
         eta = tl.load(eta_ptr + token // num_tokens)
         lse_target = tl.load(lse_target_ptr + token)
@@ -174,7 +175,8 @@ def _mse_grad_kernel(
     if coef == 0.0:
         for start in range(0, width, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            tl.store(grad_ptr + row_offset + offs, tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < width)
+            zeros = tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty)
+            tl.store(grad_ptr + row_offset + offs, zeros, mask=offs < width)
     else:
         eta = tl.load(eta_ptr + token // num_tokens)
         factor = 2.0 * coef / width
