@@ -63,7 +63,11 @@ class StepResult:
 
 
 class Updater:
-    """backward/step/zero_grad over a plain torch optimizer; the DeepSpeed engine has the same three."""
+    """backward/step/zero_grad over a plain torch optimizer (one process).
+
+    ``global_any`` / ``global_max`` are where data-parallel ranks agree on whether to
+    step (the DeepSpeed updater all-reduces them); in one process they are the identity.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -77,6 +81,12 @@ class Updater:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def global_any(self, flag: bool) -> bool:
+        return flag
+
+    def global_max(self, value: int) -> int:
+        return value
 
 
 class ErasureStep:
@@ -147,11 +157,11 @@ class ErasureStep:
         loss = out.loss
         # NaN window sums compare False against the threshold and would pass as "masked":
         # finiteness is checked on the per-token losses, not on the (masked) total
-        if not bool(torch.isfinite(out.per_token).all()):
+        if self.updater.global_any(not bool(torch.isfinite(out.per_token).all())):
             self.updater.zero_grad()
             return StepResult(float(loss.detach()), 0, out.num_windows, 0, tokens.numel(), nonfinite=True)
         steps = 0
-        if out.num_kept:
+        if self.updater.global_any(out.num_kept > 0):  # a rank with no kept window steps with zero grads
             self.updater.backward(loss)
             self.updater.step()
             steps = 1
@@ -159,13 +169,12 @@ class ErasureStep:
 
     def _per_window(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
         total_loss, kept, steps, n_windows = 0.0, 0, 0, 0
-        for w in range(int(windows.max()) + 1):
+        for w in range(self.updater.global_max(int(windows.max()) + 1)):
             in_window = windows == w
-            if not bool(in_window.any()):
-                continue
             # the student sees only the prefix the window needs (causal model); later
-            # windows are computed by the student as updated by the earlier ones
-            prefix = int(in_window.nonzero()[:, 1].max()) + 1
+            # windows are computed by the student as updated by the earlier ones. A rank
+            # without tokens in this window still runs (one token) so that ranks step together.
+            prefix = int(in_window.nonzero()[:, 1].max()) + 1 if bool(in_window.any()) else 1
             per_token = self._per_token(ids, mask, tokens[:, :prefix], target)
             sel = in_window[:, :prefix]
             only_w = torch.where(sel, per_token, torch.zeros_like(per_token))
@@ -173,13 +182,13 @@ class ErasureStep:
                                        scale=1.0 / max(int(sel.sum()), 1))
             rows = int(sel.any(1).sum())
             n_windows += rows
-            if not bool(torch.isfinite(per_token[sel]).all()):
+            if self.updater.global_any(not bool(torch.isfinite(per_token[sel]).all())):
                 self.updater.zero_grad()
                 return StepResult(float("nan"), kept, n_windows, steps, tokens.numel(), nonfinite=True)
             # rows without a token in window w (short per-row windows) are not windows here
             row_kept = int((out.kept[:, 0] & sel.any(1)).sum())
             total_loss += float(out.loss.detach())
-            if row_kept:
+            if self.updater.global_any(row_kept > 0):
                 self.updater.backward(out.loss)
                 self.updater.step()
                 steps += 1
@@ -193,7 +202,7 @@ class ErasureStep:
         pick = torch.stack([torch.randperm(t, generator=self.generator)[:n_pick] for _ in range(b)]).to(tokens.device)
         per_token = self._per_token(ids, mask, tokens, target)
         loss = per_token.gather(1, pick).mean()
-        if not torch.isfinite(loss):
+        if self.updater.global_any(not bool(torch.isfinite(loss))):
             self.updater.zero_grad()
             return StepResult(float(loss.detach()), 0, 0, 0, tokens.numel(), nonfinite=True)
         self.updater.backward(loss)
@@ -209,7 +218,7 @@ class ErasureStep:
         _, logits = teacher_forced(self.student, ids, mask, torch.cat([tokens, tokens]))
         out = svare_loss(logits[:b], tokens, logits[b:], teach.on_surrogate, cfg.svare_label_prob_max,
                          cfg.svare_preserve_weight)
-        if not torch.isfinite(out.loss):
+        if self.updater.global_any(not bool(torch.isfinite(out.loss))):
             self.updater.zero_grad()
             return StepResult(float(out.loss.detach()), 0, 0, 0, tokens.numel(), nonfinite=True)
         self.updater.backward(out.loss)
