@@ -86,6 +86,8 @@ class EraseConfig:
     esd_patch_fraction: float = 0.25
     # a target prompt without the concept word: warn (count) or fail
     on_missing_concept: str = "warn"
+    # windowed loss implementation: auto (Triton on CUDA when importable, else PyTorch) | torch | triton
+    loss_backend: str = "auto"
     concepts: dict[str, ConceptOverride] = field(default_factory=dict)
 
 
@@ -176,6 +178,7 @@ _CHOICES = {
     "erase.update_mode": ("window", "sequence"),
     "erase.rollout_from": ("surrogate", "target"),
     "erase.on_missing_concept": ("warn", "fail"),
+    "erase.loss_backend": ("auto", "torch", "triton"),
     "trainable.modules": ("all", "attention"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "optim.name": ("adam", "adamw", "sgd"),

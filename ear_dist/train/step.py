@@ -1,0 +1,216 @@
+"""One erasure step per batch of prompt pairs: rollout -> targets -> loss -> windows -> mask -> update.
+
+EAR (the default): the teacher samples image tokens (from the surrogate prompt unless
+the pair brings its own), then builds guided targets by teacher forcing on both prompts
+in one pass: ``target = M*(c_s) - eta * (M*(c_t) - M*(c_s))`` on the last hidden state
+(``hidden`` mode, MSE) or on generation-head logits (``logit`` mode, KL). The student
+is teacher-forced on c_t over all positions at once; per-token losses are summed over
+windows of ``window_len`` tokens (WGA), and windows whose sum is under
+``loss_threshold`` carry no gradient (TLM).
+
+Update modes: ``window`` steps the optimizer after every kept window, in order, each
+window's loss computed by the student as updated by the windows before it (the
+paper); ``sequence`` takes all kept windows of the batch in one step.
+
+Loss scale: ``sequence`` divides the kept window sums by the number of supervised
+tokens (B*T); ``window`` divides one window's sum by its token count (B*len).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ear_dist.config import EraseConfig
+from ear_dist.losses.svare import svare_loss
+from ear_dist.losses.windowed import (
+    cfg_combine,
+    guided_target,
+    per_token_kl,
+    per_token_mse,
+    window_index,
+    windowed_masked_loss,
+)
+from ear_dist.models.janus import JanusBundle, teacher_forced
+from ear_dist.teacher.engine import TeacherEngine, TeacherTargets
+
+
+@dataclass
+class PairBatch:
+    """Prompt pairs of one step; ``tokens`` [B, T] are rollout tokens supplied with the pairs, if any."""
+
+    target_prompts: list[str]
+    surrogate_prompts: list[str]
+    concepts: list[str]
+    seeds: list[int]
+    tokens: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.target_prompts)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    windows_kept: int
+    windows_total: int
+    optimizer_steps: int
+    image_tokens: int
+    nonfinite: bool = False
+    extras: dict = field(default_factory=dict)
+
+
+class Updater:
+    """backward/step/zero_grad over a plain torch optimizer; the DeepSpeed engine has the same three."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class ErasureStep:
+    """Callable ``step(batch) -> StepResult`` binding a student, a teacher and an updater."""
+
+    def __init__(self, student: torch.nn.Module, bundle: JanusBundle, teacher: TeacherEngine, cfg: EraseConfig,
+                 updater: Updater, generator: Optional[torch.Generator] = None):
+        self.student, self.bundle, self.teacher, self.cfg, self.updater = student, bundle, teacher, cfg, updater
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    # ----------------------------------------------------------------- per-concept settings
+    def _per_row(self, concepts: Sequence[str], name: str, device) -> torch.Tensor:
+        values = []
+        for c in concepts:
+            override = self.cfg.concepts.get(c)
+            v = getattr(override, name) if override is not None else None
+            values.append(getattr(self.cfg, name) if v is None else v)
+        return torch.tensor(values, device=device)
+
+    # ----------------------------------------------------------------- the step
+    def __call__(self, batch: PairBatch) -> StepResult:
+        cfg = self.cfg
+        tokens = self._rollout(batch)
+        b, t = tokens.shape
+        if cfg.method == "svare":
+            return self._svare(batch, tokens)
+        with_uncond = cfg.target_mode == "logit" and cfg.teacher_cfg_weight > 0
+        teach = self.teacher.targets(batch.target_prompts, batch.surrogate_prompts, tokens, cfg.target_mode,
+                                     with_uncond)
+        target = self._guided(teach, batch.concepts)
+        ids, mask = self.bundle.encode_prompts(batch.target_prompts)
+        if cfg.method == "esd":
+            return self._esd(ids, mask, tokens, target)
+        window_len = self._per_row(batch.concepts, "window_len", tokens.device).long()
+        if bool((window_len > t).any()):
+            raise ValueError(f"erase.window_len: {int(window_len.max())} > the {t} image tokens per image")
+        windows = window_index(b, t, window_len, cfg.window_order, generator=self.generator, device=tokens.device)
+        threshold = self._per_row(batch.concepts, "loss_threshold", tokens.device).float()
+        if cfg.update_mode == "sequence":
+            return self._sequence(ids, mask, tokens, target, windows, threshold)
+        return self._per_window(ids, mask, tokens, target, windows, threshold)
+
+    def _rollout(self, batch: PairBatch) -> torch.Tensor:
+        if batch.tokens is not None:
+            return batch.tokens.to(self.bundle.device)
+        prompts = batch.surrogate_prompts if self.cfg.rollout_from == "surrogate" else batch.target_prompts
+        return self.teacher.rollout(prompts, batch.seeds)
+
+    def _guided(self, teach: TeacherTargets, concepts: Sequence[str]) -> torch.Tensor:
+        on_t, on_s = teach.on_target, teach.on_surrogate
+        if teach.uncond is not None:
+            on_t = cfg_combine(on_t, teach.uncond, self.cfg.teacher_cfg_weight)
+            on_s = cfg_combine(on_s, teach.uncond, self.cfg.teacher_cfg_weight)
+        eta = self._per_row(concepts, "erase_guidance", on_t.device).to(on_t.dtype).view(-1, 1, 1)
+        return guided_target(on_t, on_s, eta).detach()
+
+    def _per_token(self, ids, mask, tokens, target) -> torch.Tensor:
+        """The student on c_t, teacher-forced on ``tokens``: per-token loss [B, len(tokens)]."""
+        hidden, logits = teacher_forced(self.student, ids, mask, tokens,
+                                        return_logits=self.cfg.target_mode == "logit")
+        n = tokens.shape[1]
+        if self.cfg.target_mode == "hidden":
+            return per_token_mse(hidden, target[:, :n])
+        return per_token_kl(logits, target[:, :n])
+
+    def _sequence(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
+        out = windowed_masked_loss(self._per_token(ids, mask, tokens, target), windows, threshold)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            self.updater.zero_grad()
+            return StepResult(float(loss), 0, out.num_windows, 0, tokens.numel(), nonfinite=True)
+        steps = 0
+        if out.num_kept:
+            self.updater.backward(loss)
+            self.updater.step()
+            steps = 1
+        return StepResult(float(loss), out.num_kept, out.num_windows, steps, tokens.numel())
+
+    def _per_window(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
+        total_loss, kept, steps, n_windows = 0.0, 0, 0, 0
+        for w in range(int(windows.max()) + 1):
+            in_window = windows == w
+            if not bool(in_window.any()):
+                continue
+            # the student sees only the prefix the window needs (causal model); later
+            # windows are computed by the student as updated by the earlier ones
+            prefix = int(in_window.nonzero()[:, 1].max()) + 1
+            per_token = self._per_token(ids, mask, tokens[:, :prefix], target)
+            sel = in_window[:, :prefix]
+            only_w = torch.where(sel, per_token, torch.zeros_like(per_token))
+            out = windowed_masked_loss(only_w, torch.zeros_like(sel, dtype=torch.long), threshold,
+                                       scale=1.0 / max(int(sel.sum()), 1))
+            rows = int(sel.any(1).sum())
+            n_windows += rows
+            if not torch.isfinite(out.loss):
+                self.updater.zero_grad()
+                return StepResult(float(out.loss), kept, n_windows, steps, tokens.numel(), nonfinite=True)
+            # rows without a token in window w (short per-row windows) are not windows here
+            row_kept = int((out.kept[:, 0] & sel.any(1)).sum())
+            total_loss += float(out.loss)
+            if row_kept:
+                self.updater.backward(out.loss)
+                self.updater.step()
+                steps += 1
+                kept += row_kept
+        return StepResult(total_loss, kept, n_windows, steps, tokens.numel())
+
+    def _esd(self, ids, mask, tokens, target) -> StepResult:
+        """Naive baseline: a random share of positions, plain mean loss, no windows, no threshold."""
+        b, t = tokens.shape
+        n_pick = max(1, int(round(self.cfg.esd_patch_fraction * t)))
+        pick = torch.stack([torch.randperm(t, generator=self.generator)[:n_pick] for _ in range(b)]).to(tokens.device)
+        per_token = self._per_token(ids, mask, tokens, target)
+        loss = per_token.gather(1, pick).mean()
+        if not torch.isfinite(loss):
+            self.updater.zero_grad()
+            return StepResult(float(loss), 0, 0, 0, tokens.numel(), nonfinite=True)
+        self.updater.backward(loss)
+        self.updater.step()
+        return StepResult(float(loss), 0, 0, 1, tokens.numel(), extras={"positions": n_pick * b})
+
+    def _svare(self, batch: PairBatch, tokens: torch.Tensor) -> StepResult:
+        """S-VARE: filtered CE on c_t toward the surrogate tokens + preservation KL on c_s."""
+        cfg = self.cfg
+        b = len(batch)
+        teach = self.teacher.targets(batch.target_prompts, batch.surrogate_prompts, tokens, "logit")
+        ids, mask = self.bundle.encode_prompts(list(batch.target_prompts) + list(batch.surrogate_prompts))
+        _, logits = teacher_forced(self.student, ids, mask, torch.cat([tokens, tokens]))
+        out = svare_loss(logits[:b], tokens, logits[b:], teach.on_surrogate, cfg.svare_label_prob_max,
+                         cfg.svare_preserve_weight)
+        if not torch.isfinite(out.loss):
+            self.updater.zero_grad()
+            return StepResult(float(out.loss), 0, 0, 0, tokens.numel(), nonfinite=True)
+        self.updater.backward(out.loss)
+        self.updater.step()
+        return StepResult(float(out.loss), 0, 0, 1, tokens.numel(),
+                          extras={"ce": float(out.ce), "preserve": float(out.preserve), "counted": out.num_counted})

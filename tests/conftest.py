@@ -1,0 +1,24 @@
+import os
+
+# Tests share 2 cores with other processes; one intra-op thread keeps them predictable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Janus written to disk once per session, loaded back like a user's model."""
+    from ear_dist.models.janus import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture()
+def tiny_bundle(tiny_checkpoint):
+    from ear_dist.models.janus import load_janus
+
+    return load_janus(str(tiny_checkpoint), device="cpu", dtype="float32")
