@@ -205,3 +205,8 @@ def test_copro_json_wrong_top_level(tmp_path):
     f2 = write(tmp_path / "c2.json", json.dumps({"ID_train_data": [{"unsafe_prompt": "u", "safe_prompt": ""}]}))
     with pytest.raises(PairReadError, match=r"c2\.json: ID_train_data\[0\]: field 'safe_prompt': empty prompt"):
         read_pairs(f2)
+
+
+def test_json_with_bom_reads(tmp_path):
+    f = write(tmp_path / "bom.json", "\ufeff" + json.dumps([{"prompt": "a church"}]))
+    assert read_pairs(f)[0].target == "a church"

@@ -244,3 +244,17 @@ def test_buffer_shuffle_is_a_permutation_with_bounded_displacement():
     assert sorted(out) == list(range(1000)) and out != list(range(1000))
     # an item leaves the buffer no earlier than it entered: bounded look-ahead
     assert all(item <= position + 10 for position, item in enumerate(out))
+
+
+def test_loader_from_config_uses_the_data_section(tmp_path, monkeypatch):
+    from ear_dist.config import load_config
+    from ear_dist.data.shards import shard_loader_from_config
+
+    write_shards(make_pairs(10), tmp_path, max_samples_per_shard=4)
+    cfg = load_config(overrides=[f"data.pairs={tmp_path}", "data.shuffle=false", "data.shards.drop_last=true"])
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    loader = shard_loader_from_config(cfg, block_size=2)
+    assert (loader.dataset.rank, loader.dataset.world_size) == (1, 3)
+    got = [p.id for batch in loader for p in batch]
+    assert got == ids(make_pairs(10))[3:6]  # unshuffled: rank 1 of 3 holds positions 3..5

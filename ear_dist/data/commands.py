@@ -123,7 +123,7 @@ def run_build(args) -> int:
 
 
 def run_inspect(args) -> int:
-    from ear_dist.data.shards import ShardDataset, ShardError, _OpenShard, read_index
+    from ear_dist.data.shards import ShardDataset, ShardError, read_index, verify_shards
 
     try:
         index = read_index(args.shard_dir)
@@ -140,15 +140,10 @@ def run_inspect(args) -> int:
         print(f"  {concept or '(none)'}: {count}")
     bad = 0
     if args.verify:
-        for shard in index["shards"]:
-            try:
-                opened = _OpenShard(root / shard["name"], shard["samples"], shard.get("bytes"))
-                for i in range(len(opened.samples)):
-                    opened.read(i)
-                opened.close()
-            except ShardError as e:
-                bad += 1
-                print(f"  BAD {e}")
+        problems = verify_shards(root)
+        for problem in problems:
+            print(f"  BAD {problem}")
+        bad = len(problems)
         print(f"verified: {len(index['shards']) - bad} good, {bad} bad")
     if args.show:
         dataset = ShardDataset(root, shuffle=False, on_corrupt="skip")

@@ -484,12 +484,15 @@ class ShardDataset(IterableDataset):
 
     # -- position, as saved in a checkpoint
     def state_dict(self) -> dict:
+        """The position to save in a checkpoint: ``{"epoch", "consumed"}``."""
         return {"epoch": self.position.epoch, "consumed": self.position.consumed}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the next sample is the one after the last consumed."""
         self.position = ShardPosition(int(state["epoch"]), int(state["consumed"]))
 
     def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first sample."""
         self.position = ShardPosition(epoch, 0)
 
     def samples_per_rank(self) -> int:
@@ -617,9 +620,11 @@ class ShardLoader:
         self.prefetch_factor = prefetch_factor
 
     def state_dict(self) -> dict:
+        """The rank's position after the batches handed out so far."""
         return self.dataset.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at a position saved by ``state_dict``."""
         self.dataset.load_state_dict(state)
 
     def __iter__(self) -> Iterator[list[PromptPair]]:
@@ -636,3 +641,48 @@ class ShardLoader:
             yield batch
         if self.dataset.mode == "exact":
             self.dataset.set_epoch(self.dataset.position.epoch + 1)
+
+
+def verify_shards(shard_dir: Union[str, Path]) -> list[str]:
+    """Open and read every sample of every shard; returns one message per bad shard."""
+    root = Path(shard_dir)
+    problems = []
+    for shard in read_index(root)["shards"]:
+        try:
+            opened = _OpenShard(root / shard["name"], shard["samples"], shard.get("bytes"))
+            try:
+                for i in range(len(opened.samples)):
+                    opened.read(i)
+            finally:
+                opened.close()
+        except ShardError as e:
+            problems.append(str(e))
+    return problems
+
+
+def resolve_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
+    """This process's (rank, world size): given values, else torch.distributed, else RANK/WORLD_SIZE, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard_loader_from_config(
+    cfg, block_size: int, rank: Optional[int] = None, world_size: Optional[int] = None, shard_dir: str = "",
+) -> ShardLoader:
+    """The training loader for ``cfg.data`` (shards at ``shard_dir`` or ``data.pairs``).
+
+    ``block_size`` is the per-rank batch size; DataLoader workers come from ``data.num_workers``.
+    """
+    d = cfg.data
+    rank, world_size = resolve_rank(rank, world_size)
+    dataset = ShardDataset(
+        shard_dir or d.pairs, rank=rank, world_size=world_size, mode=d.shards.mode, shuffle=d.shuffle,
+        shuffle_buffer=d.shuffle_buffer, seed=d.shards.seed, block_size=block_size, drop_last=d.shards.drop_last,
+        on_corrupt=d.shards.on_corrupt,
+    )
+    return ShardLoader(dataset, num_workers=d.num_workers)
