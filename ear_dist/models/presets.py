@@ -94,7 +94,7 @@ def build_word_tokenizer(extra_words: Optional[Iterable[str]] = None):
 def tiny_config(
     text_vocab_size: int = 512,
     hidden_size: int = 64,
-    num_layers: int = 4,
+    num_layers: int = 6,
     num_heads: int = 4,
     intermediate_size: int = 128,
     grid_side: int = 4,

@@ -145,15 +145,17 @@ class ErasureStep:
     def _sequence(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
         out = windowed_masked_loss(self._per_token(ids, mask, tokens, target), windows, threshold)
         loss = out.loss
-        if not torch.isfinite(loss):
+        # NaN window sums compare False against the threshold and would pass as "masked":
+        # finiteness is checked on the per-token losses, not on the (masked) total
+        if not bool(torch.isfinite(out.per_token).all()):
             self.updater.zero_grad()
-            return StepResult(float(loss), 0, out.num_windows, 0, tokens.numel(), nonfinite=True)
+            return StepResult(float(loss.detach()), 0, out.num_windows, 0, tokens.numel(), nonfinite=True)
         steps = 0
         if out.num_kept:
             self.updater.backward(loss)
             self.updater.step()
             steps = 1
-        return StepResult(float(loss), out.num_kept, out.num_windows, steps, tokens.numel())
+        return StepResult(float(loss.detach()), out.num_kept, out.num_windows, steps, tokens.numel())
 
     def _per_window(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
         total_loss, kept, steps, n_windows = 0.0, 0, 0, 0
@@ -171,12 +173,12 @@ class ErasureStep:
                                        scale=1.0 / max(int(sel.sum()), 1))
             rows = int(sel.any(1).sum())
             n_windows += rows
-            if not torch.isfinite(out.loss):
+            if not bool(torch.isfinite(per_token[sel]).all()):
                 self.updater.zero_grad()
-                return StepResult(float(out.loss), kept, n_windows, steps, tokens.numel(), nonfinite=True)
+                return StepResult(float("nan"), kept, n_windows, steps, tokens.numel(), nonfinite=True)
             # rows without a token in window w (short per-row windows) are not windows here
             row_kept = int((out.kept[:, 0] & sel.any(1)).sum())
-            total_loss += float(out.loss)
+            total_loss += float(out.loss.detach())
             if row_kept:
                 self.updater.backward(out.loss)
                 self.updater.step()
@@ -193,10 +195,10 @@ class ErasureStep:
         loss = per_token.gather(1, pick).mean()
         if not torch.isfinite(loss):
             self.updater.zero_grad()
-            return StepResult(float(loss), 0, 0, 0, tokens.numel(), nonfinite=True)
+            return StepResult(float(loss.detach()), 0, 0, 0, tokens.numel(), nonfinite=True)
         self.updater.backward(loss)
         self.updater.step()
-        return StepResult(float(loss), 0, 0, 1, tokens.numel(), extras={"positions": n_pick * b})
+        return StepResult(float(loss.detach()), 0, 0, 1, tokens.numel(), extras={"positions": n_pick * b})
 
     def _svare(self, batch: PairBatch, tokens: torch.Tensor) -> StepResult:
         """S-VARE: filtered CE on c_t toward the surrogate tokens + preservation KL on c_s."""
@@ -209,8 +211,8 @@ class ErasureStep:
                          cfg.svare_preserve_weight)
         if not torch.isfinite(out.loss):
             self.updater.zero_grad()
-            return StepResult(float(out.loss), 0, 0, 0, tokens.numel(), nonfinite=True)
+            return StepResult(float(out.loss.detach()), 0, 0, 0, tokens.numel(), nonfinite=True)
         self.updater.backward(out.loss)
         self.updater.step()
-        return StepResult(float(out.loss), 0, 0, 1, tokens.numel(),
-                          extras={"ce": float(out.ce), "preserve": float(out.preserve), "counted": out.num_counted})
+        return StepResult(float(out.loss.detach()), 0, 0, 1, tokens.numel(),
+                          extras={"ce": float(out.ce.detach()), "preserve": float(out.preserve.detach()), "counted": out.num_counted})
