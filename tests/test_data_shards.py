@@ -4,7 +4,6 @@ import json
 import os
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from ear_dist.data.pairs import PromptPair

@@ -1,6 +1,5 @@
 """The visual filter keeps pairs whose target image shows the concept and whose surrogate does not."""
 
-import sys
 
 import numpy as np
 import pytest
@@ -72,6 +71,8 @@ def test_callable_plugin_from_module_spec(tmp_path, monkeypatch):
     classifier = build_classifier("my_detector:has_concept")
     images = np.stack([np.full((4, 4, 3), 255, np.uint8), np.zeros((4, 4, 3), np.uint8)])
     assert [d.present for d in classifier.detect(images, ["x", "x"])] == [True, False]
+    detections = CallableClassifier(lambda imgs, cs: [Detection(True, 0.9, "x"), 0.2]).detect(images, ["x", "x"])
+    assert [(d.present, d.score) for d in detections] == [(True, 0.9), (False, 0.2)]  # floats meet the 0.5 threshold
     with pytest.raises(ClassifierError, match="cannot import"):
         build_classifier("no_such_module_here:f")
     with pytest.raises(ClassifierError, match="expected nudenet, resnet50, hf or module:function"):
