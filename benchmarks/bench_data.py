@@ -62,11 +62,17 @@ def bench_shards(n: int, tokens: int, workdir: Path) -> None:
 
     ds = ShardDataset(out, shuffle=True, shuffle_buffer=1000, seed=0, block_size=64)
     t0 = time.perf_counter()
-    count = sum(len(batch) for batch in ShardLoader(ds, num_workers=2))
-    loader_s = time.perf_counter() - t0
+    count, first_batch_at = 0, None
+    for batch in ShardLoader(ds, num_workers=2):
+        if first_batch_at is None:
+            first_batch_at, first_len = time.perf_counter(), len(batch)
+        count += len(batch)
+    end = time.perf_counter()
     assert count == n
-    print(f"read, DataLoader 2 workers, batches of 64, with tokens: {count / loader_s:,.0f} pairs/s "
-          "(both workers on this machine's 2 cores)")
+    steady = (count - first_len) / (end - first_batch_at)
+    print(f"read, DataLoader 2 workers, batches of 64, with tokens: {count / (end - t0):,.0f} pairs/s overall, "
+          f"{steady:,.0f} pairs/s after the first batch (worker start-up {first_batch_at - t0:.2f} s; "
+          "2 workers + the main process share this machine's cores)")
 
 
 def bench_vf(n: int) -> None:

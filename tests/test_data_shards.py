@@ -4,6 +4,7 @@ import json
 import os
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from ear_dist.data.pairs import PromptPair
@@ -30,7 +31,7 @@ def test_writer_bounds_shards_by_count_and_writes_index(tmp_path):
     pairs = make_pairs(25, tokens=True)
     index = write_shards(pairs, tmp_path, max_samples_per_shard=10, config={"a": 1})
     assert [s["samples"] for s in index["shards"]] == [10, 10, 5]
-    assert sorted(os.listdir(tmp_path)) == ["index.json", "pairs-000000.tar", "pairs-000001.tar", "pairs-000002.tar"]
+    assert sorted(os.listdir(tmp_path)) == ["index.json"] + [f"pairs-00000{i}.tar{ext}" for i in range(3) for ext in ("", ".idx.npy")]
     assert read_index(tmp_path) == index
     assert index["total_samples"] == 25
     assert index["concept_counts"] == {"church": 16, "nudity": 9}
@@ -71,8 +72,8 @@ def test_failed_build_leaves_no_finished_looking_shard(tmp_path):
                 if i == 4:
                     raise RuntimeError("boom")
                 writer.write(pair)
-    # shard 0 completed and was renamed; shard 1 was in progress and is gone; no index
-    assert sorted(os.listdir(tmp_path)) == ["pairs-000000.tar"]
+    # shard 0 completed and was renamed (with its offsets table); shard 1 was in progress and is gone; no index
+    assert sorted(os.listdir(tmp_path)) == ["pairs-000000.tar", "pairs-000000.tar.idx.npy"]
 
 
 def test_two_ranks_two_workers_cover_every_sample_once_per_epoch(tmp_path):
@@ -188,7 +189,8 @@ def test_truncated_shard_fails_naming_it(tmp_path):
         list(ShardDataset(tmp_path, shuffle=False))
 
 
-def test_truncated_member_is_caught_even_without_sizes_in_the_index(tmp_path):
+@pytest.mark.parametrize("with_offsets_table", [True, False])
+def test_truncated_member_is_caught_even_without_sizes_in_the_index(tmp_path, with_offsets_table):
     pairs = make_pairs(8)
     for pair in pairs:
         pair.surrogate_tokens = list(range(2000))
@@ -196,9 +198,29 @@ def test_truncated_member_is_caught_even_without_sizes_in_the_index(tmp_path):
     index = json.loads((tmp_path / "index.json").read_text())
     for shard in index["shards"]:
         del shard["bytes"]
+        if not with_offsets_table:
+            del shard["offsets"]
     (tmp_path / "index.json").write_text(json.dumps(index))
     _truncate(tmp_path / "pairs-000000.tar", 0.6)
-    with pytest.raises(ShardError, match=r"pairs-000000\.tar: (truncated|corrupt)"):
+    with pytest.raises(ShardError, match=r"pairs-000000\.tar: .*(truncated|corrupt)"):
+        list(ShardDataset(tmp_path, shuffle=False))
+
+
+def test_shards_without_offsets_tables_still_read(tmp_path):
+    pairs = make_pairs(9, tokens=True)
+    write_shards(pairs, tmp_path, max_samples_per_shard=4)
+    for table in tmp_path.glob("*.idx.npy"):
+        table.unlink()
+    back = list(ShardDataset(tmp_path, shuffle=False))
+    assert ids(back) == ids(pairs) and back[8].surrogate_tokens.tolist() == list(range(8, 24))
+
+
+def test_offsets_table_disagreeing_with_the_tar_is_caught(tmp_path):
+    write_shards(make_pairs(8), tmp_path, max_samples_per_shard=4)
+    table = np.load(tmp_path / "pairs-000001.tar.idx.npy")
+    table[2, 0] += 512  # points into the wrong place
+    np.save(tmp_path / "pairs-000001.tar.idx.npy", table)
+    with pytest.raises(ShardError, match=r"pairs-000001\.tar: corrupt tar header"):
         list(ShardDataset(tmp_path, shuffle=False))
 
 

@@ -52,6 +52,10 @@ from ear_dist.data.pairs import PromptPair
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
+# beside each shard: int64 [samples, 6] = (offset, size) of its json, surrogate_tokens.npy and
+# target_tokens.npy members (-1 when absent), so readers need not walk the tar headers
+OFFSETS_SUFFIX = ".idx.npy"
+MEMBER_COLUMNS = ("json", "surrogate_tokens.npy", "target_tokens.npy")
 INDEX_VERSION = 1
 TOKEN_FIELDS = ("surrogate_tokens", "target_tokens")
 
@@ -138,8 +142,17 @@ class ShardWriter:
         tmp = self.out_dir / (self._name + ".tmp")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # the member table first, so a renamed shard always has its table beside it
+        offsets_name = self._name + OFFSETS_SUFFIX
+        table = member_table(tmp)
+        with open(self.out_dir / (offsets_name + ".tmp"), "wb") as f:
+            np.save(f, table)
+        os.replace(self.out_dir / (offsets_name + ".tmp"), self.out_dir / offsets_name)
         os.replace(tmp, self.out_dir / self._name)
-        self.shards.append({"name": self._name, "samples": self._count, "bytes": (self.out_dir / self._name).stat().st_size})
+        self.shards.append({
+            "name": self._name, "samples": self._count,
+            "bytes": (self.out_dir / self._name).stat().st_size, "offsets": offsets_name,
+        })
         self._tar = None
         self._file = None
 
@@ -261,20 +274,7 @@ def _scan_tar(buf, path: Path) -> Optional[list[tuple[str, int, int]]]:
                 raise ShardError(f"{path}: truncated: member {name.decode('utf-8', 'replace')} runs past the end of the file")
             members.append((name.decode("utf-8", "replace"), pos + 512, size))
         pos += 512 + 512 * ((size + 511) // 512)
-    if header_positions:
-        raw = np.frombuffer(buf, dtype=np.uint8)
-        starts = np.asarray(header_positions, dtype=np.int64)
-        headers = raw[starts[:, None] + np.arange(512)].astype(np.int64)
-        computed = headers[:, :148].sum(1) + headers[:, 156:].sum(1) + 8 * 32
-        # the stored checksum: octal digits padded with NUL/space, decoded for all headers at once
-        field = headers[:, 148:156]
-        is_digit = (field >= ord("0")) & (field <= ord("7"))
-        digits_after = np.cumsum(is_digit[:, ::-1], axis=1)[:, ::-1] - is_digit
-        stored = np.where(is_digit, (field - ord("0")) * (8 ** digits_after), 0).sum(1)
-        valid_field = is_digit.any(1) & np.all(is_digit | (field == 0) | (field == ord(" ")), axis=1)
-        bad = np.nonzero(~valid_field | (stored != computed))[0]
-        if len(bad):
-            raise ShardError(f"{path}: corrupt tar header at byte {header_positions[bad[0]]} (checksum mismatch)")
+    _check_headers(buf, np.asarray(header_positions, dtype=np.int64), path)
     return members
 
 
@@ -310,10 +310,68 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-class _OpenShard:
-    """Member offsets of one tar (memory-mapped), grouped by sample key; reads a sample by index."""
+def member_table(path: Union[str, Path]) -> np.ndarray:
+    """The offsets table of a shard (see ``OFFSETS_SUFFIX``), from walking its headers."""
+    import mmap
 
-    def __init__(self, path: Path, expected_samples: int, expected_bytes: Optional[int] = None):
+    path = Path(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        members = _scan_tar(buf, path)
+        if members is None:
+            members = _scan_tar_slow(f, os.fstat(f.fileno()).st_size, path)
+    groups: "OrderedDict[str, dict]" = OrderedDict()
+    for name, offset, size in members:
+        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+        groups.setdefault(key, {})[ext] = (offset, size)
+    table = np.full((len(groups), 2 * len(MEMBER_COLUMNS)), -1, dtype=np.int64)
+    for row, found in enumerate(groups.values()):
+        for col, ext in enumerate(MEMBER_COLUMNS):
+            if ext in found:
+                table[row, 2 * col : 2 * col + 2] = found[ext]
+    return table
+
+
+def _octal_fields(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode NUL/space padded octal header fields [N, W] -> (values, well-formed mask)."""
+    fields = fields.astype(np.int64)
+    is_digit = (fields >= ord("0")) & (fields <= ord("7"))
+    digits_after = np.cumsum(is_digit[:, ::-1], axis=1)[:, ::-1] - is_digit
+    values = np.where(is_digit, (fields - ord("0")) * (8 ** digits_after), 0).sum(1)
+    well_formed = is_digit.any(1) & np.all(is_digit | (fields == 0) | (fields == ord(" ")), axis=1)
+    return values, well_formed
+
+
+def _gather_headers(buf, header_positions: np.ndarray) -> np.ndarray:
+    # a copy; the view of the map must not outlive this call (an exported buffer blocks mmap.close)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    return raw[header_positions[:, None] + np.arange(512)]
+
+
+def _check_headers(buf, header_positions: np.ndarray, path: Path, sizes: Optional[np.ndarray] = None) -> None:
+    """Verify the checksum (and, given ``sizes``, the size field) of tar headers, all at once."""
+    if len(header_positions) == 0:
+        return
+    headers = _gather_headers(buf, header_positions)
+    computed = headers[:, :148].sum(1, dtype=np.int64) + headers[:, 156:].sum(1, dtype=np.int64) + 8 * 32
+    stored, well_formed = _octal_fields(headers[:, 148:156])
+    bad = ~well_formed | (stored != computed)
+    if sizes is not None:
+        size_values, size_ok = _octal_fields(headers[:, 124:136])
+        bad |= ~size_ok | (size_values != sizes)
+    where = np.nonzero(bad)[0]
+    if len(where):
+        raise ShardError(f"{path}: corrupt tar header at byte {int(header_positions[where[0]])} (checksum or size mismatch)")
+
+
+class _OpenShard:
+    """One tar (memory-mapped) and where each sample's members lie; reads a sample by index.
+
+    With the offsets table written beside the shard, opening costs one vectorized
+    header check; without it (shards from other tools) the headers are walked.
+    """
+
+    def __init__(self, path: Path, expected_samples: int, expected_bytes: Optional[int] = None,
+                 offsets_path: Optional[Path] = None):
         import mmap
 
         self.path = path
@@ -331,29 +389,48 @@ class _OpenShard:
             if file_size == 0:
                 raise ShardError(f"{path}: empty file")
             self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
-            members = _scan_tar(self.map, path)
-            if members is None:
-                members = _scan_tar_slow(self.file, file_size, path)
+            self.table = self._load_table(offsets_path, expected_samples, file_size)
+            if self.table is None:
+                self.table = member_table(path)
         except tarfile.TarError as e:
             self.close()
             raise ShardError(f"{path}: corrupt or truncated tar: {e}") from None
         except ShardError:
             self.close()
             raise
-        groups: "OrderedDict[str, list]" = OrderedDict()
-        for name, offset, size in members:
-            key, _, ext = name.rsplit("/", 1)[-1].partition(".")
-            groups.setdefault(key, []).append((ext, offset, size))
-        self.samples = list(groups.items())
-        if len(self.samples) != expected_samples:
+        self.num_samples = len(self.table)
+        if self.num_samples != expected_samples:
             self.close()
             raise ShardError(
-                f"{path}: holds {len(self.samples)} samples, the index says {expected_samples} "
+                f"{path}: holds {self.num_samples} samples, the index says {expected_samples} "
                 "(truncated or rewritten after the index)"
             )
 
+    def _load_table(self, offsets_path: Optional[Path], expected_samples: int, file_size: int) -> Optional[np.ndarray]:
+        """The offsets table if present and consistent with the tar's headers, else None."""
+        if offsets_path is None or not offsets_path.is_file():
+            return None
+        try:
+            table = np.load(offsets_path, allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            log.warning("%s: unreadable offsets table; walking the tar headers instead", offsets_path)
+            return None
+        if table.ndim != 2 or table.shape != (expected_samples, 2 * len(MEMBER_COLUMNS)):
+            return None
+        offsets, sizes = table[:, 0::2].reshape(-1), table[:, 1::2].reshape(-1)
+        present = offsets >= 0
+        offsets, sizes = offsets[present], sizes[present]
+        if len(offsets) and (offsets.min() < 512 or (offsets + sizes).max() > file_size):
+            raise ShardError(f"{self.path}: member offsets run past the end of the file (truncated?)")
+        _check_headers(self.map, offsets - 512, self.path, sizes)
+        return table
+
+    def members(self, i: int) -> list[tuple[str, int, int]]:
+        row = self.table[i].tolist()
+        return [(ext, row[2 * c], row[2 * c + 1]) for c, ext in enumerate(MEMBER_COLUMNS) if row[2 * c] >= 0]
+
     def read(self, i: int, decode_tokens: bool = True) -> PromptPair:
-        key, members = self.samples[i]
+        key, members = f"#{i}", self.members(i)
         record = None
         tokens = {}
         for ext, offset, size in members:
@@ -466,6 +543,7 @@ class ShardDataset(IterableDataset):
         self.counts = [s["samples"] for s in self.index["shards"]]
         self.names = [s["name"] for s in self.index["shards"]]
         self.sizes = [s.get("bytes") for s in self.index["shards"]]
+        self.offsets = [self.shard_dir / s["offsets"] if s.get("offsets") else None for s in self.index["shards"]]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self._starts_list = self.starts.tolist()
         self.total = int(self.starts[-1])
@@ -589,7 +667,7 @@ class ShardDataset(IterableDataset):
         s, i = self._shard_of(sample_id)
         shard = open_shards.get(s)
         if shard is None:
-            shard = _OpenShard(self.shard_dir / self.names[s], self.counts[s], self.sizes[s])
+            shard = _OpenShard(self.shard_dir / self.names[s], self.counts[s], self.sizes[s], self.offsets[s])
             open_shards[s] = shard
             if len(open_shards) > self.max_open_shards:
                 open_shards.popitem(last=False)[1].close()
@@ -649,9 +727,10 @@ def verify_shards(shard_dir: Union[str, Path]) -> list[str]:
     problems = []
     for shard in read_index(root)["shards"]:
         try:
-            opened = _OpenShard(root / shard["name"], shard["samples"], shard.get("bytes"))
+            offsets = root / shard["offsets"] if shard.get("offsets") else None
+            opened = _OpenShard(root / shard["name"], shard["samples"], shard.get("bytes"), offsets)
             try:
-                for i in range(len(opened.samples)):
+                for i in range(opened.num_samples):
                     opened.read(i)
             finally:
                 opened.close()
