@@ -2,9 +2,11 @@
 
 Layout of a shard directory::
 
-    pairs-000000.tar   # samples "000000042.json" (+ ".surrogate_tokens.npy", ".target_tokens.npy")
+    pairs-000000.tar           # samples "000000042.json" (+ ".surrogate_tokens.npy", ".target_tokens.npy")
+    pairs-000000.tar.idx.npy   # where each sample's members lie (optional; readers walk the tar without it)
     pairs-000001.tar
-    index.json         # samples per shard, concept counts, config hash
+    ...
+    index.json                 # samples and bytes per shard, concept counts, config hash
 
 Each shard is written under ``NAME.tar.tmp`` and renamed when complete, and the index
 is written last, so a crashed build never leaves a shard that looks finished.
