@@ -40,7 +40,7 @@ def test_build_with_visual_filter_on_the_tiny_teacher(tmp_path, capsys, monkeypa
     pairs_file.write_text("".join(json.dumps({"target": f"a church {i}", "surrogate": f"a barn {i}", "concept": "church"}) + "\n"
                                   for i in range(3)))
     out = tmp_path / "shards"
-    rc = main(["data", "build", "--pairs", str(pairs_file), "--out", str(out),
+    rc = main(["data", "build", "--pairs", str(pairs_file), "--out", str(out), "--jsonl", str(tmp_path / "kept.jsonl"),
                "--set", "model.path=tiny", "--set", "data.vf.enabled=true", "--set", "data.vf.classifier=first_half:detect",
                "--set", "data.vf.batch_size=2", "--set", "data.vf.store_target_tokens=true"])
     assert rc == 0
@@ -49,6 +49,10 @@ def test_build_with_visual_filter_on_the_tiny_teacher(tmp_path, capsys, monkeypa
     assert [p.target for p in got] == ["a church 0", "a church 1", "a church 2"]
     assert all(p.surrogate_tokens is not None and p.target_tokens is not None for p in got)
     assert [p.seed for p in got] == [0, 1, 2]
+    from ear_dist.data.readers import read_pairs
+
+    kept = read_pairs(tmp_path / "kept.jsonl")
+    assert [p.surrogate_tokens for p in kept] == [p.surrogate_tokens.tolist() for p in got]
 
 
 def test_build_without_pairs_and_inspect_of_a_bad_shard(tmp_path, capsys):

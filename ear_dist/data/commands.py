@@ -17,6 +17,8 @@ def register(sub) -> None:
     build.add_argument("--pairs", action="append", default=[], metavar="FILE",
                        help="a pairs file to add to data.pairs (repeatable)")
     build.add_argument("--out", default=None, help="shard directory (default: data.shards.out_dir)")
+    build.add_argument("--jsonl", default=None, metavar="FILE",
+                       help="also write the final pairs (after the visual filter) as JSONL")
     add_config_args(build)
     build.set_defaults(func=run_build)
 
@@ -85,6 +87,7 @@ def run_build(args) -> int:
 
     from ear_dist.cli import config_from_args
     from ear_dist.data.ecg import ECGError
+    from ear_dist.data.readers import write_jsonl
     from ear_dist.data.shards import ShardError, ShardWriter
     from ear_dist.data.vf import ClassifierError, VisualFilter, build_classifier, teacher_functions
 
@@ -109,6 +112,9 @@ def run_build(args) -> int:
             print(vf.report.summary())
             if not pairs:
                 return _fail("the visual filter kept no pairs; nothing to write")
+        if args.jsonl:
+            write_jsonl(pairs, args.jsonl)
+            print(f"wrote {len(pairs)} pairs to {args.jsonl}")
         out = Path(args.out or d.shards.out_dir)
         provenance = {"data": cfg.to_dict()["data"], "model": cfg.to_dict()["model"], "rollout": cfg.to_dict()["rollout"]}
         with ShardWriter(out, d.shards.max_samples_per_shard, d.shards.max_shard_bytes, config=provenance) as writer:
