@@ -186,9 +186,13 @@ def window_sums(
             "must both be [B, T]"
         )
     batch = per_token.shape[0]
-    if window_index.numel() and int(window_index.min()) < 0:
-        raise ValueError("window_index: window ids must be >= 0")
-    num_windows = int(window_index.max()) + 1 if window_index.numel() else 0
+    num_windows = 0
+    if window_index.numel():
+        # one host sync for both the check and the number of windows
+        lowest, highest = (int(v) for v in torch.aminmax(window_index))
+        if lowest < 0:
+            raise ValueError(f"window_index: window ids must be >= 0, got {lowest}")
+        num_windows = highest + 1
     index = window_index.long()
     window_loss = per_token.new_zeros(batch, num_windows).scatter_add(1, index, per_token)
     counts = torch.zeros(batch, num_windows, dtype=torch.int32, device=per_token.device)
