@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "ear_dist.models.commands",
     "ear_dist.data.commands",
     "ear_dist.train.commands",
+    "ear_dist.teacher.commands",
     "ear_dist.demo",
     "ear_dist.telemetry.commands",
 ]

@@ -204,7 +204,8 @@ class DistConfig:
     deepspeed_config: str = "none"
     # colocated | dedicated | offline
     teacher_placement: str = "colocated"
-    teacher_ranks: int = 0  # dedicated placement: how many ranks serve the teacher
+    teacher_ranks: int = 1  # dedicated placement: how many ranks serve the teacher
+    teacher_dir: str = ""  # offline placement: the directory written by `ear-dist teacher precompute`
     backend: str = "auto"  # auto | gloo | nccl
     timeout_s: int = 60
 

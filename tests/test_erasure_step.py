@@ -256,7 +256,7 @@ def test_delta_round_trip_and_merge_loads_in_plain_transformers(tmp_path, tiny_c
     assert all(".self_attn." in n for n in tensors) and len(tensors) == 20
     base = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
     assert any(not torch.equal(base.state_dict()[n], t) for n, t in tensors.items())
-    assert (tmp_path / "run" / "metrics.jsonl").is_file() and list((tmp_path / "run" / "tb").glob("events.*"))
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and list((tmp_path / "run").glob("events.out.tfevents.*"))
 
     out = tmp_path / "merged"
     assert main(["merge", "--base", str(tiny_checkpoint), "--delta", summary["delta"], "--out", str(out)]) == 0
