@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from ear_dist.config import EraseConfig
+from ear_dist.losses.dispatch import windowed_loss_from_target
 from ear_dist.losses.svare import svare_loss
 from ear_dist.losses.windowed import (
     cfg_combine,
@@ -143,17 +144,24 @@ class ErasureStep:
         eta = self._per_row(concepts, "erase_guidance", on_t.device).to(on_t.dtype).view(-1, 1, 1)
         return guided_target(on_t, on_s, eta).detach()
 
-    def _per_token(self, ids, mask, tokens, target) -> torch.Tensor:
-        """The student on c_t, teacher-forced on ``tokens``: per-token loss [B, len(tokens)]."""
+    def _student_out(self, ids, mask, tokens) -> torch.Tensor:
+        """The student on c_t, teacher-forced on ``tokens``: last hidden states or image logits."""
         hidden, logits = teacher_forced(self.student, ids, mask, tokens,
                                         return_logits=self.cfg.target_mode == "logit")
+        return hidden if self.cfg.target_mode == "hidden" else logits
+
+    def _per_token(self, ids, mask, tokens, target) -> torch.Tensor:
+        """Per-token loss [B, len(tokens)] of the student toward ``target`` (plain PyTorch)."""
+        out = self._student_out(ids, mask, tokens)
         n = tokens.shape[1]
         if self.cfg.target_mode == "hidden":
-            return per_token_mse(hidden, target[:, :n])
-        return per_token_kl(logits, target[:, :n])
+            return per_token_mse(out, target[:, :n])
+        return per_token_kl(out, target[:, :n])
 
     def _sequence(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
-        out = windowed_masked_loss(self._per_token(ids, mask, tokens, target), windows, threshold)
+        # the fused kernel (Triton on GPU) or the reference, by erase.loss_backend
+        out = windowed_loss_from_target(self.cfg.target_mode, self._student_out(ids, mask, tokens), target,
+                                        windows, threshold, backend=self.cfg.loss_backend)
         loss = out.loss
         # NaN window sums compare False against the threshold and would pass as "masked":
         # finiteness is checked on the per-token losses, not on the (masked) total
