@@ -207,6 +207,7 @@ class DistConfig:
     teacher_ranks: int = 1  # dedicated placement: how many ranks serve the teacher
     teacher_dir: str = ""  # offline placement: the directory written by `ear-dist teacher precompute`
     backend: str = "auto"  # auto | gloo | nccl
+    log_comms: bool = False  # count DeepSpeed's collective bytes per step (benchmarks)
     timeout_s: int = 60
 
 

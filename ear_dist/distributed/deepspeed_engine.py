@@ -69,7 +69,19 @@ def load_ds_config(cfg: Config, per_rank_pairs: int, dtype: torch.dtype) -> dict
     if zero.get("offload_optimizer"):
         ds["zero_force_ds_cpu_optimizer"] = False
     ds.setdefault("steps_per_print", 10**9)
+    if cfg.dist.log_comms:
+        ds["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
     return ds
+
+
+def comm_bytes() -> dict[str, int]:
+    """Bytes moved per collective kind so far on this rank (from DeepSpeed's comms logger)."""
+    import deepspeed.comm as dcomm
+
+    logger = getattr(dcomm, "comms_logger", None)
+    if logger is None:
+        return {}
+    return {op: int(sum(size * rec[0] for size, rec in sizes.items())) for op, sizes in logger.comms_dict.items()}
 
 
 def zero_stage(ds: dict) -> int:

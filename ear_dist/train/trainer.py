@@ -266,6 +266,11 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
 
     metrics = MetricsWriter(out_dir, reductions={"windows_*": "sum", "optimizer_steps": "max"},
                             tensorboard=cfg.train.tensorboard, group=rt.student_group)
+    comm_at_start = {}
+    if ds_stage is not None and cfg.dist.log_comms:  # leave out the engine's one-time init broadcast
+        from ear_dist.distributed.deepspeed_engine import comm_bytes
+
+        comm_at_start = comm_bytes()
     steps = range(start, cfg.train.steps)
     if progress and rt.is_main:
         from tqdm import tqdm
@@ -325,6 +330,12 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
         "seconds": elapsed, "image_tokens_per_s": tokens / elapsed if elapsed > 0 else None,
         "trainable_parameters": n_train, "student_ranks": rt.dp_world,
     }
+    if ds_stage is not None and cfg.dist.log_comms:
+        from ear_dist.distributed.deepspeed_engine import comm_bytes
+
+        moved = comm_bytes()
+        ran = max(cfg.train.steps - start, 1)
+        summary["comm_bytes_per_step"] = {op: (b - comm_at_start.get(op, 0)) / ran for op, b in moved.items()}
     if rt.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
