@@ -61,6 +61,19 @@ class StepResult:
     image_tokens: int
     nonfinite: bool = False
     extras: dict = field(default_factory=dict)
+    # concept -> [windows kept, windows total, summed window loss] of this rank's rows
+    per_concept: dict = field(default_factory=dict)
+
+
+def _per_concept(concepts, kept, exists, window_loss) -> dict:
+    """Per-concept window counts and loss of one step (joint multi-concept runs)."""
+    out: dict = {}
+    for row, c in enumerate(concepts):
+        rec = out.setdefault(c, [0, 0, 0.0])
+        rec[0] += int(kept[row].sum())
+        rec[1] += int(exists[row].sum())
+        rec[2] += float(window_loss[row][exists[row]].sum())
+    return out
 
 
 class Updater:
@@ -110,6 +123,7 @@ class ErasureStep:
     # ----------------------------------------------------------------- the step
     def __call__(self, batch: PairBatch) -> StepResult:
         cfg = self.cfg
+        self._concepts = list(batch.concepts)
         tokens = self._rollout(batch)
         b, t = tokens.shape
         if cfg.method == "svare":
@@ -173,10 +187,12 @@ class ErasureStep:
             self.updater.backward(loss)
             self.updater.step()
             steps = 1
-        return StepResult(float(loss.detach()), out.num_kept, out.num_windows, steps, tokens.numel())
+        return StepResult(float(loss.detach()), out.num_kept, out.num_windows, steps, tokens.numel(),
+                          per_concept=_per_concept(self._concepts, out.kept, out.window_exists, out.window_loss))
 
     def _per_window(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
         total_loss, kept, steps, n_windows = 0.0, 0, 0, 0
+        per_concept: dict = {}
         for w in range(self.updater.global_max(int(windows.max()) + 1)):
             in_window = windows == w
             # the student sees only the prefix the window needs (causal model); later
@@ -194,6 +210,11 @@ class ErasureStep:
                 self.updater.zero_grad()
                 return StepResult(float("nan"), kept, n_windows, steps, tokens.numel(), nonfinite=True)
             # rows without a token in window w (short per-row windows) are not windows here
+            exists = sel.any(1, keepdim=True)
+            for c, rec in _per_concept(self._concepts, out.kept & exists, exists, out.window_loss).items():
+                acc = per_concept.setdefault(c, [0, 0, 0.0])
+                for i in range(3):
+                    acc[i] += rec[i]
             row_kept = int((out.kept[:, 0] & sel.any(1)).sum())
             total_loss += float(out.loss.detach())
             if self.updater.global_any(row_kept > 0):
@@ -201,7 +222,7 @@ class ErasureStep:
                 self.updater.step()
                 steps += 1
                 kept += row_kept
-        return StepResult(total_loss, kept, n_windows, steps, tokens.numel())
+        return StepResult(total_loss, kept, n_windows, steps, tokens.numel(), per_concept=per_concept)
 
     def _esd(self, ids, mask, tokens, target) -> StepResult:
         """Naive baseline: a random share of positions, plain mean loss, no windows, no threshold."""

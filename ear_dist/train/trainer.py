@@ -264,7 +264,9 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
 
     from ear_dist.telemetry.writer import MetricsWriter
 
-    metrics = MetricsWriter(out_dir, reductions={"windows_*": "sum", "optimizer_steps": "max"},
+    concept_names = sorted({p.concept for p in pairs if p.concept})
+    metrics = MetricsWriter(out_dir, reductions={"windows_*": "sum", "window_loss_sum/*": "sum",
+                                                 "optimizer_steps": "max"},
                             tensorboard=cfg.train.tensorboard, group=rt.student_group)
     comm_at_start = {}
     if ds_stage is not None and cfg.dist.log_comms:  # leave out the engine's one-time init broadcast
@@ -303,6 +305,10 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
             if step % cfg.train.log_every == 0:
                 scalars = {"loss": last.loss, "windows_kept": last.windows_kept, "windows_total": last.windows_total,
                            "optimizer_steps": last.optimizer_steps, **last.extras}
+                if len(concept_names) > 1:  # joint run: the same names on every rank (all concepts)
+                    for c in concept_names:
+                        k, n, l = last.per_concept.get(c, (0, 0, 0.0))
+                        scalars.update({f"windows_kept/{c}": k, f"windows_total/{c}": n, f"window_loss_sum/{c}": l})
                 metrics.write(step, scalars)
                 if progress and rt.is_main:
                     steps.set_postfix(loss=f"{last.loss:.4g}", kept=f"{last.windows_kept}/{last.windows_total}")
