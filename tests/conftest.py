@@ -8,6 +8,11 @@ import torch
 
 torch.set_num_threads(1)
 
+# Without a GPU the Triton kernels run under the interpreter. Triton reads the switch when
+# a kernel module is imported, so it is set here, before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
