@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "ear_dist.train.commands",
     "ear_dist.demo",
     "ear_dist.telemetry.commands",
+    "ear_dist.slurm.commands",
 ]
 
 
