@@ -65,7 +65,7 @@ def _array_setup(tmp_path, model):
     })
 
 
-def test_array_job_writes_one_delta_per_concept_and_they_compose(slurm_cluster, tmp_path, tiny_checkpoint):
+def test_array_job_writes_one_delta_per_concept_and_they_compose(slurm_cluster, tmp_path, tiny_checkpoint, capsys):
     from transformers import JanusForConditionalGeneration
 
     from ear_dist.cli import main
@@ -91,6 +91,11 @@ def test_array_job_writes_one_delta_per_concept_and_they_compose(slurm_cluster, 
         log = logs[str(index)].read_text()
         assert f"array task {index} erases {concept}" in log and '"steps": 2' in log
         assert "step finished with exit code 0" in log
+
+    resolved = tmp_path / "runs" / "slurm" / "erase-array-erase_array.config.yaml"
+    assert main(["array-status", "--config", str(resolved), "--base", str(tiny_checkpoint)]) == 0
+    status = capsys.readouterr().out
+    assert "[1] Van Gogh: " in status and "cosine" in status and f"--base {tiny_checkpoint}" in status
 
     merged = tmp_path / "merged"
     assert main(["merge", "--base", str(tiny_checkpoint), *deltas.merge_args(), "--out", str(merged)]) == 0

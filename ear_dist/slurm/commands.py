@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--template", required=True, metavar="NAME|FILE",
                    help=f"one of {', '.join(TEMPLATES)}, or a template file")
     p.add_argument("--dry-run", action="store_true", help="render and print the script; do not submit")
-    p.add_argument("--out", default=None, metavar="FILE", help="script path (default <slurm.output_dir>/<job>-<template>.sbatch)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="script path (default <slurm.output_dir>/<job>-<template>.sbatch)")
     p.set_defaults(func=run_submit)
 
     e = sub.add_parser("slurm-env", help="(inside a job) check the allocation; print the array task's concept")
@@ -37,6 +38,8 @@ def register(sub) -> None:
     a = sub.add_parser("array-status", help="which concepts of an array job have their delta")
     add_config_args(a)
     a.add_argument("--json", action="store_true", help="print JSON instead of text")
+    a.add_argument("--base", default=None, metavar="MODEL",
+                   help="also compare the deltas' changes to this base model (cosine per pair; negative = opposed)")
     a.set_defaults(func=run_array_status)
 
 
@@ -93,13 +96,25 @@ def run_array_status(args) -> int:
     from ear_dist.slurm.array import collect_concept_deltas
 
     deltas = collect_concept_deltas(config_from_args(args))
+    agreements = []
+    if args.base and len(deltas.found) > 1:
+        from ear_dist.models.janus import load_janus
+        from ear_dist.slurm.array import compare_changes
+
+        base = load_janus(args.base, device="cpu", dtype="float32").model.state_dict()
+        agreements = compare_changes(base, [o.delta for o in deltas.found])
     if args.json:
-        print(json.dumps([{"concept": o.concept, "index": o.index, "delta": str(o.delta) if o.delta else None,
-                           "trained_concepts": o.trained_concepts, "problem": o.problem}
-                          for o in deltas.outputs], indent=2))
-    else:
-        print(deltas.report())
-        if deltas.found:
-            print("compose: ear-dist merge --base MODEL " + " ".join(shlex.quote(a) for a in deltas.merge_args())
-                  + " --out MERGED")
+        print(json.dumps({
+            "concepts": [{"concept": o.concept, "index": o.index, "delta": str(o.delta) if o.delta else None,
+                          "trained_concepts": o.trained_concepts, "problem": o.problem} for o in deltas.outputs],
+            "agreements": [vars(a) | {"opposed": a.opposed} for a in agreements]}, indent=2))
+        return 0 if deltas.complete else 1
+    print(deltas.report())
+    for a in agreements:
+        note = "OPPOSED: composing them weakens both" if a.opposed else "ok"
+        print(f"{a.first} vs {a.second}: cosine {a.cosine:+.3f} over {a.shared_tensors} tensors ({note})")
+    if deltas.found:
+        base = shlex.quote(args.base) if args.base else "MODEL"
+        print(f"compose: ear-dist merge --base {base} "
+              + " ".join(shlex.quote(a) for a in deltas.merge_args()) + " --out MERGED")
     return 0 if deltas.complete else 1
