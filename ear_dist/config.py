@@ -150,7 +150,8 @@ class SlurmConfig:
     # USR1 this many seconds before the time limit: the ranks checkpoint, the job requeues
     signal_before_s: int = 120
     extra_sbatch: list[str] = field(default_factory=list)  # extra "#SBATCH" options, e.g. --account=abc
-    # torchrun: one srun task per node runs torchrun (c10d rendezvous); srun: one srun task per rank
+    # torchrun: one srun task per node runs torchrun (c10d rendezvous); srun: one srun task per rank;
+    # mpi: one srun --mpi=pmix task per rank, ranks from mpi4py
     launcher: str = "torchrun"
     # rendered script, its resolved config and the Slurm logs; "" = <train.out_dir>/slurm
     output_dir: str = ""
@@ -204,7 +205,7 @@ _CHOICES = {
     "dist.teacher_placement": ("colocated", "dedicated", "offline"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "data.on_error": ("fail", "skip"),
-    "slurm.launcher": ("torchrun", "srun"),
+    "slurm.launcher": ("torchrun", "srun", "mpi"),
 }
 
 

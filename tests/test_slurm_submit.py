@@ -150,11 +150,13 @@ def test_more_gpus_than_the_allocation_fails_at_submit_and_in_the_job(slurm_clus
 ALL_REDUCE = "-m launch.print_env --all-reduce --timeout-s=30"
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+@pytest.mark.parametrize("launcher", ["torchrun", "srun", "mpi"])
 def test_multinode_template_forms_two_by_two_ranks(slurm_cluster, tmp_path, launcher, rank_args=ALL_REDUCE):
+    # Open MPI's shared-memory transport would mix up the two emulated nodes (one machine).
+    setup = ["export OMPI_MCA_btl=self,tcp"] if launcher == "mpi" else []
     config = _write_config(tmp_path, {"train": {"out_dir": "runs"}, "slurm": {
         "nodes": 2, "tasks_per_node": 2, "cpus_per_task": 1, "launcher": launcher, "job_name": "mn",
-        "rank_args": rank_args}})
+        "rank_args": rank_args, "setup": setup}})
     job_id = _submit(slurm_cluster, tmp_path, config, "erase_multinode")
     [record] = slurm_cluster.wait_job(job_id, timeout_s=90)
     log = (tmp_path / "runs" / "slurm" / f"mn-{job_id}.out").read_text()
@@ -164,7 +166,7 @@ def test_multinode_template_forms_two_by_two_ranks(slurm_cluster, tmp_path, laun
     assert [r["rank"] for r in reports] == [0, 1, 2, 3], log
     assert all(r["world_size"] == 4 and r["num_nodes"] == 2 and r["local_world_size"] == 2
                and r["all_reduce_sum"] == 10.0 for r in reports), reports
-    assert {r["launcher"] for r in reports} == {"torchrun" if launcher == "torchrun" else "slurm"}
+    assert {r["launcher"] for r in reports} == {{"torchrun": "torchrun", "srun": "slurm", "mpi": "mpi"}[launcher]}
     by_node = {}
     for r in reports:
         by_node.setdefault(r["slurm_node"], []).append(r["local_rank"])

@@ -22,11 +22,13 @@ export OMP_NUM_THREADS=$CPUS_PER_RANK
 export EAR_LOCAL_TMP={{local_tmp}}
 {{setup_lines}}
 
-echo "ear-dist: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: $NNODES nodes x $RANKS_PER_NODE ranks, $LAUNCHER"
+echo "ear-dist: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
+    "$NNODES nodes x $RANKS_PER_NODE ranks, $LAUNCHER"
 
 # The job runs exactly the config that was validated at submit time.
 echo "$EAR_CONFIG_SHA256  $EAR_CONFIG" | sha256sum --check --status || {
-    echo "ear-dist: $EAR_CONFIG is missing or changed after submission (sha256 differs); run ear-dist submit again" >&2
+    echo "ear-dist: $EAR_CONFIG is missing or changed after submission (sha256 differs);" \
+        "run ear-dist submit again" >&2
     exit 2
 }
 # GPUs of this allocation against slurm.gpus_per_node, before any training starts.
