@@ -229,3 +229,11 @@ def test_compare_changes_flags_deltas_that_pull_against_each_other(tmp_path):
     assert up_down.shared_tensors == 2 and up_down.cosine == pytest.approx(-1.0) and up_down.opposed
     assert up_aside.shared_tensors == 1 and up_aside.cosine == pytest.approx(0.0) and not up_aside.opposed
     assert down_aside.cosine == pytest.approx(0.0)
+
+
+def test_submit_without_sbatch_says_so(tmp_path, monkeypatch):
+    from ear_dist.slurm.commands import submit_script
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="sbatch is not on PATH: submit from a Slurm login node, or use --dry-run"):
+        submit_script(str(tmp_path / "job.sbatch"))

@@ -254,3 +254,15 @@ def test_template_forwards_preemption_and_requeues(slurm_cluster, tmp_path):
     assert lines == ["checkpointed 0 SIGTERM", "checkpointed 1 SIGTERM", "done 0", "done 1",
                      "start 0 0", "start 0 1", "start 1 0", "start 1 1"], lines
     assert "requeueing job" in log and re.search(r"job \d+ \(restart 1\)", log)
+
+
+def test_bench_template_runs_the_benchmark(slurm_cluster, tmp_path, tiny_checkpoint):
+    config = _write_config(tmp_path, {
+        "model": {"path": str(tiny_checkpoint)}, "train": {"out_dir": "runs"}, "erase": {"window_len": 4},
+        "slurm": {"nodes": 2, "cpus_per_task": 1, "job_name": "bench", "bench_args": "--steps 1 --warmup 0"}})
+    job_id = _submit(slurm_cluster, tmp_path, config, "bench")
+    [record] = slurm_cluster.wait_job(job_id, timeout_s=60)
+    log = (tmp_path / "runs" / "slurm" / f"bench-{job_id}.out").read_text()
+    assert record["JobState"] == "COMPLETED", log
+    assert "1 nodes x 1 ranks" in log and re.search(r"^step +[\d.]+ +100\.0%", log, re.M), log
+    assert (tmp_path / "runs" / "bench" / "metrics.jsonl").is_file()
