@@ -185,11 +185,22 @@ def _wait_for(predicate, what, timeout_s=30):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _release_requeued(cluster, job_id):
-    """A requeued job waits ~2 minutes (Slurm's credential lifetime) before it may start; start it now."""
+def _batch_host(cluster, job_id):
+    _wait_for(lambda: (cluster.job_fields(job_id) or [{}])[0].get("BatchHost", "(null)") != "(null)",
+              f"job {job_id} to get a node")
+    return cluster.job_fields(job_id)[0]["BatchHost"]
+
+
+def _release_requeued(cluster, job_id, first_host):
+    """Start a requeued job now, on the other node.
+
+    Slurm holds a requeued job for its credential lifetime (cred_expire, 120 s by default),
+    because the node it ran on refuses the revoked credential until then; the other node
+    has never seen it.
+    """
     _wait_for(lambda: (cluster.job_fields(job_id) or [{}])[0].get("Restarts") == "1"
               and cluster.job_fields(job_id)[0].get("JobState") == "PENDING", f"job {job_id} to be requeued")
-    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    cluster.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={first_host}", "StartTime=now"])
 
 
 def test_preemption_handler_requeues_and_the_restart_finishes(slurm_cluster, tmp_path):
@@ -213,8 +224,9 @@ def test_preemption_handler_requeues_and_the_restart_finishes(slurm_cluster, tmp
     script = f"#!/bin/bash\nexport PYTHONPATH={REPO_ROOT}\nexec {PYTHON} {tmp_path / 'program.py'}\n"
     job_id = slurm_cluster.sbatch(script, ["--requeue", "--output=/dev/null"])
     _wait_for(lambda: runs.exists() and "run 0" in runs.read_text(), "the first run to start")
+    first_host = _batch_host(slurm_cluster, job_id)
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
-    _release_requeued(slurm_cluster, job_id)
+    _release_requeued(slurm_cluster, job_id, first_host)
     [record] = slurm_cluster.wait_job(job_id)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1"
     assert runs.read_text().splitlines() == ["run 0", "preempted by SIGUSR1", "run 1", "finished"]
@@ -241,15 +253,16 @@ def test_template_forwards_preemption_and_requeues(slurm_cluster, tmp_path):
     events = tmp_path / "events.txt"
     (tmp_path / "rank.py").write_text(RANK_PROGRAM)
     config = _write_config(tmp_path, {"train": {"out_dir": "runs"}, "slurm": {
-        "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "launcher": "srun", "job_name": "pre",
+        "nodes": 1, "tasks_per_node": 2, "cpus_per_task": 1, "launcher": "srun", "job_name": "pre",
         "rank_args": f"{tmp_path / 'rank.py'} {events}"}})
     job_id = _submit(slurm_cluster, tmp_path, config, "erase_multinode")
     _wait_for(lambda: events.exists() and events.read_text().count("start") == 2, "both ranks to start")
+    first_host = _batch_host(slurm_cluster, job_id)
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])  # what --signal=B:USR1@N sends
-    _release_requeued(slurm_cluster, job_id)
+    _release_requeued(slurm_cluster, job_id, first_host)
     [record] = slurm_cluster.wait_job(job_id, timeout_s=60)
     log = (tmp_path / "runs" / "slurm" / f"pre-{job_id}.out").read_text()
-    assert (record["JobState"], record["Restarts"]) == ("COMPLETED", "1"), log
+    assert (record["JobState"], record["Restarts"]) == ("COMPLETED", "1"), (log, record)
     lines = sorted(events.read_text().splitlines())
     assert lines == ["checkpointed 0 SIGTERM", "checkpointed 1 SIGTERM", "done 0", "done 1",
                      "start 0 0", "start 0 1", "start 1 0", "start 1 1"], lines

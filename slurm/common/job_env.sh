@@ -1,6 +1,18 @@
 # ---- job environment (slurm/common/job_env.sh) ------------------------------------------------
 set -uo pipefail
 
+# ---- preemption: Slurm sends USR1 before the time limit (#SBATCH --signal=B:USR1@N) -------
+preempted=0
+on_preempt() {
+    echo "ear-dist: preemption signal at $(date -u +%FT%TZ); asking the ranks to checkpoint and stop"
+    preempted=1
+    # SIGTERM to every task of the step (torchrun passes it on to its workers); a signal to
+    # srun itself would make it kill the step without a grace period.
+    scancel --signal=TERM "$SLURM_JOB_ID"
+}
+# Installed first, so an early USR1 cannot end this script unhandled.
+trap on_preempt USR1
+
 PYTHON={{python}}
 EAR_CONFIG={{config_file}}
 EAR_CONFIG_SHA256={{config_sha256}}
