@@ -64,6 +64,8 @@ def run_submit(args) -> int:
     facts = check_submission(resolve_paths(cfg), kind)
     job = render_job(cfg, args.template, out=args.out)
     print(f"rendered {job.script} (config {job.config}); checks passed: {json.dumps(facts)}", file=sys.stderr)
+    if facts.get("partition") is None:
+        print("note: sinfo did not answer; nodes and GPUs are checked inside the job only", file=sys.stderr)
     if args.dry_run:
         print(job.text)
         return 0
