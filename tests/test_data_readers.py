@@ -205,3 +205,19 @@ def test_copro_json_wrong_top_level(tmp_path):
     f2 = write(tmp_path / "c2.json", json.dumps({"ID_train_data": [{"unsafe_prompt": "u", "safe_prompt": ""}]}))
     with pytest.raises(PairReadError, match=r"c2\.json: ID_train_data\[0\]: field 'safe_prompt': empty prompt"):
         read_pairs(f2)
+
+
+def test_json_with_bom_reads(tmp_path):
+    f = write(tmp_path / "bom.json", "\ufeff" + json.dumps([{"prompt": "a church"}]))
+    assert read_pairs(f)[0].target == "a church"
+
+
+def test_a_shard_directory_reads_as_pairs(tmp_path):
+    from ear_dist.data.shards import write_shards
+
+    pairs = [PromptPair(f"a church {i}", f"a barn {i}", "church", surrogate_tokens=[i, i + 1]) for i in range(5)]
+    write_shards(pairs, tmp_path / "shards", max_samples_per_shard=2)
+    assert detect_format(tmp_path / "shards") == "shards"
+    back = read_pairs(tmp_path / "shards")
+    assert [p.to_dict() for p in back] == [p.to_dict() for p in pairs]
+    assert back[4].surrogate_tokens == [4, 5]

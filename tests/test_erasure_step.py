@@ -256,7 +256,7 @@ def test_delta_round_trip_and_merge_loads_in_plain_transformers(tmp_path, tiny_c
     assert all(".self_attn." in n for n in tensors) and len(tensors) == 20
     base = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
     assert any(not torch.equal(base.state_dict()[n], t) for n, t in tensors.items())
-    assert (tmp_path / "run" / "metrics.jsonl").is_file() and list((tmp_path / "run" / "tb").glob("events.*"))
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and list((tmp_path / "run").glob("events.out.tfevents.*"))
 
     out = tmp_path / "merged"
     assert main(["merge", "--base", str(tiny_checkpoint), "--delta", summary["delta"], "--out", str(out)]) == 0
@@ -304,3 +304,20 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     pairs = [PromptPair(t, s, "church", surrogate_tokens=tokens) for t, s in zip(TARGETS, SURROGATES)]
     with pytest.raises(TrainingError, match="2 steps with a non-finite loss"):
         run_erase(cfg, pairs, progress=False)
+
+
+@pytest.mark.parametrize("update", ["sequence", "window"])
+def test_joint_run_logs_per_concept_windows(tmp_path, tiny_checkpoint, update):
+    from ear_dist.telemetry.writer import read_jsonl
+
+    pairs = [PromptPair("a photo of a church", "a photo of a barn", "church"),
+             PromptPair("a castle in the style of van gogh", "a castle", "van gogh")]
+    cfg = _cfg(tmp_path, tiny_checkpoint, "train.pairs_per_step=2", f"erase.update_mode={update}",
+               "erase.concepts={van gogh: {window_len: 8}}")
+    run_erase(cfg, pairs, progress=False)
+    rows = list(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+    assert len(rows) == 3
+    for r in rows:
+        assert r["windows_total/church"] == 4 and r["windows_total/van gogh"] == 2  # 16 tokens / 4 and / 8
+        assert r["windows_total"] == 6
+        assert r["windows_kept/church"] + r["windows_kept/van gogh"] == r["windows_kept"]

@@ -342,3 +342,35 @@ def test_a_prebuilt_target_gives_the_reference_loss(mode):
     via_helper = windowed_loss_from_target(mode, student, target, idx, 0.3, backend="triton")
     _assert_same(ref, leaf.grad, fused, fused_grad)
     torch.testing.assert_close(via_helper.loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["hidden", "logit"])
+def test_erasure_step_with_the_triton_backend_trains_the_same_student(mode):
+    """The step a user runs, with erase.loss_backend=triton, against the torch backend."""
+    from ear_dist.config import EraseConfig, TrainableConfig
+    from ear_dist.models.janus import build_preset
+    from ear_dist.teacher.engine import ColocatedTeacher
+    from ear_dist.train.step import ErasureStep, PairBatch, Updater
+    from ear_dist.train.student import make_student
+    from ear_dist.train.trainable import select_trainable_names
+
+    bundle = build_preset("tiny", seed=0)
+    names = select_trainable_names(bundle.model, TrainableConfig(first_k_layers=2))
+    teacher = ColocatedTeacher(bundle)
+    tokens = torch.randint(0, bundle.codebook_size, (2, bundle.num_image_tokens), generator=torch.Generator().manual_seed(0))
+    batch = PairBatch(["a photo of a church", "a church at night"], ["a photo of a barn", "a castle at night"],
+                      ["church", "church"], [0, 1], tokens)
+    trained = {}
+    for backend in ("torch", "triton"):
+        student = make_student(bundle.model, names)
+        opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.5)
+        # a strong guidance keeps the KL away from 0, where fp32 cancellation dominates
+        cfg = EraseConfig(target_mode=mode, update_mode="sequence", window_len=5, loss_threshold=0.0,
+                          loss_backend=backend, erase_guidance=50.0)
+        res = ErasureStep(student, bundle, teacher, cfg, Updater(opt))(batch)
+        assert res.optimizer_steps == 1 and res.windows_total == 8
+        params = dict(student.named_parameters())
+        trained[backend] = ({n: params[n].detach().clone() for n in names}, res.loss)
+    assert trained["torch"][1] == pytest.approx(trained["triton"][1], rel=1e-5)
+    for n in names:
+        torch.testing.assert_close(trained["triton"][0][n], trained["torch"][0][n], rtol=1e-5, atol=1e-6)

@@ -16,6 +16,8 @@ Formats (``data.format``; ``auto`` picks one from the extension and the keys/hea
   CSVs; extra columns such as ``artist`` are kept in ``extra``).
 - ``coco``: COCO-30k prompt CSV ``image_id, source, prompt, evaluation_seed, width, height``.
 - ``jsonl``: one ``PromptPair.to_dict()`` object per line (what ``ear-dist`` writes).
+- ``shards``: a directory written by ``ear-dist data build`` (all pairs, in order;
+  training streams shards through ``ear_dist.data.shards`` instead).
 - ``hf``: a Hugging Face dataset from local files: a ``save_to_disk`` directory, a
   ``.parquet`` or ``.arrow`` file; columns as in any schema above.
 
@@ -35,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from ear_dist.data.pairs import PromptPair
 
-FORMATS = ("auto", "ear-json", "ear-csv", "copro-json", "copro-csv", "sixcd", "coco", "hf", "jsonl")
+FORMATS = ("auto", "ear-json", "ear-csv", "copro-json", "copro-csv", "sixcd", "coco", "hf", "jsonl", "shards")
 COPRO_SPLITS = ("ID_train_data", "ID_valid_data", "ID_test_data", "OOD_valid_data", "OOD_test_data")
 
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
@@ -285,6 +287,8 @@ def detect_format(path: Union[str, Path]) -> str:
     """Guess the format from the extension and the first keys/header; raise if unsure."""
     p = Path(path)
     if p.is_dir():
+        if (p / "index.json").exists():
+            return "shards"
         if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
             return "hf"
         raise PairReadError(f"{p}: a directory that is not a Hugging Face save_to_disk dataset; give a file")
@@ -341,6 +345,20 @@ def read_pairs(
     source = f"{fmt}:{p.name}"
     if fmt == "hf":
         return _read_hf(p, source, concept, on_error, report)
+    if fmt == "shards":
+        from ear_dist.data.shards import ShardDataset, ShardError
+
+        try:
+            pairs = list(ShardDataset(p, shuffle=False, on_corrupt=on_error))
+        except ShardError as e:
+            raise PairReadError(str(e)) from None
+        for pair in pairs:
+            for name in ("surrogate_tokens", "target_tokens"):
+                tokens = getattr(pair, name)
+                if tokens is not None:
+                    setattr(pair, name, tokens.tolist())
+        report.read += len(pairs)
+        return pairs
     text = _decode(p, p.read_bytes(), on_error)
 
     def convert(rows, make):

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from ear_dist.config import EraseConfig
+from ear_dist.losses.dispatch import windowed_loss_from_target
 from ear_dist.losses.svare import svare_loss
 from ear_dist.losses.windowed import (
     cfg_combine,
@@ -60,10 +61,27 @@ class StepResult:
     image_tokens: int
     nonfinite: bool = False
     extras: dict = field(default_factory=dict)
+    # concept -> [windows kept, windows total, summed window loss] of this rank's rows
+    per_concept: dict = field(default_factory=dict)
+
+
+def _per_concept(concepts, kept, exists, window_loss) -> dict:
+    """Per-concept window counts and loss of one step (joint multi-concept runs)."""
+    out: dict = {}
+    for row, c in enumerate(concepts):
+        rec = out.setdefault(c, [0, 0, 0.0])
+        rec[0] += int(kept[row].sum())
+        rec[1] += int(exists[row].sum())
+        rec[2] += float(window_loss[row][exists[row]].sum())
+    return out
 
 
 class Updater:
-    """backward/step/zero_grad over a plain torch optimizer; the DeepSpeed engine has the same three."""
+    """backward/step/zero_grad over a plain torch optimizer (one process).
+
+    ``global_any`` / ``global_max`` are where data-parallel ranks agree on whether to
+    step (the DeepSpeed updater all-reduces them); in one process they are the identity.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -77,6 +95,12 @@ class Updater:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def global_any(self, flag: bool) -> bool:
+        return flag
+
+    def global_max(self, value: int) -> int:
+        return value
 
 
 class ErasureStep:
@@ -99,6 +123,7 @@ class ErasureStep:
     # ----------------------------------------------------------------- the step
     def __call__(self, batch: PairBatch) -> StepResult:
         cfg = self.cfg
+        self._concepts = list(batch.concepts)
         tokens = self._rollout(batch)
         b, t = tokens.shape
         if cfg.method == "svare":
@@ -133,39 +158,47 @@ class ErasureStep:
         eta = self._per_row(concepts, "erase_guidance", on_t.device).to(on_t.dtype).view(-1, 1, 1)
         return guided_target(on_t, on_s, eta).detach()
 
-    def _per_token(self, ids, mask, tokens, target) -> torch.Tensor:
-        """The student on c_t, teacher-forced on ``tokens``: per-token loss [B, len(tokens)]."""
+    def _student_out(self, ids, mask, tokens) -> torch.Tensor:
+        """The student on c_t, teacher-forced on ``tokens``: last hidden states or image logits."""
         hidden, logits = teacher_forced(self.student, ids, mask, tokens,
                                         return_logits=self.cfg.target_mode == "logit")
+        return hidden if self.cfg.target_mode == "hidden" else logits
+
+    def _per_token(self, ids, mask, tokens, target) -> torch.Tensor:
+        """Per-token loss [B, len(tokens)] of the student toward ``target`` (plain PyTorch)."""
+        out = self._student_out(ids, mask, tokens)
         n = tokens.shape[1]
         if self.cfg.target_mode == "hidden":
-            return per_token_mse(hidden, target[:, :n])
-        return per_token_kl(logits, target[:, :n])
+            return per_token_mse(out, target[:, :n])
+        return per_token_kl(out, target[:, :n])
 
     def _sequence(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
-        out = windowed_masked_loss(self._per_token(ids, mask, tokens, target), windows, threshold)
+        # the fused kernel (Triton on GPU) or the reference, by erase.loss_backend
+        out = windowed_loss_from_target(self.cfg.target_mode, self._student_out(ids, mask, tokens), target,
+                                        windows, threshold, backend=self.cfg.loss_backend)
         loss = out.loss
         # NaN window sums compare False against the threshold and would pass as "masked":
         # finiteness is checked on the per-token losses, not on the (masked) total
-        if not bool(torch.isfinite(out.per_token).all()):
+        if self.updater.global_any(not bool(torch.isfinite(out.per_token).all())):
             self.updater.zero_grad()
             return StepResult(float(loss.detach()), 0, out.num_windows, 0, tokens.numel(), nonfinite=True)
         steps = 0
-        if out.num_kept:
+        if self.updater.global_any(out.num_kept > 0):  # a rank with no kept window steps with zero grads
             self.updater.backward(loss)
             self.updater.step()
             steps = 1
-        return StepResult(float(loss.detach()), out.num_kept, out.num_windows, steps, tokens.numel())
+        return StepResult(float(loss.detach()), out.num_kept, out.num_windows, steps, tokens.numel(),
+                          per_concept=_per_concept(self._concepts, out.kept, out.window_exists, out.window_loss))
 
     def _per_window(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
         total_loss, kept, steps, n_windows = 0.0, 0, 0, 0
-        for w in range(int(windows.max()) + 1):
+        per_concept: dict = {}
+        for w in range(self.updater.global_max(int(windows.max()) + 1)):
             in_window = windows == w
-            if not bool(in_window.any()):
-                continue
             # the student sees only the prefix the window needs (causal model); later
-            # windows are computed by the student as updated by the earlier ones
-            prefix = int(in_window.nonzero()[:, 1].max()) + 1
+            # windows are computed by the student as updated by the earlier ones. A rank
+            # without tokens in this window still runs (one token) so that ranks step together.
+            prefix = int(in_window.nonzero()[:, 1].max()) + 1 if bool(in_window.any()) else 1
             per_token = self._per_token(ids, mask, tokens[:, :prefix], target)
             sel = in_window[:, :prefix]
             only_w = torch.where(sel, per_token, torch.zeros_like(per_token))
@@ -173,18 +206,23 @@ class ErasureStep:
                                        scale=1.0 / max(int(sel.sum()), 1))
             rows = int(sel.any(1).sum())
             n_windows += rows
-            if not bool(torch.isfinite(per_token[sel]).all()):
+            if self.updater.global_any(not bool(torch.isfinite(per_token[sel]).all())):
                 self.updater.zero_grad()
                 return StepResult(float("nan"), kept, n_windows, steps, tokens.numel(), nonfinite=True)
             # rows without a token in window w (short per-row windows) are not windows here
+            exists = sel.any(1, keepdim=True)
+            for c, rec in _per_concept(self._concepts, out.kept & exists, exists, out.window_loss).items():
+                acc = per_concept.setdefault(c, [0, 0, 0.0])
+                for i in range(3):
+                    acc[i] += rec[i]
             row_kept = int((out.kept[:, 0] & sel.any(1)).sum())
             total_loss += float(out.loss.detach())
-            if row_kept:
+            if self.updater.global_any(row_kept > 0):
                 self.updater.backward(out.loss)
                 self.updater.step()
                 steps += 1
                 kept += row_kept
-        return StepResult(total_loss, kept, n_windows, steps, tokens.numel())
+        return StepResult(total_loss, kept, n_windows, steps, tokens.numel(), per_concept=per_concept)
 
     def _esd(self, ids, mask, tokens, target) -> StepResult:
         """Naive baseline: a random share of positions, plain mean loss, no windows, no threshold."""
@@ -193,7 +231,7 @@ class ErasureStep:
         pick = torch.stack([torch.randperm(t, generator=self.generator)[:n_pick] for _ in range(b)]).to(tokens.device)
         per_token = self._per_token(ids, mask, tokens, target)
         loss = per_token.gather(1, pick).mean()
-        if not torch.isfinite(loss):
+        if self.updater.global_any(not bool(torch.isfinite(loss))):
             self.updater.zero_grad()
             return StepResult(float(loss.detach()), 0, 0, 0, tokens.numel(), nonfinite=True)
         self.updater.backward(loss)
@@ -209,7 +247,7 @@ class ErasureStep:
         _, logits = teacher_forced(self.student, ids, mask, torch.cat([tokens, tokens]))
         out = svare_loss(logits[:b], tokens, logits[b:], teach.on_surrogate, cfg.svare_label_prob_max,
                          cfg.svare_preserve_weight)
-        if not torch.isfinite(out.loss):
+        if self.updater.global_any(not bool(torch.isfinite(out.loss))):
             self.updater.zero_grad()
             return StepResult(float(out.loss.detach()), 0, 0, 0, tokens.numel(), nonfinite=True)
         self.updater.backward(out.loss)
