@@ -279,3 +279,47 @@ def test_bench_template_runs_the_benchmark(slurm_cluster, tmp_path, tiny_checkpo
     assert record["JobState"] == "COMPLETED", log
     assert "1 nodes x 1 ranks" in log and re.search(r"^step +[\d.]+ +100\.0%", log, re.M), log
     assert (tmp_path / "runs" / "bench" / "metrics.jsonl").is_file()
+
+
+ERASE_WITH_PREEMPTION = """
+import json, sys
+from ear_dist.config import load_config
+from ear_dist.slurm.preempt import PreemptionHandler
+from ear_dist.train.trainer import run_erase
+
+handler = PreemptionHandler().install()
+summary = run_erase(load_config([sys.argv[1]]), progress=False, should_stop=lambda: handler.requested)
+print("SUMMARY " + json.dumps(summary), flush=True)
+sys.exit(handler.exit_code if summary.get("stopped") else 0)
+"""
+
+
+def test_preempted_erasure_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, tiny_checkpoint):
+    # The erase entry point with the trainer's should_stop hook fed by PreemptionHandler,
+    # launched through the multi-node template.
+    from ear_dist.train.delta import load_delta
+
+    config = _array_setup(tmp_path, tiny_checkpoint)
+    data = json.loads(config.read_text())
+    data["data"] = {"pairs": "church.json"}
+    data["train"].update({"steps": 20, "tensorboard": False})
+    job_config = tmp_path / "runs" / "slurm" / "resume-erase_multinode.config.yaml"
+    (tmp_path / "erase.py").write_text(ERASE_WITH_PREEMPTION)
+    data["slurm"].update({"job_name": "resume", "rank_args": f"{tmp_path / 'erase.py'} {job_config}"})
+    config.write_text(json.dumps(data))
+    job_id = _submit(slurm_cluster, tmp_path, config, "erase_multinode")
+    metrics = tmp_path / "runs" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "the first training step", 60)
+    first_host = _batch_host(slurm_cluster, job_id)
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+    _release_requeued(slurm_cluster, job_id, first_host)
+    [record] = slurm_cluster.wait_job(job_id, timeout_s=90)
+    log = (tmp_path / "runs" / "slurm" / f"resume-{job_id}.out").read_text()
+    assert (record["JobState"], record["Restarts"]) == ("COMPLETED", "1"), log
+    first, second = [json.loads(line.split(" ", 1)[1]) for line in log.splitlines() if line.startswith("SUMMARY ")]
+    assert first["stopped"] is True and 1 <= first["step"] < 20, first
+    assert second["resumed_from"] == first["step"] and second["steps"] == 20, second
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(20)), steps  # every step once: no step lost or trained twice
+    _, meta = load_delta(second["delta"])
+    assert meta["concepts"] == ["church"]
