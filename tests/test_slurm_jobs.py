@@ -237,3 +237,17 @@ def test_submit_without_sbatch_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="sbatch is not on PATH: submit from a Slurm login node, or use --dry-run"):
         submit_script(str(tmp_path / "job.sbatch"))
+
+
+def test_a_missing_model_or_deepspeed_config_stops_submit(tmp_path, capsys):
+    church = _write(tmp_path / "church.json", CHURCH)
+    cfg = {"model": {"path": str(tmp_path / "no-model")}, "data": {"pairs": str(church)},
+           "train": {"out_dir": str(tmp_path / "runs")}}
+    cfg_file = _write(tmp_path / "cfg.json", cfg)
+    assert main(["submit", "--config", str(cfg_file), "--template", "erase_multinode", "--dry-run"]) == 2
+    assert f"model.path: {tmp_path / 'no-model'} does not exist and is not a preset" in capsys.readouterr().err
+    cfg["model"]["path"] = "tiny"
+    cfg["dist"] = {"deepspeed_config": str(tmp_path / "zero9.json")}
+    _write(cfg_file, cfg)
+    assert main(["submit", "--config", str(cfg_file), "--template", "erase_multinode", "--dry-run"]) == 2
+    assert "dist.deepspeed_config: " in capsys.readouterr().err

@@ -168,9 +168,24 @@ def check_partition(cfg: Config, run: Callable[[list[str]], Optional[str]] = _ru
     return info
 
 
+def check_inputs_exist(cfg: Config) -> None:
+    """The model (a directory or a preset name) and the DeepSpeed config the job loads exist."""
+    if not Path(cfg.model.path).exists():
+        from ear_dist.models.presets import PRESETS
+
+        if cfg.model.path not in PRESETS:
+            raise SlurmJobError(f"model.path: {cfg.model.path} does not exist and is not a preset "
+                                f"({', '.join(PRESETS)})")
+    if cfg.dist.deepspeed_config != "none" and not Path(cfg.dist.deepspeed_config).is_file():
+        raise SlurmJobError(f"dist.deepspeed_config: {cfg.dist.deepspeed_config} does not exist")
+
+
 def check_submission(cfg: Config, template: str, run: Callable[[list[str]], Optional[str]] = _run) -> dict:
     """Everything checkable before sbatch; raises SlurmJobError naming the key. Returns facts found."""
     facts: dict = {}
+    runs_erasure = template in ("erase_array", "bench") or (template == "erase_multinode" and not cfg.slurm.rank_args)
+    if runs_erasure:
+        check_inputs_exist(cfg)
     if template == "erase_array":
         facts["pairs_per_concept"] = check_concepts(cfg)
     elif template == "erase_multinode" and not cfg.slurm.rank_args:
