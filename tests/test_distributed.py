@@ -87,7 +87,8 @@ def reference(world):
     return out
 
 
-@pytest.mark.parametrize("stage, mode", [(2, "sequence"), (3, "sequence"), (2, "window")])
+@pytest.mark.parametrize("stage, mode", [("1", "sequence"), ("2", "sequence"), ("3", "sequence"),
+                                         ("3_offload", "sequence"), ("2", "window")])
 def test_two_ranks_under_zero_give_the_one_process_delta(world, reference, stage, mode):
     d, model, pairs = world
     out = d / f"z{stage}-{mode}"

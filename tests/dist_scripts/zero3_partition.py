@@ -1,6 +1,7 @@
 """Run under torchrun: build the ZeRO-3 student the trainer builds and print each rank's share of it."""
 
 import json
+import os
 import sys
 
 import torch
@@ -21,11 +22,12 @@ engine, student = build_student_engine(cfg, rt, bundle.model, cfg.model.path, tr
                                        load_ds_config(cfg, 1, torch.float32), None)
 params = dict(student.named_parameters())
 opt_elements = sum(t.numel() for g in engine.optimizer.fp32_partitioned_groups_flat for t in [g])
-print(json.dumps({
+line = json.dumps({
     "rank": rt.rank,
     "local": {n: int(params[n].ds_tensor.numel()) for n in trainable},
     "full": {n: int(params[n].ds_numel) for n in trainable},
     "optimizer_elements": int(opt_elements),
     "frozen_local": int(params["model.generation_head.vision_head.weight"].ds_tensor.numel()),
     "frozen_full": int(params["model.generation_head.vision_head.weight"].ds_numel),
-}), flush=True)
+})
+os.write(sys.stdout.fileno(), (line + "\n").encode())  # one write: both ranks share the pipe
