@@ -213,15 +213,35 @@ class DistConfig:
 
 @dataclass
 class SlurmConfig:
+    """What ``ear-dist submit`` renders into the sbatch templates in slurm/."""
+
     nodes: int = 1
     gpus_per_node: int = 0
-    tasks_per_node: int = 1
-    cpus_per_task: int = 2
+    # ranks per node; 0 = one per GPU (gpus_per_node), or 1 on nodes without GPUs
+    tasks_per_node: int = 0
+    cpus_per_task: int = 2  # CPUs per rank; OMP_NUM_THREADS of each rank
     partition: str = ""
     time: str = "01:00:00"
     job_name: str = "ear-dist"
+    # USR1 this many seconds before the time limit: the ranks checkpoint, the job requeues
     signal_before_s: int = 120
-    extra_sbatch: list[str] = field(default_factory=list)
+    extra_sbatch: list[str] = field(default_factory=list)  # extra "#SBATCH" options, e.g. --account=abc
+    # torchrun: one srun task per node runs torchrun (c10d rendezvous); srun: one srun task per rank;
+    # mpi: one srun --mpi=pmix task per rank, ranks from mpi4py
+    launcher: str = "torchrun"
+    # rendered script, its resolved config and the Slurm logs; "" = <train.out_dir>/slurm
+    output_dir: str = ""
+    # job arrays: array task i erases concepts[i] with the pairs file concept_pairs[concepts[i]]
+    concepts: list[str] = field(default_factory=list)
+    concept_pairs: dict[str, str] = field(default_factory=dict)
+    array_parallel: int = 0  # at most this many array tasks at once; 0 = no limit
+    max_restarts: int = 3  # preemptions requeued before the job gives up
+    python: str = ""  # interpreter on the nodes; "" = the one running ear-dist submit
+    setup: list[str] = field(default_factory=list)  # shell lines run first (module load, venv activation)
+    local_tmp: str = ""  # node-local scratch for caches; "" = $TMPDIR or /tmp on each node
+    # python arguments every rank runs in erase_multinode; "" = -m ear_dist erase --config <the job's config>
+    rank_args: str = ""
+    bench_args: str = ""  # extra arguments of ear-dist bench in the bench template, e.g. --steps 20
 
 
 @dataclass
@@ -265,6 +285,7 @@ _CHOICES = {
     "data.ecg.source": ("none", "templates", "llm"),
     "data.shards.mode": ("exact", "resampled"),
     "data.shards.on_corrupt": ("fail", "skip"),
+    "slurm.launcher": ("torchrun", "srun", "mpi"),
 }
 
 
@@ -295,6 +316,29 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"erase.concepts.{name}.window_len: must be >= 1, got {ov.window_len}")
         if ov.loss_threshold is not None and ov.loss_threshold < 0:
             raise ConfigError(f"erase.concepts.{name}.loss_threshold: must be >= 0")
+    _validate_slurm(cfg.slurm)
+
+
+def _validate_slurm(slurm: SlurmConfig) -> None:
+    for key in ("nodes", "cpus_per_task"):
+        if getattr(slurm, key) < 1:
+            raise ConfigError(f"slurm.{key}: must be >= 1, got {getattr(slurm, key)}")
+    for key in ("gpus_per_node", "tasks_per_node", "signal_before_s", "array_parallel", "max_restarts"):
+        if getattr(slurm, key) < 0:
+            raise ConfigError(f"slurm.{key}: must be >= 0, got {getattr(slurm, key)}")
+    if slurm.gpus_per_node and slurm.tasks_per_node > slurm.gpus_per_node:
+        raise ConfigError(
+            f"slurm.tasks_per_node: {slurm.tasks_per_node} ranks per node but slurm.gpus_per_node is "
+            f"{slurm.gpus_per_node}; each rank needs its own GPU (0 = one rank per GPU)")
+    if not slurm.job_name or any(c.isspace() for c in slurm.job_name):
+        raise ConfigError(f"slurm.job_name: must be non-empty without spaces, got {slurm.job_name!r}")
+    seen = set()
+    for i, concept in enumerate(slurm.concepts):
+        if not concept.strip():
+            raise ConfigError(f"slurm.concepts[{i}]: empty concept name")
+        if concept in seen:
+            raise ConfigError(f"slurm.concepts[{i}]: {concept!r} is listed twice")
+        seen.add(concept)
 
 
 def get_key(cfg: Any, dotted: str) -> Any:
