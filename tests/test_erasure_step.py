@@ -321,3 +321,23 @@ def test_joint_run_logs_per_concept_windows(tmp_path, tiny_checkpoint, update):
         assert r["windows_total/church"] == 4 and r["windows_total/van gogh"] == 2  # 16 tokens / 4 and / 8
         assert r["windows_total"] == 6
         assert r["windows_kept/church"] + r["windows_kept/van gogh"] == r["windows_kept"]
+
+
+def test_merge_refuses_opposing_deltas_under_conflicts_error(tmp_path, tiny_checkpoint):
+    from ear_dist.cli import main
+    from ear_dist.train.delta import save_delta
+
+    summary = run_erase(_cfg(tmp_path, tiny_checkpoint), _pairs(), progress=False)
+    tensors, meta = load_delta(summary["delta"])
+    base = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint).state_dict()
+    opposite = {n: 2 * base[n] - t for n, t in tensors.items()}  # the same change, reversed
+    other = save_delta(tmp_path / "opposite.safetensors", opposite, meta["base_fingerprint"], meta["base_model"],
+                       ["barn"], meta["config"])
+    args = ["merge", "--base", str(tiny_checkpoint), "--delta", summary["delta"], "--delta", str(other),
+            "--out", str(tmp_path / "merged")]
+    assert main(args + ["--conflicts", "error"]) == 2
+    assert not (tmp_path / "merged").exists()
+    assert main(args) == 0  # warn (default): merges, and the two changes cancel out
+    merged = JanusForConditionalGeneration.from_pretrained(tmp_path / "merged").state_dict()
+    for n in tensors:
+        torch.testing.assert_close(merged[n], base[n], rtol=0, atol=1e-6)

@@ -323,3 +323,38 @@ def test_preempted_erasure_checkpoints_requeues_and_resumes(slurm_cluster, tmp_p
     assert steps == list(range(20)), steps  # every step once: no step lost or trained twice
     _, meta = load_delta(second["delta"])
     assert meta["concepts"] == ["church"]
+
+
+# ------------------------------------------------------------------------------ real erasure, 2 nodes x 2 ranks
+@pytest.mark.parametrize("launcher", ["torchrun", "mpi"])
+def test_multinode_template_runs_zero3_erasure_on_two_nodes(slurm_cluster, tmp_path, tiny_checkpoint, launcher):
+    """The real `ear-dist erase` through erase_multinode: 2 emulated nodes x 2 gloo ranks, DeepSpeed ZeRO-3,
+    torchrun c10d rendezvous per node, or srun --mpi=pmix with mpi4py discovery; the delta equals one process's."""
+    from safetensors.torch import load_file
+
+    from ear_dist.config import load_config
+    from ear_dist.train.trainer import run_erase
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([
+        {"original_prompt": f"a {a} church", "modified_prompt": f"a {a} {o}", "concept": "church"}
+        for a, o in [("red", "barn"), ("old", "castle"), ("small", "windmill"), ("tall", "lighthouse")]]))
+    common = {"model": {"path": str(tiny_checkpoint)}, "data": {"pairs": str(pairs)},
+              "train": {"steps": 2, "pairs_per_step": 4, "tensorboard": False},
+              "erase": {"window_len": 4, "loss_threshold": 0, "update_mode": "sequence"},
+              "optim": {"lr": 0.01}, "trainable": {"first_k_layers": 2}}
+    reference = run_erase(load_config(overrides=[f"train.out_dir={tmp_path / 'ref'}"], base=common),
+                          progress=False)["delta"]
+    setup = ["export OMPI_MCA_btl=self,tcp"] if launcher == "mpi" else []
+    config = _write_config(tmp_path, {**common, "train": {**common["train"], "out_dir": "runs"},
+                                      "dist": {"deepspeed_config": os.path.join(REPO_ROOT, "ds_configs", "zero3.json")},
+                                      "slurm": {"nodes": 2, "tasks_per_node": 2, "cpus_per_task": 1,
+                                                "launcher": launcher, "job_name": "z3", "setup": setup}})
+    job_id = _submit(slurm_cluster, tmp_path, config, "erase_multinode")
+    [record] = slurm_cluster.wait_job(job_id, timeout_s=240)
+    log = (tmp_path / "runs" / "slurm" / f"z3-{job_id}.out").read_text()
+    assert record["JobState"] == "COMPLETED", log[-4000:]
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert summary["student_ranks"] == 4, summary
+    got, want = load_file(tmp_path / "runs" / "delta.safetensors"), load_file(reference)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-4
