@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -142,16 +141,13 @@ def test_a_dead_rank_stops_the_others_with_an_error_not_a_hang(world):
                    MASTER_PORT=str(port), LOCAL_WORLD_SIZE="2")
         procs.append(subprocess.Popen([sys.executable, str(script), str(model), str(pairs), str(d / "dead")],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    t0 = time.monotonic()
     try:
         out1, _ = procs[1].communicate(timeout=120)
         assert procs[1].returncode == 17 and "rank 1 exits now" in out1
-        out0, _ = procs[0].communicate(timeout=60)
+        out0, _ = procs[0].communicate(timeout=60)  # a hang raises TimeoutExpired here
     finally:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
-    elapsed = time.monotonic() - t0
     assert procs[0].returncode != 0
     assert any(w in out0 for w in ("Connection closed by peer", "Timed out", "timed out", "Connection reset")), out0[-2000:]
-    assert elapsed < 180

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 from collections import Counter
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -55,13 +56,14 @@ class Detection:
     label: str = ""
 
 
-class ConceptClassifier:
+class ConceptClassifier(ABC):
     """The plugin interface: does each image show its concept?"""
 
     name = "classifier"
 
+    @abstractmethod
     def detect(self, images: np.ndarray, concepts: Sequence[str]) -> list[Detection]:
-        raise NotImplementedError
+        """One detection per image [N, H, W, 3] uint8, for the concept named beside it."""
 
 
 # --------------------------------------------------------------------------- plugins

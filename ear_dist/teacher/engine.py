@@ -8,6 +8,7 @@ trainer's.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -26,17 +27,19 @@ class TeacherTargets:
     uncond: Optional[torch.Tensor] = None  # logit mode with teacher-side CFG only
 
 
-class TeacherEngine:
+class TeacherEngine(ABC):
     """Interface shared by every placement."""
 
+    @abstractmethod
     def rollout(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        raise NotImplementedError
+        """Image tokens [B, T] sampled with CFG, one seed per prompt."""
 
+    @abstractmethod
     def targets(
         self, target_prompts: Sequence[str], surrogate_prompts: Sequence[str], tokens: torch.Tensor, mode: str,
         with_uncond: bool = False,
     ) -> TeacherTargets:
-        raise NotImplementedError
+        """Teacher-forced outputs on both prompts for ``tokens`` (``mode``: hidden | logit)."""
 
 
 class ColocatedTeacher(TeacherEngine):
