@@ -147,6 +147,18 @@ class SlurmConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The synthetic world (ear_dist.world): its data and the tiny model pretrained on it."""
+
+    seed: int = 0
+    grid_side: int = 8  # image tokens per side (8 -> 64 image tokens)
+    codebook_size: int = 256
+    calibration_samples: int = 2000  # rendered images used to set the classifier's thresholds
+    # where built world models are cached; empty: $EAR_DIST_CACHE/world or ~/.cache/ear-dist/world
+    cache_dir: str = ""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -157,6 +169,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
 
     def to_dict(self) -> dict:
         # through JSON so tuples become lists and the dict is plain data (YAML/JSON safe)
@@ -191,7 +204,8 @@ def validate(cfg: Config) -> None:
         value = get_key(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-    positives = ["erase.window_len", "train.steps", "train.pairs_per_step", "rollout.batch_size"]
+    positives = ["erase.window_len", "train.steps", "train.pairs_per_step", "rollout.batch_size",
+                 "world.calibration_samples"]
     for key in positives:
         if get_key(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")
@@ -203,6 +217,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("trainable.first_k_layers: must be >= 0")
     if not 0.0 < cfg.erase.esd_patch_fraction <= 1.0:
         raise ConfigError("erase.esd_patch_fraction: must be in (0, 1]")
+    if cfg.world.grid_side < 4:
+        raise ConfigError(f"world.grid_side: must be >= 4, got {cfg.world.grid_side}")
     for name, ov in cfg.erase.concepts.items():
         if ov.window_len is not None and ov.window_len < 1:
             raise ConfigError(f"erase.concepts.{name}.window_len: must be >= 1, got {ov.window_len}")
