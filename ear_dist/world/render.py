@@ -85,6 +85,8 @@ class RenderSettings:
     motif_keep_prob: float = 0.8  # a motif cell shows its pattern code, else another code of the object
     noise_prob: float = 0.03  # share of cells replaced by noise codes
     style_strength: float = 0.9  # share of cells a style moves into its palette
+    # how far (cells) an object's rectangle may move from the centre; -1 = anywhere on the grid
+    centre_jitter: int = -1
 
     def motif_size_bounds(self) -> tuple[int, int]:
         """Smallest and largest side of an object's rectangle (3..4 on an 8x8 grid)."""
@@ -123,6 +125,18 @@ class Renderer:
             return hi, lo
         return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
 
+    def motif_corner(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int]:
+        """Top-left cell of an h x w rectangle: anywhere, or within ``centre_jitter`` of the centre."""
+        side, jitter = self.settings.grid_side, self.settings.centre_jitter
+        corner = []
+        for size in (h, w):
+            if jitter < 0:
+                corner.append(int(rng.integers(0, side - size + 1)))
+            else:
+                centre = (side - size) // 2
+                corner.append(int(np.clip(centre + rng.integers(-jitter, jitter + 1), 0, side - size)))
+        return corner[0], corner[1]
+
     def render(self, record: WorldRecord, rng: np.random.Generator) -> np.ndarray:
         """One image: int64 codes of shape [grid_side * grid_side], row-major."""
         s, lay = self.settings, self.layout
@@ -131,8 +145,7 @@ class Renderer:
         grid = background[rng.integers(0, len(background), size=(side, side))]
 
         h, w = self.motif_shape(record.adjective, rng)
-        top = int(rng.integers(0, side - h + 1))
-        left = int(rng.integers(0, side - w + 1))
+        top, left = self.motif_corner(h, w, rng)
         motif = lay.codes(record.object)
         offsets = self.patterns[record.object][:h, :w].copy()
         varied = rng.random((h, w)) >= s.motif_keep_prob
