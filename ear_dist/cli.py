@@ -17,6 +17,11 @@ from ear_dist.config import ConfigError, load_config
 # Each module exposes register(subparsers) -> None.
 COMMAND_MODULES = [
     "ear_dist.models.commands",
+    "ear_dist.data.commands",
+    "ear_dist.train.commands",
+    "ear_dist.teacher.commands",
+    "ear_dist.demo",
+    "ear_dist.telemetry.commands",
 ]
 
 

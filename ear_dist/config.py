@@ -86,6 +86,8 @@ class EraseConfig:
     esd_patch_fraction: float = 0.25
     # a target prompt without the concept word: warn (count) or fail
     on_missing_concept: str = "warn"
+    # windowed loss implementation: auto (Triton on CUDA when importable, else PyTorch) | torch | triton
+    loss_backend: str = "auto"
     concepts: dict[str, ConceptOverride] = field(default_factory=dict)
 
 
@@ -98,8 +100,79 @@ class OptimConfig:
 
 
 @dataclass
+class EcgConfig:
+    """Pair generation (ECG) for `ear-dist data build`."""
+
+    # none: pairs come from data.pairs only | templates | llm
+    source: str = "none"
+    # the concept to write pairs for; empty = erase.concept
+    concept: str = ""
+    category: str = ""
+    num_pairs: int = 50  # templates: 0 = every combination
+    seed: int = 0
+    # templates: "{concept}" plus named slots filled from `slots`; surrogates replace the concept
+    templates: list[str] = field(default_factory=list)
+    surrogates: list[str] = field(default_factory=list)
+    slots: dict[str, list[str]] = field(default_factory=dict)
+    # any OpenAI-compatible chat endpoint, e.g. http://127.0.0.1:8000/v1
+    llm_base_url: str = ""
+    llm_models: list[str] = field(default_factory=list)  # several: used in turn
+    # the NAME of the environment variable holding the key (the key itself never goes in a config)
+    llm_api_key_env: str = ""
+    llm_pairs_per_request: int = 10
+    llm_temperature: float = 1.0
+    llm_max_retries: int = 5
+    llm_backoff_s: float = 1.0
+    llm_requests_per_minute: float = 60.0
+    llm_timeout_s: float = 60.0
+    llm_cache_dir: str = ".cache/ecg"
+    llm_max_requests: int = 0  # 0 = three times what num_pairs needs
+    # drop generated pairs whose target does not contain the concept word
+    require_concept_word: bool = True
+
+
+@dataclass
+class VfConfig:
+    """The visual filter (VF): teacher rollouts for both prompts + a concept classifier."""
+
+    enabled: bool = False
+    # nudenet | resnet50 | hf | module:function
+    classifier: str = "nudenet"
+    # resnet50: local weights file; hf: local model directory
+    classifier_path: str = ""
+    # nudenet: min detection score; hf / callables: min probability of the concept
+    threshold: float = 0.6
+    # nudenet classes that count as the concept (default: exposed breasts, genitalia, buttocks, anus)
+    nudenet_classes: list[str] = field(default_factory=list)
+    # resnet50: concept -> ImageNet class ids, e.g. {church: [497]}
+    class_ids: dict[str, list[int]] = field(default_factory=dict)
+    top_k: int = 1
+    # hf: concept -> model labels (default: the label equal to the concept name)
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    batch_size: int = 8  # pairs per rollout batch (two prompts each)
+    store_target_tokens: bool = False
+    seed: int = 0  # rollout seed of pairs without one: seed + position
+
+
+@dataclass
+class ShardsConfig:
+    """WebDataset shards: written by `ear-dist data build`, streamed by training."""
+
+    out_dir: str = "data/shards"
+    max_samples_per_shard: int = 10000
+    max_shard_bytes: int = 256 * 1024 * 1024
+    # exact: every rank the same number of samples per epoch | resampled: endless, with replacement
+    mode: str = "exact"
+    # exact mode: False pads the last ranks by wrapping around (every sample seen); True drops the rest
+    drop_last: bool = False
+    # a truncated or corrupt shard: fail | skip (logged; the rank's next readable sample fills in)
+    on_corrupt: str = "fail"
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
-    # a pairs file (JSON/CSV/JSONL), a shard directory, or empty for built-in pairs
+    # a pairs file (JSON/CSV/JSONL/parquet/HF directory), a shard directory, or empty for built-in pairs
     pairs: str = ""
     # auto | ear-json | ear-csv | copro-json | copro-csv | sixcd | coco | hf | jsonl | shards
     format: str = "auto"
@@ -108,6 +181,9 @@ class DataConfig:
     num_workers: int = 0
     # malformed rows: fail | skip (skips are counted and reported)
     on_error: str = "fail"
+    ecg: EcgConfig = field(default_factory=EcgConfig)
+    vf: VfConfig = field(default_factory=VfConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
 
 
 @dataclass
@@ -128,8 +204,10 @@ class DistConfig:
     deepspeed_config: str = "none"
     # colocated | dedicated | offline
     teacher_placement: str = "colocated"
-    teacher_ranks: int = 0  # dedicated placement: how many ranks serve the teacher
+    teacher_ranks: int = 1  # dedicated placement: how many ranks serve the teacher
+    teacher_dir: str = ""  # offline placement: the directory written by `ear-dist teacher precompute`
     backend: str = "auto"  # auto | gloo | nccl
+    log_comms: bool = False  # count DeepSpeed's collective bytes per step (benchmarks)
     timeout_s: int = 60
 
 
@@ -189,12 +267,17 @@ _CHOICES = {
     "erase.update_mode": ("window", "sequence"),
     "erase.rollout_from": ("surrogate", "target"),
     "erase.on_missing_concept": ("warn", "fail"),
+    "erase.loss_backend": ("auto", "torch", "triton"),
     "trainable.modules": ("all", "attention"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "optim.name": ("adam", "adamw", "sgd"),
     "dist.teacher_placement": ("colocated", "dedicated", "offline"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "data.on_error": ("fail", "skip"),
+    "data.format": ("auto", "ear-json", "ear-csv", "copro-json", "copro-csv", "sixcd", "coco", "hf", "jsonl", "shards"),
+    "data.ecg.source": ("none", "templates", "llm"),
+    "data.shards.mode": ("exact", "resampled"),
+    "data.shards.on_corrupt": ("fail", "skip"),
 }
 
 
@@ -204,8 +287,12 @@ def validate(cfg: Config) -> None:
         value = get_key(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-    positives = ["erase.window_len", "train.steps", "train.pairs_per_step", "rollout.batch_size",
-                 "world.calibration_samples"]
+    positives = [
+        "erase.window_len", "train.steps", "train.pairs_per_step", "rollout.batch_size",
+        "data.ecg.llm_pairs_per_request", "data.vf.batch_size", "data.vf.top_k",
+        "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
+        "world.calibration_samples",
+    ]
     for key in positives:
         if get_key(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")

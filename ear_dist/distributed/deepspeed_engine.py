@@ -1,0 +1,183 @@
+"""The student under DeepSpeed ZeRO (stages 1, 2, 3, 3 + CPU offload).
+
+DeepSpeed owns the student's gradients and optimizer state; only the trainable
+tensors are given to the optimizer, so frozen layers carry no optimizer state. The
+optimizer is the config's torch optimizer passed as DeepSpeed's client optimizer (no
+op compilation on CPU). For ZeRO-3 the student is built through transformers'
+HfDeepSpeedConfig so that ``from_pretrained`` partitions it as it loads.
+
+Values ``"auto"`` in a ds_configs/ file are filled from the config tree (batch size,
+bf16 by model dtype), the same convention as transformers' Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ear_dist.config import Config, ConfigError
+from ear_dist.distributed.runtime import Runtime, StudentMPU
+
+
+def prepare_deepspeed(device: torch.device) -> None:
+    """On CPU, skip DeepSpeed's shared-memory all-reduce op: building it takes ~50 s per fresh
+    machine and gloo does the same job for the few tensors a student reduces."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if device.type == "cpu":
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def load_ds_config(cfg: Config, per_rank_pairs: int, dtype: torch.dtype) -> dict:
+    """Read ``dist.deepspeed_config`` and fill its "auto" values; errors name the file and key."""
+    path = Path(cfg.dist.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"dist.deepspeed_config: file not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from e
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage is {stage!r}, expected 0-3")
+    if "optimizer" in ds:
+        raise ConfigError(f"{path}: remove 'optimizer'; the optimizer comes from the optim section of the config")
+    ds["train_micro_batch_size_per_gpu"] = per_rank_pairs
+    ds.pop("train_batch_size", None)
+    gas = ds.get("gradient_accumulation_steps", 1)
+    if gas == "auto":
+        gas = 1
+    if gas != 1 and cfg.erase.update_mode == "window":
+        raise ConfigError(f"{path}: gradient_accumulation_steps={gas} with erase.update_mode=window "
+                          "(the per-window update steps after every window); use 1")
+    ds["gradient_accumulation_steps"] = gas
+    for key, enabled in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        if key in ds and ds[key].get("enabled") == "auto":
+            ds[key]["enabled"] = enabled
+    if ds.get("gradient_clipping") == "auto":
+        ds["gradient_clipping"] = 0.0
+    ds["zero_allow_untested_optimizer"] = True
+    if zero.get("offload_optimizer"):
+        ds["zero_force_ds_cpu_optimizer"] = False
+    ds.setdefault("steps_per_print", 10**9)
+    if cfg.dist.log_comms:
+        ds["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
+    return ds
+
+
+def comm_bytes() -> dict[str, int]:
+    """Bytes moved per collective kind so far on this rank (from DeepSpeed's comms logger)."""
+    import deepspeed.comm as dcomm
+
+    logger = getattr(dcomm, "comms_logger", None)
+    if logger is None:
+        return {}
+    return {op: int(sum(size * rec[0] for size, rec in sizes.items())) for op, sizes in logger.comms_dict.items()}
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+class DeepSpeedUpdater:
+    """The step's updater over a DeepSpeed engine, with agreement across the data-parallel group.
+
+    Every student rank must call backward/step the same number of times (they hold
+    collectives), so whether a step happens is decided by all of them together.
+    """
+
+    def __init__(self, engine, group=None):
+        self.engine = engine
+        self.group = group
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def global_any(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)
+
+    def global_max(self, value: int) -> int:
+        t = torch.tensor([float(value)], device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
+
+    def _device(self):
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
+
+
+def build_student_engine(cfg: Config, rt: Runtime, base_model: torch.nn.Module, model_source: str,
+                         trainable: list[str], ds: dict, share_from: Optional[torch.nn.Module]):
+    """Wrap the student in a DeepSpeed engine; returns (engine, student module).
+
+    ZeRO 0-2: the student is ``share_from``'s copy sharing frozen tensors (colocated
+    teacher) or the base model itself. ZeRO-3: a fresh model loaded under
+    HfDeepSpeedConfig from ``model_source`` (a preset is saved to a temp dir first),
+    so every tensor, frozen ones included, is partitioned across the students.
+    """
+    import deepspeed
+    from transformers import JanusForConditionalGeneration
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from ear_dist.train.student import make_student
+    from ear_dist.train.trainable import freeze_all_but
+    from ear_dist.train.trainer import build_optimizer
+
+    if zero_stage(ds) == 3:
+        src = Path(model_source)
+        tmp = None
+        if not src.is_dir():  # a preset: the same seed on every rank gives the same weights
+            tmp = tempfile.TemporaryDirectory(prefix="ear-dist-zero3-")
+            src = Path(tmp.name)
+            base_model.save_pretrained(src, safe_serialization=True)
+        dschf = HfDeepSpeedConfig(ds)  # noqa: F841 (must stay alive while the model is built)
+        try:
+            student = JanusForConditionalGeneration.from_pretrained(src, dtype=base_model.dtype)
+        finally:
+            unset_hf_deepspeed_config()
+            if tmp is not None:
+                tmp.cleanup()
+        freeze_all_but(student, trainable)
+    elif share_from is not None:
+        student = make_student(share_from, trainable)
+    else:
+        student = base_model
+        freeze_all_but(student, trainable)
+    student.eval()
+    optimizer = build_optimizer(student.parameters(), cfg.optim)
+    mpu = StudentMPU(rt) if rt.teacher_ranks else None
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds, mpu=mpu,
+                                           dist_init_required=False)
+    return engine, engine.module
+
+
+def gather_trainable(student: torch.nn.Module, trainable: list[str], stage: int) -> dict[str, torch.Tensor]:
+    """Full values of the trained tensors on every student rank (ZeRO-3 gathers its partitions)."""
+    from ear_dist.train.student import trainable_state
+
+    if stage != 3:
+        return trainable_state(student, trainable)
+    import deepspeed
+
+    params = dict(student.named_parameters())
+    chosen = [params[n] for n in trainable]
+    with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None):
+        return {n: params[n].detach().to("cpu").clone() for n in trainable}

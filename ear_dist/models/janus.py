@@ -1,0 +1,282 @@
+"""Janus-Pro through transformers' ``JanusForConditionalGeneration``: load, save, and
+the text-to-image teacher-forced forward that transformers does not provide.
+
+Layout facts used here (transformers 5.x): the Llama decoder is
+``model.model.language_model`` (layers at ``.layers[i]``); image tokens are embedded by
+``prepare_embeddings_for_image_generation`` (generation_embeddings -> generation_aligner);
+logits over the image codebook come from ``model.model.generation_head``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, asdict
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from transformers import JanusConfig, JanusForConditionalGeneration
+
+from ear_dist.models.presets import (
+    JANUS_PRO_TEMPLATE,
+    PRESETS,
+    PromptFormat,
+    build_word_tokenizer,
+    preset_config,
+    tiny_prompt_format,
+)
+
+PROMPT_FORMAT_FILE = "ear_dist_prompt.json"
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be used; the message names the path and the problem."""
+
+
+@dataclass
+class JanusBundle:
+    """A Janus model with what it needs to turn prompts into inputs.
+
+    ``tokenizer`` may be None for shape-only presets (janus-pro-7b with random weights):
+    those feed token ids directly.
+    """
+
+    model: JanusForConditionalGeneration
+    tokenizer: object
+    prompt_format: PromptFormat
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_image_tokens(self) -> int:
+        return image_token_count(self.model.config)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.model.config.vq_config.num_embeddings
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize prompts (left-padded, each ending in begin-of-image) -> (input_ids, attention_mask)."""
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.name!r} has no tokenizer; pass token ids instead of prompts")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt {i} is empty")
+        texts = [self.prompt_format.template.format(prompt=p.strip()) for p in prompts]
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if not bool((ids[:, -1] == self.prompt_format.boi_token_id).all()):
+            raise ValueError("prompt encoding does not end in the begin-of-image token; check the prompt template")
+        return ids.to(self.device), mask.to(self.device)
+
+
+def image_token_count(config: JanusConfig) -> int:
+    return int(config.vision_config.num_image_tokens)
+
+
+def grid_side(config: JanusConfig) -> int:
+    return int(config.vq_config.num_patches)
+
+
+def resolve_dtype(name: str, device: Union[str, torch.device]) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_preset(
+    name: str, seed: int = 0, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+    meta: bool = False, extra_words: Optional[list[str]] = None, config: Optional[JanusConfig] = None,
+) -> JanusBundle:
+    """Build a preset with random weights (seeded), or on the meta device (shapes only)."""
+    cfg = config if config is not None else preset_config(name)
+    tokenizer, fmt = None, None
+    if name == "tiny" or config is not None:
+        tokenizer = build_word_tokenizer(extra_words)
+        if len(tokenizer) > cfg.text_config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} words but text_config.vocab_size is {cfg.text_config.vocab_size}"
+            )
+        fmt = tiny_prompt_format()
+    else:
+        t = cfg.text_config
+        fmt = PromptFormat(JANUS_PRO_TEMPLATE, "<begin_of_image>", t.pad_token_id, t.bos_token_id, 100016)
+    if meta:
+        with torch.device("meta"):
+            model = JanusForConditionalGeneration(cfg)
+    else:
+        torch.manual_seed(seed)
+        model = JanusForConditionalGeneration(cfg)
+        model.to(device=device, dtype=dtype)
+    model.eval()
+    _set_generation_defaults(model, fmt)
+    return JanusBundle(model, tokenizer, fmt, name)
+
+
+def _set_generation_defaults(model: JanusForConditionalGeneration, fmt: PromptFormat) -> None:
+    gc = model.generation_config
+    gc.bos_token_id = fmt.bos_token_id
+    gc.pad_token_id = fmt.pad_token_id
+    gc.generation_kwargs = {"boi_token_id": fmt.boi_token_id}
+
+
+def save_janus(bundle: JanusBundle, path: Union[str, Path]) -> Path:
+    """Write a checkpoint that both ``load_janus`` and plain ``from_pretrained`` load (safetensors)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle.model.save_pretrained(out, safe_serialization=True)
+    if bundle.tokenizer is not None:
+        bundle.tokenizer.save_pretrained(out)
+    (out / PROMPT_FORMAT_FILE).write_text(json.dumps(asdict(bundle.prompt_format), indent=2))
+    return out
+
+
+def save_tiny_checkpoint(path: Union[str, Path], seed: int = 0, **config_overrides) -> Path:
+    """Build a tiny random Janus (optionally resized) and save it: tests load it back like a user would."""
+    from ear_dist.models.presets import tiny_config
+
+    extra_words = config_overrides.pop("extra_words", None)
+    cfg = tiny_config(**config_overrides)
+    bundle = build_preset("tiny", seed=seed, config=cfg, extra_words=extra_words)
+    return save_janus(bundle, path)
+
+
+def load_janus(
+    path_or_preset: str, device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
+    seed: int = 0,
+) -> JanusBundle:
+    """Load a Janus model from a local directory (HF format) or build a named preset.
+
+    Errors name the path and what is wrong: missing directory, a config that is not
+    Janus, weights that do not match the config.
+    """
+    dev = resolve_device(device) if isinstance(device, str) else device
+    dt = resolve_dtype(dtype, dev) if isinstance(dtype, str) else dtype
+    if path_or_preset in PRESETS and not Path(path_or_preset).exists():
+        return build_preset(path_or_preset, seed=seed, device=dev, dtype=dt)
+    root = Path(path_or_preset)
+    if not root.exists():
+        raise ModelLoadError(
+            f"model path {root} does not exist (and is not a preset: {', '.join(PRESETS)})"
+        )
+    cfg_file = root / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{root}: no config.json; expected a Hugging Face model directory")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file}: invalid JSON ({e})") from e
+    if raw.get("model_type") != "janus":
+        raise ModelLoadError(
+            f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 'janus' (JanusForConditionalGeneration)"
+        )
+    if not any(root.glob("*.safetensors")):
+        raise ModelLoadError(f"{root}: no *.safetensors weights found")
+    try:
+        model, info = JanusForConditionalGeneration.from_pretrained(
+            root, dtype=dt, output_loading_info=True, local_files_only=True
+        )
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ModelLoadError(f"{root}: weights do not match config.json: {e}") from e
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        detail = "; ".join(f"{k}: {sorted(v)[:5]}{' ...' if len(v) > 5 else ''}" for k, v in bad.items())
+        raise ModelLoadError(f"{root}: weights do not match config.json ({detail})")
+    model.to(dev).eval()
+    tokenizer = None
+    if (root / "tokenizer.json").is_file() or (root / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+    fmt_file = root / PROMPT_FORMAT_FILE
+    if fmt_file.is_file():
+        fmt = PromptFormat(**json.loads(fmt_file.read_text()))
+    else:
+        fmt = _janus_pro_format(tokenizer, model.config, root)
+    _set_generation_defaults(model, fmt)
+    return JanusBundle(model, tokenizer, fmt, str(root))
+
+
+def _janus_pro_format(tokenizer, config: JanusConfig, root: Path) -> PromptFormat:
+    """The chat format of released Janus-Pro checkpoints (no ear_dist prompt file present)."""
+    if tokenizer is None:
+        raise ModelLoadError(f"{root}: no tokenizer files; a Janus-Pro checkpoint needs its tokenizer")
+    boi = tokenizer.convert_tokens_to_ids("<begin_of_image>")
+    if boi is None or boi == tokenizer.unk_token_id:
+        raise ModelLoadError(f"{root}: tokenizer has no <begin_of_image> token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.text_config.pad_token_id
+    return PromptFormat(JANUS_PRO_TEMPLATE, "<begin_of_image>", int(pad), int(tokenizer.bos_token_id), int(boi))
+
+
+def model_fingerprint(model: torch.nn.Module, max_tensors: int = 8) -> str:
+    """A cheap identity of a base model: config plus hashes of a few fixed tensors.
+
+    Deltas record it so that applying one to a different base model is caught.
+    """
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    names = sorted(n for n, _ in model.named_parameters())
+    step = max(1, len(names) // max_tensors)
+    params = dict(model.named_parameters())
+    for n in names[::step][:max_tensors]:
+        t = params[n].detach().float().flatten()[:4096].cpu()
+        h.update(n.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a prompt's positions do not depend on its batch."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def teacher_forced(
+    model: JanusForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_tokens: torch.Tensor,
+    return_logits: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """All image positions in one pass.
+
+    Input sequence: prompt (ending in begin-of-image) followed by the embeddings of
+    ``image_tokens[:, :-1]``. Output position i is the state that predicts image token i:
+    ``hidden`` [B, T, H] is the last hidden state h(c, x_<i) and ``logits`` [B, T, V] the
+    generation-head logits over the image codebook.
+    """
+    prompt_len = input_ids.shape[1]
+    num_tokens = image_tokens.shape[1]
+    text_embeds = model.get_input_embeddings()(input_ids)
+    image_embeds = model.prepare_embeddings_for_image_generation(image_tokens[:, :-1])
+    embeds = torch.cat([text_embeds, image_embeds.to(text_embeds.dtype)], dim=1)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(image_tokens.shape[0], num_tokens - 1)], dim=1)
+    out = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+    )
+    hidden = out.last_hidden_state[:, prompt_len - 1 :]
+    logits = model.model.generation_head(hidden) if return_logits else None
+    return hidden, logits
+
+
+def unconditional_ids(input_ids: torch.Tensor, fmt: PromptFormat) -> torch.Tensor:
+    """The CFG unconditional prompt: every token but BOS and begin-of-image becomes pad (as Janus does)."""
+    keep = (input_ids == fmt.bos_token_id) | (input_ids == fmt.boi_token_id)
+    return torch.where(keep, input_ids, torch.full_like(input_ids, fmt.pad_token_id))
+
+
+def trainable_layers(model: JanusForConditionalGeneration):
+    """The Llama decoder layers, in order."""
+    return model.model.language_model.layers

@@ -1,0 +1,134 @@
+"""Batched classifier-free-guidance rollouts with a static KV cache.
+
+The batch holds the conditional rows first, then the unconditional rows (the prompt
+with every token but BOS and begin-of-image replaced by pad), as transformers' Janus
+``generate(generation_mode="image")`` and the official code do. Per-sample seeds make
+a prompt's image independent of the batch it was sampled in.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from transformers import StaticCache
+
+from ear_dist.models.janus import JanusBundle, position_ids_from_mask, unconditional_ids
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    generators: Optional[Sequence[torch.Generator]] = None,
+) -> torch.Tensor:
+    """Pick one token per row from [R, V] logits (greedy, or temperature/top-k sampling)."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+@torch.no_grad()
+def rollout_ids(
+    bundle: JanusBundle,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg_weight: float = 5.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    seeds: Optional[Sequence[int]] = None,
+    num_image_tokens: Optional[int] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample image tokens [B, T] for already-encoded prompts (left-padded, ending in BOI)."""
+    model = bundle.model
+    lm = model.model.language_model
+    head = model.model.generation_head
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    num_tokens = num_image_tokens or bundle.num_image_tokens
+    use_cfg = cfg_weight != 1.0
+    if seeds is not None and len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for {batch} prompts")
+    generators = None
+    if seeds is not None and not greedy:
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    rows = torch.cat([input_ids, unconditional_ids(input_ids, bundle.prompt_format)]) if use_cfg else input_ids
+    mask = attention_mask.repeat(2, 1) if use_cfg else attention_mask
+    num_rows = rows.shape[0]
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=prompt_len + num_tokens)
+
+    embeds = model.get_input_embeddings()(rows)
+    positions = position_ids_from_mask(mask)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    hidden = out.last_hidden_state[:, -1]
+    next_pos = positions[:, -1:] + 1
+    ones = mask.new_ones(num_rows, 1)
+
+    tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+    steps = range(num_tokens)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="image tokens", leave=False, unit="tok")
+    for i in steps:
+        logits = head(hidden).float()
+        if use_cfg:
+            cond, uncond = logits.split(batch)
+            logits = uncond + cfg_weight * (cond - uncond)
+        nxt = sample_next(logits, temperature, top_k, greedy, generators)
+        tokens[:, i] = nxt
+        if i == num_tokens - 1:
+            break
+        step_ids = torch.cat([nxt, nxt]) if use_cfg else nxt
+        embeds = model.prepare_embeddings_for_image_generation(step_ids[:, None])
+        mask = torch.cat([mask, ones], dim=1)
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+    return tokens
+
+
+def rollout(
+    bundle: JanusBundle,
+    prompts: Union[Sequence[str], tuple],
+    cfg_weight: float = 5.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    seeds: Optional[Sequence[int]] = None,
+    batch_size: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Image tokens [N, T] for a list of prompts, in batches of ``batch_size`` (0 = all at once)."""
+    prompts = list(prompts)
+    if seeds is not None:
+        seeds = list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    step = batch_size or len(prompts)
+    chunks = []
+    starts = range(0, len(prompts), step)
+    if progress and len(starts) > 1:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="rollout batches", unit="batch")
+    for s in starts:
+        ids, mask = bundle.encode_prompts(prompts[s : s + step])
+        chunks.append(
+            rollout_ids(
+                bundle, ids, mask, cfg_weight, temperature, top_k, greedy,
+                seeds[s : s + step] if seeds is not None else None, progress=progress,
+            )
+        )
+    return torch.cat(chunks)

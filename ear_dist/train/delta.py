@@ -1,0 +1,100 @@
+"""Deltas: only the trained tensors (safetensors) plus metadata, and merging them into a full model.
+
+A delta records the fingerprint of the base model it was trained from; applying it to
+another base is an error. Several deltas compose as ``base + sum_i w_i (delta_i - base)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ear_dist.models.janus import model_fingerprint
+
+FORMAT = "ear-dist-delta/1"
+
+
+class DeltaError(ValueError):
+    """A delta that cannot be applied; the message names the file and the reason."""
+
+
+def save_delta(path: Union[str, Path], tensors: dict[str, torch.Tensor], base_fingerprint: str, base_model: str,
+               concepts: Sequence[str], config: dict, extra: Optional[dict] = None) -> Path:
+    """Write the trained tensors with metadata; written to a temp name, then renamed (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "base_fingerprint": base_fingerprint,
+        "base_model": str(base_model),
+        "concepts": json.dumps(list(concepts)),
+        "config": json.dumps(config),
+        "extra": json.dumps(extra or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_delta(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a delta -> (tensors, metadata with concepts/config decoded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaError(f"delta file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise DeltaError(f"{path}: not a readable safetensors file ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise DeltaError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
+    for key in ("concepts", "config", "extra"):
+        meta[key] = json.loads(meta.get(key, "null"))
+    return tensors, meta
+
+
+def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], weights: Optional[Sequence[float]] = None,
+                 check_base: bool = True) -> dict:
+    """Apply deltas in place: ``p = base + sum_i w_i (delta_i - base)``. Returns a report.
+
+    Errors: a delta made from another base model (fingerprint), a tensor name the model
+    lacks, a shape mismatch. Two deltas that change the same tensor are reported as
+    ``overlaps`` (composition sums their changes).
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(deltas)
+    if len(weights) != len(deltas):
+        raise DeltaError(f"got {len(weights)} weights for {len(deltas)} deltas")
+    fp = model_fingerprint(model) if check_base else None
+    params = dict(model.named_parameters())
+    changes: dict[str, torch.Tensor] = {}
+    owners: dict[str, list[str]] = {}
+    concepts = []
+    for d, w in zip(deltas, weights):
+        tensors, meta = load_delta(d)
+        if check_base and meta["base_fingerprint"] != fp:
+            raise DeltaError(
+                f"{d}: trained from base model {meta['base_model']} (fingerprint {meta['base_fingerprint']}), "
+                f"but the model given has fingerprint {fp}; load the base model the delta was made from"
+            )
+        concepts += meta["concepts"]
+        for name, t in tensors.items():
+            if name not in params:
+                raise DeltaError(f"{d}: tensor {name!r} does not exist in the model")
+            base = params[name]
+            if tuple(t.shape) != tuple(base.shape):
+                raise DeltaError(f"{d}: tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(base.shape)}")
+            diff = (t.to(base.device, torch.float32) - base.detach().float()) * w
+            changes[name] = changes[name] + diff if name in changes else diff
+            owners.setdefault(name, []).append(str(d))
+    with torch.no_grad():
+        for name, diff in changes.items():
+            params[name].add_(diff.to(params[name].dtype))
+    overlaps = {n: o for n, o in owners.items() if len(o) > 1}
+    return {"tensors": len(changes), "concepts": concepts, "overlaps": overlaps}

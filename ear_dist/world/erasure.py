@@ -1,0 +1,255 @@
+"""Erasure measured on the planted-concept world: ECG pairs, VF, the real ``run_erase``, held-out evaluation.
+
+The pairs come from the TRAINING templates with the canonical word only ("church");
+evaluation uses HELD-OUT sentence templates and the synonyms ("chapel", "cathedral"),
+none of which appear in a training pair. Images are the model's own CFG samples,
+judged by the world's calibrated classifier.
+
+- erasure rate = 1 - share of concept prompts whose image still shows the concept;
+- preservation = the classifier's accuracy on the other objects' (or styles') own
+  prompts, plus the total-variation distance between the code histograms of images for
+  unrelated prompts before and after.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ear_dist.data.pairs import PromptPair
+from ear_dist.models.janus import JanusBundle
+from ear_dist.models.rollout import rollout
+from ear_dist.world.grammar import OBJECTS, STYLES
+from ear_dist.world.world import World
+
+EVAL_STREAM, PAIR_STREAM = 101, 202
+
+
+def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM) -> list[PromptPair]:
+    """ECG from templates: training-template prompts with the concept and their surrogates.
+
+    An object concept is replaced by another object (church -> barn, castle, ...); a
+    style concept is removed (the same sentence without "in the style of ...").
+    """
+    rng = np.random.default_rng([world.seed, stream])
+    if concept in OBJECTS:
+        batch = world.sample(n, split="train", stream=stream, objects=[concept], object_words=[concept])
+        others = [o for o in OBJECTS if o != concept]
+        pairs = [(r, r.replace(object=others[int(rng.integers(len(others)))])) for r in batch.records]
+    elif concept in STYLES:
+        batch = world.sample(n, split="train", stream=stream, styles=[concept])
+        pairs = [(r, r.replace(style=None)) for r in batch.records]
+    else:
+        raise ValueError(f"concept {concept!r}: the world's concepts are {', '.join(list(OBJECTS) + list(STYLES))}")
+    word = concept if concept in OBJECTS else STYLES[concept].lower()
+    return [PromptPair(t.prompt, s.prompt, concept=word if word in t.prompt.lower() else concept,
+                       surrogate_concept=s.object if concept in OBJECTS else "", source="world-ecg", seed=i)
+            for i, (t, s) in enumerate(pairs)]
+
+
+@dataclass
+class FilterReport:
+    kept: int = 0
+    dropped_target_without_concept: int = 0
+    dropped_surrogate_with_concept: int = 0
+
+
+def visual_filter(world: World, bundle: JanusBundle, pairs: Sequence[PromptPair], concept: str,
+                  cfg_weight: float = 5.0, batch_size: int = 32) -> tuple[list[PromptPair], FilterReport]:
+    """Keep pairs whose target image shows the concept and whose surrogate image does not.
+
+    The teacher samples both prompts with the pair's seed; the surrogate tokens are
+    stored on the kept pairs so training reuses them.
+    """
+    seeds = [p.seed for p in pairs]
+    t_tok = rollout(bundle, [p.target for p in pairs], cfg_weight=cfg_weight, seeds=seeds, batch_size=batch_size)
+    s_tok = rollout(bundle, [p.surrogate for p in pairs], cfg_weight=cfg_weight, seeds=seeds, batch_size=batch_size)
+    t_has = world.classify(t_tok)[concept]
+    s_has = world.classify(s_tok)[concept]
+    report, kept = FilterReport(), []
+    for i, p in enumerate(pairs):
+        if not t_has[i]:
+            report.dropped_target_without_concept += 1
+        elif s_has[i]:
+            report.dropped_surrogate_with_concept += 1
+        else:
+            p.surrogate_tokens = s_tok[i].tolist()
+            kept.append(p)
+            report.kept += 1
+    return kept, report
+
+
+@dataclass
+class Evaluation:
+    concept: str
+    concept_share: dict = field(default_factory=dict)  # group -> share of images showing the concept
+    preservation: dict = field(default_factory=dict)  # other concept -> accuracy on its own prompts
+    token_tv_distance: Optional[float] = None  # unrelated prompts, vs the reference histogram
+
+    @property
+    def erasure_rate(self) -> float:
+        """1 - share still showing the concept, over all held-out concept prompts (sentences + synonyms)."""
+        return 1.0 - float(np.mean(list(self.concept_share.values())))
+
+    @property
+    def preservation_mean(self) -> float:
+        return float(np.mean(list(self.preservation.values())))
+
+
+def _histogram(tokens: torch.Tensor, codebook: int) -> np.ndarray:
+    h = np.bincount(tokens.flatten().cpu().numpy(), minlength=codebook).astype(np.float64)
+    return h / max(h.sum(), 1.0)
+
+
+def evaluate(world: World, bundle: JanusBundle, concept: str, n: int = 48, cfg_weight: float = 5.0,
+             reference_hist: Optional[np.ndarray] = None, batch_size: int = 48) -> tuple[Evaluation, np.ndarray, dict]:
+    """Held-out evaluation of one model; returns (evaluation, its unrelated-prompt histogram, samples).
+
+    ``samples`` holds the tokens of the first images of each group for the report grid.
+    """
+    ev = Evaluation(concept)
+    samples: dict = {}
+
+    def gen(prompts, stream):
+        seeds = [stream * 100000 + i for i in range(len(prompts))]
+        return rollout(bundle, prompts, cfg_weight=cfg_weight, seeds=seeds, batch_size=batch_size)
+
+    if concept in OBJECTS:
+        groups = {f"held-out sentences ({w})": dict(objects=[concept], object_words=[w]) for w in OBJECTS[concept]}
+        others = {o: dict(objects=[o], styles=[None]) for o in OBJECTS if o != concept}
+    else:
+        groups = {"held-out sentences": dict(styles=[concept])}
+        others = {s: dict(styles=[s]) for s in STYLES if s != concept}
+        others.update({o: dict(objects=[o], styles=[None]) for o in list(OBJECTS)[:3]})
+    for g, (name, kw) in enumerate(groups.items()):
+        batch = world.sample(n, split="heldout", stream=EVAL_STREAM + g, **kw)
+        tok = gen(batch.prompts, EVAL_STREAM + g)
+        ev.concept_share[name] = float(world.classify(tok)[concept].mean())
+        samples[name] = (batch.prompts[:4], tok[:4])
+    for g, (other, kw) in enumerate(others.items()):
+        batch = world.sample(n, split="heldout", stream=EVAL_STREAM + 50 + g, **kw)
+        tok = gen(batch.prompts, EVAL_STREAM + 50 + g)
+        ev.preservation[other] = float(world.classify(tok)[other].mean())
+        samples[other] = (batch.prompts[:2], tok[:2])
+    unrelated_kw = dict(objects=[o for o in OBJECTS if o != concept]) if concept in OBJECTS else dict(styles=[None])
+    batch = world.sample(n, split="heldout", stream=EVAL_STREAM + 99, **unrelated_kw)
+    hist = _histogram(gen(batch.prompts, EVAL_STREAM + 99), bundle.codebook_size)
+    if reference_hist is not None:
+        ev.token_tv_distance = float(0.5 * np.abs(hist - reference_hist).sum())
+    return ev, hist, samples
+
+
+def markdown_table(rows: dict[str, Evaluation], baseline: str = "before") -> str:
+    """One row per model: erasure rate, per-group concept share, preservation, token distance."""
+    first = next(iter(rows.values()))
+    groups = list(first.concept_share)
+    head = ["model", "erasure rate"] + [f"still {first.concept}: {g}" for g in groups] + \
+        ["preservation (mean)", "token TV distance"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, ev in rows.items():
+        cells = [name, f"{ev.erasure_rate:.3f}"] + [f"{ev.concept_share[g]:.3f}" for g in groups] + \
+            [f"{ev.preservation_mean:.3f}", "-" if ev.token_tv_distance is None else f"{ev.token_tv_distance:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_json(rows: dict[str, Evaluation]) -> dict:
+    return {k: {**asdict(v), "erasure_rate": v.erasure_rate, "preservation_mean": v.preservation_mean}
+            for k, v in rows.items()}
+
+
+def write_report(out_dir: Path, rows: dict[str, Evaluation], grids: dict, extra: dict) -> dict:
+    """results.json, results.md and before/after PNG grids (token grids as colour images)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"results": to_json(rows), **extra}, indent=2))
+    (out_dir / "results.md").write_text(markdown_table(rows) + "\n")
+    paths = {}
+    for name, image in grids.items():
+        p = out_dir / f"{name}.png"
+        image.save(p)
+        paths[name] = str(p)
+    return paths
+
+
+# The paper's ablations, as config overrides on top of the run's settings.
+ABLATIONS: dict[str, list[str]] = {
+    "EAR": [],
+    "TLM off": ["erase.loss_threshold=0"],
+    "window 1": ["erase.window_len=1"],
+    "random order": ["erase.window_order=random"],
+    "per-sequence updates": ["erase.update_mode=sequence"],
+    "logit targets": ["erase.target_mode=logit"],
+    "S-VARE": ["erase.method=svare"],
+    "ESD-style naive": ["erase.method=esd"],
+}
+
+
+def before_after_grid(world: World, before: dict, after: dict, groups: Sequence[str]):
+    """Rows: the same prompts (and seeds) before and after erasure, as colour images."""
+    from ear_dist.models.images import make_grid
+    from ear_dist.world.colour import grid_to_image
+
+    def rgb(tokens):
+        return np.asarray(grid_to_image(tokens.cpu().numpy(), world.layout, world.config.grid_side).convert("RGB"))
+
+    images, labels = [], []
+    for g in groups:
+        prompts, tok_b = before[g]
+        _, tok_a = after[g]
+        for i, p in enumerate(prompts[:2]):
+            images += [rgb(tok_b[i]), rgb(tok_a[i])]
+            labels += [f"before: {p}", f"after: {p}"]
+    return make_grid(images, cols=4, cell=96, labels=labels)
+
+
+def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str = "church",
+                      ablations: Sequence[str] = ("EAR",), n_pairs: int = 32, n_eval: int = 48,
+                      overrides: Sequence[str] = (), progress: bool = True, log=print) -> dict:
+    """ECG -> VF -> ``run_erase`` per ablation -> held-out evaluation -> report. Returns the rows."""
+    from ear_dist.config import load_config
+    from ear_dist.models.janus import load_janus
+    from ear_dist.train.delta import apply_deltas
+    from ear_dist.train.trainer import run_erase
+
+    out_dir = Path(out_dir)
+    base = load_janus(model_path, device="cpu", dtype="float32")
+    pairs = make_pairs(world, concept, n_pairs)
+    kept, vf = visual_filter(world, base, pairs, concept)
+    log(f"ECG: {len(pairs)} template pairs; VF kept {vf.kept} (target without {concept}: "
+        f"{vf.dropped_target_without_concept}, surrogate with {concept}: {vf.dropped_surrogate_with_concept})")
+    if not kept:
+        raise RuntimeError(f"the visual filter kept no pair for {concept!r}: the world model does not draw it")
+    before, ref_hist, samples_before = evaluate(world, base, concept, n_eval)
+    rows = {"before": before}
+    log(f"before: erasure rate {before.erasure_rate:.3f}, preservation {before.preservation_mean:.3f}")
+    grids, summaries = {}, {}
+    for name in ablations:
+        if name not in ABLATIONS:
+            raise ValueError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
+        run_dir = out_dir / "runs" / name.replace(" ", "-").lower()
+        cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={run_dir}",
+                                     f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
+                                     *overrides, *ABLATIONS[name]])
+        summary = run_erase(cfg, [PromptPair(**{**asdict(p)}) for p in kept], progress=progress)
+        after_bundle = load_janus(model_path, device="cpu", dtype="float32")
+        apply_deltas(after_bundle.model, [summary["delta"]])
+        ev, _, samples_after = evaluate(world, after_bundle, concept, n_eval, reference_hist=ref_hist)
+        rows[name] = ev
+        summaries[name] = {k: summary[k] for k in ("delta", "optimizer_steps", "windows_kept", "windows_total",
+                                                   "seconds")}
+        log(f"{name}: erasure rate {ev.erasure_rate:.3f}, preservation {ev.preservation_mean:.3f}, "
+            f"token TV {ev.token_tv_distance:.3f} ({summary['seconds']:.0f} s)")
+        if name == ablations[0]:
+            groups = list(ev.concept_share) + list(ev.preservation)[:2]
+            grids["before_after"] = before_after_grid(world, samples_before, samples_after, groups)
+    paths = write_report(out_dir, rows, grids, {
+        "concept": concept, "pairs": len(pairs), "vf": asdict(vf), "runs": summaries, "model": model_path,
+        "world": world.describe() if hasattr(world, "describe") else {}, "overrides": list(overrides)})
+    log(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}" +
+        (f", images: {paths['before_after']}" if "before_after" in paths else ""))
+    return rows

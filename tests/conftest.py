@@ -1,0 +1,45 @@
+import os
+
+# Tests share 2 cores with other processes; one intra-op thread keeps them predictable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Janus written to disk once per session, loaded back like a user's model."""
+    from ear_dist.models.janus import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture()
+def tiny_bundle(tiny_checkpoint):
+    from ear_dist.models.janus import load_janus
+
+    return load_janus(str(tiny_checkpoint), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real two-node Slurm cluster (node1, node2) on this machine, for the session.
+
+    Fails, never skips, when Slurm is not installed or does not start: CI installs
+    it with scripts/install_system_deps.sh, and the message says so.
+    """
+    from tests.slurm_cluster import INSTALL_HINT, LocalSlurmCluster, SlurmClusterError, missing_programs
+
+    missing = missing_programs()
+    if missing:
+        pytest.fail(f"Slurm tests need {', '.join(missing)}: {INSTALL_HINT}", pytrace=False)
+    cluster = LocalSlurmCluster()
+    try:
+        cluster.start()
+    except SlurmClusterError as error:
+        pytest.fail(f"the local Slurm cluster did not start: {error}", pytrace=False)
+    yield cluster
+    cluster.stop()

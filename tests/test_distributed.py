@@ -1,0 +1,156 @@
+"""The erasure step across processes (gloo, 2 CPU ranks): same deltas, real partitioning, no hangs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ear_dist.config import load_config
+from ear_dist.train.trainer import run_erase
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = [
+    {"original_prompt": "a photo of a church", "modified_prompt": "a photo of a barn", "concept": "church"},
+    {"original_prompt": "a church at night", "modified_prompt": "a castle at night", "concept": "church"},
+    {"original_prompt": "a red church in snow", "modified_prompt": "a red windmill in snow", "concept": "church"},
+]
+# 1 process and N processes train on the same global batches; tolerance: float
+# reduction order over 3 Adam steps at lr 1e-2
+TOLERANCE = 1e-4
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _overrides(model, pairs, out, *extra):
+    return [f"model.path={model}", f"data.pairs={pairs}", f"train.out_dir={out}", "train.steps=3",
+            "erase.window_len=4", "train.pairs_per_step=2", "optim.lr=1e-2", "erase.loss_threshold=0",
+            "trainable.first_k_layers=2", *extra]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc, overrides, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+           "-m", "ear_dist", "erase", "--no-progress"]
+    for o in overrides:
+        cmd += ["--set", o]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _max_diff(a, b):
+    da, db = load_file(a), load_file(b)
+    assert da.keys() == db.keys()
+    return max((da[k] - db[k]).abs().max().item() for k in da)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from ear_dist.models.janus import save_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("dist")
+    model = save_tiny_checkpoint(d / "model", seed=0)
+    pairs = d / "pairs.json"
+    pairs.write_text(json.dumps(PAIRS))
+    return d, model, pairs
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    """One process, no DeepSpeed, colocated teacher: what every other layout must reproduce."""
+    d, model, pairs = world
+    out = {}
+    for mode in ("sequence", "window"):
+        cfg = load_config(overrides=_overrides(model, pairs, d / f"ref-{mode}", f"erase.update_mode={mode}"))
+        out[mode] = run_erase(cfg, progress=False)["delta"]
+    return out
+
+
+@pytest.mark.parametrize("stage, mode", [(2, "sequence"), (3, "sequence"), (2, "window")])
+def test_two_ranks_under_zero_give_the_one_process_delta(world, reference, stage, mode):
+    d, model, pairs = world
+    out = d / f"z{stage}-{mode}"
+    _torchrun(2, _overrides(model, pairs, out, f"erase.update_mode={mode}",
+                            f"dist.deepspeed_config=ds_configs/zero{stage}.json"))
+    assert _max_diff(reference[mode], out / "delta.safetensors") < TOLERANCE
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["student_ranks"] == 2
+
+
+def test_the_three_teacher_placements_give_the_same_delta(world, reference):
+    d, model, pairs = world
+    from ear_dist.cli import main
+
+    base = _overrides(model, pairs, d / "unused", "erase.update_mode=sequence")
+    sets = [x for o in base for x in ("--set", o)]
+    assert main(["teacher", "precompute", "--out", str(d / "teacher"), *sets]) == 0
+    off = d / "offline"
+    cfg = load_config(overrides=_overrides(model, pairs, off, "erase.update_mode=sequence",
+                                           "dist.teacher_placement=offline", f"dist.teacher_dir={d / 'teacher'}"))
+    run_erase(cfg, progress=False)
+    assert _max_diff(reference["sequence"], off / "delta.safetensors") == 0.0
+    ded = d / "dedicated"
+    _torchrun(2, _overrides(model, pairs, ded, "erase.update_mode=sequence", "dist.teacher_placement=dedicated"))
+    assert _max_diff(reference["sequence"], ded / "delta.safetensors") < TOLERANCE
+
+
+def test_zero3_really_partitions_the_student(world):
+    d, model, _ = world
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(ROOT / "tests" / "dist_scripts" / "zero3_partition.py"), str(model)]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for r in reports:
+        for name, full in r["full"].items():
+            assert 0 < r["local"][name] < full, name  # each rank holds a part, not the whole
+        assert r["frozen_local"] < r["frozen_full"]
+    trainable_total = sum(reports[0]["full"].values())
+    assert sum(r["optimizer_elements"] for r in reports) == trainable_total  # optimizer state for trainables only
+
+
+def test_a_dead_rank_stops_the_others_with_an_error_not_a_hang(world):
+    d, model, pairs = world
+    script = ROOT / "tests" / "dist_scripts" / "die_after_first_step.py"
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), LOCAL_WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(model), str(pairs), str(d / "dead")],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    t0 = time.monotonic()
+    try:
+        out1, _ = procs[1].communicate(timeout=120)
+        assert procs[1].returncode == 17 and "rank 1 exits now" in out1
+        out0, _ = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+    elapsed = time.monotonic() - t0
+    assert procs[0].returncode != 0
+    assert any(w in out0 for w in ("Connection closed by peer", "Timed out", "timed out", "Connection reset")), out0[-2000:]
+    assert elapsed < 180

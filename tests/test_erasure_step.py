@@ -1,0 +1,323 @@
+"""The EAR erasure step on the tiny model, checked against loops written out by hand."""
+
+import copy
+
+import pytest
+import torch
+from transformers import JanusForConditionalGeneration
+
+from ear_dist.config import ConfigError, EraseConfig, TrainableConfig, load_config
+from ear_dist.data.pairs import PromptPair
+from ear_dist.models.janus import load_janus, teacher_forced
+from ear_dist.teacher.engine import ColocatedTeacher
+from ear_dist.train.delta import DeltaError, apply_deltas, load_delta
+from ear_dist.train.step import ErasureStep, PairBatch, Updater
+from ear_dist.train.student import make_student
+from ear_dist.train.trainable import select_trainable_names
+from ear_dist.train.trainer import TrainingError, run_erase
+
+TARGETS = ["a photo of a church", "a church at night"]
+SURROGATES = ["a photo of a barn", "a castle at night"]
+
+
+def _setup(bundle, trainable_cfg=TrainableConfig(first_k_layers=2, modules="attention"), lr=1e-2):
+    names = select_trainable_names(bundle.model, trainable_cfg)
+    teacher = ColocatedTeacher(bundle)
+    student = make_student(bundle.model, names)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    return names, teacher, student, opt
+
+
+def _batch(bundle, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, bundle.codebook_size, (2, bundle.num_image_tokens), generator=g)
+    return PairBatch(TARGETS, SURROGATES, ["church", "church"], [0, 1], tokens)
+
+
+def _median_window_sum(bundle, teacher, student, batch, window_len):
+    """A threshold between the window sums, so that some windows are kept and some masked."""
+    teach = teacher.targets(TARGETS, SURROGATES, batch.tokens, "hidden")
+    ids, mask = bundle.encode_prompts(TARGETS)
+    with torch.no_grad():
+        h, _ = teacher_forced(student, ids, mask, batch.tokens, return_logits=False)
+    per_token = ((h - (2 * teach.on_surrogate - teach.on_target)) ** 2).mean(-1)
+    sums = torch.cat([per_token[:, s : s + window_len].sum(1) for s in range(0, per_token.shape[1], window_len)])
+    return float(sums.median())
+
+
+def _assert_same_updates(before, got, want, rel=2e-3):
+    """The parameter updates agree to ``rel`` of the largest update.
+
+    Adam divides by sqrt(v), so on elements whose gradient is ~0 the float noise of two
+    equivalent computations is magnified; the comparison is scaled by the update size.
+    """
+    for n in before:
+        d_got, d_want = got[n] - before[n], want[n] - before[n]
+        scale = d_want.abs().max()
+        assert scale > 0, f"{n} did not move"
+        assert (d_got - d_want).abs().max() <= rel * scale, n
+
+
+def _trained(student, names):
+    params = dict(student.named_parameters())
+    return {n: params[n].detach().clone() for n in names}
+
+
+def test_trainable_selection_by_name(tiny_bundle):
+    m = tiny_bundle.model
+    attn = select_trainable_names(m, TrainableConfig(first_k_layers=5, modules="attention"))
+    full = select_trainable_names(m, TrainableConfig(first_k_layers=5, modules="all"))
+    assert len(attn) == 5 * 4 and all("self_attn" in n and ".layers.5." not in n for n in attn)
+    assert set(attn) < set(full) and any("mlp.gate_proj" in n for n in full)
+    pat = select_trainable_names(m, TrainableConfig(patterns=["*generation_head*"]))
+    assert pat and all("generation_head" in n for n in pat)
+    with pytest.raises(ConfigError, match="match no parameter"):
+        select_trainable_names(m, TrainableConfig(patterns=["nothing.*"]))
+    with pytest.raises(ConfigError, match="first_k_layers: 9 > the model's 6"):
+        select_trainable_names(m, TrainableConfig(first_k_layers=9))
+
+
+def test_student_shares_frozen_tensors_and_owns_trained_ones(tiny_bundle):
+    names, _, student, _ = _setup(tiny_bundle)
+    t_params = dict(tiny_bundle.model.named_parameters())
+    for n, p in student.named_parameters():
+        same = p.data_ptr() == t_params[n].data_ptr()
+        assert same == (n not in names), n
+        assert p.requires_grad == (n in names)
+
+
+def test_hidden_targets_equal_their_formula(tiny_bundle):
+    _, teacher, _, _ = _setup(tiny_bundle)
+    batch = _batch(tiny_bundle)
+    teach = teacher.targets(TARGETS, SURROGATES, batch.tokens, "hidden")
+    for prompts, got in ((TARGETS, teach.on_target), (SURROGATES, teach.on_surrogate)):
+        for i, p in enumerate(prompts):  # one prompt at a time: no padding involved
+            ids, mask = tiny_bundle.encode_prompts([p])
+            h, _ = teacher_forced(tiny_bundle.model, ids, mask, batch.tokens[i : i + 1])
+            torch.testing.assert_close(got[i], h[0], rtol=1e-4, atol=1e-5)
+    step = ErasureStep(None, tiny_bundle, teacher, EraseConfig(erase_guidance=0.7), None)
+    guided = step._guided(teach, ["church", "church"])
+    torch.testing.assert_close(guided, teach.on_surrogate - 0.7 * (teach.on_target - teach.on_surrogate))
+
+
+def test_logit_targets_with_teacher_cfg_equal_their_formula(tiny_bundle):
+    _, teacher, _, _ = _setup(tiny_bundle)
+    batch = _batch(tiny_bundle)
+    teach = teacher.targets(TARGETS, SURROGATES, batch.tokens, "logit", with_uncond=True)
+    assert teach.uncond is not None and teach.uncond.shape == teach.on_target.shape
+    w, eta = 3.0, 1.0
+    step = ErasureStep(None, tiny_bundle, teacher, EraseConfig(target_mode="logit", teacher_cfg_weight=w), None)
+    guided = step._guided(teach, ["church", "church"])
+    g_t = teach.uncond + w * (teach.on_target - teach.uncond)
+    g_s = teach.uncond + w * (teach.on_surrogate - teach.uncond)
+    torch.testing.assert_close(guided, g_s - eta * (g_t - g_s))
+
+
+@pytest.mark.parametrize("mode", ["hidden", "logit"])
+def test_target_equal_to_surrogate_gives_zero_loss_and_no_update(tiny_bundle, mode):
+    names, teacher, student, opt = _setup(tiny_bundle)
+    before = _trained(student, names)
+    batch = PairBatch(TARGETS, TARGETS, ["church"] * 2, [0, 1], _batch(tiny_bundle).tokens)
+    for update in ("sequence", "window"):
+        cfg = EraseConfig(target_mode=mode, update_mode=update, window_len=4, loss_threshold=1e-6)
+        res = ErasureStep(student, tiny_bundle, teacher, cfg, Updater(opt))(batch)
+        assert res.loss == pytest.approx(0.0, abs=1e-9)
+        assert res.windows_kept == 0 and res.optimizer_steps == 0
+    for n, v in _trained(student, names).items():
+        assert torch.equal(v, before[n])
+
+
+def test_sequence_mode_equals_the_loop_written_out(tiny_bundle):
+    names, teacher, student, opt = _setup(tiny_bundle)
+    ref_student = copy.deepcopy(student)
+    ref_opt = torch.optim.Adam([p for p in ref_student.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batch(tiny_bundle)
+    window_len = 5  # 16 tokens: windows of 5, 5, 5 and a partial one of 1
+    tau = _median_window_sum(tiny_bundle, teacher, student, batch, window_len)
+    cfg = EraseConfig(update_mode="sequence", window_len=window_len, loss_threshold=tau)
+    before = _trained(student, names)
+    res = ErasureStep(student, tiny_bundle, teacher, cfg, Updater(opt))(batch)
+
+    teach = teacher.targets(TARGETS, SURROGATES, batch.tokens, "hidden")
+    target = 2 * teach.on_surrogate - teach.on_target
+    ids, mask = tiny_bundle.encode_prompts(TARGETS)
+    h, _ = teacher_forced(ref_student, ids, mask, batch.tokens, return_logits=False)
+    per_token = ((h - target) ** 2).mean(-1)
+    total, kept = 0.0, 0
+    for row in range(2):
+        for start in range(0, 16, window_len):
+            s = per_token[row, start : start + window_len].sum()
+            if s.item() >= tau:  # the median itself is kept (>=)
+                total = total + s
+                kept += 1
+    assert res.windows_total == 8 and res.windows_kept == kept
+    assert 0 < kept < 8, "pick tau so that some windows are masked and some kept"
+    (total / 32).backward()
+    ref_opt.step()
+    _assert_same_updates(before, _trained(student, names), _trained(ref_student, names))
+
+
+def test_window_mode_equals_the_loop_written_out(tiny_bundle):
+    """The paper's update: a step after each kept window, later windows seen by the updated student."""
+    names, teacher, student, opt = _setup(tiny_bundle)
+    ref_student = copy.deepcopy(student)
+    ref_opt = torch.optim.Adam([p for p in ref_student.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batch(tiny_bundle, seed=3)
+    window_len = 6
+    tau = _median_window_sum(tiny_bundle, teacher, student, batch, window_len)
+    cfg = EraseConfig(update_mode="window", window_len=window_len, loss_threshold=tau)
+    before = _trained(student, names)
+    res = ErasureStep(student, tiny_bundle, teacher, cfg, Updater(opt))(batch)
+
+    teach = teacher.targets(TARGETS, SURROGATES, batch.tokens, "hidden")
+    target = 2 * teach.on_surrogate - teach.on_target
+    ids, mask = tiny_bundle.encode_prompts(TARGETS)
+    steps, kept = 0, 0
+    for start in range(0, 16, window_len):  # full-length forward each time: causality makes it equal
+        h, _ = teacher_forced(ref_student, ids, mask, batch.tokens, return_logits=False)
+        sums = ((h - target) ** 2).mean(-1)[:, start : start + window_len].sum(1)
+        keep = sums.detach() >= tau
+        if keep.any():
+            n_tok = 2 * min(window_len, 16 - start)
+            (sums[keep].sum() / n_tok).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            steps += 1
+            kept += int(keep.sum())
+    assert res.optimizer_steps == steps and res.windows_kept == kept and res.windows_total == 6
+    assert 0 < kept < 6
+    got, want = _trained(student, names), _trained(ref_student, names)
+    _assert_same_updates(before, got, want)
+
+
+def test_masked_windows_change_nothing(tiny_bundle):
+    names, teacher, student, opt = _setup(tiny_bundle)
+    before = _trained(student, names)
+    cfg = EraseConfig(update_mode="sequence", window_len=4, loss_threshold=1e9)
+    res = ErasureStep(student, tiny_bundle, teacher, cfg, Updater(opt))(_batch(tiny_bundle))
+    assert res.windows_kept == 0 and res.optimizer_steps == 0 and res.windows_total == 8
+    for n, v in _trained(student, names).items():
+        assert torch.equal(v, before[n])
+        assert dict(student.named_parameters())[n].grad is None
+
+
+def test_per_concept_window_length_and_threshold(tiny_bundle):
+    from ear_dist.config import ConceptOverride
+
+    names, teacher, student, opt = _setup(tiny_bundle)
+    batch = _batch(tiny_bundle)
+    batch.concepts = ["church", "van gogh"]
+    cfg = EraseConfig(update_mode="sequence", window_len=4, loss_threshold=0.0,
+                      concepts={"van gogh": ConceptOverride(window_len=8)})
+    res = ErasureStep(student, tiny_bundle, teacher, cfg, Updater(opt))(batch)
+    assert res.windows_total == 4 + 2
+
+
+@pytest.mark.parametrize("method", ["svare", "esd"])
+def test_svare_and_esd_baseline_train(tiny_bundle, method):
+    names, teacher, student, opt = _setup(tiny_bundle)
+    before = _trained(student, names)
+    cfg = EraseConfig(method=method, target_mode="logit")
+    res = ErasureStep(student, tiny_bundle, teacher, cfg, Updater(opt))(_batch(tiny_bundle))
+    assert res.optimizer_steps == 1 and res.loss > 0
+    assert any(not torch.equal(v, before[n]) for n, v in _trained(student, names).items())
+    if method == "svare":
+        assert 0 < res.extras["counted"] <= 32 and res.extras["preserve"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rollout_comes_from_the_surrogate_prompt_by_default(tiny_bundle):
+    _, teacher, student, opt = _setup(tiny_bundle)
+    teacher.greedy = True
+    batch = PairBatch(TARGETS, SURROGATES, ["church"] * 2, [0, 1])
+    step = ErasureStep(student, tiny_bundle, teacher, EraseConfig(), Updater(opt))
+    torch.testing.assert_close(step._rollout(batch), teacher.rollout(SURROGATES, [0, 1]))
+    step.cfg = EraseConfig(rollout_from="target")
+    torch.testing.assert_close(step._rollout(batch), teacher.rollout(TARGETS, [0, 1]))
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _pairs():
+    return [PromptPair(t, s, "church") for t, s in zip(TARGETS, SURROGATES)]
+
+
+def _cfg(tmp_path, model, *overrides):
+    return load_config(overrides=[f"model.path={model}", f"train.out_dir={tmp_path / 'run'}", "train.steps=3",
+                                  "erase.window_len=4", "optim.lr=1e-2", "erase.loss_threshold=0", *overrides])
+
+
+def test_delta_round_trip_and_merge_loads_in_plain_transformers(tmp_path, tiny_checkpoint):
+    from ear_dist.cli import main
+
+    summary = run_erase(_cfg(tmp_path, tiny_checkpoint), _pairs(), progress=False)
+    tensors, meta = load_delta(summary["delta"])
+    assert meta["concepts"] == ["church"] and meta["config"]["erase"]["window_len"] == 4
+    assert all(".self_attn." in n for n in tensors) and len(tensors) == 20
+    base = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    assert any(not torch.equal(base.state_dict()[n], t) for n, t in tensors.items())
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(tiny_checkpoint), "--delta", summary["delta"], "--out", str(out)]) == 0
+    merged = JanusForConditionalGeneration.from_pretrained(out)
+    for n, t in tensors.items():  # base + (trained - base) in float32: equal to rounding
+        torch.testing.assert_close(merged.state_dict()[n], t, rtol=0, atol=1e-7)
+    untouched = "model.generation_head.vision_head.weight"
+    assert torch.equal(merged.state_dict()[untouched], base.state_dict()[untouched])
+    assert load_janus(str(out), device="cpu").tokenizer is not None
+
+
+def test_delta_on_the_wrong_base_is_a_clear_error(tmp_path, tiny_checkpoint):
+    from ear_dist.models.janus import build_preset
+
+    summary = run_erase(_cfg(tmp_path, tiny_checkpoint), _pairs(), progress=False)
+    other = build_preset("tiny", seed=123).model
+    with pytest.raises(DeltaError, match="trained from base model"):
+        apply_deltas(other, [summary["delta"]])
+
+
+def test_empty_prompt_and_missing_concept(tmp_path, tiny_checkpoint):
+    with pytest.raises(ValueError, match="field 'surrogate' is empty"):
+        run_erase(_cfg(tmp_path, tiny_checkpoint), [PromptPair("a church", " ", "church")], progress=False)
+    pairs = _pairs() + [PromptPair("a photo of a house", "a photo of a barn", "church")]
+    summary = run_erase(_cfg(tmp_path, tiny_checkpoint), pairs, progress=False)
+    assert summary["missing_concept"] == 1
+    with pytest.raises(ValueError, match="does not contain the concept 'church'"):
+        run_erase(_cfg(tmp_path, tiny_checkpoint, "erase.on_missing_concept=fail"), pairs, progress=False)
+
+
+def test_window_len_longer_than_the_image_is_rejected(tmp_path, tiny_checkpoint):
+    with pytest.raises(ConfigError, match="window_len: 17 > the model's 16 image tokens"):
+        run_erase(_cfg(tmp_path, tiny_checkpoint, "erase.window_len=17"), _pairs(), progress=False)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
+    from ear_dist.models.janus import build_preset, save_janus
+
+    bundle = build_preset("tiny", seed=0)
+    with torch.no_grad():
+        bundle.model.model.language_model.layers[3].mlp.down_proj.weight.fill_(float("inf"))
+    path = save_janus(bundle, tmp_path / "broken")
+    cfg = _cfg(tmp_path, path, "train.max_nonfinite_steps=2", "train.steps=5")
+    tokens = [1] * 16
+    pairs = [PromptPair(t, s, "church", surrogate_tokens=tokens) for t, s in zip(TARGETS, SURROGATES)]
+    with pytest.raises(TrainingError, match="2 steps with a non-finite loss"):
+        run_erase(cfg, pairs, progress=False)
+
+
+@pytest.mark.parametrize("update", ["sequence", "window"])
+def test_joint_run_logs_per_concept_windows(tmp_path, tiny_checkpoint, update):
+    from ear_dist.telemetry.writer import read_jsonl
+
+    pairs = [PromptPair("a photo of a church", "a photo of a barn", "church"),
+             PromptPair("a castle in the style of van gogh", "a castle", "van gogh")]
+    cfg = _cfg(tmp_path, tiny_checkpoint, "train.pairs_per_step=2", f"erase.update_mode={update}",
+               "erase.concepts={van gogh: {window_len: 8}}")
+    run_erase(cfg, pairs, progress=False)
+    rows = list(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+    assert len(rows) == 3
+    for r in rows:
+        assert r["windows_total/church"] == 4 and r["windows_total/van gogh"] == 2  # 16 tokens / 4 and / 8
+        assert r["windows_total"] == 6
+        assert r["windows_kept/church"] + r["windows_kept/van gogh"] == r["windows_kept"]
