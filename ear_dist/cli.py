@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "ear_dist.teacher.commands",
     "ear_dist.demo",
     "ear_dist.telemetry.commands",
+    "ear_dist.world.commands",
 ]
 
 
