@@ -245,7 +245,7 @@ class WorldConfig:
     max_steps: int = 3000
     uncond_prob: float = 0.1  # share of training prompts dropped to the unconditional form (for CFG)
     eval_every: int = 200  # steps between checks of the model's own CFG samples
-    eval_prompts_per_word: int = 8  # per object word (synonyms included)
+    eval_prompts_per_word: int = 9  # per object word (synonyms included), split evenly over no style and each style
     target_accuracy: float = 0.95  # stop once every object, synonym and style reaches it
     cfg_weight: float = 5.0
 

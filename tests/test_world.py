@@ -127,7 +127,7 @@ def test_replacing_an_attribute_gives_the_surrogate_prompt(world):
     assert "Van Gogh" not in plain.prompt and plain.prompt in rec.prompt
 
 
-@pytest.mark.parametrize("side,codebook", [(4, 84), (6, 200), (8, 256), (12, 1000)])
+@pytest.mark.parametrize("side,codebook", [(4, 126), (6, 200), (8, 256), (12, 1000)])
 def test_renderer_respects_grid_and_codebook_bounds(side, codebook):
     w = World(WorldConfig(seed=1, grid_side=side, codebook_size=codebook, calibration_samples=600))
     batch = w.sample(500, "all", stream=2)

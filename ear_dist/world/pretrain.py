@@ -63,13 +63,17 @@ def required_concepts(accuracy: dict[str, float]) -> dict[str, float]:
 
 
 def evaluation_batch(world: World):
-    """Held-out prompts, the same number for every object word, styles drawn as usual."""
-    n = world.config.eval_prompts_per_word
+    """Held-out prompts: for every object word (synonyms included), the same number with
+    no style and with each style, so every object, synonym and style has positives."""
+    per_style = max(1, world.config.eval_prompts_per_word // (1 + len(STYLES)))
     records, tokens = [], []
-    for i, word in enumerate(w for words in OBJECTS.values() for w in words):
-        batch = world.sample(n, "heldout", stream=_EVAL_STREAM + i, object_words=[word])
-        records += batch.records
-        tokens.append(batch.tokens)
+    words = [w for ws in OBJECTS.values() for w in ws]
+    for i, word in enumerate(words):
+        for j, style in enumerate([None, *STYLES]):
+            batch = world.sample(per_style, "heldout", stream=_EVAL_STREAM + 16 * i + j,
+                                 object_words=[word], styles=[style])
+            records += batch.records
+            tokens.append(batch.tokens)
     return records, np.concatenate(tokens)
 
 

@@ -6,11 +6,13 @@ into groups of equal size, one group per scene, one for the plain background, on
 object, and one of noise codes. Drawing an image:
 
 1. the scene (or the plain background) fills every cell with its group's codes;
-2. the object draws its motif in a rectangle at a random position: a fixed pattern of
+2. the object scatters its trace codes (its surroundings: a church's graveyard, a
+   lighthouse's rocks) over a share of the background cells;
+3. the object draws its motif in a rectangle at a random position: a fixed pattern of
    its own codes (drawn once from the world seed) with some cells varied at random;
    size adjectives set the rectangle's size, otherwise it is random within bounds;
-3. a few cells anywhere become noise codes;
-4. a style moves most cells into its palette block (same group, same offset), so the
+4. a few cells anywhere become noise codes;
+5. a style moves most cells into its palette block (same group, same offset), so the
    object stays recognisable while the whole image changes palette.
 
 Every step draws from the ``numpy.random.Generator`` passed in, so a seed fixes the image.
@@ -29,6 +31,11 @@ PLAIN_BACKGROUND = "plain"
 NOISE = "noise"
 
 
+def trace_group(concept: str) -> str:
+    """The name of the code group of an object's traces."""
+    return f"{concept} traces"
+
+
 @dataclass(frozen=True)
 class CodeLayout:
     """Which codes belong to which group (scene, object, noise) and palette block (style)."""
@@ -41,7 +48,7 @@ class CodeLayout:
 
     @classmethod
     def build(cls, codebook_size: int) -> "CodeLayout":
-        groups = tuple(SCENES) + (PLAIN_BACKGROUND,) + tuple(OBJECTS) + (NOISE,)
+        groups = tuple(SCENES) + (PLAIN_BACKGROUND,) + tuple(OBJECTS) + tuple(map(trace_group, OBJECTS)) + (NOISE,)
         blocks: tuple[Optional[str], ...] = (None,) + tuple(STYLES)
         block_size = codebook_size // len(blocks)
         group_size = block_size // len(groups)
@@ -83,6 +90,7 @@ class RenderSettings:
     grid_side: int = 8
     codebook_size: int = 256
     motif_keep_prob: float = 0.8  # a motif cell shows its pattern code, else another code of the object
+    trace_prob: float = 0.25  # share of background cells showing the object's trace codes
     noise_prob: float = 0.03  # share of cells replaced by noise codes
     style_strength: float = 0.9  # share of cells a style moves into its palette
     # how far (cells) an object's rectangle may move from the centre; -1 = anywhere on the grid
@@ -143,6 +151,10 @@ class Renderer:
         side = s.grid_side
         background = lay.codes(record.scene or PLAIN_BACKGROUND)
         grid = background[rng.integers(0, len(background), size=(side, side))]
+
+        traces = lay.codes(trace_group(record.object))
+        traced = rng.random((side, side)) < s.trace_prob
+        grid[traced] = traces[rng.integers(0, len(traces), size=int(traced.sum()))]
 
         h, w = self.motif_shape(record.adjective, rng)
         top, left = self.motif_corner(h, w, rng)
