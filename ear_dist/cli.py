@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "ear_dist.demo",
     "ear_dist.telemetry.commands",
     "ear_dist.slurm.commands",
+    "ear_dist.world.commands",
 ]
 
 

@@ -245,6 +245,32 @@ class SlurmConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The synthetic world (ear_dist.world): its data and the tiny model pretrained on it."""
+
+    seed: int = 0
+    grid_side: int = 8  # image tokens per side (8 -> 64 image tokens)
+    codebook_size: int = 256
+    calibration_samples: int = 2000  # rendered images used to set the classifier's thresholds
+    # where built world models are cached; empty: $EAR_DIST_CACHE/world or ~/.cache/ear-dist/world
+    cache_dir: str = ""
+    # the tiny Janus pretrained on the world (`ear-dist world build`)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    max_steps: int = 2400  # the learning rate decays over these steps; training stops earlier at the target
+    uncond_prob: float = 0.1  # share of training prompts dropped to the unconditional form (for CFG)
+    eval_every: int = 200  # steps between checks of the model's own CFG samples
+    eval_prompts_per_word: int = 18  # per object word (synonyms included), split evenly over no style and each style
+    target_accuracy: float = 0.95  # stop once every object, synonym and style reaches it
+    cfg_weight: float = 5.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -255,6 +281,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
 
     def to_dict(self) -> dict:
         # through JSON so tuples become lists and the dict is plain data (YAML/JSON safe)
@@ -299,6 +326,8 @@ def validate(cfg: Config) -> None:
         "erase.window_len", "train.steps", "train.pairs_per_step", "rollout.batch_size",
         "data.ecg.llm_pairs_per_request", "data.vf.batch_size", "data.vf.top_k",
         "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
+        "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
+        "world.batch_size", "world.max_steps", "world.eval_every", "world.eval_prompts_per_word",
     ]
     for key in positives:
         if get_key(cfg, key) < 1:
@@ -311,6 +340,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("trainable.first_k_layers: must be >= 0")
     if not 0.0 < cfg.erase.esd_patch_fraction <= 1.0:
         raise ConfigError("erase.esd_patch_fraction: must be in (0, 1]")
+    if cfg.world.grid_side < 4:
+        raise ConfigError(f"world.grid_side: must be >= 4, got {cfg.world.grid_side}")
+    if not 0.0 <= cfg.world.uncond_prob < 1.0:
+        raise ConfigError(f"world.uncond_prob: must be in [0, 1), got {cfg.world.uncond_prob}")
+    if cfg.world.hidden_size % cfg.world.num_heads:
+        raise ConfigError(f"world.hidden_size ({cfg.world.hidden_size}) must be divisible by world.num_heads "
+                          f"({cfg.world.num_heads})")
     for name, ov in cfg.erase.concepts.items():
         if ov.window_len is not None and ov.window_len < 1:
             raise ConfigError(f"erase.concepts.{name}.window_len: must be >= 1, got {ov.window_len}")

@@ -1,0 +1,36 @@
+"""``ear-dist world build``: pretrain (or reuse) the tiny Janus of the synthetic world."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from ear_dist.cli import add_config_args
+
+    p = sub.add_parser("world", help="the synthetic world in which erasure quality is measurable on a CPU")
+    world_sub = p.add_subparsers(dest="world_command", metavar="WORLD_COMMAND")
+    world_sub.required = True
+    b = world_sub.add_parser("build", help="pretrain the world's tiny Janus until it draws every concept (cached)")
+    b.add_argument("--force", action="store_true", help="rebuild even if the cache holds this config")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(b)
+    b.set_defaults(func=run_build)
+
+
+def run_build(args) -> int:
+    from ear_dist.cli import config_from_args
+    from ear_dist.world.pretrain import build_world_model, required_concepts
+
+    cfg = config_from_args(args)
+    path, info = build_world_model(cfg.world, force=args.force, progress=not args.no_progress)
+    print(f"world model: {path}")
+    print(f"  steps {info['steps']}, {info['seconds'] / 60:.2f} min, {info['torch_threads']} torch threads")
+    print("  classifier accuracy on the model's own CFG samples (held-out prompts):")
+    for concept, acc in info["accuracy"].items():
+        print(f"    {concept:24s} {acc:.3f}")
+    if not info["reached_target"]:
+        worst = min(required_concepts(info["accuracy"]).items(), key=lambda kv: kv[1])
+        print(f"ear-dist: warning: the target accuracy {info['target_accuracy']} was not reached within "
+              f"world.max_steps={cfg.world.max_steps} (lowest: {worst[0]} {worst[1]:.3f}); "
+              f"raise world.max_steps and run with --force")
+        return 1
+    return 0

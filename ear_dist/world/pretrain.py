@@ -1,0 +1,209 @@
+"""Pretrain a tiny Janus on the world until it draws every concept, and cache it.
+
+The loss is text-to-image cross-entropy: the generation head's logits at every image
+position (``teacher_forced``) against the rendered tokens. A share of the prompts is
+dropped to the unconditional form (every token but BOS and begin-of-image replaced by
+pad, as rollouts do for classifier-free guidance), so CFG sampling works. Every
+``eval_every`` steps the model samples held-out prompts with CFG (``rollout``) and the
+world's classifier judges them; training stops once every object (each synonym
+counted on its own) and every style reaches ``target_accuracy``.
+
+The result is a plain transformers checkpoint (``save_janus``) under
+``<cache>/<build hash>``; the hash covers the world and every pretraining setting, so
+a second build with the same config returns the cached model at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ear_dist.config import WorldConfig
+from ear_dist.world.grammar import OBJECTS, STYLES
+from ear_dist.world.world import World
+
+BUILD_INFO_FILE = "world_build.json"
+_TRAIN_STREAM = 1_000_000  # world.sample stream of training step s is _TRAIN_STREAM + s
+_EVAL_STREAM = 0xE7A1
+
+# The fields of WorldConfig that shape the model or its training (the rest shape the data).
+MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "batch_size", "lr",
+                "warmup_steps", "max_steps", "uncond_prob", "eval_every", "eval_prompts_per_word",
+                "target_accuracy", "cfg_weight")
+
+
+def cache_root(config: WorldConfig) -> Path:
+    """world.cache_dir, else $EAR_DIST_CACHE/world, else ~/.cache/ear-dist/world."""
+    if config.cache_dir:
+        return Path(config.cache_dir).expanduser()
+    if os.environ.get("EAR_DIST_CACHE"):
+        return Path(os.environ["EAR_DIST_CACHE"]).expanduser() / "world"
+    return Path.home() / ".cache" / "ear-dist" / "world"
+
+
+def build_hash(world: World) -> str:
+    """Hash of the world plus every model and pretraining setting: the cache key."""
+    settings = {k: getattr(world.config, k) for k in MODEL_FIELDS}
+    text = json.dumps({"world": world.config_hash, "model": settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def required_concepts(accuracy: dict[str, float]) -> dict[str, float]:
+    """The entries the build must bring to target: objects, their synonyms, styles."""
+    return {k: v for k, v in accuracy.items() if k.split(" (")[0] in OBJECTS or k in STYLES}
+
+
+def evaluation_batch(world: World):
+    """Held-out prompts: for every object word (synonyms included), the same number with
+    no style and with each style, so every object, synonym and style has positives."""
+    per_style = max(1, world.config.eval_prompts_per_word // (1 + len(STYLES)))
+    records, tokens = [], []
+    words = [w for ws in OBJECTS.values() for w in ws]
+    for i, word in enumerate(words):
+        for j, style in enumerate([None, *STYLES]):
+            batch = world.sample(per_style, "heldout", stream=_EVAL_STREAM + 16 * i + j,
+                                 object_words=[word], styles=[style])
+            records += batch.records
+            tokens.append(batch.tokens)
+    return records, np.concatenate(tokens)
+
+
+def evaluate_model(world: World, bundle, records, seed: int = 0) -> dict[str, float]:
+    """The classifier's balanced accuracy per concept on the model's own CFG samples of ``records``."""
+    from ear_dist.models.rollout import rollout
+
+    was_training = bundle.model.training
+    bundle.model.eval()
+    prompts = [r.prompt for r in records]
+    tokens = rollout(bundle, prompts, cfg_weight=world.config.cfg_weight, seeds=[seed + i for i in range(len(prompts))],
+                     batch_size=64)
+    bundle.model.train(was_training)
+    return world.accuracy(tokens, records)
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
+    """Linear warm-up, then a cosine decay to a tenth: a constant rate stalls short of the
+    target accuracy because late, rarely-seen decisions (which object to draw) stay noisy."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _new_model(world: World):
+    from ear_dist.models.janus import build_preset
+    from ear_dist.models.presets import tiny_config
+
+    c = world.config
+    config = tiny_config(hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
+                         intermediate_size=c.intermediate_size, grid_side=c.grid_side, codebook_size=c.codebook_size)
+    return build_preset("tiny", seed=c.seed, config=config, extra_words=World.vocabulary())
+
+
+def pretrain(world: World, progress: bool = True, log: Callable[[str], None] = print):
+    """Train a fresh tiny Janus on the world; returns (bundle, info dict)."""
+    from ear_dist.models.janus import teacher_forced, unconditional_ids
+
+    c = world.config
+    bundle = _new_model(world)
+    model = bundle.model
+    model.train()
+    # the VQ image decoder and the understanding tower take no part in text-to-image training
+    params = [p for n, p in model.named_parameters() if not n.startswith(("model.vqmodel", "model.vision_model",
+                                                                             "model.aligner", "lm_head"))]
+    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, c.warmup_steps, c.max_steps))
+    drop_rng = np.random.default_rng(np.random.SeedSequence([c.seed, 0xD409]))
+    eval_records, _ = evaluation_batch(world)
+    history, accuracy, reached = [], {}, False
+    started = time.perf_counter()
+    steps = range(1, c.max_steps + 1)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(steps, desc="world pretraining", unit="step")
+        steps = bar
+    step = 0
+    for step in steps:
+        batch = world.sample(c.batch_size, "all", stream=_TRAIN_STREAM + step)
+        input_ids, attention_mask = bundle.encode_prompts(batch.prompts)
+        dropped = torch.from_numpy(drop_rng.random(len(batch)) < c.uncond_prob)
+        input_ids = torch.where(dropped[:, None], unconditional_ids(input_ids, bundle.prompt_format), input_ids)
+        image_tokens = torch.from_numpy(batch.tokens)
+        _, logits = teacher_forced(model, input_ids, attention_mask, image_tokens)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), image_tokens.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % c.eval_every == 0 or step == c.max_steps:
+            accuracy = evaluate_model(world, bundle, eval_records)
+            worst = min(required_concepts(accuracy).items(), key=lambda kv: kv[1])
+            history.append({"step": step, "loss": float(loss.item()), "seconds": time.perf_counter() - started,
+                            "min_accuracy": worst[1], "worst": worst[0]})
+            log(f"step {step}: loss {loss.item():.3f}, lowest accuracy {worst[1]:.3f} ({worst[0]})")
+            if worst[1] >= c.target_accuracy:
+                reached = True
+                break
+    if bar is not None:
+        bar.close()
+    model.eval()
+    info = {
+        "build_hash": build_hash(world),
+        "world_hash": world.config_hash,
+        "reached_target": reached,
+        "target_accuracy": c.target_accuracy,
+        "steps": step,
+        "seconds": round(time.perf_counter() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+        "accuracy": accuracy,
+        "history": history,
+        "world": world.describe(),
+        "config": dataclasses.asdict(c),
+    }
+    return bundle, info
+
+
+def build_world_model(config: WorldConfig, force: bool = False, progress: bool = True,
+                      log: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """The cached world model for this config (built when missing): (checkpoint dir, build info)."""
+    from ear_dist.models.janus import save_janus
+
+    world = World(config)
+    out = cache_root(config) / build_hash(world)
+    info_file = out / BUILD_INFO_FILE
+    if info_file.is_file() and not force:
+        info = json.loads(info_file.read_text())
+        log(f"world model: cached at {out} (built in {info['seconds']:.0f} s, {info['steps']} steps)")
+        return out, info
+    bundle, info = pretrain(world, progress=progress, log=log)
+    # write beside the final directory and rename, so a crash never leaves a half model in the cache
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_janus(bundle, tmp)
+    (tmp / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out, info
+
+
+def load_world_model(config: WorldConfig) -> Optional[Path]:
+    """The cached checkpoint directory for this config, or None when it has not been built."""
+    out = cache_root(config) / build_hash(World(config))
+    return out if (out / BUILD_INFO_FILE).is_file() else None

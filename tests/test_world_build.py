@@ -1,0 +1,94 @@
+"""`ear-dist world build`: the world's tiny Janus trains, is cached by config, and loads back."""
+
+import json
+
+import pytest
+import torch
+
+from ear_dist.cli import main
+from ear_dist.config import WorldConfig, load_config
+from ear_dist.models.janus import load_janus
+from ear_dist.world import World
+from ear_dist.world.pretrain import BUILD_INFO_FILE, build_hash, build_world_model, cache_root
+
+# a model small enough to train a few steps in seconds on one core
+SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, batch_size=8,
+             eval_prompts_per_word=3, calibration_samples=400)
+
+
+def small_config(tmp_path, **changes) -> WorldConfig:
+    return WorldConfig(cache_dir=str(tmp_path / "cache"), **{**SMALL, **changes})
+
+
+def test_cache_key_follows_world_and_model_settings(tmp_path, monkeypatch):
+    base = World(small_config(tmp_path))
+    assert build_hash(base) == build_hash(World(small_config(tmp_path)))
+    assert build_hash(base) != build_hash(World(small_config(tmp_path, seed=1)))
+    assert build_hash(base) != build_hash(World(small_config(tmp_path, hidden_size=64)))
+    assert build_hash(base) != build_hash(World(small_config(tmp_path, lr=1e-4)))
+    monkeypatch.setenv("EAR_DIST_CACHE", str(tmp_path / "env"))
+    assert cache_root(WorldConfig()) == tmp_path / "env" / "world"
+    assert cache_root(WorldConfig(cache_dir=str(tmp_path / "x"))) == tmp_path / "x"
+
+
+def test_build_saves_a_checkpoint_that_loads_and_is_reused(tmp_path):
+    cfg = small_config(tmp_path, max_steps=3, eval_every=3)
+    path, info = build_world_model(cfg, progress=False, log=lambda _: None)
+    assert path.parent == tmp_path / "cache" and (path / BUILD_INFO_FILE).is_file()
+    assert info["steps"] == 3 and info["history"][-1]["step"] == 3
+    assert {"church (chapel)", "church (cathedral)", "van gogh", "monet"} <= set(info["accuracy"])
+    bundle = load_janus(str(path), device="cpu", dtype="float32")
+    assert bundle.num_image_tokens == 64 and bundle.codebook_size == 256
+    world = World(cfg)
+    ids, _ = bundle.encode_prompts(world.sample(20, "all", stream=3).prompts)
+    assert not (ids == bundle.tokenizer.unk_token_id).any(), "a world word is missing from the tokenizer"
+    # the second build is the cached one: same directory, nothing retrained
+    messages = []
+    weights = sorted(path.glob("*.safetensors"))[0]
+    before = weights.stat().st_mtime_ns
+    path2, info2 = build_world_model(cfg, progress=False, log=messages.append)
+    assert path2 == path and info2 == json.loads((path / BUILD_INFO_FILE).read_text())
+    assert weights.stat().st_mtime_ns == before and "cached" in messages[0]
+
+
+def test_pretraining_lowers_the_text_to_image_loss(tmp_path):
+    from ear_dist.models.janus import teacher_forced
+    from ear_dist.world.pretrain import pretrain
+
+    cfg = small_config(tmp_path, max_steps=40, eval_every=40, lr=3e-3, warmup_steps=5)
+    world = World(cfg)
+    held = world.sample(32, "heldout", stream=77)
+
+    def loss(bundle):
+        ids, mask = bundle.encode_prompts(held.prompts)
+        tokens = torch.from_numpy(held.tokens)
+        with torch.no_grad():
+            _, logits = teacher_forced(bundle.model, ids, mask, tokens)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)).item()
+
+    from ear_dist.world.pretrain import _new_model
+
+    initial = loss(_new_model(world))
+    bundle, info = pretrain(world, progress=False, log=lambda _: None)
+    assert loss(bundle) < initial - 0.3, (initial, loss(bundle))
+
+
+def test_cli_build_reports_accuracy_and_fails_when_the_target_is_missed(tmp_path, capsys):
+    sets = [f"world.{k}={v}" for k, v in SMALL.items()]
+    sets += [f"world.cache_dir={tmp_path / 'cache'}", "world.max_steps=2", "world.eval_every=2"]
+    argv = ["world", "build", "--no-progress"] + [a for s in sets for a in ("--set", s)]
+    rc = main(argv)
+    out = capsys.readouterr().out
+    assert "church (chapel)" in out and "world model:" in out
+    # an untrained model cannot draw the concepts: the command says so and exits non-zero
+    assert rc == 1 and "was not reached" in out
+
+
+@pytest.mark.slow
+def test_default_world_build_draws_every_concept(tmp_path):
+    """The default build (the one the demo uses) reaches the target on its own CFG samples."""
+    cfg = load_config(overrides=[f"world.cache_dir={tmp_path}"]).world
+    _, info = build_world_model(cfg, progress=False)
+    assert info["reached_target"], info["accuracy"]
+    required = {k: v for k, v in info["accuracy"].items() if k not in ("field", "night", "sea", "city", "snow")}
+    assert min(required.values()) >= cfg.target_accuracy
