@@ -223,7 +223,8 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     log(f"ECG: {len(pairs)} template pairs; VF kept {vf.kept} (target without {concept}: "
         f"{vf.dropped_target_without_concept}, surrogate with {concept}: {vf.dropped_surrogate_with_concept})")
     if not kept:
-        raise RuntimeError(f"the visual filter kept no pair for {concept!r}: the world model does not draw it")
+        raise ValueError(f"the visual filter kept no pair for {concept!r}: the world model does not draw it "
+                         "(build it to the target accuracy: ear-dist world build)")
     before, ref_hist, samples_before = evaluate(world, base, concept, n_eval)
     rows = {"before": before}
     log(f"before: erasure rate {before.erasure_rate:.3f}, preservation {before.preservation_mean:.3f}")
