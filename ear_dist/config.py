@@ -262,7 +262,7 @@ class WorldConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50
-    max_steps: int = 2400  # the learning rate decays over these steps; training stops earlier at the target
+    max_steps: int = 2000  # the learning rate decays over these steps; training stops earlier at the target
     uncond_prob: float = 0.1  # share of training prompts dropped to the unconditional form (for CFG)
     eval_every: int = 200  # steps between checks of the model's own CFG samples
     eval_prompts_per_word: int = 18  # per object word (synonyms included), split evenly over no style and each style

@@ -90,7 +90,7 @@ class RenderSettings:
     grid_side: int = 8
     codebook_size: int = 256
     motif_keep_prob: float = 0.8  # a motif cell shows its pattern code, else another code of the object
-    trace_prob: float = 0.4  # share of background cells showing the object's trace codes
+    trace_prob: float = 0.25  # share of background cells showing the object's trace codes
     noise_prob: float = 0.03  # share of cells replaced by noise codes
     style_strength: float = 0.9  # share of cells a style moves into its palette
     # how far (cells) an object's rectangle may move from the centre; -1 = anywhere on the grid
