@@ -34,6 +34,9 @@ def register(sub) -> None:
                    "per-sequence updates, logit targets, S-VARE, ESD-style naive; or 'all'")
     p.add_argument("--pairs", type=int, default=32, help="ECG template pairs before the visual filter")
     p.add_argument("--eval-prompts", type=int, default=48, help="held-out prompts per group")
+    p.add_argument("--multi", default="", metavar="C1,C2",
+                   help="instead: erase several concepts jointly and composed from per-concept deltas, "
+                        "e.g. --multi 'church,van gogh'")
     add_config_args(p)
     p.set_defaults(func=run_demo)
 
@@ -53,6 +56,17 @@ def run_demo(args) -> int:
     print("1/3 world model (built once, then cached)")
     model_path, _ = build_world_model(cfg.world, progress=True)
     world = World(cfg.world)
+    if args.multi:
+        from ear_dist.world.erasure import run_joint_vs_composed
+
+        concepts = [c.strip() for c in args.multi.split(",") if c.strip()]
+        print(f"2/3 erasing {concepts} jointly and as composed per-concept deltas")
+        run_joint_vs_composed(str(model_path), world, Path(args.out), concepts, args.pairs, args.eval_prompts,
+                              WORLD_ERASE + list(args.overrides))
+        print("3/3 results\n")
+        print((Path(args.out) / "multi_concept.md").read_text())
+        print(f"done in {time.perf_counter() - t0:.0f} s; report in {args.out}/multi_concept.md")
+        return 0
     print(f"2/3 erasing {args.concept!r}: {', '.join(ablations)}")
     rows = run_world_erasure(str(model_path), world, Path(args.out), concept=args.concept, ablations=ablations,
                              n_pairs=args.pairs, n_eval=args.eval_prompts, overrides=WORLD_ERASE + list(args.overrides))

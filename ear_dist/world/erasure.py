@@ -254,3 +254,63 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     log(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}" +
         (f", images: {paths['before_after']}" if "before_after" in paths else ""))
     return rows
+
+
+def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts: Sequence[str], n_pairs: int = 32,
+                          n_eval: int = 48, overrides: Sequence[str] = (), progress: bool = False, log=print) -> dict:
+    """Several concepts erased two ways, each concept evaluated on both models.
+
+    composed: one run per concept (as a Slurm job array would), deltas summed onto the base
+    with ``apply_deltas``; joint: one run on all concepts' pairs (each pair carries its
+    concept), with as many steps as the per-concept runs together.
+    """
+    from ear_dist.config import load_config
+    from ear_dist.models.janus import load_janus
+    from ear_dist.train.delta import apply_deltas
+    from ear_dist.train.trainer import run_erase
+
+    out_dir = Path(out_dir)
+    base = load_janus(model_path, device="cpu", dtype="float32")
+    pairs = {}
+    for c in concepts:
+        kept, vf = visual_filter(world, base, make_pairs(world, c, n_pairs), c)
+        if not kept:
+            raise ValueError(f"the visual filter kept no pair for {c!r}")
+        pairs[c] = kept
+        log(f"{c}: VF kept {vf.kept} of {n_pairs}")
+
+    def cfg_for(name, steps_factor=1):
+        sets = [f"model.path={model_path}", f"train.out_dir={out_dir / 'runs' / name}", "model.device=cpu",
+                *overrides]
+        cfg = load_config(overrides=sets)
+        cfg.train.steps *= steps_factor
+        return cfg
+
+    deltas = []
+    for c in concepts:
+        cfg = cfg_for(c.replace(" ", "-"))
+        cfg.erase.concept = c
+        deltas.append(run_erase(cfg, [PromptPair(**asdict(p)) for p in pairs[c]], progress=progress)["delta"])
+    joint_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
+    joint = run_erase(cfg_for("joint", len(concepts)), joint_pairs, progress=progress)["delta"]
+
+    models = {"before": [], "composed": deltas, "joint": [joint]}
+    table: dict = {}
+    for name, ds in models.items():
+        bundle = load_janus(model_path, device="cpu", dtype="float32")
+        if ds:
+            apply_deltas(bundle.model, ds)
+        for c in concepts:
+            ev, _, _ = evaluate(world, bundle, c, n_eval)
+            table.setdefault(name, {})[c] = {"erasure_rate": ev.erasure_rate, "preservation": ev.preservation_mean}
+        log(f"{name}: " + ", ".join(f"{c} erasure {v['erasure_rate']:.3f} / preservation {v['preservation']:.3f}"
+                                    for c, v in table[name].items()))
+    lines = ["| model | " + " | ".join(f"{c}: erasure | {c}: preservation" for c in concepts) + " |",
+             "|---|" + "---|---|" * len(concepts)]
+    for name, row in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]['erasure_rate']:.3f} | {row[c]['preservation']:.3f}"
+                                                 for c in concepts) + " |")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "multi_concept.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "multi_concept.json").write_text(json.dumps({"concepts": list(concepts), "results": table}, indent=2))
+    return table
