@@ -3,7 +3,6 @@ reduced over ranks, and written once (rank 0)."""
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest

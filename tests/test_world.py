@@ -10,7 +10,6 @@ from ear_dist.world import World
 from ear_dist.world.classifier import all_concepts
 from ear_dist.world.colour import code_palette, grid_to_image, save_comparison
 from ear_dist.world.grammar import OBJECTS, STYLES, matching_templates
-from ear_dist.world.render import CodeLayout
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ear_dist.config import Config, ConfigError, load_config
+from ear_dist.config import Config, load_config
 
 
 class SlurmJobError(ValueError):

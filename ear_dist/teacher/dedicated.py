@@ -11,7 +11,7 @@ arrives, so transfer and teacher compute overlap the student's training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist

@@ -26,7 +26,6 @@ the student's MFU is also given from the FLOPs the partial backward really does.
 from __future__ import annotations
 
 import dataclasses
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
