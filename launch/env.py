@@ -116,7 +116,8 @@ class DistEnv:
 
 
 # --------------------------------------------------------------------- helpers
-def _run_command(argv: list[str]) -> str | None:
+def run_command(argv: list[str]) -> str | None:
+    """stdout of a short command (scontrol, sinfo), or None if it is missing, fails or hangs."""
     if shutil.which(argv[0]) is None:
         return None
     try:
@@ -167,7 +168,7 @@ def port_from_job_id(job_id: str | int) -> int:
     return JOB_PORT_BASE + int(digits.group(0)) % JOB_PORT_SPAN
 
 
-def expand_nodelist(nodelist: str, run_command: RunCommand = _run_command) -> list[str]:
+def expand_nodelist(nodelist: str, run_command: RunCommand = run_command) -> list[str]:
     """Host names of a Slurm node list: ``scontrol show hostnames`` when it works,
     else the pure-Python parser (which gives the same answer; see launch.hostlist)."""
     out = run_command(["scontrol", "show", "hostnames", nodelist])
@@ -176,7 +177,7 @@ def expand_nodelist(nodelist: str, run_command: RunCommand = _run_command) -> li
     return expand_hostlist(nodelist)
 
 
-def master_addr_for_host(host: str, run_command: RunCommand = _run_command,
+def master_addr_for_host(host: str, run_command: RunCommand = run_command,
                          resolves: Resolves = _resolves) -> str:
     """An address for ``host`` that the other nodes can reach.
 
@@ -408,7 +409,7 @@ def _single(environ: Mapping[str, str], run_command: RunCommand, resolves: Resol
 
 
 def discover(environ: Mapping[str, str] | None = None, *, master_addr: str | None = None,
-             master_port: int | None = None, run_command: RunCommand = _run_command,
+             master_port: int | None = None, run_command: RunCommand = run_command,
              resolves: Resolves = _resolves,
              mpi_world: Callable[[], "MpiWorld | None"] = _load_mpi_world) -> DistEnv:
     """Discover this process's rank, world and rendezvous address from its launcher.

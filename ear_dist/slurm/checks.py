@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from ear_dist.config import Config, load_config
+from launch.env import run_command
 
 
 class SlurmJobError(ValueError):
@@ -109,16 +108,6 @@ class PartitionInfo:
     gres: str
 
 
-def _run(argv: list[str]) -> Optional[str]:
-    if shutil.which(argv[0]) is None:
-        return None
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout if result.returncode == 0 else None
-
-
 def gpus_in_gres(gres: str) -> int:
     """GPUs per node in a sinfo Gres string: "gpu:2", "gpu:a100:8(S:0-1),shard:4" -> 2, 8."""
     total = 0
@@ -129,7 +118,7 @@ def gpus_in_gres(gres: str) -> int:
     return total
 
 
-def partition_info(partition: str = "", run: Callable[[list[str]], Optional[str]] = _run) -> Optional[PartitionInfo]:
+def partition_info(partition: str = "", run: Callable[[list[str]], Optional[str]] = run_command) -> Optional[PartitionInfo]:
     """The partition (the default one when ``partition`` is empty) from ``sinfo``; None when sinfo does not answer."""
     out = run(["sinfo", "-h", "-o", "%P|%D|%G"])
     if not out:
@@ -151,7 +140,7 @@ def partition_info(partition: str = "", run: Callable[[list[str]], Optional[str]
     return found
 
 
-def check_partition(cfg: Config, run: Callable[[list[str]], Optional[str]] = _run) -> Optional[PartitionInfo]:
+def check_partition(cfg: Config, run: Callable[[list[str]], Optional[str]] = run_command) -> Optional[PartitionInfo]:
     """Nodes and GPUs per node asked for must exist in the partition (skipped when sinfo does not answer)."""
     slurm = cfg.slurm
     info = partition_info(slurm.partition, run)
@@ -180,7 +169,7 @@ def check_inputs_exist(cfg: Config) -> None:
         raise SlurmJobError(f"dist.deepspeed_config: {cfg.dist.deepspeed_config} does not exist")
 
 
-def check_submission(cfg: Config, template: str, run: Callable[[list[str]], Optional[str]] = _run) -> dict:
+def check_submission(cfg: Config, template: str, run: Callable[[list[str]], Optional[str]] = run_command) -> dict:
     """Everything checkable before sbatch; raises SlurmJobError naming the key. Returns facts found."""
     facts: dict = {}
     runs_erasure = template in ("erase_array", "bench") or (template == "erase_multinode" and not cfg.slurm.rank_args)

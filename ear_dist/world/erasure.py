@@ -236,7 +236,7 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
         cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={run_dir}",
                                      f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
                                      *overrides, *ABLATIONS[name]])
-        summary = run_erase(cfg, [PromptPair(**{**asdict(p)}) for p in kept], progress=progress)
+        summary = run_erase(cfg, [PromptPair(**asdict(p)) for p in kept], progress=progress)
         after_bundle = load_janus(model_path, device="cpu", dtype="float32")
         apply_deltas(after_bundle.model, [summary["delta"]])
         ev, _, samples_after = evaluate(world, after_bundle, concept, n_eval, reference_hist=ref_hist)
