@@ -268,6 +268,9 @@ class WorldConfig:
     eval_prompts_per_word: int = 18  # per object word (synonyms included), split evenly over no style and each style
     target_accuracy: float = 0.95  # stop once every object, synonym and style reaches it
     cfg_weight: float = 5.0
+    # CPU threads for pretraining, fixed whatever the machine or OMP_NUM_THREADS say: float
+    # sums depend on how work is split over threads, so a fixed count makes builds reproducible
+    threads: int = 2
 
 
 @dataclass
@@ -328,6 +331,7 @@ def validate(cfg: Config) -> None:
         "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
         "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
         "world.batch_size", "world.max_steps", "world.eval_every", "world.eval_prompts_per_word",
+        "world.threads",
     ]
     for key in positives:
         if get_key(cfg, key) < 1:

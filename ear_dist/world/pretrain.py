@@ -39,7 +39,7 @@ _EVAL_STREAM = 0xE7A1
 # The fields of WorldConfig that shape the model or its training (the rest shape the data).
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "batch_size", "lr",
                 "warmup_steps", "max_steps", "uncond_prob", "eval_every", "eval_prompts_per_word",
-                "target_accuracy", "cfg_weight")
+                "target_accuracy", "cfg_weight", "threads")
 
 
 def cache_root(config: WorldConfig) -> Path:
@@ -111,7 +111,16 @@ def _new_model(world: World):
 
 
 def pretrain(world: World, progress: bool = True, log: Callable[[str], None] = print):
-    """Train a fresh tiny Janus on the world; returns (bundle, info dict)."""
+    """Train a fresh tiny Janus on the world with ``world.threads`` CPU threads; returns (bundle, info dict)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(world.config.threads)
+    try:
+        return _pretrain(world, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
     from ear_dist.models.janus import teacher_forced, unconditional_ids
 
     c = world.config

@@ -12,8 +12,9 @@ object, and one of noise codes. Drawing an image:
    its own codes (drawn once from the world seed) with some cells varied at random;
    size adjectives set the rectangle's size, otherwise it is random within bounds;
 4. a few cells anywhere become noise codes;
-5. a style moves most cells into its palette block (same group, same offset), so the
-   object stays recognisable while the whole image changes palette.
+5. a style moves most cells outside the motif (background, traces, noise) into its
+   palette block (same group, same offset); the motif keeps its own codes, so an object
+   is drawn by the same codes in every style while the rest of the image changes palette.
 
 Every step draws from the ``numpy.random.Generator`` passed in, so a seed fixes the image.
 """
@@ -92,7 +93,7 @@ class RenderSettings:
     motif_keep_prob: float = 0.8  # a motif cell shows its pattern code, else another code of the object
     trace_prob: float = 0.25  # share of background cells showing the object's trace codes
     noise_prob: float = 0.03  # share of cells replaced by noise codes
-    style_strength: float = 0.9  # share of cells a style moves into its palette
+    style_strength: float = 0.9  # share of the cells outside the motif that a style moves into its palette
     # how far (cells) an object's rectangle may move from the centre; -1 = anywhere on the grid
     centre_jitter: int = -1
 
@@ -163,6 +164,8 @@ class Renderer:
         varied = rng.random((h, w)) >= s.motif_keep_prob
         offsets[varied] = rng.integers(0, lay.group_size, size=int(varied.sum()))
         grid[top:top + h, left:left + w] = motif[offsets]
+        in_motif = np.zeros((side, side), dtype=bool)
+        in_motif[top:top + h, left:left + w] = True
 
         noise = lay.codes(NOISE)
         noisy = rng.random((side, side)) < s.noise_prob
@@ -170,6 +173,6 @@ class Renderer:
 
         if record.style:
             block = 1 + list(STYLES).index(record.style)
-            styled = rng.random((side, side)) < s.style_strength
+            styled = (rng.random((side, side)) < s.style_strength) & ~in_motif
             grid[styled] += block * lay.block_size
         return grid.reshape(-1)

@@ -25,7 +25,7 @@ from ear_dist.world.grammar import SPLITS, Grammar, WorldRecord
 from ear_dist.world.render import Renderer, RenderSettings
 
 # Bump when the grammar or rendering rule changes meaning, so cached models are rebuilt.
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: a style leaves the object motif in its own codes
 
 # Distinct random streams per purpose, so sampling one never shifts another.
 _CALIBRATION_STREAM = 0xCA1
