@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--ablations", default="EAR", help="comma-separated: EAR, TLM off, window 1, random order, "
                    "per-sequence updates, logit targets, S-VARE, ESD-style naive; or 'all'")
     p.add_argument("--pairs", type=int, default=32, help="ECG template pairs before the visual filter")
+    p.add_argument("--anchors", type=int, default=0,
+                   help="preservation anchors: prompts of the other concepts trained as their own surrogates (EAR runs)")
     p.add_argument("--eval-prompts", type=int, default=48, help="held-out prompts per group")
     p.add_argument("--multi", default="", metavar="C1,C2",
                    help="instead: erase several concepts jointly and composed from per-concept deltas, "
@@ -69,7 +71,8 @@ def run_demo(args) -> int:
         return 0
     print(f"2/3 erasing {args.concept!r}: {', '.join(ablations)}")
     rows = run_world_erasure(str(model_path), world, Path(args.out), concept=args.concept, ablations=ablations,
-                             n_pairs=args.pairs, n_eval=args.eval_prompts, overrides=WORLD_ERASE + list(args.overrides))
+                             n_pairs=args.pairs, n_eval=args.eval_prompts, overrides=WORLD_ERASE + list(args.overrides),
+                             n_anchors=args.anchors)
     print("3/3 results (held-out sentences and synonyms; preservation on the other concepts)\n")
     print(markdown_table(rows))
     print(f"\ndone in {time.perf_counter() - t0:.0f} s; report in {args.out}/results.md, {args.out}/results.json, "

@@ -127,6 +127,36 @@ def test_target_equal_to_surrogate_gives_zero_loss_and_no_update(tiny_bundle, mo
         assert torch.equal(v, before[n])
 
 
+def test_anchor_pairs_pull_a_drifted_student_back_to_the_teacher(tiny_bundle):
+    """A pair whose surrogate is its target (a preservation anchor) has zero loss on an unchanged
+    student; once the student drifts, training on it brings the student's output back."""
+    names, teacher, student, opt = _setup(tiny_bundle, lr=3e-3)
+    anchor = PromptPair("a barn at night", "a barn at night", "church")
+    assert anchor.is_anchor and not PromptPair(TARGETS[0], SURROGATES[0], "church").is_anchor
+    tokens = _batch(tiny_bundle).tokens[:1]
+    batch = PairBatch([anchor.target], [anchor.surrogate], ["church"], [0], tokens)
+    ids, mask = tiny_bundle.encode_prompts([anchor.target])
+
+    def drift():
+        with torch.no_grad():
+            h_s, _ = teacher_forced(student, ids, mask, tokens, return_logits=False)
+            h_t, _ = teacher_forced(tiny_bundle.model, ids, mask, tokens, return_logits=False)
+        return float(((h_s - h_t) ** 2).mean())
+
+    assert drift() == 0.0
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    drifted = drift()
+    assert drifted > 1e-3
+    cfg = EraseConfig(update_mode="sequence", window_len=4, loss_threshold=0.0)
+    step = ErasureStep(student, tiny_bundle, teacher, cfg, Updater(opt))
+    for _ in range(20):
+        step(batch)
+    assert drift() < 0.5 * drifted, (drifted, drift())
+
+
 def test_sequence_mode_equals_the_loop_written_out(tiny_bundle):
     names, teacher, student, opt = _setup(tiny_bundle)
     ref_student = copy.deepcopy(student)
@@ -285,6 +315,10 @@ def test_empty_prompt_and_missing_concept(tmp_path, tiny_checkpoint):
     assert summary["missing_concept"] == 1
     with pytest.raises(ValueError, match="does not contain the concept 'church'"):
         run_erase(_cfg(tmp_path, tiny_checkpoint, "erase.on_missing_concept=fail"), pairs, progress=False)
+    # a preservation anchor (surrogate == target) carries no concept word and is not reported
+    anchored = _pairs() + [PromptPair("a photo of a house", "a photo of a house", "church")]
+    summary = run_erase(_cfg(tmp_path, tiny_checkpoint, "erase.on_missing_concept=fail"), anchored, progress=False)
+    assert summary["missing_concept"] == 0
 
 
 def test_window_len_longer_than_the_image_is_rejected(tmp_path, tiny_checkpoint):

@@ -164,3 +164,18 @@ def test_token_grids_render_as_labelled_png(world, tmp_path):
     )
     with Image.open(path) as png:
         assert png.size[0] > 2 * 8 * 12 and png.size[1] > 2 * 8 * 12
+
+
+def test_anchor_pairs_show_only_the_other_concepts(world):
+    from ear_dist.world.erasure import interleave, make_anchor_pairs
+
+    anchors = make_anchor_pairs(world, "church", 40)
+    assert len(anchors) == 40 and all(a.is_anchor for a in anchors)
+    words = OBJECTS["church"]
+    assert not any(w in a.target.lower() for a in anchors for w in words)
+    styled = make_anchor_pairs(world, "van gogh", 40)
+    assert not any("van gogh" in a.target.lower() for a in styled)
+    assert any("monet" in a.target.lower() for a in styled)
+    assert make_anchor_pairs(world, "church", 0) == []
+    mixed = interleave(["p0", "p1", "p2"], ["a0"])
+    assert mixed == ["p0", "a0", "p1", "p2"]

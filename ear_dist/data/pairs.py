@@ -1,7 +1,9 @@
 """The prompt-pair schema every reader produces and every later stage consumes.
 
 A pair is a target prompt (shows the concept to erase) and a surrogate prompt (the same
-sentence with the concept replaced). Evaluation prompt lists (Six-CD, COCO-30k, test
+sentence with the concept replaced). A pair whose surrogate equals its target is a
+preservation anchor: its guided target is the teacher's own output on that prompt, so it
+pulls the student back wherever it drifted (by more than the loss threshold). Evaluation prompt lists (Six-CD, COCO-30k, test
 prompt files) are read into the same record with an empty surrogate.
 """
 
@@ -35,6 +37,11 @@ class PromptPair:
     def __post_init__(self) -> None:
         if not self.id:
             self.id = pair_id(self.target, self.surrogate, self.concept)
+
+    @property
+    def is_anchor(self) -> bool:
+        """A preservation anchor: the surrogate is the target itself (no concept to erase in it)."""
+        return bool(self.target.strip()) and self.target.strip() == self.surrogate.strip()
 
     def to_dict(self) -> dict:
         """A JSON-safe dict; token lists and ``extra`` are left out when empty."""

@@ -58,7 +58,8 @@ class PairCheck:
 
 
 def check_pairs(pairs: Sequence[PromptPair], on_missing_concept: str, num_image_tokens: int) -> PairCheck:
-    """Reject empty prompts; warn about (or reject) target prompts without their concept word."""
+    """Reject empty prompts; warn about (or reject) target prompts without their concept word
+    (preservation anchors, whose surrogate is the target itself, carry no concept word)."""
     if not pairs:
         raise ConfigError("data.pairs: no prompt pairs to train on")
     report = PairCheck()
@@ -68,7 +69,7 @@ def check_pairs(pairs: Sequence[PromptPair], on_missing_concept: str, num_image_
             raise ValueError(f"{where}: field 'target' is empty")
         if not p.surrogate.strip():
             raise ValueError(f"{where}: field 'surrogate' is empty")
-        if p.concept and p.concept.lower() not in p.target.lower():
+        if p.concept and not p.is_anchor and p.concept.lower() not in p.target.lower():
             msg = f"{where}: target prompt {p.target!r} does not contain the concept {p.concept!r}"
             if on_missing_concept == "fail":
                 raise ValueError(msg + " (set erase.on_missing_concept=warn to train on it anyway)")

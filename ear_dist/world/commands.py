@@ -24,9 +24,12 @@ def run_build(args) -> int:
     path, info = build_world_model(cfg.world, force=args.force, progress=not args.no_progress)
     print(f"world model: {path}")
     print(f"  steps {info['steps']}, {info['seconds'] / 60:.2f} min, {info['torch_threads']} torch threads")
-    print("  classifier accuracy on the model's own CFG samples (held-out prompts):")
+    print("  classifier accuracy on the model's own CFG samples of held-out prompts")
+    print(f"    {'concept':24s} {'last check':>10s} {'second set':>10s}")
+    confirm = info.get("confirmation_accuracy", {})
     for concept, acc in info["accuracy"].items():
-        print(f"    {concept:24s} {acc:.3f}")
+        second = f"{confirm[concept]:.3f}" if concept in confirm else "-"
+        print(f"    {concept:24s} {acc:10.3f} {second:>10s}")
     if not info["reached_target"]:
         worst = min(required_concepts(info["accuracy"]).items(), key=lambda kv: kv[1])
         print(f"ear-dist: warning: the target accuracy {info['target_accuracy']} was not reached within "

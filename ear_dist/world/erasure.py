@@ -27,7 +27,7 @@ from ear_dist.models.rollout import rollout
 from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.world import World
 
-EVAL_STREAM, PAIR_STREAM = 101, 202
+EVAL_STREAM, PAIR_STREAM, ANCHOR_STREAM = 101, 202, 303
 
 
 def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM) -> list[PromptPair]:
@@ -50,6 +50,33 @@ def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM) ->
     return [PromptPair(t.prompt, s.prompt, concept=word if word in t.prompt.lower() else concept,
                        surrogate_concept=s.object if concept in OBJECTS else "", source="world-ecg", seed=i)
             for i, (t, s) in enumerate(pairs)]
+
+
+def make_anchor_pairs(world: World, concept: str, n: int, stream: int = ANCHOR_STREAM) -> list[PromptPair]:
+    """Preservation anchors: training-template prompts of the OTHER concepts, each its own surrogate.
+
+    For an object concept they show the other objects (any scene, any style); for a style,
+    prompts without it. Training on them pulls the student back to the teacher on those
+    prompts wherever it drifted by more than the loss threshold.
+    """
+    if n <= 0:
+        return []
+    if concept in OBJECTS:
+        batch = world.sample(n, split="train", stream=stream, objects=[o for o in OBJECTS if o != concept])
+    elif concept in STYLES:
+        batch = world.sample(n, split="train", stream=stream, styles=[None, *(s for s in STYLES if s != concept)])
+    else:
+        raise ValueError(f"concept {concept!r}: the world's concepts are {', '.join(list(OBJECTS) + list(STYLES))}")
+    return [PromptPair(r.prompt, r.prompt, concept=concept, source="world-anchor", seed=100000 + i)
+            for i, r in enumerate(batch.records)]
+
+
+def interleave(pairs: Sequence[PromptPair], anchors: Sequence[PromptPair]) -> list[PromptPair]:
+    """Erasure pairs and anchors alternating (the rest of the longer list at the end)."""
+    out: list[PromptPair] = []
+    for i in range(max(len(pairs), len(anchors))):
+        out += [p[i] for p in (pairs, anchors) if i < len(p)]
+    return out
 
 
 @dataclass
@@ -209,8 +236,12 @@ def before_after_grid(world: World, before: dict, after: dict, groups: Sequence[
 
 def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str = "church",
                       ablations: Sequence[str] = ("EAR",), n_pairs: int = 32, n_eval: int = 48,
-                      overrides: Sequence[str] = (), progress: bool = True, log=print) -> dict:
-    """ECG -> VF -> ``run_erase`` per ablation -> held-out evaluation -> report. Returns the rows."""
+                      overrides: Sequence[str] = (), progress: bool = True, log=print, n_anchors: int = 0) -> dict:
+    """ECG -> VF -> ``run_erase`` per ablation -> held-out evaluation -> report. Returns the rows.
+
+    ``n_anchors`` preservation anchors (``make_anchor_pairs``) join the EAR-method runs'
+    pairs; S-VARE and the ESD-style baseline train on the erasure pairs alone.
+    """
     from ear_dist.config import load_config
     from ear_dist.models.janus import load_janus
     from ear_dist.train.delta import apply_deltas
@@ -225,6 +256,9 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     if not kept:
         raise ValueError(f"the visual filter kept no pair for {concept!r}: the world model does not draw it "
                          "(build it to the target accuracy: ear-dist world build)")
+    anchors = make_anchor_pairs(world, concept, n_anchors)
+    if anchors:
+        log(f"preservation anchors: {len(anchors)} prompts of the other concepts")
     before, ref_hist, samples_before = evaluate(world, base, concept, n_eval)
     rows = {"before": before}
     log(f"before: erasure rate {before.erasure_rate:.3f}, preservation {before.preservation_mean:.3f}")
@@ -236,7 +270,10 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
         cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={run_dir}",
                                      f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
                                      *overrides, *ABLATIONS[name]])
-        summary = run_erase(cfg, [PromptPair(**asdict(p)) for p in kept], progress=progress)
+        train_pairs = [PromptPair(**asdict(p)) for p in kept]
+        if cfg.erase.method == "ear":
+            train_pairs = interleave(train_pairs, anchors)
+        summary = run_erase(cfg, train_pairs, progress=progress)
         after_bundle = load_janus(model_path, device="cpu", dtype="float32")
         apply_deltas(after_bundle.model, [summary["delta"]])
         ev, _, samples_after = evaluate(world, after_bundle, concept, n_eval, reference_hist=ref_hist)
@@ -249,7 +286,7 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
             groups = list(ev.concept_share) + list(ev.preservation)[:2]
             grids["before_after"] = before_after_grid(world, samples_before, samples_after, groups)
     paths = write_report(out_dir, rows, grids, {
-        "concept": concept, "pairs": len(pairs), "vf": asdict(vf), "runs": summaries, "model": model_path,
+        "concept": concept, "pairs": len(pairs), "anchors": len(anchors), "vf": asdict(vf), "runs": summaries, "model": model_path,
         "world": world.describe() if hasattr(world, "describe") else {}, "overrides": list(overrides)})
     log(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}" +
         (f", images: {paths['before_after']}" if "before_after" in paths else ""))

@@ -35,6 +35,7 @@ from ear_dist.world.world import World
 BUILD_INFO_FILE = "world_build.json"
 _TRAIN_STREAM = 1_000_000  # world.sample stream of training step s is _TRAIN_STREAM + s
 _EVAL_STREAM = 0xE7A1
+_CONFIRM_STREAM = 0xC0F1  # a second held-out set, drawn once after training
 
 # The fields of WorldConfig that shape the model or its training (the rest shape the data).
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "batch_size", "lr",
@@ -63,7 +64,7 @@ def required_concepts(accuracy: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in accuracy.items() if k.split(" (")[0] in OBJECTS or k in STYLES}
 
 
-def evaluation_batch(world: World):
+def evaluation_batch(world: World, stream: int = _EVAL_STREAM):
     """Held-out prompts: for every object word (synonyms included), the same number with
     no style and with each style, so every object, synonym and style has positives."""
     per_style = max(1, world.config.eval_prompts_per_word // (1 + len(STYLES)))
@@ -71,7 +72,7 @@ def evaluation_batch(world: World):
     words = [w for ws in OBJECTS.values() for w in ws]
     for i, word in enumerate(words):
         for j, style in enumerate([None, *STYLES]):
-            batch = world.sample(per_style, "heldout", stream=_EVAL_STREAM + 16 * i + j,
+            batch = world.sample(per_style, "heldout", stream=stream + 16 * i + j,
                                  object_words=[word], styles=[style])
             records += batch.records
             tokens.append(batch.tokens)
@@ -171,6 +172,10 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
     if bar is not None:
         bar.close()
     model.eval()
+    # training stopped on the first check that reached the target; a second, independent
+    # held-out set (other prompts, other seeds) tells how much of that was luck of the draw
+    confirm_records, _ = evaluation_batch(world, stream=_CONFIRM_STREAM)
+    confirmation = evaluate_model(world, bundle, confirm_records, seed=len(eval_records))
     info = {
         "build_hash": build_hash(world),
         "world_hash": world.config_hash,
@@ -180,6 +185,7 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
         "seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
         "accuracy": accuracy,
+        "confirmation_accuracy": confirmation,
         "history": history,
         "world": world.describe(),
         "config": dataclasses.asdict(c),
