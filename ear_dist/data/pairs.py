@@ -3,8 +3,9 @@
 A pair is a target prompt (shows the concept to erase) and a surrogate prompt (the same
 sentence with the concept replaced). A pair whose surrogate equals its target is a
 preservation anchor: its guided target is the teacher's own output on that prompt, so it
-pulls the student back wherever it drifted (by more than the loss threshold). Evaluation prompt lists (Six-CD, COCO-30k, test
-prompt files) are read into the same record with an empty surrogate.
+pulls the student back wherever it drifted (by more than the loss threshold). Evaluation
+prompt lists (Six-CD, COCO-30k, test prompt files) are read into the same record with an
+empty surrogate.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ from ear_dist.world.world import World
 EVAL_STREAM, PAIR_STREAM, ANCHOR_STREAM = 101, 202, 303
 
 
+def _unknown_concept(concept: str) -> ValueError:
+    return ValueError(f"concept {concept!r}: the world's concepts are {', '.join(list(OBJECTS) + list(STYLES))}")
+
+
 def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM) -> list[PromptPair]:
     """ECG from templates: training-template prompts with the concept and their surrogates.
 
@@ -45,7 +49,7 @@ def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM) ->
         batch = world.sample(n, split="train", stream=stream, styles=[concept])
         pairs = [(r, r.replace(style=None)) for r in batch.records]
     else:
-        raise ValueError(f"concept {concept!r}: the world's concepts are {', '.join(list(OBJECTS) + list(STYLES))}")
+        raise _unknown_concept(concept)
     word = concept if concept in OBJECTS else STYLES[concept].lower()
     return [PromptPair(t.prompt, s.prompt, concept=word if word in t.prompt.lower() else concept,
                        surrogate_concept=s.object if concept in OBJECTS else "", source="world-ecg", seed=i)
@@ -66,7 +70,7 @@ def make_anchor_pairs(world: World, concept: str, n: int, stream: int = ANCHOR_S
     elif concept in STYLES:
         batch = world.sample(n, split="train", stream=stream, styles=[None, *(s for s in STYLES if s != concept)])
     else:
-        raise ValueError(f"concept {concept!r}: the world's concepts are {', '.join(list(OBJECTS) + list(STYLES))}")
+        raise _unknown_concept(concept)
     return [PromptPair(r.prompt, r.prompt, concept=concept, source="world-anchor", seed=100000 + i)
             for i, r in enumerate(batch.records)]
 
@@ -286,7 +290,8 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
             groups = list(ev.concept_share) + list(ev.preservation)[:2]
             grids["before_after"] = before_after_grid(world, samples_before, samples_after, groups)
     paths = write_report(out_dir, rows, grids, {
-        "concept": concept, "pairs": len(pairs), "anchors": len(anchors), "vf": asdict(vf), "runs": summaries, "model": model_path,
+        "concept": concept, "pairs": len(pairs), "anchors": len(anchors), "vf": asdict(vf), "runs": summaries,
+        "model": model_path,
         "world": world.describe() if hasattr(world, "describe") else {}, "overrides": list(overrides)})
     log(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}" +
         (f", images: {paths['before_after']}" if "before_after" in paths else ""))
