@@ -82,7 +82,7 @@ def bench_vf(n: int) -> None:
     from ear_dist.models.janus import load_janus
 
     bundle = load_janus("tiny", device="cpu", dtype="float32")
-    generate, decode = teacher_functions(bundle, cfg_weight=5.0, batch_size=8)
+    generate, decode = teacher_functions(bundle, guidance_weight=5.0, batch_size=8)
     pairs = list(make_pairs(n, 0))
     print(f"visual filter, tiny Janus preset (random weights, {bundle.num_image_tokens} image tokens), "
           f"{n} pairs, batches of 8 pairs:")

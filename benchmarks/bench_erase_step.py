@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from ear_dist.config import EraseConfig, TrainableConfig
 from ear_dist.models.janus import build_preset, position_ids_from_mask, unconditional_ids
 from ear_dist.models.presets import tiny_config
-from ear_dist.teacher.engine import ColocatedTeacher
+from ear_dist.teacher.colocated import ColocatedTeacher
 from ear_dist.train.step import ErasureStep, PairBatch, Updater
 from ear_dist.train.student import make_student
 from ear_dist.train.trainable import select_trainable_names

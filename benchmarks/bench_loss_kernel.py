@@ -1,7 +1,7 @@
 """Forward + backward time and peak extra memory of the windowed, threshold-masked loss.
 
 Compares, on the same inputs and in one run:
-  eager    the plain-PyTorch reference (ear_dist.losses.dispatch.reference_windowed_loss)
+  eager    the plain-PyTorch reference (ear_dist.train.loss.reference_windowed_loss)
   compile  torch.compile of that reference
   triton   the fused kernels (ear_dist.kernels.windowed_loss)
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ear_dist.losses.dispatch import reference_windowed_loss, triton_available
+    from ear_dist.train.loss import reference_windowed_loss, triton_available
     from ear_dist.losses.windowed import window_index
 
     device = torch.device(args.device)
@@ -149,19 +149,19 @@ def main(argv=None) -> int:
             student = make().requires_grad_(True)
             on_target, on_surrogate = make(), make()
             uncond = make() if (args.teacher_cfg and mode == "logit") else None
-            cfg_weight = 5.0 if uncond is not None else 0.0
+            guidance_weight = 5.0 if uncond is not None else 0.0
             idx = window_index(batch, args.tokens, args.window_len, device=device)
             # a threshold at the (1 - kept_fraction) quantile of the window sums
             with torch.no_grad():
                 probe = reference_windowed_loss(mode, student, on_target, on_surrogate, idx, 0.0, 1.0,
-                                                uncond=uncond, cfg_weight=cfg_weight)
+                                                uncond=uncond, guidance_weight=guidance_weight)
                 threshold = _threshold_keeping(probe.window_loss[probe.window_exists].float().cpu(), args.kept_fraction)
             del probe
 
             def run(fn):
                 student.grad = None
                 out = fn(mode, student, on_target, on_surrogate, idx, threshold, 1.0,
-                         uncond=uncond, cfg_weight=cfg_weight)
+                         uncond=uncond, guidance_weight=guidance_weight)
                 out.loss.backward()
                 return out
 

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--cfg-weight", type=float, default=5.0)
+    ap.add_argument("--guidance-weight", type=float, default=5.0)
     args = ap.parse_args()
 
     bundle = load_janus(args.model, device=args.device, dtype=args.dtype)
@@ -55,11 +55,11 @@ def main() -> None:
     gc = GenerationConfig(
         bos_token_id=fmt.bos_token_id, pad_token_id=fmt.pad_token_id,
         generation_kwargs={"boi_token_id": fmt.boi_token_id}, do_sample=False,
-        max_new_tokens=bundle.num_image_tokens, guidance_scale=args.cfg_weight,
+        max_new_tokens=bundle.num_image_tokens, guidance_scale=args.guidance_weight,
     )
 
     def ours():
-        return rollout_ids(bundle, ids, mask, cfg_weight=args.cfg_weight, greedy=True)
+        return rollout_ids(bundle, ids, mask, guidance_weight=args.guidance_weight, greedy=True)
 
     def theirs():
         return bundle.model.generate(ids, attention_mask=mask, generation_mode="image", generation_config=gc)
@@ -77,7 +77,7 @@ def main() -> None:
     best = {k: min(v) for k, v in times.items()}
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"model={args.model} device={dev_name} dtype={args.dtype} batch={args.batch} "
-          f"image_tokens={bundle.num_image_tokens} cfg={args.cfg_weight} same_tokens={same}")
+          f"image_tokens={bundle.num_image_tokens} cfg={args.guidance_weight} same_tokens={same}")
     for k in ("ours", "transformers"):
         print(f"  {k:<13} {best[k] * 1e3:9.1f} ms/batch  {n_tok / best[k]:10.0f} image tok/s")
     print(f"  ratio ours/transformers (tokens/s): {best['transformers'] / best['ours']:.2f}x")

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from ear_dist.config import ConfigError, load_config
+from ear_dist.config import ConfigError
 
 # Each module exposes register(subparsers) -> None.
 COMMAND_MODULES = [
@@ -21,23 +21,10 @@ COMMAND_MODULES = [
     "ear_dist.train.commands",
     "ear_dist.teacher.commands",
     "ear_dist.demo",
-    "ear_dist.telemetry.commands",
+    "ear_dist.bench.commands",
     "ear_dist.slurm.commands",
     "ear_dist.world.commands",
 ]
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """The config flags shared by every job command."""
-    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML/JSON config (repeatable; later wins)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-        help="override one key, e.g. --set erase.window_len=24 (repeatable)",
-    )
-
-
-def config_from_args(args: argparse.Namespace, base: dict | None = None):
-    return load_config(files=args.config, overrides=args.overrides, base=base)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    cfg_weight: float = 5.0  # classifier-free guidance for sampling
+    guidance_weight: float = 5.0  # classifier-free guidance for sampling
     temperature: float = 1.0
     top_k: int = 0  # 0 = full distribution
     greedy: bool = False
@@ -77,8 +77,8 @@ class EraseConfig:
     update_mode: str = "window"
     # which prompt of the pair the teacher samples image tokens from: surrogate | target
     rollout_from: str = "surrogate"
-    # logit mode: CFG weight applied on the teacher side when building targets (0 = off)
-    teacher_cfg_weight: float = 0.0
+    # logit mode: classifier-free guidance weight applied on the teacher side when building targets (0 = off)
+    teacher_guidance_weight: float = 0.0
     # S-VARE
     svare_label_prob_max: float = 0.5
     svare_preserve_weight: float = 0.5
@@ -267,7 +267,7 @@ class WorldConfig:
     eval_every: int = 200  # steps between checks of the model's own CFG samples
     eval_prompts_per_word: int = 18  # per object word (synonyms included), split evenly over no style and each style
     target_accuracy: float = 0.95  # stop once every object, synonym and style reaches it
-    cfg_weight: float = 5.0
+    guidance_weight: float = 5.0
     # CPU threads for pretraining, fixed whatever the machine or OMP_NUM_THREADS say: float
     # sums depend on how work is split over threads, so a fixed count makes builds reproducible
     threads: int = 2
@@ -351,6 +351,9 @@ def validate(cfg: Config) -> None:
     if cfg.world.hidden_size % cfg.world.num_heads:
         raise ConfigError(f"world.hidden_size ({cfg.world.hidden_size}) must be divisible by world.num_heads "
                           f"({cfg.world.num_heads})")
+    if cfg.erase.method == "svare" and cfg.erase.rollout_from == "target":
+        raise ConfigError("erase.rollout_from: target with erase.method=svare would train the student toward the "
+                          "concept's own image tokens; S-VARE needs the surrogate's rollouts (rollout_from=surrogate)")
     for name, ov in cfg.erase.concepts.items():
         if ov.window_len is not None and ov.window_len < 1:
             raise ConfigError(f"erase.concepts.{name}.window_len: must be >= 1, got {ov.window_len}")
@@ -555,3 +558,16 @@ def save_config(cfg: Config, path: Union[str, Path]) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def add_config_args(p) -> None:
+    """The config flags shared by every job command."""
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML/JSON config (repeatable; later wins)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="override one key, e.g. --set erase.window_len=24 (repeatable)",
+    )
+
+
+def config_from_args(args, base: Optional[dict] = None) -> Config:
+    return load_config(files=args.config, overrides=args.overrides, base=base)

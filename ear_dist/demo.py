@@ -10,22 +10,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-# Erasure settings for the world's 4-layer, 64-token model (the paper's defaults are for
-# Janus-Pro-7B: 5 of 30 layers, 576 tokens). Everything else is the paper's default.
-# Chosen on this world (see the README): lr 3e-4 and tau 1.0, since the hidden-state MSE of
-# a 16-token window here is ~1-3 and the paper's tau=0.05 keeps every window.
-WORLD_ERASE = [
-    "trainable.first_k_layers=2",
-    "trainable.modules=attention",
-    "erase.window_len=16",
-    "erase.loss_threshold=1.0",
-    "optim.lr=3e-4",
-    "train.steps=50",
-]
+from ear_dist.world.erasure import WORLD_ERASE
 
 
 def register(sub) -> None:
-    from ear_dist.cli import add_config_args
+    from ear_dist.config import add_config_args
 
     p = sub.add_parser("demo", help="build the toy world, erase 'church', evaluate, report (CPU, minutes)")
     p.add_argument("--out", default="runs/demo", help="output directory for the report")
@@ -44,7 +33,7 @@ def register(sub) -> None:
 
 
 def run_demo(args) -> int:
-    from ear_dist.cli import config_from_args
+    from ear_dist.config import config_from_args
     from ear_dist.world.erasure import ABLATIONS, markdown_table, run_world_erasure
     from ear_dist.world.pretrain import build_world_model
     from ear_dist.world.world import World

@@ -33,4 +33,4 @@ apt_opts=(-y -q -o DPkg::Lock::Timeout=300)
 apt-get "${apt_opts[@]}" update >/dev/null
 apt-get "${apt_opts[@]}" install --no-install-recommends \
     slurmctld slurmd slurm-client munge openmpi-bin libpmix-dev >/dev/null
-echo "install_system_deps: installed slurm $(dpkg-query -W -f="${Version}" slurmctld 2>/dev/null), munge, $(mpirun --version 2>/dev/null | head -1)"
+echo "install_system_deps: installed slurm $(dpkg-query -W -f='${Version}' slurmctld 2>/dev/null), munge, $(mpirun --version 2>/dev/null | head -1)"

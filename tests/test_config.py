@@ -63,9 +63,9 @@ def test_unparseable_file_names_the_file(tmp_path):
 
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
-    rc = main(["generate", "--prompt", "x", "--out", str(tmp_path), "--set", "rollout.cfg_weight=high"])
+    rc = main(["generate", "--prompt", "x", "--out", str(tmp_path), "--set", "rollout.guidance_weight=high"])
     assert rc == 2
-    assert "rollout.cfg_weight: expected a number" in capsys.readouterr().err
+    assert "rollout.guidance_weight: expected a number" in capsys.readouterr().err
 
 
 def test_generate_command_writes_images(tmp_path, tiny_checkpoint):

@@ -181,7 +181,7 @@ def test_filter_with_the_tiny_teacher():
     from ear_dist.models.rollout import rollout
 
     bundle = load_janus("tiny", device="cpu", dtype="float32")
-    generate, decode = teacher_functions(bundle, cfg_weight=5.0, batch_size=4)
+    generate, decode = teacher_functions(bundle, guidance_weight=5.0, batch_size=4)
     seen = {}
 
     def spy(images, concepts):
@@ -195,6 +195,6 @@ def test_filter_with_the_tiny_teacher():
     assert len(kept) == 2 and seen["shape"][0] == 4 and seen["shape"][-1] == 3
     assert len(kept[0].surrogate_tokens) == bundle.num_image_tokens
     # the stored tokens are what the teacher gives for that surrogate and seed
-    again = rollout(bundle, ["the mill"], cfg_weight=5.0, seeds=[9])
+    again = rollout(bundle, ["the mill"], guidance_weight=5.0, seeds=[9])
     assert kept[1].surrogate_tokens == again[0].tolist()
     assert kept[0].seed == 5

@@ -97,21 +97,65 @@ def test_two_ranks_under_zero_give_the_one_process_delta(world, reference, stage
     assert summary["student_ranks"] == 2
 
 
-def test_the_three_teacher_placements_give_the_same_delta(world, reference):
+# What the teacher computes: rollouts from either prompt, hidden or logit outputs, with the
+# unconditional branch; each must train the same student wherever the teacher runs. A cold,
+# strongly guided sampler makes the tiny random model's rollouts depend on the prompt.
+SAMPLING = ["rollout.guidance_weight=50", "rollout.temperature=0.2"]
+REQUESTS = {
+    "default": [],
+    "target-rollouts": ["erase.rollout_from=target"],
+    "logit-guided-target-rollouts": ["erase.rollout_from=target", "erase.target_mode=logit",
+                                     "erase.teacher_guidance_weight=3"],
+}
+
+
+@pytest.mark.parametrize("request_name", list(REQUESTS))
+def test_the_three_teacher_placements_give_the_same_delta(world, request_name):
     d, model, pairs = world
     from ear_dist.cli import main
 
-    base = _overrides(model, pairs, d / "unused", "erase.update_mode=sequence")
-    sets = [x for o in base for x in ("--set", o)]
-    assert main(["teacher", "precompute", "--out", str(d / "teacher"), *sets]) == 0
-    off = d / "offline"
-    cfg = load_config(overrides=_overrides(model, pairs, off, "erase.update_mode=sequence",
-                                           "dist.teacher_placement=offline", f"dist.teacher_dir={d / 'teacher'}"))
+    extra = ["erase.update_mode=sequence", *SAMPLING, *REQUESTS[request_name]]
+    here = d / request_name
+    cfg = load_config(overrides=_overrides(model, pairs, here / "colocated", *extra))
+    colocated = run_erase(cfg, progress=False)["delta"]
+
+    sets = [x for o in _overrides(model, pairs, here / "unused", *extra) for x in ("--set", o)]
+    assert main(["teacher", "precompute", "--out", str(here / "teacher"), *sets]) == 0
+    cfg = load_config(overrides=_overrides(model, pairs, here / "offline", *extra, "dist.teacher_placement=offline",
+                                           f"dist.teacher_dir={here / 'teacher'}"))
     run_erase(cfg, progress=False)
-    assert _max_diff(reference["sequence"], off / "delta.safetensors") == 0.0
-    ded = d / "dedicated"
-    _torchrun(2, _overrides(model, pairs, ded, "erase.update_mode=sequence", "dist.teacher_placement=dedicated"))
-    assert _max_diff(reference["sequence"], ded / "delta.safetensors") < TOLERANCE
+    assert _max_diff(colocated, here / "offline" / "delta.safetensors") == 0.0
+
+    _torchrun(2, _overrides(model, pairs, here / "dedicated", *extra, "dist.teacher_placement=dedicated"))
+    assert _max_diff(colocated, here / "dedicated" / "delta.safetensors") < TOLERANCE
+    if request_name != "default":  # the settings really change what is trained: the equalities are not vacuous
+        cfg = load_config(overrides=_overrides(model, pairs, here / "as-default", "erase.update_mode=sequence",
+                                               *SAMPLING))
+        assert _max_diff(run_erase(cfg, progress=False)["delta"], colocated) > 1e-3
+
+
+def test_an_offline_teacher_of_other_settings_is_refused(world):
+    d, model, pairs = world
+    from ear_dist.cli import main
+    from ear_dist.teacher.offline import OfflineTeacherError
+
+    sets = [x for o in _overrides(model, pairs, d / "unused") for x in ("--set", o)]
+    assert main(["teacher", "precompute", "--out", str(d / "teacher-default"), *sets]) == 0
+    cfg = load_config(overrides=_overrides(model, pairs, d / "refused", "erase.rollout_from=target",
+                                           "dist.teacher_placement=offline", f"dist.teacher_dir={d / 'teacher-default'}"))
+    with pytest.raises(OfflineTeacherError, match="rollout_from: precomputed 'surrogate', run 'target'"):
+        run_erase(cfg, progress=False)
+    other_base = save_tiny_model(d / "other-base", seed=5)
+    cfg = load_config(overrides=_overrides(other_base, pairs, d / "refused2", "dist.teacher_placement=offline",
+                                           f"dist.teacher_dir={d / 'teacher-default'}"))
+    with pytest.raises(OfflineTeacherError, match="precomputed from base model"):
+        run_erase(cfg, progress=False)
+
+
+def save_tiny_model(path, seed):
+    from ear_dist.models.janus import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(path, seed=seed)
 
 
 def test_zero3_really_partitions_the_student(world):

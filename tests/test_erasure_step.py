@@ -6,11 +6,14 @@ import pytest
 import torch
 from transformers import JanusForConditionalGeneration
 
-from ear_dist.config import ConfigError, EraseConfig, TrainableConfig, load_config
+from ear_dist.config import ConfigError, EraseConfig, RolloutConfig, TrainableConfig, load_config
 from ear_dist.data.pairs import PromptPair
+from ear_dist.losses.windowed import per_token_kl, per_token_mse
+from ear_dist.models.delta import DeltaError, apply_deltas, load_delta
 from ear_dist.models.janus import load_janus, teacher_forced
-from ear_dist.teacher.engine import ColocatedTeacher
-from ear_dist.train.delta import DeltaError, apply_deltas, load_delta
+from ear_dist.teacher.base import TeacherRequest, TeacherSettings
+from ear_dist.teacher.colocated import ColocatedTeacher
+from ear_dist.train.loss import windowed_loss
 from ear_dist.train.step import ErasureStep, PairBatch, Updater
 from ear_dist.train.student import make_student
 from ear_dist.train.trainable import select_trainable_names
@@ -34,12 +37,18 @@ def _batch(bundle, seed=0):
     return PairBatch(TARGETS, SURROGATES, ["church", "church"], [0, 1], tokens)
 
 
+def _outputs(teacher, tokens, mode="hidden", with_uncond=False):
+    """The teacher's raw outputs on TARGETS / SURROGATES, teacher-forced on ``tokens``."""
+    settings = TeacherSettings(mode=mode, with_uncond=with_uncond)
+    return teacher.forward_targets(TeacherRequest(settings, TARGETS, SURROGATES, [0, 1]), tokens)
+
+
 def _median_window_sum(bundle, teacher, student, batch, window_len):
     """A threshold between the window sums, so that some windows are kept and some masked."""
-    teach = teacher.targets(TARGETS, SURROGATES, batch.tokens, "hidden")
+    teach = _outputs(teacher, batch.surrogate_tokens)
     ids, mask = bundle.encode_prompts(TARGETS)
     with torch.no_grad():
-        h, _ = teacher_forced(student, ids, mask, batch.tokens, return_logits=False)
+        h, _ = teacher_forced(student, ids, mask, batch.surrogate_tokens, return_logits=False)
     per_token = ((h - (2 * teach.on_surrogate - teach.on_target)) ** 2).mean(-1)
     sums = torch.cat([per_token[:, s : s + window_len].sum(1) for s in range(0, per_token.shape[1], window_len)])
     return float(sums.median())
@@ -87,37 +96,44 @@ def test_student_shares_frozen_tensors_and_owns_trained_ones(tiny_bundle):
 
 
 def test_hidden_targets_equal_their_formula(tiny_bundle):
+    """The teacher's outputs are its teacher-forced states, and the loss builds the guided target from them."""
     _, teacher, _, _ = _setup(tiny_bundle)
     batch = _batch(tiny_bundle)
-    teach = teacher.targets(TARGETS, SURROGATES, batch.tokens, "hidden")
+    teach = _outputs(teacher, batch.surrogate_tokens)
     for prompts, got in ((TARGETS, teach.on_target), (SURROGATES, teach.on_surrogate)):
         for i, p in enumerate(prompts):  # one prompt at a time: no padding involved
             ids, mask = tiny_bundle.encode_prompts([p])
-            h, _ = teacher_forced(tiny_bundle.model, ids, mask, batch.tokens[i : i + 1])
+            h, _ = teacher_forced(tiny_bundle.model, ids, mask, batch.surrogate_tokens[i : i + 1])
             torch.testing.assert_close(got[i], h[0], rtol=1e-4, atol=1e-5)
-    step = ErasureStep(None, tiny_bundle, teacher, EraseConfig(erase_guidance=0.7), None)
-    guided = step._guided(teach, ["church", "church"])
-    torch.testing.assert_close(guided, teach.on_surrogate - 0.7 * (teach.on_target - teach.on_surrogate))
+    student = torch.randn_like(teach.on_target)
+    windows = torch.zeros(student.shape[:2], dtype=torch.long)
+    out = windowed_loss("hidden", student, teach.on_target, teach.on_surrogate, windows, 0.0, 0.7, backend="torch")
+    guided = teach.on_surrogate - 0.7 * (teach.on_target - teach.on_surrogate)
+    torch.testing.assert_close(out.per_token, per_token_mse(student, guided))
 
 
 def test_logit_targets_with_teacher_cfg_equal_their_formula(tiny_bundle):
     _, teacher, _, _ = _setup(tiny_bundle)
     batch = _batch(tiny_bundle)
-    teach = teacher.targets(TARGETS, SURROGATES, batch.tokens, "logit", with_uncond=True)
+    teach = _outputs(teacher, batch.surrogate_tokens, "logit", with_uncond=True)
     assert teach.uncond is not None and teach.uncond.shape == teach.on_target.shape
     w, eta = 3.0, 1.0
-    step = ErasureStep(None, tiny_bundle, teacher, EraseConfig(target_mode="logit", teacher_cfg_weight=w), None)
-    guided = step._guided(teach, ["church", "church"])
+    settings = TeacherSettings.from_config(EraseConfig(target_mode="logit", teacher_guidance_weight=w), RolloutConfig())
+    assert settings.with_uncond and settings.target_guidance_weight == w
+    student = torch.randn_like(teach.on_target)
+    windows = torch.zeros(student.shape[:2], dtype=torch.long)
+    out = windowed_loss("logit", student, teach.on_target, teach.on_surrogate, windows, 0.0, eta, uncond=teach.uncond,
+                        guidance_weight=w, backend="torch")
     g_t = teach.uncond + w * (teach.on_target - teach.uncond)
     g_s = teach.uncond + w * (teach.on_surrogate - teach.uncond)
-    torch.testing.assert_close(guided, g_s - eta * (g_t - g_s))
+    torch.testing.assert_close(out.per_token, per_token_kl(student, g_s - eta * (g_t - g_s)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["hidden", "logit"])
 def test_target_equal_to_surrogate_gives_zero_loss_and_no_update(tiny_bundle, mode):
     names, teacher, student, opt = _setup(tiny_bundle)
     before = _trained(student, names)
-    batch = PairBatch(TARGETS, TARGETS, ["church"] * 2, [0, 1], _batch(tiny_bundle).tokens)
+    batch = PairBatch(TARGETS, TARGETS, ["church"] * 2, [0, 1], _batch(tiny_bundle).surrogate_tokens)
     for update in ("sequence", "window"):
         cfg = EraseConfig(target_mode=mode, update_mode=update, window_len=4, loss_threshold=1e-6)
         res = ErasureStep(student, tiny_bundle, teacher, cfg, Updater(opt))(batch)
@@ -133,7 +149,7 @@ def test_anchor_pairs_pull_a_drifted_student_back_to_the_teacher(tiny_bundle):
     names, teacher, student, opt = _setup(tiny_bundle, lr=3e-3)
     anchor = PromptPair("a barn at night", "a barn at night", "church")
     assert anchor.is_anchor and not PromptPair(TARGETS[0], SURROGATES[0], "church").is_anchor
-    tokens = _batch(tiny_bundle).tokens[:1]
+    tokens = _batch(tiny_bundle).surrogate_tokens[:1]
     batch = PairBatch([anchor.target], [anchor.surrogate], ["church"], [0], tokens)
     ids, mask = tiny_bundle.encode_prompts([anchor.target])
 
@@ -168,10 +184,10 @@ def test_sequence_mode_equals_the_loop_written_out(tiny_bundle):
     before = _trained(student, names)
     res = ErasureStep(student, tiny_bundle, teacher, cfg, Updater(opt))(batch)
 
-    teach = teacher.targets(TARGETS, SURROGATES, batch.tokens, "hidden")
+    teach = _outputs(teacher, batch.surrogate_tokens)
     target = 2 * teach.on_surrogate - teach.on_target
     ids, mask = tiny_bundle.encode_prompts(TARGETS)
-    h, _ = teacher_forced(ref_student, ids, mask, batch.tokens, return_logits=False)
+    h, _ = teacher_forced(ref_student, ids, mask, batch.surrogate_tokens, return_logits=False)
     per_token = ((h - target) ** 2).mean(-1)
     total, kept = 0.0, 0
     for row in range(2):
@@ -199,12 +215,12 @@ def test_window_mode_equals_the_loop_written_out(tiny_bundle):
     before = _trained(student, names)
     res = ErasureStep(student, tiny_bundle, teacher, cfg, Updater(opt))(batch)
 
-    teach = teacher.targets(TARGETS, SURROGATES, batch.tokens, "hidden")
+    teach = _outputs(teacher, batch.surrogate_tokens)
     target = 2 * teach.on_surrogate - teach.on_target
     ids, mask = tiny_bundle.encode_prompts(TARGETS)
     steps, kept = 0, 0
     for start in range(0, 16, window_len):  # full-length forward each time: causality makes it equal
-        h, _ = teacher_forced(ref_student, ids, mask, batch.tokens, return_logits=False)
+        h, _ = teacher_forced(ref_student, ids, mask, batch.surrogate_tokens, return_logits=False)
         sums = ((h - target) ** 2).mean(-1)[:, start : start + window_len].sum(1)
         keep = sums.detach() >= tau
         if keep.any():
@@ -255,14 +271,31 @@ def test_svare_and_esd_baseline_train(tiny_bundle, method):
         assert 0 < res.extras["counted"] <= 32 and res.extras["preserve"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_rollout_comes_from_the_surrogate_prompt_by_default(tiny_bundle):
+@pytest.mark.parametrize("rollout_from", ["surrogate", "target"])
+def test_the_teacher_samples_from_the_prompt_the_config_names(tiny_bundle, rollout_from):
+    """erase.rollout_from decides which prompt the rollout comes from, and which stored tokens a pair uses."""
     _, teacher, student, opt = _setup(tiny_bundle)
-    teacher.greedy = True
+    settings = TeacherSettings.from_config(EraseConfig(rollout_from=rollout_from), RolloutConfig(greedy=True))
     batch = PairBatch(TARGETS, SURROGATES, ["church"] * 2, [0, 1])
-    step = ErasureStep(student, tiny_bundle, teacher, EraseConfig(), Updater(opt))
-    torch.testing.assert_close(step._rollout(batch), teacher.rollout(SURROGATES, [0, 1]))
-    step.cfg = EraseConfig(rollout_from="target")
-    torch.testing.assert_close(step._rollout(batch), teacher.rollout(TARGETS, [0, 1]))
+    request = TeacherRequest.from_batch(settings, batch)
+    assert request.rollout_prompts == (SURROGATES if rollout_from == "surrogate" else TARGETS)
+    want = teacher.rollout(request)
+    ids, mask = tiny_bundle.encode_prompts(request.rollout_prompts)
+    from ear_dist.models.rollout import rollout_ids
+
+    torch.testing.assert_close(want, rollout_ids(tiny_bundle, ids, mask, 5.0, greedy=True, seeds=[0, 1]))
+    assert not torch.equal(want, teacher.rollout(TeacherRequest(
+        TeacherSettings(rollout_from="target" if rollout_from == "surrogate" else "surrogate", greedy=True),
+        TARGETS, SURROGATES, [0, 1])))
+    stored = PairBatch(TARGETS, SURROGATES, ["church"] * 2, [0, 1], surrogate_tokens=torch.zeros(2, 16).long(),
+                       target_tokens=torch.ones(2, 16).long())
+    got = TeacherRequest.from_batch(settings, stored).tokens
+    assert int(got[0, 0]) == (0 if rollout_from == "surrogate" else 1)
+
+
+def test_svare_with_target_rollouts_is_a_config_error():
+    with pytest.raises(ConfigError, match="erase.rollout_from: target with erase.method=svare"):
+        load_config(overrides=["erase.method=svare", "erase.rollout_from=target"])
 
 
 # ----------------------------------------------------------------------------- the job
@@ -359,7 +392,7 @@ def test_joint_run_logs_per_concept_windows(tmp_path, tiny_checkpoint, update):
 
 def test_merge_refuses_opposing_deltas_under_conflicts_error(tmp_path, tiny_checkpoint):
     from ear_dist.cli import main
-    from ear_dist.train.delta import save_delta
+    from ear_dist.models.delta import save_delta
 
     summary = run_erase(_cfg(tmp_path, tiny_checkpoint), _pairs(), progress=False)
     tensors, meta = load_delta(summary["delta"])

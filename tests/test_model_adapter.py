@@ -78,7 +78,7 @@ def test_teacher_forced_pass_equals_step_by_step_decoding(tiny_bundle):
     """The parallel pass must give the logits that token-by-token decoding with a KV cache gives."""
     model = tiny_bundle.model
     ids, mask = tiny_bundle.encode_prompts(PROMPTS)  # different lengths: left padding is exercised
-    tokens = rollout_ids(tiny_bundle, ids, mask, cfg_weight=1.0, temperature=1.0, seeds=[1, 2, 3])
+    tokens = rollout_ids(tiny_bundle, ids, mask, guidance_weight=1.0, temperature=1.0, seeds=[1, 2, 3])
     with torch.no_grad():
         hidden, logits = teacher_forced(model, ids, mask, tokens)
         step_logits = []
@@ -105,7 +105,7 @@ def test_teacher_forced_pass_equals_step_by_step_decoding(tiny_bundle):
 
 def test_rollout_matches_transformers_generate_token_for_token(tiny_bundle):
     ids, mask = tiny_bundle.encode_prompts(PROMPTS)
-    ours = rollout_ids(tiny_bundle, ids, mask, cfg_weight=5.0, greedy=True)
+    ours = rollout_ids(tiny_bundle, ids, mask, guidance_weight=5.0, greedy=True)
     gc = GenerationConfig(
         bos_token_id=tiny_bundle.prompt_format.bos_token_id, pad_token_id=tiny_bundle.prompt_format.pad_token_id,
         generation_kwargs={"boi_token_id": tiny_bundle.prompt_format.boi_token_id}, do_sample=False,

@@ -20,12 +20,13 @@ import torch
 
 from ear_dist.cli import main
 from ear_dist.config import load_config
-from ear_dist.slurm.array import collect_from_out_dir, compare_changes
+from ear_dist.models.delta import compare_changes
+from ear_dist.slurm.array import collect_from_out_dir
 from ear_dist.slurm.checks import (SlurmJobError, array_task_env, check_allocation, check_partition,
                                    concept_dir_name, gpus_in_gres, visible_gpus)
 from ear_dist.slurm.preempt import EXIT_PREEMPTED, PreemptionError, PreemptionHandler, restart_count
 from ear_dist.slurm.render import TEMPLATES, render_job, render_text
-from ear_dist.train.delta import save_delta
+from ear_dist.models.delta import save_delta
 
 CHURCH = [{"original_prompt": "a photo of a church", "modified_prompt": "a photo of a house", "concept": "church"}]
 

@@ -70,7 +70,7 @@ def test_array_job_writes_one_delta_per_concept_and_they_compose(slurm_cluster, 
 
     from ear_dist.cli import main
     from ear_dist.slurm.array import collect_from_out_dir
-    from ear_dist.train.delta import load_delta
+    from ear_dist.models.delta import load_delta
 
     config = _array_setup(tmp_path, tiny_checkpoint)
     array_id = _submit(slurm_cluster, tmp_path, config, "erase_array")
@@ -297,7 +297,7 @@ sys.exit(handler.exit_code if summary.get("stopped") else 0)
 def test_preempted_erasure_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, tiny_checkpoint):
     # The erase entry point with the trainer's should_stop hook fed by PreemptionHandler,
     # launched through the multi-node template.
-    from ear_dist.train.delta import load_delta
+    from ear_dist.models.delta import load_delta
 
     config = _array_setup(tmp_path, tiny_checkpoint)
     data = json.loads(config.read_text())

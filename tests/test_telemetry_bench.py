@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ear_dist.cli import main
 from ear_dist.config import load_config
 from ear_dist.models.janus import load_janus
-from ear_dist.telemetry.bench import bench_pairs, run_erasure_bench
+from ear_dist.bench.erase import bench_pairs, run_erasure_bench
 from ear_dist.telemetry.flops import frozen_forward_flops_per_token, janus_flops_shape, rollout_flops, train_flops_per_token
 from ear_dist.telemetry.timer import STUDENT_FWD_BWD, TEACHER_ROLLOUT, TEACHER_TARGETS
 from ear_dist.telemetry.writer import read_jsonl
@@ -39,7 +39,7 @@ def test_flops_follow_the_passes_of_the_step(tmp_path, update_mode, target_mode)
     b, t = 2, 16  # pairs per step, image tokens of the tiny preset
 
     counts = result.counts
-    assert counts.flops[TEACHER_ROLLOUT] == rollout_flops(shape, rollout_len, t, batch_size=b, cfg=True)
+    assert counts.flops[TEACHER_ROLLOUT] == rollout_flops(shape, rollout_len, t, batch_size=b, guided=True)
     targets_seq = pair_len + t - 1
     assert counts.flops[TEACHER_TARGETS] == 2 * b * targets_seq * frozen_forward_flops_per_token(shape, targets_seq)
     if update_mode == "sequence":
@@ -113,8 +113,8 @@ def test_cli_compare_bad_spec_is_a_clear_error(tmp_path, capsys):
 
 
 def test_presets_without_tokenizer_run_on_synthetic_prompt_ids(tmp_path, monkeypatch):
-    import ear_dist.telemetry.bench as bench_mod
-    from ear_dist.telemetry.bench import SyntheticPromptBundle
+    import ear_dist.bench.erase as bench_mod
+    from ear_dist.bench.erase import SyntheticPromptBundle
 
     def tiny_without_tokenizer(*args, **kwargs):
         bundle = load_janus("tiny", device="cpu", dtype="float32")

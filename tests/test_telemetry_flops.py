@@ -74,9 +74,9 @@ def test_tiny_config_by_hand():
     #   decode: 2*1664*4 = 13312; cached contexts 3+4+5+6 = 18 -> 4*(2*8)*18 = 1152
     #   prefill: 3 * (2*1664 + 4*2*8*3) = 3 * 3520 = 10560
     #   one row 13312 + 1152 + 10560 = 25024, two rows (CFG) 50048
-    assert rollout_flops(shape, prompt_len=3, num_image_tokens=4, batch_size=1, cfg=True) == 50048
-    assert rollout_flops(shape, prompt_len=3, num_image_tokens=4, cfg=False, include_prefill=False) == 13312 + 1152
-    assert rollout_flops(shape, prompt_len=3, num_image_tokens=4, batch_size=3, cfg=False) == 3 * 25024
+    assert rollout_flops(shape, prompt_len=3, num_image_tokens=4, batch_size=1, guided=True) == 50048
+    assert rollout_flops(shape, prompt_len=3, num_image_tokens=4, guided=False, include_prefill=False) == 13312 + 1152
+    assert rollout_flops(shape, prompt_len=3, num_image_tokens=4, batch_size=3, guided=False) == 3 * 25024
 
     # only layer 1's attention trainable (192 params), s = 10:
     #   forward 2*1664 + 4*2*8*10 = 3968

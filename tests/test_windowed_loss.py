@@ -8,7 +8,7 @@ import torch
 
 from ear_dist.losses.svare import filtered_ce, preservation_kl, svare_loss
 from ear_dist.losses.windowed import (
-    cfg_combine,
+    guidance_combine,
     guided_target,
     per_token_kl,
     per_token_mse,
@@ -32,8 +32,8 @@ def test_guided_target_and_cfg_follow_their_formulas():
     assert torch.equal(out[0], torch.tensor([-1.0, 5.0, 0.5]))
     assert torch.equal(out[1], on_surrogate)
     cond, uncond = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
-    assert torch.equal(cfg_combine(cond, uncond, 5.0), torch.tensor([6.0, -4.0]))
-    assert torch.equal(cfg_combine(cond, uncond, 1.0), cond)
+    assert torch.equal(guidance_combine(cond, uncond, 5.0), torch.tensor([6.0, -4.0]))
+    assert torch.equal(guidance_combine(cond, uncond, 1.0), cond)
 
 
 def test_per_token_mse_and_kl_match_their_definitions():

@@ -141,7 +141,7 @@ def test_build_is_reproducible_whatever_the_ambient_thread_count(tmp_path):
 def test_small_erasure_on_the_world_erases_more_than_it_damages(default_world_model, tmp_path):
     """The real erase path on the world model: church on held-out sentences and synonyms drops by more
     than preservation of the other objects does."""
-    from ear_dist.demo import WORLD_ERASE
+    from ear_dist.world.erasure import WORLD_ERASE
     from ear_dist.world.erasure import run_world_erasure
     from ear_dist.world.world import World
 
@@ -158,7 +158,7 @@ def test_small_erasure_on_the_world_erases_more_than_it_damages(default_world_mo
 @pytest.mark.slow
 def test_joint_and_composed_erasure_both_erase_each_concept(default_world_model, tmp_path):
     """Two concepts (an object and a style), erased jointly and as composed per-concept deltas."""
-    from ear_dist.demo import WORLD_ERASE
+    from ear_dist.world.erasure import WORLD_ERASE
     from ear_dist.world.erasure import run_joint_vs_composed
     from ear_dist.world.world import World
 

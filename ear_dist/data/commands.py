@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ear_dist.cli import add_config_args
+    from ear_dist.config import add_config_args
 
     data = sub.add_parser("data", help="prompt pairs: build WebDataset shards, inspect them")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -85,7 +85,7 @@ def collect_pairs(cfg, extra_files: list[str]) -> list:
 def run_build(args) -> int:
     from tqdm import tqdm
 
-    from ear_dist.cli import config_from_args
+    from ear_dist.config import config_from_args
     from ear_dist.data.ecg import ECGError
     from ear_dist.data.readers import write_jsonl
     from ear_dist.data.shards import ShardError, ShardWriter
@@ -106,7 +106,7 @@ def run_build(args) -> int:
             )
             bundle = load_janus(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
             r = cfg.rollout
-            generate, decode = teacher_functions(bundle, r.cfg_weight, r.temperature, r.top_k, r.batch_size)
+            generate, decode = teacher_functions(bundle, r.guidance_weight, r.temperature, r.top_k, r.batch_size)
             vf = VisualFilter(generate, decode, classifier, d.vf.batch_size, d.vf.store_target_tokens, d.vf.seed)
             pairs = vf.run(pairs, progress=True)
             print(vf.report.summary())

@@ -356,7 +356,7 @@ class VisualFilter:
         return kept
 
 
-def teacher_functions(bundle, cfg_weight: float = 5.0, temperature: float = 1.0, top_k: int = 0,
+def teacher_functions(bundle, guidance_weight: float = 5.0, temperature: float = 1.0, top_k: int = 0,
                       batch_size: int = 8) -> tuple[Callable, Callable]:
     """``generate`` and ``decode`` for ``VisualFilter`` from a loaded Janus bundle."""
     from ear_dist.models.images import decode_tokens
@@ -364,7 +364,7 @@ def teacher_functions(bundle, cfg_weight: float = 5.0, temperature: float = 1.0,
 
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            return rollout(bundle, prompts, cfg_weight=cfg_weight, temperature=temperature, top_k=top_k,
+            return rollout(bundle, prompts, guidance_weight=guidance_weight, temperature=temperature, top_k=top_k,
                            seeds=seeds, batch_size=batch_size)
 
     def decode(tokens: torch.Tensor) -> np.ndarray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -123,61 +122,47 @@ class DeepSpeedUpdater:
             else torch.device("cpu")
 
 
-def build_student_engine(cfg: Config, rt: Runtime, base_model: torch.nn.Module, model_source: str,
-                         trainable: list[str], ds: dict, share_from: Optional[torch.nn.Module]):
-    """Wrap the student in a DeepSpeed engine; returns (engine, student module).
+def load_partitioned_model(model_source: str, base_model: torch.nn.Module, ds: dict) -> torch.nn.Module:
+    """A fresh model for ZeRO-3, partitioned across the student ranks as it loads.
 
-    ZeRO 0-2: the student is ``share_from``'s copy sharing frozen tensors (colocated
-    teacher) or the base model itself. ZeRO-3: a fresh model loaded under
-    HfDeepSpeedConfig from ``model_source`` (a preset is saved to a temp dir first),
-    so every tensor, frozen ones included, is partitioned across the students.
+    Loaded under HfDeepSpeedConfig from ``model_source`` (a preset is saved to a temp dir
+    first: the same seed on every rank gives the same weights), so every tensor, frozen
+    ones included, is partitioned.
     """
-    import deepspeed
     from transformers import JanusForConditionalGeneration
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from ear_dist.train.student import make_student
-    from ear_dist.train.trainable import freeze_all_but
-    from ear_dist.train.trainer import build_optimizer
+    src = Path(model_source)
+    tmp = None
+    if not src.is_dir():
+        tmp = tempfile.TemporaryDirectory(prefix="ear-dist-zero3-")
+        src = Path(tmp.name)
+        base_model.save_pretrained(src, safe_serialization=True)
+    dschf = HfDeepSpeedConfig(ds)  # noqa: F841 (must stay alive while the model is built)
+    try:
+        return JanusForConditionalGeneration.from_pretrained(src, dtype=base_model.dtype)
+    finally:
+        unset_hf_deepspeed_config()
+        if tmp is not None:
+            tmp.cleanup()
 
-    if zero_stage(ds) == 3:
-        src = Path(model_source)
-        tmp = None
-        if not src.is_dir():  # a preset: the same seed on every rank gives the same weights
-            tmp = tempfile.TemporaryDirectory(prefix="ear-dist-zero3-")
-            src = Path(tmp.name)
-            base_model.save_pretrained(src, safe_serialization=True)
-        dschf = HfDeepSpeedConfig(ds)  # noqa: F841 (must stay alive while the model is built)
-        try:
-            student = JanusForConditionalGeneration.from_pretrained(src, dtype=base_model.dtype)
-        finally:
-            unset_hf_deepspeed_config()
-            if tmp is not None:
-                tmp.cleanup()
-        freeze_all_but(student, trainable)
-    elif share_from is not None:
-        student = make_student(share_from, trainable)
-    else:
-        student = base_model
-        freeze_all_but(student, trainable)
-    student.eval()
-    optimizer = build_optimizer(student.parameters(), cfg.optim)
+
+def initialize_engine(student: torch.nn.Module, optimizer: torch.optim.Optimizer, ds: dict, rt: Runtime):
+    """Wrap the student and its (client) optimizer in a DeepSpeed engine over the student ranks."""
+    import deepspeed
+
     mpu = StudentMPU(rt) if rt.teacher_ranks else None
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds, mpu=mpu,
                                            dist_init_required=False)
-    return engine, engine.module
+    return engine
 
 
-def gather_trainable(student: torch.nn.Module, trainable: list[str], stage: int) -> dict[str, torch.Tensor]:
-    """Full values of the trained tensors on every student rank (ZeRO-3 gathers its partitions)."""
-    from ear_dist.train.student import trainable_state
-
-    if stage != 3:
-        return trainable_state(student, trainable)
+def gather_full(student: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Full values of ZeRO-3-partitioned parameters on every student rank (a collective), on the CPU."""
     import deepspeed
 
     params = dict(student.named_parameters())
-    chosen = [params[n] for n in trainable]
+    chosen = [params[n] for n in names]
     with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None):
-        return {n: params[n].detach().to("cpu").clone() for n in trainable}
+        return {n: params[n].detach().to("cpu").clone() for n in names}

@@ -8,7 +8,6 @@ per rank on its own pairs and never cross ranks.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -127,9 +126,3 @@ class StudentMPU:
 
     def get_tensor_model_parallel_src_rank(self):
         return self.rt.rank
-
-
-def cpu_threads_hint() -> None:
-    """One intra-op thread per rank unless the launcher or user said otherwise (CPU ranks share cores)."""
-    if "OMP_NUM_THREADS" in os.environ:
-        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ear_dist.losses.windowed import WindowedLoss, thresholds, window_sums
+from ear_dist.losses.windowed import WindowedLoss, thresholds, token_keep, window_sums
 
 __all__ = ["fused_windowed_loss"]
 
@@ -43,7 +43,7 @@ __all__ = ["fused_windowed_loss"]
 
 @triton.jit
 def _guided_logits(
-    target_ptr, surrogate_ptr, uncond_ptr, row_offset, offs, mask, eta, cfg_weight,
+    target_ptr, surrogate_ptr, uncond_ptr, row_offset, offs, mask, eta, guidance_weight,
     HAS_UNCOND: tl.constexpr,
 ):
     """Guided target logits of one chunk in float32 (0 outside the row)."""
@@ -54,7 +54,7 @@ def _guided_logits(
         # CFG on both prompts with a shared unconditional row folds into one combine:
         # u + w (s - u) - eta (u + w (t - u) - u - w (s - u)) = u + w (guided - u)
         uncond = tl.load(uncond_ptr + row_offset + offs, mask=mask, other=0.0).to(tl.float32)
-        guided = uncond + cfg_weight * (guided - uncond)
+        guided = uncond + guidance_weight * (guided - uncond)
     return guided
 
 
@@ -62,7 +62,7 @@ def _guided_logits(
 def _kl_loss_kernel(
     student_ptr, target_ptr, surrogate_ptr, uncond_ptr, eta_ptr,
     loss_ptr, lse_student_ptr, lse_target_ptr,
-    cfg_weight, num_tokens, vocab,
+    guidance_weight, num_tokens, vocab,
     HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -77,7 +77,7 @@ def _kl_loss_kernel(
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < vocab
-        guided = _guided_logits(target_ptr, surrogate_ptr, uncond_ptr, row_offset, offs, mask, eta, cfg_weight,
+        guided = _guided_logits(target_ptr, surrogate_ptr, uncond_ptr, row_offset, offs, mask, eta, guidance_weight,
                                 HAS_UNCOND)
         student = tl.load(student_ptr + row_offset + offs, mask=mask, other=0.0).to(tl.float32)
         # lanes past the row end: -inf for the log-sum-exps, a difference of 0
@@ -112,7 +112,7 @@ def _kl_loss_kernel(
 def _kl_grad_kernel(
     student_ptr, target_ptr, surrogate_ptr, uncond_ptr, eta_ptr,
     lse_student_ptr, lse_target_ptr, coef_ptr, grad_ptr,
-    cfg_weight, num_tokens, vocab,
+    guidance_weight, num_tokens, vocab,
     HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -131,7 +131,7 @@ def _kl_grad_kernel(
         for start in range(0, vocab, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < vocab
-            z = _guided_logits(target_ptr, surrogate_ptr, uncond_ptr, row_offset, offs, mask, eta, cfg_weight,
+            z = _guided_logits(target_ptr, surrogate_ptr, uncond_ptr, row_offset, offs, mask, eta, guidance_weight,
                                HAS_UNCOND)
             s = tl.load(student_ptr + row_offset + offs, mask=mask, other=0.0).to(tl.float32)
             # d KL / d s = softmax(s) - softmax(z)
@@ -223,7 +223,7 @@ def _num_warps(block: int) -> int:
 class _WindowedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, on_target, on_surrogate, uncond, window_index, loss_threshold, eta_rows,
-                cfg_weight, scale, mode, block_size, compute_grad):
+                guidance_weight, scale, mode, block_size, compute_grad):
         batch, num_tokens, width = student.shape
         rows = batch * num_tokens
         student_2d = student.reshape(rows, width).contiguous()
@@ -242,7 +242,7 @@ class _WindowedLossFunction(torch.autograd.Function):
             _kl_loss_kernel[grid](
                 student_2d, target_2d, surrogate_2d, uncond_2d, eta_rows,
                 per_token, lse_student, lse_target,
-                float(cfg_weight), num_tokens, width,
+                float(guidance_weight), num_tokens, width,
                 HAS_UNCOND=uncond is not None, BLOCK=block, num_warps=warps,
             )
         else:
@@ -255,7 +255,7 @@ class _WindowedLossFunction(torch.autograd.Function):
         window_loss, window_exists, kept = window_sums(per_token, window_index, loss_threshold)
         loss = torch.where(kept, window_loss, torch.zeros_like(window_loss)).sum() * scale
         # d loss / d per_token: scale on tokens of kept windows, exactly 0 elsewhere
-        token_coef = kept.gather(1, window_index.long()).to(torch.float32) * scale
+        token_coef = token_keep(kept, window_index).to(torch.float32) * scale
 
         grad = None
         if compute_grad:
@@ -264,7 +264,7 @@ class _WindowedLossFunction(torch.autograd.Function):
                 _kl_grad_kernel[grid](
                     student_2d, target_2d, surrogate_2d, uncond_2d, eta_rows,
                     lse_student, lse_target, token_coef.reshape(-1), grad,
-                    float(cfg_weight), num_tokens, width,
+                    float(guidance_weight), num_tokens, width,
                     HAS_UNCOND=uncond is not None, BLOCK=block, num_warps=warps,
                 )
             else:
@@ -304,13 +304,13 @@ def fused_windowed_loss(
     loss_threshold,
     erase_guidance,
     uncond: Optional[torch.Tensor] = None,
-    cfg_weight: float = 0.0,
+    guidance_weight: float = 0.0,
     scale: Optional[float] = None,
     block_size: Optional[int] = None,
 ) -> WindowedLoss:
     """The windowed, threshold-masked loss through the Triton kernels.
 
-    Same contract and numbers as ``ear_dist.losses.dispatch.windowed_loss`` with
+    Same contract and numbers as ``ear_dist.train.loss.windowed_loss`` with
     ``backend="torch"``; see there for the arguments. ``block_size`` (a power of two)
     sets the chunk over the last dimension; by default the whole width up to 4096.
     """
@@ -327,7 +327,7 @@ def fused_windowed_loss(
     loss, per_token, window_loss, window_exists, kept = _WindowedLossFunction.apply(
         student, on_target.detach(), on_surrogate.detach(),
         uncond.detach() if uncond is not None else None,
-        window_index, thr, eta_rows, float(cfg_weight), float(scale), mode, block_size,
+        window_index, thr, eta_rows, float(guidance_weight), float(scale), mode, block_size,
         # forward runs with grad mode off, so ask here: no gradient pass under no_grad
         student.requires_grad and torch.is_grad_enabled(),
     )

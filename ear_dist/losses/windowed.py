@@ -12,7 +12,7 @@ The order of operations is the one of the paper:
    contributes nothing, and its tokens get an exactly zero gradient.
 
 These functions are the definition the fused Triton kernels
-(``ear_dist.kernels.windowed_loss``) are tested against; ``ear_dist.losses.dispatch``
+(``ear_dist.kernels.windowed_loss``) are tested against; ``ear_dist.train.loss``
 picks one or the other with the same numbers either way.
 """
 
@@ -25,12 +25,14 @@ import torch
 
 __all__ = [
     "WindowedLoss",
-    "cfg_combine",
+    "guidance_combine",
     "guided_target",
     "per_token_kl",
     "per_token_mse",
     "window_index",
+    "token_keep",
     "window_lengths",
+    "window_sums",
     "windowed_masked_loss",
 ]
 
@@ -48,13 +50,15 @@ def guided_target(
     return on_surrogate - erase_guidance * (on_target - on_surrogate)
 
 
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, cfg_weight: Union[float, torch.Tensor]) -> torch.Tensor:
-    """Classifier-free guidance: ``uncond + cfg_weight * (cond - uncond)``.
+def guidance_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance_weight: Union[float, torch.Tensor]
+                     ) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + guidance_weight * (cond - uncond)``.
 
-    Used on the teacher side in logit mode, on the target-prompt and surrogate-prompt
-    logits separately, before :func:`guided_target`.
+    Teacher-side guidance in logit mode. Applied to the guided target it equals applying
+    it to the target-prompt and surrogate-prompt logits first, since both share the
+    unconditional row: ``u + w (s - u) - eta (w (t - u) - w (s - u)) = u + w (guided - u)``.
     """
-    return uncond + cfg_weight * (cond - uncond)
+    return uncond + guidance_weight * (cond - uncond)
 
 
 def per_token_mse(student_hidden: torch.Tensor, target_hidden: torch.Tensor) -> torch.Tensor:
@@ -178,7 +182,8 @@ def window_sums(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Window sums ``[B, W]``, window existence and the TLM keep mask.
 
-    The mask is computed on detached values, so it never carries gradient.
+    A window id of -1 marks a token outside every window: it adds to no sum. The mask
+    is computed on detached values, so it never carries gradient.
     """
     if per_token.dim() != 2 or per_token.shape != window_index.shape:
         raise ValueError(
@@ -190,17 +195,24 @@ def window_sums(
     if window_index.numel():
         # one host sync for both the check and the number of windows
         lowest, highest = (int(v) for v in torch.aminmax(window_index))
-        if lowest < 0:
-            raise ValueError(f"window_index: window ids must be >= 0, got {lowest}")
+        if lowest < -1:
+            raise ValueError(f"window_index: window ids must be >= 0 (or -1: no window), got {lowest}")
         num_windows = highest + 1
-    index = window_index.long()
-    window_loss = per_token.new_zeros(batch, num_windows).scatter_add(1, index, per_token)
+    inside = window_index >= 0
+    index = window_index.long().clamp(min=0)
+    window_loss = per_token.new_zeros(batch, num_windows).scatter_add(
+        1, index, torch.where(inside, per_token, torch.zeros_like(per_token)))
     counts = torch.zeros(batch, num_windows, dtype=torch.int32, device=per_token.device)
-    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
+    counts.scatter_add_(1, index, inside.to(torch.int32))
     window_exists = counts > 0
     thr = thresholds(batch, loss_threshold, per_token.device)
     kept = window_exists & (window_loss.detach() >= thr.unsqueeze(1))
     return window_loss, window_exists, kept
+
+
+def token_keep(kept: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
+    """Per token ``[B, T]``: whether its window was kept (False outside every window)."""
+    return kept.gather(1, window_index.long().clamp(min=0)) & (window_index >= 0)
 
 
 def windowed_masked_loss(

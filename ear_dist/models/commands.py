@@ -1,4 +1,4 @@
-"""``ear-dist generate``: prompts -> image tokens -> PNGs and a grid."""
+"""``ear-dist generate`` (prompts -> image tokens -> PNGs and a grid) and ``ear-dist merge`` (deltas -> a full model)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ear_dist.cli import add_config_args
+    from ear_dist.config import add_config_args
 
     p = sub.add_parser("generate", help="sample images from a Janus model (local path or preset)")
     p.add_argument("--model", default=None, help="model directory or preset (default: model.path of the config)")
@@ -21,6 +21,18 @@ def register(sub) -> None:
     add_config_args(p)
     p.set_defaults(func=run_generate)
 
+    m = sub.add_parser("merge", help="apply one or more deltas to a base model and save a full model")
+    m.add_argument("--base", required=True, help="base model directory (or preset) the deltas were trained from")
+    m.add_argument("--delta", action="append", required=True, help="delta file (repeatable)")
+    m.add_argument("--weight", action="append", type=float, default=None,
+                   help="weight per delta (repeatable, same order; default 1.0 each)")
+    m.add_argument("--out", required=True, help="output directory (loads with from_pretrained)")
+    m.add_argument("--no-base-check", action="store_true", help="skip the base-model fingerprint check")
+    m.add_argument("--conflicts", choices=["warn", "error", "sum"], default="warn",
+                   help="two deltas whose changes to shared tensors point in opposite directions (cosine < 0): "
+                        "warn (default), error (refuse to merge), sum (compose silently)")
+    m.set_defaults(func=run_merge_cmd)
+
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
@@ -29,7 +41,7 @@ def _slug(text: str) -> str:
 def run_generate(args) -> int:
     from tqdm import tqdm
 
-    from ear_dist.cli import config_from_args
+    from ear_dist.config import config_from_args
     from ear_dist.models.images import decode_tokens, make_grid, save_pngs
     from ear_dist.models.janus import load_janus
     from ear_dist.models.rollout import rollout
@@ -51,7 +63,7 @@ def run_generate(args) -> int:
     chunks = []
     for s in tqdm(range(0, len(prompts), r.batch_size), desc="generating", unit="batch"):
         chunks.append(
-            rollout(bundle, prompts[s : s + r.batch_size], r.cfg_weight, r.temperature, r.top_k, r.greedy,
+            rollout(bundle, prompts[s : s + r.batch_size], r.guidance_weight, r.temperature, r.top_k, r.greedy,
                     seeds[s : s + r.batch_size])
         )
     import torch
@@ -69,4 +81,27 @@ def run_generate(args) -> int:
     n_tok = tokens.numel()
     print(f"{len(prompts)} images, {n_tok} image tokens in {elapsed:.2f}s ({n_tok / elapsed:.0f} tok/s); "
           f"wrote {out}/grid.png and {len(prompts)} PNGs")
+    return 0
+
+
+def run_merge_cmd(args) -> int:
+    from ear_dist.models.janus import load_janus, save_janus
+    from ear_dist.models.delta import apply_deltas, compare_changes
+
+    bundle = load_janus(args.base, device="cpu", dtype="float32")
+    if len(args.delta) > 1 and args.conflicts != "sum":
+        base_state = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+        for pair in compare_changes(base_state, args.delta):
+            if pair.shared_tensors and pair.cosine < 0:
+                msg = (f"{pair.first} and {pair.second} change {pair.shared_tensors} shared tensors in opposite "
+                       f"directions (cosine {pair.cosine:.3f}); their sum erases each concept less than alone")
+                if args.conflicts == "error":
+                    raise ValueError(msg + " (use --conflicts warn or sum to merge anyway)")
+                print(f"warning: {msg}")
+    report = apply_deltas(bundle.model, args.delta, args.weight, check_base=not args.no_base_check)
+    for name, owners in report["overlaps"].items():
+        print(f"note: {name} is changed by {len(owners)} deltas; their changes are summed")
+    save_janus(bundle, args.out)
+    print(f"merged {len(args.delta)} delta(s) ({report['tensors']} tensors, concepts {report['concepts']}) "
+          f"into {args.out}")
     return 0

@@ -276,7 +276,3 @@ def unconditional_ids(input_ids: torch.Tensor, fmt: PromptFormat) -> torch.Tenso
     keep = (input_ids == fmt.bos_token_id) | (input_ids == fmt.boi_token_id)
     return torch.where(keep, input_ids, torch.full_like(input_ids, fmt.pad_token_id))
 
-
-def trainable_layers(model: JanusForConditionalGeneration):
-    """The Llama decoder layers, in order."""
-    return model.model.language_model.layers

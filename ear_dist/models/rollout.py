@@ -41,7 +41,7 @@ def rollout_ids(
     bundle: JanusBundle,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    cfg_weight: float = 5.0,
+    guidance_weight: float = 5.0,
     temperature: float = 1.0,
     top_k: int = 0,
     greedy: bool = False,
@@ -56,15 +56,15 @@ def rollout_ids(
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     num_tokens = num_image_tokens or bundle.num_image_tokens
-    use_cfg = cfg_weight != 1.0
+    guided = guidance_weight != 1.0
     if seeds is not None and len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for {batch} prompts")
     generators = None
     if seeds is not None and not greedy:
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
-    rows = torch.cat([input_ids, unconditional_ids(input_ids, bundle.prompt_format)]) if use_cfg else input_ids
-    mask = attention_mask.repeat(2, 1) if use_cfg else attention_mask
+    rows = torch.cat([input_ids, unconditional_ids(input_ids, bundle.prompt_format)]) if guided else input_ids
+    mask = attention_mask.repeat(2, 1) if guided else attention_mask
     num_rows = rows.shape[0]
     cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=prompt_len + num_tokens)
 
@@ -83,14 +83,14 @@ def rollout_ids(
         steps = tqdm(steps, desc="image tokens", leave=False, unit="tok")
     for i in steps:
         logits = head(hidden).float()
-        if use_cfg:
+        if guided:
             cond, uncond = logits.split(batch)
-            logits = uncond + cfg_weight * (cond - uncond)
+            logits = uncond + guidance_weight * (cond - uncond)
         nxt = sample_next(logits, temperature, top_k, greedy, generators)
         tokens[:, i] = nxt
         if i == num_tokens - 1:
             break
-        step_ids = torch.cat([nxt, nxt]) if use_cfg else nxt
+        step_ids = torch.cat([nxt, nxt]) if guided else nxt
         embeds = model.prepare_embeddings_for_image_generation(step_ids[:, None])
         mask = torch.cat([mask, ones], dim=1)
         out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
@@ -102,7 +102,7 @@ def rollout_ids(
 def rollout(
     bundle: JanusBundle,
     prompts: Union[Sequence[str], tuple],
-    cfg_weight: float = 5.0,
+    guidance_weight: float = 5.0,
     temperature: float = 1.0,
     top_k: int = 0,
     greedy: bool = False,
@@ -127,7 +127,7 @@ def rollout(
         ids, mask = bundle.encode_prompts(prompts[s : s + step])
         chunks.append(
             rollout_ids(
-                bundle, ids, mask, cfg_weight, temperature, top_k, greedy,
+                bundle, ids, mask, guidance_weight, temperature, top_k, greedy,
                 seeds[s : s + step] if seeds is not None else None, progress=progress,
             )
         )

@@ -74,7 +74,7 @@ def _delta_concepts(path: Path) -> list[str]:
     """The concepts a delta's metadata names (reads the header only, not the tensors)."""
     from safetensors import safe_open
 
-    from ear_dist.train.delta import FORMAT
+    from ear_dist.models.delta import FORMAT
 
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
@@ -100,48 +100,6 @@ def collect_from_out_dir(out_dir: Path, concepts: list[str]) -> ArrayDeltas:
                     out.problem = f"{path} was trained for {out.trained_concepts}, not {concept!r}"
         outputs.append(out)
     return ArrayDeltas(outputs)
-
-
-@dataclass
-class ChangeAgreement:
-    """How two deltas' changes to the base relate, over the tensors both change."""
-
-    first: str
-    second: str
-    shared_tensors: int
-    cosine: float  # of the flattened changes; < 0: one partly undoes the other
-
-    @property
-    def opposed(self) -> bool:
-        return self.cosine < 0
-
-
-def compare_changes(base_state: dict, delta_paths: list) -> list[ChangeAgreement]:
-    """Cosine between every two deltas' changes (delta - base) on the tensors they share.
-
-    Composition sums the changes; a negative cosine means two concepts pull the same
-    weights in opposite directions, so their sum erases each concept less than alone.
-    """
-    import torch
-
-    from ear_dist.train.delta import load_delta
-
-    changes = []
-    for path in delta_paths:
-        tensors, _ = load_delta(path)
-        changes.append({n: (t.float() - base_state[n].float()).flatten() for n, t in tensors.items()})
-    out = []
-    for i in range(len(changes)):
-        for j in range(i + 1, len(changes)):
-            shared = sorted(set(changes[i]) & set(changes[j]))
-            if not shared:
-                out.append(ChangeAgreement(str(delta_paths[i]), str(delta_paths[j]), 0, 0.0))
-                continue
-            a = torch.cat([changes[i][n] for n in shared])
-            b = torch.cat([changes[j][n] for n in shared])
-            cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-            out.append(ChangeAgreement(str(delta_paths[i]), str(delta_paths[j]), len(shared), cosine))
-    return out
 
 
 def collect_concept_deltas(cfg: Config) -> ArrayDeltas:

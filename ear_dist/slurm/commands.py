@@ -13,7 +13,7 @@ from ear_dist.slurm.render import TEMPLATES
 
 
 def register(sub) -> None:
-    from ear_dist.cli import add_config_args
+    from ear_dist.config import add_config_args
 
     p = sub.add_parser(
         "submit", help="render an sbatch template from the config and submit it",
@@ -55,7 +55,7 @@ def submit_script(script: str) -> str:
 
 
 def run_submit(args) -> int:
-    from ear_dist.cli import config_from_args
+    from ear_dist.config import config_from_args
     from ear_dist.slurm.checks import check_submission
     from ear_dist.slurm.render import render_job, resolve_paths, template_path
 
@@ -80,7 +80,7 @@ def run_submit(args) -> int:
 
 
 def run_slurm_env(args) -> int:
-    from ear_dist.cli import config_from_args
+    from ear_dist.config import config_from_args
     from ear_dist.slurm.checks import array_task_env, check_allocation
 
     cfg = config_from_args(args)
@@ -94,14 +94,14 @@ def run_slurm_env(args) -> int:
 
 
 def run_array_status(args) -> int:
-    from ear_dist.cli import config_from_args
+    from ear_dist.config import config_from_args
     from ear_dist.slurm.array import collect_concept_deltas
 
     deltas = collect_concept_deltas(config_from_args(args))
     agreements = []
     if args.base and len(deltas.found) > 1:
         from ear_dist.models.janus import load_janus
-        from ear_dist.slurm.array import compare_changes
+        from ear_dist.models.delta import compare_changes
 
         base = load_janus(args.base, device="cpu", dtype="float32").model.state_dict()
         agreements = compare_changes(base, [o.delta for o in deltas.found])

@@ -171,7 +171,7 @@ def rollout_flops(
     prompt_len: int,
     num_image_tokens: int,
     batch_size: int = 1,
-    cfg: bool = True,
+    guided: bool = True,
     include_prefill: bool = True,
 ) -> int:
     """FLOPs to sample ``num_image_tokens`` for ``batch_size`` prompts with a KV cache.
@@ -180,14 +180,14 @@ def rollout_flops(
     and costs ``2 N + 4 L h c``. The prefill of the prompt costs ``prompt_len``
     frozen-forward tokens (``2 N + 4 L h prompt_len`` each) when
     ``include_prefill``. Classifier-free guidance runs a conditional and an
-    unconditional row per prompt, so ``cfg`` doubles everything.
+    unconditional row per prompt, so ``guided`` doubles everything.
     """
     lh = shape.num_layers * shape.attention_width
     # sum_{i=0}^{G-1} (prompt_len + i) = G * prompt_len + G (G - 1) / 2
     cached = num_image_tokens * prompt_len + num_image_tokens * (num_image_tokens - 1) // 2
     decode = 2 * shape.n_params * num_image_tokens + 4 * lh * cached
     prefill = prompt_len * frozen_forward_flops_per_token(shape, prompt_len) if include_prefill else 0
-    rows = batch_size * (2 if cfg else 1)
+    rows = batch_size * (2 if guided else 1)
     return rows * (decode + prefill)
 
 

@@ -1,12 +1,14 @@
-"""One erasure step per batch of prompt pairs: rollout -> targets -> loss -> windows -> mask -> update.
+"""One erasure step per batch of prompt pairs: teacher -> student -> loss -> windows -> mask -> update.
 
-EAR (the default): the teacher samples image tokens (from the surrogate prompt unless
-the pair brings its own), then builds guided targets by teacher forcing on both prompts
-in one pass: ``target = M*(c_s) - eta * (M*(c_t) - M*(c_s))`` on the last hidden state
-(``hidden`` mode, MSE) or on generation-head logits (``logit`` mode, KL). The student
-is teacher-forced on c_t over all positions at once; per-token losses are summed over
-windows of ``window_len`` tokens (WGA), and windows whose sum is under
-``loss_threshold`` carry no gradient (TLM).
+EAR (the default): the teacher answers one :class:`TeacherRequest` with image tokens
+(sampled from the surrogate prompt unless the pair brings its own, or from the target
+prompt with ``erase.rollout_from=target``) and its raw teacher-forced outputs on both
+prompts. The student is teacher-forced on c_t over all positions at once. The loss
+(``ear_dist.train.loss``) builds the guided target
+``M*(c_s) - eta * (M*(c_t) - M*(c_s))`` from those raw outputs (``hidden``: last hidden
+state, MSE; ``logit``: generation-head logits, KL), sums per-token losses over windows
+of ``window_len`` tokens (WGA), and windows whose sum is under ``loss_threshold`` carry
+no gradient (TLM). With the Triton backend the target only ever exists in registers.
 
 Update modes: ``window`` steps the optimizer after every kept window, in order, each
 window's loss computed by the student as updated by the windows before it (the
@@ -23,33 +25,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from ear_dist.config import EraseConfig
-from ear_dist.losses.dispatch import windowed_loss_from_target
+from ear_dist.config import EraseConfig, RolloutConfig
+from ear_dist.data.stream import PairBatch
 from ear_dist.losses.svare import svare_loss
-from ear_dist.losses.windowed import (
-    cfg_combine,
-    guided_target,
-    per_token_kl,
-    per_token_mse,
-    window_index,
-    windowed_masked_loss,
-)
+from ear_dist.losses.windowed import window_index
 from ear_dist.models.janus import JanusBundle, teacher_forced
-from ear_dist.teacher.engine import TeacherEngine, TeacherTargets
+from ear_dist.teacher.base import Teacher, TeacherOutputs, TeacherRequest, TeacherSettings
+from ear_dist.train.loss import windowed_loss
+from ear_dist.train.updater import Updater
 
-
-@dataclass
-class PairBatch:
-    """Prompt pairs of one step; ``tokens`` [B, T] are rollout tokens supplied with the pairs, if any."""
-
-    target_prompts: list[str]
-    surrogate_prompts: list[str]
-    concepts: list[str]
-    seeds: list[int]
-    tokens: Optional[torch.Tensor] = None
-
-    def __len__(self) -> int:
-        return len(self.target_prompts)
+__all__ = ["ErasureStep", "PairBatch", "StepResult", "Updater"]
 
 
 @dataclass
@@ -76,121 +61,103 @@ def _per_concept(concepts, kept, exists, window_loss) -> dict:
     return out
 
 
-class Updater:
-    """backward/step/zero_grad over a plain torch optimizer (one process).
+@dataclass
+class RowSettings:
+    """Per-row erasure settings of a batch (joint runs mix concepts with their own overrides)."""
 
-    ``global_any`` / ``global_max`` are where data-parallel ranks agree on whether to
-    step (the DeepSpeed updater all-reduces them); in one process they are the identity.
-    """
+    window_len: torch.Tensor  # [B] long
+    loss_threshold: torch.Tensor  # [B] float
+    erase_guidance: torch.Tensor  # [B] float
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    @classmethod
+    def of(cls, cfg: EraseConfig, concepts: Sequence[str], device) -> "RowSettings":
+        def per_row(name: str, dtype) -> torch.Tensor:
+            values = []
+            for c in concepts:
+                override = cfg.concepts.get(c)
+                v = getattr(override, name) if override is not None else None
+                values.append(getattr(cfg, name) if v is None else v)
+            return torch.tensor(values, dtype=dtype, device=device)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def global_any(self, flag: bool) -> bool:
-        return flag
-
-    def global_max(self, value: int) -> int:
-        return value
+        return cls(per_row("window_len", torch.long), per_row("loss_threshold", torch.float32),
+                   per_row("erase_guidance", torch.float32))
 
 
 class ErasureStep:
-    """Callable ``step(batch) -> StepResult`` binding a student, a teacher and an updater."""
+    """Callable ``step(batch) -> StepResult`` binding a student, a teacher and an updater.
 
-    def __init__(self, student: torch.nn.Module, bundle: JanusBundle, teacher: TeacherEngine, cfg: EraseConfig,
-                 updater: Updater, generator: Optional[torch.Generator] = None):
+    ``settings`` (what the teacher computes) defaults to the one derived from ``cfg`` and
+    the default rollout settings; the trainer passes the run's.
+    """
+
+    def __init__(self, student: torch.nn.Module, bundle: JanusBundle, teacher: Teacher, cfg: EraseConfig,
+                 updater: Updater, generator: Optional[torch.Generator] = None,
+                 settings: Optional[TeacherSettings] = None):
         self.student, self.bundle, self.teacher, self.cfg, self.updater = student, bundle, teacher, cfg, updater
+        self.settings = settings if settings is not None else TeacherSettings.from_config(cfg, RolloutConfig())
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-
-    # ----------------------------------------------------------------- per-concept settings
-    def _per_row(self, concepts: Sequence[str], name: str, device) -> torch.Tensor:
-        values = []
-        for c in concepts:
-            override = self.cfg.concepts.get(c)
-            v = getattr(override, name) if override is not None else None
-            values.append(getattr(self.cfg, name) if v is None else v)
-        return torch.tensor(values, device=device)
 
     # ----------------------------------------------------------------- the step
     def __call__(self, batch: PairBatch) -> StepResult:
-        cfg = self.cfg
-        self._concepts = list(batch.concepts)
-        tokens = self._rollout(batch)
-        b, t = tokens.shape
-        if cfg.method == "svare":
-            return self._svare(batch, tokens)
-        with_uncond = cfg.target_mode == "logit" and cfg.teacher_cfg_weight > 0
-        teach = self.teacher.targets(batch.target_prompts, batch.surrogate_prompts, tokens, cfg.target_mode,
-                                     with_uncond)
-        target = self._guided(teach, batch.concepts)
+        teach = self.teacher.outputs(TeacherRequest.from_batch(self.settings, batch))
+        if self.cfg.method == "svare":
+            return self._svare(batch, teach)
         ids, mask = self.bundle.encode_prompts(batch.target_prompts)
-        if cfg.method == "esd":
-            return self._esd(ids, mask, tokens, target)
-        window_len = self._per_row(batch.concepts, "window_len", tokens.device).long()
-        if bool((window_len > t).any()):
-            raise ValueError(f"erase.window_len: {int(window_len.max())} > the {t} image tokens per image")
-        windows = window_index(b, t, window_len, cfg.window_order, generator=self.generator, device=tokens.device)
-        threshold = self._per_row(batch.concepts, "loss_threshold", tokens.device).float()
-        if cfg.update_mode == "sequence":
-            return self._sequence(ids, mask, tokens, target, windows, threshold)
-        return self._per_window(ids, mask, tokens, target, windows, threshold)
+        rows = RowSettings.of(self.cfg, batch.concepts, teach.tokens.device)
+        if self.cfg.method == "esd":
+            return self._esd(ids, mask, teach, rows)
+        b, t = teach.tokens.shape
+        if bool((rows.window_len > t).any()):
+            raise ValueError(f"erase.window_len: {int(rows.window_len.max())} > the {t} image tokens per image")
+        windows = window_index(b, t, rows.window_len, self.cfg.window_order, generator=self.generator,
+                               device=teach.tokens.device)
+        if self.cfg.update_mode == "sequence":
+            return self._sequence(ids, mask, teach, windows, rows, batch.concepts)
+        return self._per_window(ids, mask, teach, windows, rows, batch.concepts)
 
-    def _rollout(self, batch: PairBatch) -> torch.Tensor:
-        if batch.tokens is not None:
-            return batch.tokens.to(self.bundle.device)
-        prompts = batch.surrogate_prompts if self.cfg.rollout_from == "surrogate" else batch.target_prompts
-        return self.teacher.rollout(prompts, batch.seeds)
-
-    def _guided(self, teach: TeacherTargets, concepts: Sequence[str]) -> torch.Tensor:
-        on_t, on_s = teach.on_target, teach.on_surrogate
-        if teach.uncond is not None:
-            on_t = cfg_combine(on_t, teach.uncond, self.cfg.teacher_cfg_weight)
-            on_s = cfg_combine(on_s, teach.uncond, self.cfg.teacher_cfg_weight)
-        eta = self._per_row(concepts, "erase_guidance", on_t.device).to(on_t.dtype).view(-1, 1, 1)
-        return guided_target(on_t, on_s, eta).detach()
-
+    # ----------------------------------------------------------------- parts
     def _student_out(self, ids, mask, tokens) -> torch.Tensor:
         """The student on c_t, teacher-forced on ``tokens``: last hidden states or image logits."""
-        hidden, logits = teacher_forced(self.student, ids, mask, tokens,
-                                        return_logits=self.cfg.target_mode == "logit")
-        return hidden if self.cfg.target_mode == "hidden" else logits
+        logits_wanted = self.settings.mode == "logit"
+        hidden, logits = teacher_forced(self.student, ids, mask, tokens, return_logits=logits_wanted)
+        return logits if logits_wanted else hidden
 
-    def _per_token(self, ids, mask, tokens, target) -> torch.Tensor:
-        """Per-token loss [B, len(tokens)] of the student toward ``target`` (plain PyTorch)."""
-        out = self._student_out(ids, mask, tokens)
-        n = tokens.shape[1]
-        if self.cfg.target_mode == "hidden":
-            return per_token_mse(out, target[:, :n])
-        return per_token_kl(out, target[:, :n])
+    def _loss(self, ids, mask, teach: TeacherOutputs, windows, threshold, eta, scale=None):
+        """The windowed loss of the student on the first ``windows.shape[1]`` tokens (a causal prefix)."""
+        n = windows.shape[1]
+        student = self._student_out(ids, mask, teach.tokens[:, :n])
+        uncond = teach.uncond[:, :n] if teach.uncond is not None else None
+        return windowed_loss(self.settings.mode, student, teach.on_target[:, :n], teach.on_surrogate[:, :n], windows,
+                             threshold, eta, uncond=uncond, guidance_weight=self.settings.target_guidance_weight,
+                             scale=scale, backend=self.cfg.loss_backend)
 
-    def _sequence(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
-        # the fused kernel (Triton on GPU) or the reference, by erase.loss_backend
-        out = windowed_loss_from_target(self.cfg.target_mode, self._student_out(ids, mask, tokens), target,
-                                        windows, threshold, backend=self.cfg.loss_backend)
-        loss = out.loss
-        # NaN window sums compare False against the threshold and would pass as "masked":
-        # finiteness is checked on the per-token losses, not on the (masked) total
-        if self.updater.global_any(not bool(torch.isfinite(out.per_token).all())):
+    def _apply(self, loss: torch.Tensor, counted: torch.Tensor, any_kept: Optional[bool] = None) -> Optional[int]:
+        """Check finiteness, backward, step: the one place a loss reaches the optimizer.
+
+        Returns None if a rank saw a non-finite loss (the step is skipped), else the number
+        of optimizer steps taken. Ranks agree on both decisions (all-reduce), so their
+        collectives stay in step; a rank with no kept window steps with zero gradients.
+        Finiteness is checked on the per-token losses ``counted``: NaN window sums compare
+        False against the threshold and would otherwise pass as "masked".
+        """
+        if self.updater.global_any(not bool(torch.isfinite(counted).all())):
             self.updater.zero_grad()
-            return StepResult(float(loss.detach()), 0, out.num_windows, 0, tokens.numel(), nonfinite=True)
-        steps = 0
-        if self.updater.global_any(out.num_kept > 0):  # a rank with no kept window steps with zero grads
-            self.updater.backward(loss)
-            self.updater.step()
-            steps = 1
-        return StepResult(float(loss.detach()), out.num_kept, out.num_windows, steps, tokens.numel(),
-                          per_concept=_per_concept(self._concepts, out.kept, out.window_exists, out.window_loss))
+            return None
+        if any_kept is not None and not self.updater.global_any(any_kept):
+            return 0
+        self.updater.backward(loss)
+        self.updater.step()
+        return 1
 
-    def _per_window(self, ids, mask, tokens, target, windows, threshold) -> StepResult:
+    def _sequence(self, ids, mask, teach, windows, rows, concepts) -> StepResult:
+        out = self._loss(ids, mask, teach, windows, rows.loss_threshold, rows.erase_guidance)
+        steps = self._apply(out.loss, out.per_token, any_kept=out.num_kept > 0)
+        if steps is None:
+            return StepResult(float(out.loss.detach()), 0, out.num_windows, 0, teach.tokens.numel(), nonfinite=True)
+        return StepResult(float(out.loss.detach()), out.num_kept, out.num_windows, steps, teach.tokens.numel(),
+                          per_concept=_per_concept(concepts, out.kept, out.window_exists, out.window_loss))
+
+    def _per_window(self, ids, mask, teach, windows, rows, concepts) -> StepResult:
         total_loss, kept, steps, n_windows = 0.0, 0, 0, 0
         per_concept: dict = {}
         for w in range(self.updater.global_max(int(windows.max()) + 1)):
@@ -199,58 +166,48 @@ class ErasureStep:
             # windows are computed by the student as updated by the earlier ones. A rank
             # without tokens in this window still runs (one token) so that ranks step together.
             prefix = int(in_window.nonzero()[:, 1].max()) + 1 if bool(in_window.any()) else 1
-            per_token = self._per_token(ids, mask, tokens[:, :prefix], target)
             sel = in_window[:, :prefix]
-            only_w = torch.where(sel, per_token, torch.zeros_like(per_token))
-            out = windowed_masked_loss(only_w, torch.zeros_like(sel, dtype=torch.long), threshold,
-                                       scale=1.0 / max(int(sel.sum()), 1))
-            rows = int(sel.any(1).sum())
-            n_windows += rows
-            if self.updater.global_any(not bool(torch.isfinite(per_token[sel]).all())):
-                self.updater.zero_grad()
-                return StepResult(float("nan"), kept, n_windows, steps, tokens.numel(), nonfinite=True)
-            # rows without a token in window w (short per-row windows) are not windows here
-            exists = sel.any(1, keepdim=True)
-            for c, rec in _per_concept(self._concepts, out.kept & exists, exists, out.window_loss).items():
+            only_w = torch.where(sel, torch.zeros_like(sel, dtype=torch.long), torch.full_like(sel, -1, dtype=torch.long))
+            out = self._loss(ids, mask, teach, only_w, rows.loss_threshold, rows.erase_guidance,
+                             scale=1.0 / max(int(sel.sum()), 1))
+            n_windows += int(sel.any(1).sum())
+            for c, rec in _per_concept(concepts, out.kept, out.window_exists, out.window_loss).items():
                 acc = per_concept.setdefault(c, [0, 0, 0.0])
                 for i in range(3):
                     acc[i] += rec[i]
-            row_kept = int((out.kept[:, 0] & sel.any(1)).sum())
+            row_kept = int(out.kept.sum())
             total_loss += float(out.loss.detach())
-            if self.updater.global_any(row_kept > 0):
-                self.updater.backward(out.loss)
-                self.updater.step()
-                steps += 1
-                kept += row_kept
-        return StepResult(total_loss, kept, n_windows, steps, tokens.numel(), per_concept=per_concept)
+            took = self._apply(out.loss, out.per_token[sel], any_kept=row_kept > 0)
+            if took is None:
+                return StepResult(float("nan"), kept, n_windows, steps, teach.tokens.numel(), nonfinite=True)
+            steps += took
+            kept += row_kept if took else 0
+        return StepResult(total_loss, kept, n_windows, steps, teach.tokens.numel(), per_concept=per_concept)
 
-    def _esd(self, ids, mask, tokens, target) -> StepResult:
+    def _esd(self, ids, mask, teach, rows) -> StepResult:
         """Naive baseline: a random share of positions, plain mean loss, no windows, no threshold."""
-        b, t = tokens.shape
+        b, t = teach.tokens.shape
         n_pick = max(1, int(round(self.cfg.esd_patch_fraction * t)))
-        pick = torch.stack([torch.randperm(t, generator=self.generator)[:n_pick] for _ in range(b)]).to(tokens.device)
-        per_token = self._per_token(ids, mask, tokens, target)
-        loss = per_token.gather(1, pick).mean()
-        if self.updater.global_any(not bool(torch.isfinite(loss))):
-            self.updater.zero_grad()
-            return StepResult(float(loss.detach()), 0, 0, 0, tokens.numel(), nonfinite=True)
-        self.updater.backward(loss)
-        self.updater.step()
-        return StepResult(float(loss.detach()), 0, 0, 1, tokens.numel(), extras={"positions": n_pick * b})
+        pick = torch.stack([torch.randperm(t, generator=self.generator)[:n_pick] for _ in range(b)])
+        chosen = torch.full((b, t), -1, dtype=torch.long).scatter_(1, pick, 0).to(teach.tokens.device)
+        out = self._loss(ids, mask, teach, chosen, float("-inf"), rows.erase_guidance, scale=1.0 / (n_pick * b))
+        took = self._apply(out.loss, out.per_token[chosen >= 0])
+        loss = float(out.loss.detach())
+        if took is None:
+            return StepResult(loss, 0, 0, 0, teach.tokens.numel(), nonfinite=True)
+        return StepResult(loss, 0, 0, took, teach.tokens.numel(), extras={"positions": n_pick * b})
 
-    def _svare(self, batch: PairBatch, tokens: torch.Tensor) -> StepResult:
-        """S-VARE: filtered CE on c_t toward the surrogate tokens + preservation KL on c_s."""
-        cfg = self.cfg
+    def _svare(self, batch: PairBatch, teach: TeacherOutputs) -> StepResult:
+        """S-VARE: filtered CE on c_t toward the rollout tokens + preservation KL on c_s."""
         b = len(batch)
-        teach = self.teacher.targets(batch.target_prompts, batch.surrogate_prompts, tokens, "logit")
         ids, mask = self.bundle.encode_prompts(list(batch.target_prompts) + list(batch.surrogate_prompts))
-        _, logits = teacher_forced(self.student, ids, mask, torch.cat([tokens, tokens]))
-        out = svare_loss(logits[:b], tokens, logits[b:], teach.on_surrogate, cfg.svare_label_prob_max,
-                         cfg.svare_preserve_weight)
-        if self.updater.global_any(not bool(torch.isfinite(out.loss))):
-            self.updater.zero_grad()
-            return StepResult(float(out.loss.detach()), 0, 0, 0, tokens.numel(), nonfinite=True)
-        self.updater.backward(out.loss)
-        self.updater.step()
-        return StepResult(float(out.loss.detach()), 0, 0, 1, tokens.numel(),
-                          extras={"ce": float(out.ce.detach()), "preserve": float(out.preserve.detach()), "counted": out.num_counted})
+        _, logits = teacher_forced(self.student, ids, mask, torch.cat([teach.tokens, teach.tokens]))
+        out = svare_loss(logits[:b], teach.tokens, logits[b:], teach.on_surrogate, self.cfg.svare_label_prob_max,
+                         self.cfg.svare_preserve_weight)
+        took = self._apply(out.loss, out.loss.detach().reshape(1))
+        loss = float(out.loss.detach())
+        if took is None:
+            return StepResult(loss, 0, 0, 0, teach.tokens.numel(), nonfinite=True)
+        return StepResult(loss, 0, 0, took, teach.tokens.numel(),
+                          extras={"ce": float(out.ce.detach()), "preserve": float(out.preserve.detach()),
+                                  "counted": out.num_counted})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from ear_dist.cli import add_config_args
+    from ear_dist.config import add_config_args
 
     p = sub.add_parser("world", help="the synthetic world in which erasure quality is measurable on a CPU")
     world_sub = p.add_subparsers(dest="world_command", metavar="WORLD_COMMAND")
@@ -14,10 +14,17 @@ def register(sub) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_args(b)
     b.set_defaults(func=run_build)
+    d = world_sub.add_parser("damage", help="where erasure damage comes from: identity swaps, a random-direction "
+                                            "control, and KL before/after CFG (builds the world if needed)")
+    d.add_argument("--short-steps", type=int, default=10, help="steps of the short erasure run")
+    d.add_argument("--prompts", type=int, default=48, help="held-out prompts per object")
+    d.add_argument("--out", default="runs/damage", help="where the erasure runs write their deltas")
+    add_config_args(d)
+    d.set_defaults(func=run_damage_cmd)
 
 
 def run_build(args) -> int:
-    from ear_dist.cli import config_from_args
+    from ear_dist.config import config_from_args
     from ear_dist.world.pretrain import build_world_model, required_concepts
 
     cfg = config_from_args(args)
@@ -36,4 +43,12 @@ def run_build(args) -> int:
               f"world.max_steps={cfg.world.max_steps} (lowest: {worst[0]} {worst[1]:.3f}); "
               f"raise world.max_steps and run with --force")
         return 1
+    return 0
+
+
+def run_damage_cmd(args) -> int:
+    from ear_dist.config import config_from_args
+    from ear_dist.world.damage import run_damage
+
+    run_damage(config_from_args(args), args.short_steps, args.prompts, args.out)
     return 0

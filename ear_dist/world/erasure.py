@@ -29,6 +29,19 @@ from ear_dist.world.world import World
 
 EVAL_STREAM, PAIR_STREAM, ANCHOR_STREAM = 101, 202, 303
 
+# Erasure settings for the world's 4-layer, 64-token model (the paper's defaults are for
+# Janus-Pro-7B: 5 of 30 layers, 576 tokens). Everything else is the paper's default.
+# Chosen on this world (see the README): lr 3e-4 and tau 1.0, since the hidden-state MSE of
+# a 16-token window here is ~1-3 and the paper's tau=0.05 keeps every window.
+WORLD_ERASE = [
+    "trainable.first_k_layers=2",
+    "trainable.modules=attention",
+    "erase.window_len=16",
+    "erase.loss_threshold=1.0",
+    "optim.lr=3e-4",
+    "train.steps=50",
+]
+
 
 def _unknown_concept(concept: str) -> ValueError:
     return ValueError(f"concept {concept!r}: the world's concepts are {', '.join(list(OBJECTS) + list(STYLES))}")
@@ -91,15 +104,15 @@ class FilterReport:
 
 
 def visual_filter(world: World, bundle: JanusBundle, pairs: Sequence[PromptPair], concept: str,
-                  cfg_weight: float = 5.0, batch_size: int = 32) -> tuple[list[PromptPair], FilterReport]:
+                  guidance_weight: float = 5.0, batch_size: int = 32) -> tuple[list[PromptPair], FilterReport]:
     """Keep pairs whose target image shows the concept and whose surrogate image does not.
 
     The teacher samples both prompts with the pair's seed; the surrogate tokens are
     stored on the kept pairs so training reuses them.
     """
     seeds = [p.seed for p in pairs]
-    t_tok = rollout(bundle, [p.target for p in pairs], cfg_weight=cfg_weight, seeds=seeds, batch_size=batch_size)
-    s_tok = rollout(bundle, [p.surrogate for p in pairs], cfg_weight=cfg_weight, seeds=seeds, batch_size=batch_size)
+    t_tok = rollout(bundle, [p.target for p in pairs], guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
+    s_tok = rollout(bundle, [p.surrogate for p in pairs], guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
     t_has = world.classify(t_tok)[concept]
     s_has = world.classify(s_tok)[concept]
     report, kept = FilterReport(), []
@@ -137,7 +150,7 @@ def _histogram(tokens: torch.Tensor, codebook: int) -> np.ndarray:
     return h / max(h.sum(), 1.0)
 
 
-def evaluate(world: World, bundle: JanusBundle, concept: str, n: int = 48, cfg_weight: float = 5.0,
+def evaluate(world: World, bundle: JanusBundle, concept: str, n: int = 48, guidance_weight: float = 5.0,
              reference_hist: Optional[np.ndarray] = None, batch_size: int = 48) -> tuple[Evaluation, np.ndarray, dict]:
     """Held-out evaluation of one model; returns (evaluation, its unrelated-prompt histogram, samples).
 
@@ -148,7 +161,7 @@ def evaluate(world: World, bundle: JanusBundle, concept: str, n: int = 48, cfg_w
 
     def gen(prompts, stream):
         seeds = [stream * 100000 + i for i in range(len(prompts))]
-        return rollout(bundle, prompts, cfg_weight=cfg_weight, seeds=seeds, batch_size=batch_size)
+        return rollout(bundle, prompts, guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
 
     if concept in OBJECTS:
         groups = {f"held-out sentences ({w})": dict(objects=[concept], object_words=[w]) for w in OBJECTS[concept]}
@@ -248,7 +261,7 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     """
     from ear_dist.config import load_config
     from ear_dist.models.janus import load_janus
-    from ear_dist.train.delta import apply_deltas
+    from ear_dist.models.delta import apply_deltas
     from ear_dist.train.trainer import run_erase
 
     out_dir = Path(out_dir)
@@ -308,7 +321,7 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     """
     from ear_dist.config import load_config
     from ear_dist.models.janus import load_janus
-    from ear_dist.train.delta import apply_deltas
+    from ear_dist.models.delta import apply_deltas
     from ear_dist.train.trainer import run_erase
 
     out_dir = Path(out_dir)

@@ -40,7 +40,7 @@ _CONFIRM_STREAM = 0xC0F1  # a second held-out set, drawn once after training
 # The fields of WorldConfig that shape the model or its training (the rest shape the data).
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "batch_size", "lr",
                 "warmup_steps", "max_steps", "uncond_prob", "eval_every", "eval_prompts_per_word",
-                "target_accuracy", "cfg_weight", "threads")
+                "target_accuracy", "guidance_weight", "threads")
 
 
 def cache_root(config: WorldConfig) -> Path:
@@ -86,7 +86,7 @@ def evaluate_model(world: World, bundle, records, seed: int = 0) -> dict[str, fl
     was_training = bundle.model.training
     bundle.model.eval()
     prompts = [r.prompt for r in records]
-    tokens = rollout(bundle, prompts, cfg_weight=world.config.cfg_weight, seeds=[seed + i for i in range(len(prompts))],
+    tokens = rollout(bundle, prompts, guidance_weight=world.config.guidance_weight, seeds=[seed + i for i in range(len(prompts))],
                      batch_size=64)
     bundle.model.train(was_training)
     return world.accuracy(tokens, records)
@@ -217,8 +217,3 @@ def build_world_model(config: WorldConfig, force: bool = False, progress: bool =
     tmp.rename(out)
     return out, info
 
-
-def load_world_model(config: WorldConfig) -> Optional[Path]:
-    """The cached checkpoint directory for this config, or None when it has not been built."""
-    out = cache_root(config) / build_hash(World(config))
-    return out if (out / BUILD_INFO_FILE).is_file() else None

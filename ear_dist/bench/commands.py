@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from ear_dist.cli import add_config_args
+    from ear_dist.config import add_config_args
 
     p = sub.add_parser(
         "bench",
@@ -61,7 +61,7 @@ def run_bench(args) -> int:
     from pathlib import Path
 
     from ear_dist.config import load_config
-    from ear_dist.telemetry.bench import run_erasure_bench
+    from ear_dist.bench.erase import run_erasure_bench
     from ear_dist.telemetry.report import ratio_table
 
     def config(extra=()):

@@ -1,11 +1,14 @@
-"""One entry point for the windowed, threshold-masked EAR loss: PyTorch or Triton.
+"""The erasure step's loss, in one place: the teacher's raw outputs in, the windowed, masked loss out.
 
-``windowed_loss(...)`` computes guided target -> per-token loss -> window sums ->
-threshold mask -> scaled loss either with the plain-PyTorch reference
-(``ear_dist.losses.windowed``) or with the fused Triton kernels
-(``ear_dist.kernels.windowed_loss``). The numbers are the same either way (float32
-arithmetic; the tests compare values and gradients). The config key
-``erase.loss_backend`` selects the backend.
+``windowed_loss(...)`` builds the guided target from the teacher's outputs on the
+target, surrogate (and unconditional) prompts with per-row erasure guidance, then
+per-token loss -> window sums -> threshold mask -> scaled loss, either with the
+plain-PyTorch reference (``ear_dist.losses.windowed``) or with the fused Triton kernels
+(``ear_dist.kernels.windowed_loss``), which build the target in registers and never
+materialise a ``[B, T, V]`` target. The numbers are the same either way (float32
+arithmetic; the tests compare values and gradients). ``erase.loss_backend`` selects
+the backend. This module sits above both implementations, so imports run one way:
+train -> kernels -> losses.
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ import torch
 
 from ear_dist.losses.windowed import (
     WindowedLoss,
-    cfg_combine,
+    guidance_combine,
     guided_target,
     per_token_kl,
     per_token_mse,
     windowed_masked_loss,
 )
 
-__all__ = ["resolve_backend", "triton_available", "windowed_loss", "windowed_loss_from_target"]
+__all__ = ["reference_windowed_loss", "resolve_backend", "triton_available", "windowed_loss"]
 
 BACKENDS = ("auto", "torch", "triton")
 MODES = ("hidden", "logit")
@@ -68,7 +71,7 @@ def windowed_loss(
     loss_threshold: Union[float, torch.Tensor],
     erase_guidance: Union[float, torch.Tensor],
     uncond: Optional[torch.Tensor] = None,
-    cfg_weight: float = 0.0,
+    guidance_weight: float = 0.0,
     scale: Optional[float] = None,
     backend: str = "auto",
 ) -> WindowedLoss:
@@ -81,7 +84,8 @@ def windowed_loss(
     from :func:`ear_dist.losses.windowed.window_index`. ``loss_threshold`` and
     ``erase_guidance``: a float or one value per row. Logit mode only: ``uncond``, the
     teacher's logits on the unconditional prompt; when given, teacher-side CFG with
-    ``cfg_weight`` is applied to both prompts' logits before the guidance. ``scale``
+    ``guidance_weight`` is applied to both prompts' logits before the guidance. A window
+    id of -1 marks a token outside every window (no loss, zero gradient). ``scale``
     defaults to ``1 / (B * T)``. ``backend``: auto | torch | triton.
     """
     if mode not in MODES:
@@ -101,31 +105,12 @@ def windowed_loss(
 
         return fused_windowed_loss(
             mode, student, on_target, on_surrogate, window_index, loss_threshold, erase_guidance,
-            uncond=uncond, cfg_weight=cfg_weight, scale=scale,
+            uncond=uncond, guidance_weight=guidance_weight, scale=scale,
         )
     return reference_windowed_loss(
         mode, student, on_target, on_surrogate, window_index, loss_threshold, erase_guidance,
-        uncond=uncond, cfg_weight=cfg_weight, scale=scale,
+        uncond=uncond, guidance_weight=guidance_weight, scale=scale,
     )
-
-
-def windowed_loss_from_target(
-    mode: str,
-    student: torch.Tensor,
-    target: torch.Tensor,
-    window_index: torch.Tensor,
-    loss_threshold: Union[float, torch.Tensor],
-    scale: Optional[float] = None,
-    backend: str = "auto",
-) -> WindowedLoss:
-    """:func:`windowed_loss` for a guided target already built by the caller.
-
-    With ``erase_guidance = 0`` the guided target is the surrogate input exactly, so
-    passing ``target`` as both teacher outputs reads it with the same memory traffic as
-    two separate teacher tensors.
-    """
-    return windowed_loss(mode, student, target, target, window_index, loss_threshold, 0.0, scale=scale,
-                         backend=backend)
 
 
 def reference_windowed_loss(
@@ -137,14 +122,18 @@ def reference_windowed_loss(
     loss_threshold: Union[float, torch.Tensor],
     erase_guidance: Union[float, torch.Tensor],
     uncond: Optional[torch.Tensor] = None,
-    cfg_weight: float = 0.0,
+    guidance_weight: float = 0.0,
     scale: Optional[float] = None,
 ) -> WindowedLoss:
     """The plain-PyTorch composition of the reference losses (the ``torch`` backend)."""
     if isinstance(erase_guidance, torch.Tensor) and erase_guidance.numel() > 1:
         erase_guidance = erase_guidance.to(student.device).reshape(-1, 1, 1)
-    target = guided_target(on_target.detach(), on_surrogate.detach(), erase_guidance)
+    # built in (at least) float32 from the raw outputs, as the kernels do in registers
+    def up(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+    target = guided_target(up(on_target), up(on_surrogate), erase_guidance)
     if uncond is not None:
-        target = cfg_combine(target, uncond.detach(), cfg_weight)
+        target = guidance_combine(target, up(uncond), guidance_weight)
     per_token = per_token_mse(student, target) if mode == "hidden" else per_token_kl(student, target)
     return windowed_masked_loss(per_token, window_index, loss_threshold, scale=scale)

@@ -1,4 +1,4 @@
-"""Where erasure damage comes from on the planted-concept world (the README's analysis).
+"""``ear-dist world damage``: where erasure damage comes from on the planted-concept world.
 
 Erases "church" with the demo's settings (the real ``run_erase``) for a short and the
 default number of steps, then measures on held-out no-style prompts of a few objects:
@@ -10,12 +10,11 @@ default number of steps, then measures on held-out no-style prompts of a few obj
 3. for the default run, the KL between the base and erased next-token distributions on
    the base model's own samples: conditional, unconditional, and after CFG.
 
-    python scripts/world_erasure_damage.py [--short-steps 10] [--out runs/damage]
+    ear-dist world damage [--short-steps 10] [--prompts 48] [--out runs/damage]
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,7 +32,7 @@ def _draws(world, bundle, n: int) -> dict:
     out = {}
     for obj in OBJECTS_SHOWN:
         batch = world.sample(n, "heldout", stream=5, objects=[obj], styles=[None])
-        tokens = rollout(bundle, batch.prompts, cfg_weight=world.config.cfg_weight, seeds=list(range(n)),
+        tokens = rollout(bundle, batch.prompts, guidance_weight=world.config.guidance_weight, seeds=list(range(n)),
                          batch_size=n)
         shown = world.classify(tokens)
         out[obj] = {"hit_rate": round(float(shown[obj].mean()), 3),
@@ -45,11 +44,11 @@ def _kl(world, base, erased, n: int) -> dict:
     from ear_dist.models.janus import teacher_forced, unconditional_ids
     from ear_dist.models.rollout import rollout
 
-    w = world.config.cfg_weight
+    w = world.config.guidance_weight
     out = {}
     for obj in OBJECTS_SHOWN:
         batch = world.sample(n, "heldout", stream=5, objects=[obj], styles=[None])
-        tokens = rollout(base, batch.prompts, cfg_weight=w, seeds=list(range(n)), batch_size=n)
+        tokens = rollout(base, batch.prompts, guidance_weight=w, seeds=list(range(n)), batch_size=n)
         ids, mask = base.encode_prompts(batch.prompts)
         logp = {}
         with torch.no_grad():
@@ -60,36 +59,29 @@ def _kl(world, base, erased, n: int) -> dict:
         def kl(p, q):
             return round(float((p.exp() * (p - q)).sum(-1).mean()), 3)
 
-        cfg = [(w * c - (w - 1) * u).log_softmax(-1) for c, u in zip(logp["cond"], logp["uncond"])]
-        out[obj] = {"cond": kl(*logp["cond"]), "uncond": kl(*logp["uncond"]), "cfg": kl(*cfg)}
+        guided = [(w * c - (w - 1) * u).log_softmax(-1) for c, u in zip(logp["cond"], logp["uncond"])]
+        out[obj] = {"cond": kl(*logp["cond"]), "uncond": kl(*logp["uncond"]), "cfg": kl(*guided)}
     return out
 
 
-def main() -> None:
+def run_damage(cfg0, short_steps: int = 10, prompts: int = 48, out: str = "runs/damage", log=print) -> None:
+    """Erase "church" for ``short_steps`` and the demo's steps; print draws, a random-direction control, and KLs."""
     from ear_dist.config import load_config
     from ear_dist.data.pairs import PromptPair
-    from ear_dist.demo import WORLD_ERASE
     from ear_dist.models.janus import load_janus
-    from ear_dist.train.delta import apply_deltas, load_delta
+    from ear_dist.models.delta import apply_deltas, load_delta
     from ear_dist.train.trainer import run_erase
-    from ear_dist.world.erasure import make_pairs, visual_filter
+    from ear_dist.world.erasure import WORLD_ERASE, make_pairs, visual_filter
     from ear_dist.world.pretrain import build_world_model
     from ear_dist.world.world import World
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--short-steps", type=int, default=10)
-    ap.add_argument("--prompts", type=int, default=48, help="held-out prompts per object")
-    ap.add_argument("--out", default="runs/damage")
-    args = ap.parse_args()
-
-    cfg0 = load_config()
     model_path, _ = build_world_model(cfg0.world, progress=True)
     world = World(cfg0.world)
     base = load_janus(str(model_path), device="cpu", dtype="float32")
     kept, _ = visual_filter(world, base, make_pairs(world, "church", 32), "church")
 
     def erase(steps: int) -> str:
-        cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={Path(args.out) / f'steps{steps}'}",
+        cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={Path(out) / f'steps{steps}'}",
                                      "erase.concept=church", "model.device=cpu", *WORLD_ERASE,
                                      f"train.steps={steps}"])
         return run_erase(cfg, [PromptPair(**asdict(p)) for p in kept], progress=False)["delta"]
@@ -99,9 +91,9 @@ def main() -> None:
         apply_deltas(bundle.model, [delta])
         return bundle
 
-    short = erase(args.short_steps)
-    print(f"base model, what each object's prompts draw: {_draws(world, base, args.prompts)}")
-    print(f"after {args.short_steps} EAR steps: {_draws(world, erased_model(short), args.prompts)}")
+    short = erase(short_steps)
+    log(f"base model, what each object's prompts draw: {_draws(world, base, prompts)}")
+    log(f"after {short_steps} EAR steps: {_draws(world, erased_model(short), prompts)}")
 
     tensors, _ = load_delta(short)
     randomised = load_janus(str(model_path), device="cpu", dtype="float32")
@@ -114,14 +106,10 @@ def main() -> None:
             ratios.append(float(change.norm() / params[name].norm()))
             noise = torch.randn(params[name].shape, generator=g)
             params[name].add_(noise * change.norm() / noise.norm())
-    print(f"change / weight norm per trained tensor: {np.round(ratios, 3).tolist()}")
-    print(f"random change of the same norms: {_draws(world, randomised, args.prompts)}")
+    log(f"change / weight norm per trained tensor: {np.round(ratios, 3).tolist()}")
+    log(f"random change of the same norms: {_draws(world, randomised, prompts)}")
 
     default_steps = load_config(overrides=WORLD_ERASE).train.steps
     full = erase(default_steps)
-    print(f"KL(base || erased) after {default_steps} steps, on the base model's samples: "
-          f"{_kl(world, base, erased_model(full), args.prompts)}")
-
-
-if __name__ == "__main__":
-    main()
+    log(f"KL(base || erased) after {default_steps} steps, on the base model's samples: "
+          f"{_kl(world, base, erased_model(full), prompts)}")

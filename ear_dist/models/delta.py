@@ -7,6 +7,7 @@ another base is an error. Several deltas compose as ``base + sum_i w_i (delta_i 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -98,3 +99,41 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
             params[name].add_(diff.to(params[name].dtype))
     overlaps = {n: o for n, o in owners.items() if len(o) > 1}
     return {"tensors": len(changes), "concepts": concepts, "overlaps": overlaps}
+
+
+@dataclass
+class ChangeAgreement:
+    """How two deltas' changes to the base relate, over the tensors both change."""
+
+    first: str
+    second: str
+    shared_tensors: int
+    cosine: float  # of the flattened changes; < 0: one partly undoes the other
+
+    @property
+    def opposed(self) -> bool:
+        return self.cosine < 0
+
+
+def compare_changes(base_state: dict, delta_paths: list) -> list[ChangeAgreement]:
+    """Cosine between every two deltas' changes (delta - base) on the tensors they share.
+
+    Composition sums the changes; a negative cosine means two concepts pull the same
+    weights in opposite directions, so their sum erases each concept less than alone.
+    """
+    changes = []
+    for path in delta_paths:
+        tensors, _ = load_delta(path)
+        changes.append({n: (t.float() - base_state[n].float()).flatten() for n, t in tensors.items()})
+    out = []
+    for i in range(len(changes)):
+        for j in range(i + 1, len(changes)):
+            shared = sorted(set(changes[i]) & set(changes[j]))
+            if not shared:
+                out.append(ChangeAgreement(str(delta_paths[i]), str(delta_paths[j]), 0, 0.0))
+                continue
+            a = torch.cat([changes[i][n] for n in shared])
+            b = torch.cat([changes[j][n] for n in shared])
+            cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+            out.append(ChangeAgreement(str(delta_paths[i]), str(delta_paths[j]), len(shared), cosine))
+    return out

@@ -1,0 +1,243 @@
+"""``ear-dist bench``: the erasure job's own parts, timed per phase; tokens/s, MFU, memory, NVML.
+
+The job is built with the trainer's builders (teacher placement, student and updater,
+step) and observed from outside by :mod:`ear_dist.bench.instruments`; building the
+batch is ``data_wait``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ear_dist.bench.instruments import StepCounts, StudentInstruments, TimedTeacher, TimedUpdater
+from ear_dist.config import Config
+from ear_dist.data.stream import PairBatch
+from ear_dist.models.janus import JanusBundle, load_janus
+from ear_dist.teacher.base import TeacherSettings, build_teacher
+from ear_dist.telemetry.flops import janus_flops_shape, mfu, peak_flops
+from ear_dist.telemetry.memory import MemoryStats, peak_memory, reset_peak_memory
+from ear_dist.telemetry.nvml import NvmlMonitor, NvmlStepStats
+from ear_dist.telemetry.report import device_line, phase_rows, phase_table, resource_lines
+from ear_dist.telemetry.timer import DATA_WAIT, STUDENT_FWD_BWD, PhaseTimers, StepTiming, mean_timing
+from ear_dist.telemetry.writer import MetricsWriter
+from ear_dist.train.step import ErasureStep
+from ear_dist.train.student import build_student
+from ear_dist.train.trainable import LLM_LAYER, select_trainable_names
+
+# How each metric is combined over ranks when the benchmark runs distributed.
+BENCH_REDUCTIONS = {
+    "time/*": "max",  # the slowest rank sets the pace
+    "throughput/*": "sum",
+    "mfu/*": "mean",
+    "memory/*": "max",
+    "nvml/energy_j": "sum",
+    "nvml/power_w_*": "mean",
+}
+
+# Built-in prompt templates: the words are in the tiny tokenizer's vocabulary.
+PAIR_TEMPLATES = [
+    "a photo of a {}",
+    "a painting of an old {} in a snowy field",
+    "a {} near a lake at sunset",
+    "a small {} on a hill in the morning",
+]
+SURROGATE_WORD = "house"
+
+
+class SyntheticPromptBundle(JanusBundle):
+    """A bundle for shape-only presets (no tokenizer): each prompt becomes fixed-length random ids.
+
+    The ids are seeded by the prompt text, start with BOS and end with begin-of-image,
+    so the FLOPs and timings are those of real prompts of ``prompt_len`` tokens.
+    """
+
+    prompt_len: int = 24
+
+    def encode_prompts(self, prompts):
+        fmt = self.prompt_format
+        vocab = self.model.config.text_config.vocab_size
+        rows = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
+            ids = torch.randint(10, min(vocab, 30000), (self.prompt_len,), generator=g)
+            ids[0], ids[-1] = fmt.bos_token_id, fmt.boi_token_id
+            rows.append(ids)
+        ids = torch.stack(rows).to(self.device)
+        return ids, torch.ones_like(ids)
+
+
+def bench_pairs(concept: str, n: int, step: int) -> PairBatch:
+    """``n`` prompt pairs for one benchmark step, from the built-in templates."""
+    targets, surrogates = [], []
+    for i in range(n):
+        template = PAIR_TEMPLATES[(step * n + i) % len(PAIR_TEMPLATES)]
+        targets.append(template.format(concept))
+        surrogates.append(template.format(SURROGATE_WORD))
+    return PairBatch(targets, surrogates, [concept] * n, seeds=[step * n + i for i in range(n)])
+
+
+@dataclass
+class BenchResult:
+    timing: StepTiming  # mean over the measured steps
+    counts: StepCounts  # per step, mean of the measured steps
+    image_tokens_per_step: int
+    pairs_per_step: int
+    device_name: str
+    dtype: torch.dtype
+    peak: Optional[float]
+    memory: MemoryStats  # the highest peak over the measured steps
+    nvml: NvmlStepStats  # the last measured step
+    nvml_unavailable_reason: Optional[str]
+    log_dir: Path
+
+    def student_mfu(self, executed: bool = False) -> Optional[float]:
+        flops = (self.counts.executed_flops if executed else self.counts.flops).get(STUDENT_FWD_BWD)
+        seconds = self.timing.phases.get(STUDENT_FWD_BWD)
+        if not flops or not seconds:
+            return None
+        return mfu(flops / seconds, self.peak)
+
+    def table(self) -> str:
+        rows = phase_rows(self.timing, self.counts.tokens, self.counts.flops)
+        return phase_table(
+            rows, step_seconds=self.timing.step_s, step_tokens=self.image_tokens_per_step, peak_flops=self.peak,
+            title=f"erasure step, mean of the measured steps ({self.pairs_per_step} pair(s)/step)",
+            tokens_label="image tokens/s",
+        )
+
+    def summary(self) -> str:
+        def pct(x):
+            return "n/a" if x is None else f"{100 * x:.1f}%"
+
+        lines = [device_line(self.device_name, self.dtype, self.peak), self.table()]
+        lines.append(f"prompt pairs/s: {self.pairs_per_step / self.timing.step_s:,.3f}")
+        student_s = self.timing.phases.get(STUDENT_FWD_BWD)
+        if student_s:
+            lines.append(
+                f"student achieved: {self.counts.flops.get(STUDENT_FWD_BWD, 0) / student_s / 1e12:,.4f} TFLOP/s "
+                f"(6N convention), {self.counts.executed_flops.get(STUDENT_FWD_BWD, 0) / student_s / 1e12:,.4f} "
+                f"TFLOP/s executed"
+            )
+        lines.append(
+            f"student MFU: {pct(self.student_mfu())} (6N convention), "
+            f"{pct(self.student_mfu(executed=True))} (FLOPs the partial backward executes)"
+        )
+        lines += resource_lines(self.memory, self.nvml, self.nvml_unavailable_reason)
+        lines.append(f"TensorBoard and metrics.jsonl: {self.log_dir}")
+        return "\n".join(lines)
+
+
+def _step_metrics(timing: StepTiming, counts: StepCounts, image_tokens: int, pairs: int, peak: Optional[float],
+                  memory: MemoryStats, nvml: NvmlStepStats, loss: float) -> dict:
+    metrics = {"loss": loss, **timing.as_metrics(), **memory.as_metrics(), **nvml.as_metrics()}
+    metrics["throughput/image_tokens_per_s"] = image_tokens / timing.step_s
+    metrics["throughput/pairs_per_s"] = pairs / timing.step_s
+    for phase, flops in counts.flops.items():
+        seconds = timing.phases.get(phase)
+        metrics[f"mfu/{phase}"] = mfu(flops / seconds, peak) if seconds else None
+    student_s = timing.phases.get(STUDENT_FWD_BWD)
+    executed = counts.executed_flops.get(STUDENT_FWD_BWD)
+    metrics["mfu/student_executed"] = mfu(executed / student_s, peak) if student_s and executed else None
+    return metrics
+
+
+def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len: int = 24,
+                      echo=print) -> BenchResult:
+    """Run ``warmup + steps`` erasure steps on ``cfg.model.path``; return the mean over the last ``steps``."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    from ear_dist.distributed.runtime import init_runtime
+
+    rt = init_runtime(cfg)
+    bundle = load_janus(cfg.model.path, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    if bundle.tokenizer is None:
+        fields = {f.name: getattr(bundle, f.name) for f in dataclasses.fields(JanusBundle)}
+        bundle = SyntheticPromptBundle(**fields)
+        bundle.prompt_len = prompt_len
+        echo(f"{cfg.model.path}: no tokenizer, prompts are {prompt_len} random token ids")
+    device = bundle.device
+    dtype = next(bundle.model.parameters()).dtype
+    cfg = _fit_to_model(cfg, bundle, echo)
+    t = bundle.num_image_tokens
+
+    # the job's own builders, observed from outside
+    shape = janus_flops_shape(bundle.model.config)
+    timers = PhaseTimers(device)
+    settings = TeacherSettings.from_config(cfg.erase, cfg.rollout)
+    teacher = TimedTeacher(build_teacher(cfg, rt, bundle, settings, steps=warmup + steps), bundle, timers, shape)
+    trainable = select_trainable_names(bundle.model, cfg.trainable)
+    student = build_student(cfg, rt, bundle, trainable, share_frozen=teacher.shares_model)
+    layers = [int(m.group(1)) for n in trainable if (m := LLM_LAYER.match(n))]
+    # a trainable tensor outside the decoder layers (patterns) needs gradients down to layer 0
+    lowest = min(layers) if len(layers) == len(trainable) else 0
+    instruments = StudentInstruments(student.module, timers, shape, student.num_trainable, lowest)
+    step_fn = ErasureStep(student.module, bundle, teacher, cfg.erase, TimedUpdater(student.updater, instruments),
+                          generator=torch.Generator().manual_seed(cfg.train.seed), settings=settings)
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_flops(device_name, dtype)
+    monitor = NvmlMonitor(interval_s=0.05)
+    pairs = cfg.train.pairs_per_step
+    measured: list[StepTiming] = []
+    counts_sum = StepCounts()
+    memory: Optional[MemoryStats] = None  # the highest peak over the measured steps
+    nvml_stats = NvmlStepStats()
+    try:
+        with MetricsWriter(log_dir, reductions=BENCH_REDUCTIONS) as writer:
+            for i in range(warmup + steps):
+                reset_peak_memory(device)
+                monitor.begin_step()
+                timers.start_step()
+                with timers.phase(DATA_WAIT):
+                    batch = bench_pairs(cfg.erase.concept, pairs, i)
+                result = step_fn(batch)
+                student_counts = instruments.end_step()
+                timing = timers.end_step()
+                nvml_stats = monitor.end_step()
+                step_memory = peak_memory(device)
+                counts = StepCounts()
+                counts.merge(teacher.counts)
+                counts.merge(student_counts)
+                teacher.counts = StepCounts()
+                # a student phase handles the step's image tokens once, however many forwards it took
+                counts.tokens[STUDENT_FWD_BWD] = result.image_tokens
+                writer.write(i, _step_metrics(timing, counts, result.image_tokens, pairs, peak, step_memory,
+                                              nvml_stats, result.loss))
+                tag = "warm-up" if i < warmup else "step"
+                echo(f"{tag} {i}: {timing.step_s * 1e3:.1f} ms, loss {result.loss:.4g}, "
+                     f"windows kept {result.windows_kept}/{result.windows_total}")
+                if i >= warmup:
+                    measured.append(timing)
+                    counts_sum.merge(counts)
+                    if memory is None or step_memory.peak_bytes > memory.peak_bytes:
+                        memory = step_memory
+    finally:
+        instruments.remove()
+        monitor.close()
+    return BenchResult(
+        timing=mean_timing(measured), counts=counts_sum.scaled(1.0 / steps),
+        image_tokens_per_step=pairs * t, pairs_per_step=pairs,
+        device_name=device_name, dtype=dtype, peak=peak, memory=memory, nvml=nvml_stats,
+        nvml_unavailable_reason=monitor.unavailable_reason, log_dir=Path(log_dir),
+    )
+
+
+def _fit_to_model(cfg: Config, bundle: JanusBundle, echo) -> Config:
+    """The config with window length and trainable layers clamped to a small model (tiny presets)."""
+    erase, trainable = cfg.erase, cfg.trainable
+    t = bundle.num_image_tokens
+    if erase.window_len > t:
+        echo(f"erase.window_len {erase.window_len} > the {t} image tokens of {cfg.model.path}: using {t}")
+        erase = dataclasses.replace(erase, window_len=t)
+    n_layers = bundle.model.config.text_config.num_hidden_layers
+    if not trainable.patterns and trainable.first_k_layers > n_layers:
+        echo(f"trainable.first_k_layers {trainable.first_k_layers} > the {n_layers} layers of "
+             f"{cfg.model.path}: using {n_layers}")
+        trainable = dataclasses.replace(trainable, first_k_layers=n_layers)
+    return dataclasses.replace(cfg, erase=erase, trainable=trainable)
