@@ -2,8 +2,9 @@
 
 Every command that runs a job takes ``--config FILE`` (repeatable, YAML/JSON) and
 ``--set section.key=value`` overrides, which fill the one config tree in
-``ear_dist.config``. Areas add commands by exposing ``register(subparsers)`` in a
-module listed in ``COMMAND_MODULES``.
+``ear_dist.config`` (whose ``add_config_args`` the commands call). Areas add commands
+by exposing ``register(subparsers)`` in a module listed in ``COMMAND_MODULES``; no
+module imports this one back.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from ear_dist.config import ConfigError, load_config
+from ear_dist.config import ConfigError
 
 # Each module exposes register(subparsers) -> None.
 COMMAND_MODULES = [
@@ -24,24 +25,25 @@ COMMAND_MODULES = [
     "ear_dist.telemetry.commands",
     "ear_dist.slurm.commands",
     "ear_dist.world.commands",
+    "ear_dist.config.commands",
 ]
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """The config flags shared by every job command."""
-    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML/JSON config (repeatable; later wins)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-        help="override one key, e.g. --set erase.window_len=24 (repeatable)",
-    )
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when ear-dist is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("ear-dist")
+    except PackageNotFoundError:
+        from ear_dist import __version__
 
-def config_from_args(args: argparse.Namespace, base: dict | None = None):
-    return load_config(files=args.config, overrides=args.overrides, base=base)
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ear-dist", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

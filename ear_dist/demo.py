@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ear_dist.config import add_config_args, config_from_args
+
 # Erasure settings for the world's 4-layer, 64-token model (the paper's defaults are for
 # Janus-Pro-7B: 5 of 30 layers, 576 tokens). Everything else is the paper's default.
 # Chosen on this world (see the README): lr 3e-4 and tau 1.0, since the hidden-state MSE of
@@ -25,8 +27,6 @@ WORLD_ERASE = [
 
 
 def register(sub) -> None:
-    from ear_dist.cli import add_config_args
-
     p = sub.add_parser("demo", help="build the toy world, erase 'church', evaluate, report (CPU, minutes)")
     p.add_argument("--out", default="runs/demo", help="output directory for the report")
     p.add_argument("--concept", default="church", help="church, or a style: 'van gogh'")
@@ -44,7 +44,6 @@ def register(sub) -> None:
 
 
 def run_demo(args) -> int:
-    from ear_dist.cli import config_from_args
     from ear_dist.world.erasure import ABLATIONS, markdown_table, run_world_erasure
     from ear_dist.world.pretrain import build_world_model
     from ear_dist.world.world import World

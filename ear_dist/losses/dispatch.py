@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import typing
 from typing import Optional, Union
 
 import torch
 
+from ear_dist.config.schema import LossBackend, TargetMode
 from ear_dist.losses.windowed import (
     WindowedLoss,
     cfg_combine,
@@ -27,8 +29,8 @@ from ear_dist.losses.windowed import (
 
 __all__ = ["resolve_backend", "triton_available", "windowed_loss", "windowed_loss_from_target"]
 
-BACKENDS = ("auto", "torch", "triton")
-MODES = ("hidden", "logit")
+BACKENDS = typing.get_args(LossBackend)  # the values of erase.loss_backend
+MODES = typing.get_args(TargetMode)  # the values of erase.target_mode
 
 
 def triton_available() -> bool:
