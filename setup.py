@@ -8,6 +8,8 @@ setup(
     version="0.1.0",
     description="Distributed concept erasure for autoregressive text-to-image models",
     packages=find_packages(include=["ear_dist", "ear_dist.*", "launch", "launch.*"]),
+    # the example configs `--config church` resolves to; without this a wheel would lack them
+    package_data={"ear_dist.config": ["examples/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<=2.14.1",

@@ -2,8 +2,9 @@
 
 Every command that runs a job takes ``--config FILE`` (repeatable, YAML/JSON) and
 ``--set section.key=value`` overrides, which fill the one config tree in
-``ear_dist.config``. Areas add commands by exposing ``register(subparsers)`` in a
-module listed in ``COMMAND_MODULES``.
+``ear_dist.config`` (whose ``add_config_args`` the commands call). Areas add commands
+by exposing ``register(subparsers)`` in a module listed in ``COMMAND_MODULES``; no
+module imports this one back.
 """
 
 from __future__ import annotations
@@ -24,11 +25,25 @@ COMMAND_MODULES = [
     "ear_dist.bench.commands",
     "ear_dist.slurm.commands",
     "ear_dist.world.commands",
+    "ear_dist.config.commands",
 ]
+
+
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when ear-dist is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ear-dist")
+    except PackageNotFoundError:
+        from ear_dist import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ear-dist", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

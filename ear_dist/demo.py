@@ -10,12 +10,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ear_dist.config import add_config_args, config_from_args
 from ear_dist.world.erasure import WORLD_ERASE
 
 
 def register(sub) -> None:
-    from ear_dist.config import add_config_args
-
     p = sub.add_parser("demo", help="build the toy world, erase 'church', evaluate, report (CPU, minutes)")
     p.add_argument("--out", default="runs/demo", help="output directory for the report")
     p.add_argument("--concept", default="church", help="church, or a style: 'van gogh'")
@@ -33,7 +32,6 @@ def register(sub) -> None:
 
 
 def run_demo(args) -> int:
-    from ear_dist.config import config_from_args
     from ear_dist.world.erasure import ABLATIONS, markdown_table, run_world_erasure
     from ear_dist.world.pretrain import build_world_model
     from ear_dist.world.world import World

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from ear_dist.config import add_config_args
+
 
 def register(sub) -> None:
-    from ear_dist.config import add_config_args
-
     p = sub.add_parser(
         "bench",
         help="run N erasure steps on a model (local path or preset) and print the per-phase table",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ear_dist.config import add_config_args, config_from_args
+
 
 def register(sub) -> None:
-    from ear_dist.config import add_config_args
-
     data = sub.add_parser("data", help="prompt pairs: build WebDataset shards, inspect them")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_sub.required = True
@@ -85,7 +85,6 @@ def collect_pairs(cfg, extra_files: list[str]) -> list:
 def run_build(args) -> int:
     from tqdm import tqdm
 
-    from ear_dist.config import config_from_args
     from ear_dist.data.ecg import ECGError
     from ear_dist.data.readers import write_jsonl
     from ear_dist.data.shards import ShardError, ShardWriter

@@ -31,13 +31,15 @@ import csv
 import io
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
+from ear_dist.config.schema import PairsFormat
 from ear_dist.data.pairs import PromptPair
 
-FORMATS = ("auto", "ear-json", "ear-csv", "copro-json", "copro-csv", "sixcd", "coco", "hf", "jsonl", "shards")
+FORMATS = typing.get_args(PairsFormat)  # the values of data.format
 COPRO_SPLITS = ("ID_train_data", "ID_valid_data", "ID_test_data", "OOD_valid_data", "OOD_test_data")
 
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")

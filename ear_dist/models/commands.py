@@ -7,10 +7,10 @@ import re
 import time
 from pathlib import Path
 
+from ear_dist.config import add_config_args, config_from_args
+
 
 def register(sub) -> None:
-    from ear_dist.config import add_config_args
-
     p = sub.add_parser("generate", help="sample images from a Janus model (local path or preset)")
     p.add_argument("--model", default=None, help="model directory or preset (default: model.path of the config)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -41,7 +41,6 @@ def _slug(text: str) -> str:
 def run_generate(args) -> int:
     from tqdm import tqdm
 
-    from ear_dist.config import config_from_args
     from ear_dist.models.images import decode_tokens, make_grid, save_pngs
     from ear_dist.models.janus import load_janus
     from ear_dist.models.rollout import rollout

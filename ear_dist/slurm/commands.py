@@ -9,12 +9,11 @@ import shutil
 import subprocess
 import sys
 
+from ear_dist.config import add_config_args, config_from_args
 from ear_dist.slurm.render import TEMPLATES
 
 
 def register(sub) -> None:
-    from ear_dist.config import add_config_args
-
     p = sub.add_parser(
         "submit", help="render an sbatch template from the config and submit it",
         description="Validates the config (pairs per concept, GPUs and nodes against sinfo), renders "
@@ -55,7 +54,6 @@ def submit_script(script: str) -> str:
 
 
 def run_submit(args) -> int:
-    from ear_dist.config import config_from_args
     from ear_dist.slurm.checks import check_submission
     from ear_dist.slurm.render import render_job, resolve_paths, template_path
 
@@ -80,7 +78,6 @@ def run_submit(args) -> int:
 
 
 def run_slurm_env(args) -> int:
-    from ear_dist.config import config_from_args
     from ear_dist.slurm.checks import array_task_env, check_allocation
 
     cfg = config_from_args(args)
@@ -94,7 +91,6 @@ def run_slurm_env(args) -> int:
 
 
 def run_array_status(args) -> int:
-    from ear_dist.config import config_from_args
     from ear_dist.slurm.array import collect_concept_deltas
 
     deltas = collect_concept_deltas(config_from_args(args))

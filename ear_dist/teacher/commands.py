@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from ear_dist.config import add_config_args, config_from_args
+
 
 def register(sub) -> None:
-    from ear_dist.config import add_config_args
-
     p = sub.add_parser("teacher", help="teacher engine tools")
     tsub = p.add_subparsers(dest="teacher_command", metavar="ACTION")
     tsub.required = True
@@ -17,7 +17,6 @@ def register(sub) -> None:
 
 
 def run_precompute(args) -> int:
-    from ear_dist.config import config_from_args
     from ear_dist.data.stream import check_pairs, load_training_pairs
     from ear_dist.models.janus import load_janus, model_fingerprint
     from ear_dist.teacher.base import TeacherSettings

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from ear_dist.config import add_config_args, config_from_args
+
 
 def register(sub) -> None:
-    from ear_dist.config import add_config_args
-
     p = sub.add_parser("erase", help="fine-tune a student to erase a concept; writes a delta")
     add_config_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -16,7 +16,6 @@ def register(sub) -> None:
 
 def run_erase_cmd(args) -> int:
     """Train; on SIGUSR1/SIGTERM (Slurm preemption) checkpoint at the next step and exit 75 to be requeued."""
-    from ear_dist.config import config_from_args
     from ear_dist.slurm.preempt import PreemptionHandler
     from ear_dist.train.trainer import run_erase
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import typing
 from typing import Optional, Union
 
 import torch
 
+from ear_dist.config.schema import LossBackend, TargetMode
 from ear_dist.losses.windowed import (
     WindowedLoss,
     guidance_combine,
@@ -30,8 +32,8 @@ from ear_dist.losses.windowed import (
 
 __all__ = ["reference_windowed_loss", "resolve_backend", "triton_available", "windowed_loss"]
 
-BACKENDS = ("auto", "torch", "triton")
-MODES = ("hidden", "logit")
+BACKENDS = typing.get_args(LossBackend)  # the values of erase.loss_backend
+MODES = typing.get_args(TargetMode)  # the values of erase.target_mode
 
 
 def triton_available() -> bool:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from ear_dist.config import add_config_args, config_from_args
+
 
 def register(sub) -> None:
-    from ear_dist.config import add_config_args
-
     p = sub.add_parser("world", help="the synthetic world in which erasure quality is measurable on a CPU")
     world_sub = p.add_subparsers(dest="world_command", metavar="WORLD_COMMAND")
     world_sub.required = True
@@ -24,7 +24,6 @@ def register(sub) -> None:
 
 
 def run_build(args) -> int:
-    from ear_dist.config import config_from_args
     from ear_dist.world.pretrain import build_world_model, required_concepts
 
     cfg = config_from_args(args)
@@ -47,7 +46,6 @@ def run_build(args) -> int:
 
 
 def run_damage_cmd(args) -> int:
-    from ear_dist.config import config_from_args
     from ear_dist.world.damage import run_damage
 
     run_damage(config_from_args(args), args.short_steps, args.prompts, args.out)

@@ -1,0 +1,44 @@
+"""One config tree for every entry point.
+
+The CLI, YAML/JSON files and the Slurm templates all fill the same dataclasses
+(``schema``); there is no second way to set a value. ``loading`` merges files, then
+``--set section.key=value`` overrides, and checks the result; ``args`` holds the
+command-line flags every job command shares; ``commands`` is ``ear-dist config``.
+"""
+
+from ear_dist.config.args import add_config_args, config_from_args
+from ear_dist.config.loading import (
+    ConfigError,
+    example_configs,
+    from_dict,
+    get_key,
+    load_config,
+    parse_override,
+    read_file,
+    save_config,
+    validate,
+)
+from ear_dist.config.schema import (
+    ConceptOverride,
+    Config,
+    DataConfig,
+    DistConfig,
+    EcgConfig,
+    EraseConfig,
+    ModelConfig,
+    OptimConfig,
+    RolloutConfig,
+    ShardsConfig,
+    SlurmConfig,
+    TrainableConfig,
+    TrainConfig,
+    VfConfig,
+    WorldConfig,
+)
+
+__all__ = [
+    "ConceptOverride", "Config", "ConfigError", "DataConfig", "DistConfig", "EcgConfig", "EraseConfig",
+    "ModelConfig", "OptimConfig", "RolloutConfig", "ShardsConfig", "SlurmConfig", "TrainConfig", "TrainableConfig",
+    "VfConfig", "WorldConfig", "add_config_args", "config_from_args", "example_configs", "from_dict", "get_key",
+    "load_config", "parse_override", "read_file", "save_config", "validate",
+]

@@ -1,0 +1,318 @@
+"""From files and ``--set`` overrides to a checked ``Config``.
+
+Files are merged first, then ``--set section.key=value`` overrides from the command
+line. Unknown keys, values of the wrong type and values outside a ``Literal``'s
+choices are errors that name the full dotted key; ``validate`` then checks what
+types alone do not (ranges, relations between keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from ear_dist.config.schema import Config, SlurmConfig
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------- types
+
+
+def check_choice(value: Any, tp: Any, key: str) -> Any:
+    """``value`` when it is one of the ``Literal`` type's values, else a ConfigError listing them."""
+    choices = typing.get_args(tp)
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a parsed value to the annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        return check_choice(value, tp, key)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        out = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise ConfigError(
+                f"{prefix}{k}: unknown key (known keys of {prefix.rstrip('.') or 'the config'}: "
+                f"{', '.join(sorted(names))})"
+            )
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone do not catch; raise ConfigError naming the key."""
+    # Files and --set are checked against the Literal types while loading; this catches
+    # a config built or changed in Python.
+    _validate_choices(cfg, "")
+    positives = [
+        "erase.window_len", "train.steps", "train.pairs_per_step", "rollout.batch_size",
+        "data.ecg.llm_pairs_per_request", "data.vf.batch_size", "data.vf.top_k",
+        "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
+        "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
+        "world.batch_size", "world.max_steps", "world.eval_every", "world.eval_prompts_per_word",
+        "world.threads",
+    ]
+    for key in positives:
+        if get_key(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")
+    if cfg.erase.loss_threshold < 0:
+        raise ConfigError(f"erase.loss_threshold: must be >= 0, got {cfg.erase.loss_threshold}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if cfg.trainable.first_k_layers < 0:
+        raise ConfigError("trainable.first_k_layers: must be >= 0")
+    if not 0.0 < cfg.erase.esd_patch_fraction <= 1.0:
+        raise ConfigError("erase.esd_patch_fraction: must be in (0, 1]")
+    if cfg.world.grid_side < 4:
+        raise ConfigError(f"world.grid_side: must be >= 4, got {cfg.world.grid_side}")
+    if not 0.0 <= cfg.world.uncond_prob < 1.0:
+        raise ConfigError(f"world.uncond_prob: must be in [0, 1), got {cfg.world.uncond_prob}")
+    if cfg.world.hidden_size % cfg.world.num_heads:
+        raise ConfigError(f"world.hidden_size ({cfg.world.hidden_size}) must be divisible by world.num_heads "
+                          f"({cfg.world.num_heads})")
+    if cfg.erase.method == "svare" and cfg.erase.rollout_from == "target":
+        raise ConfigError("erase.rollout_from: target with erase.method=svare would train the student toward the "
+                          "concept's own image tokens; S-VARE needs the surrogate's rollouts (rollout_from=surrogate)")
+    for name, ov in cfg.erase.concepts.items():
+        if ov.window_len is not None and ov.window_len < 1:
+            raise ConfigError(f"erase.concepts.{name}.window_len: must be >= 1, got {ov.window_len}")
+        if ov.loss_threshold is not None and ov.loss_threshold < 0:
+            raise ConfigError(f"erase.concepts.{name}.loss_threshold: must be >= 0")
+    _validate_slurm(cfg.slurm)
+
+
+def _validate_choices(section: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, tp = getattr(section, f.name), hints[f.name]
+        if typing.get_origin(tp) is Literal:
+            check_choice(value, tp, prefix + f.name)
+        elif dataclasses.is_dataclass(value):
+            _validate_choices(value, f"{prefix}{f.name}.")
+
+
+def _validate_slurm(slurm: SlurmConfig) -> None:
+    for key in ("nodes", "cpus_per_task"):
+        if getattr(slurm, key) < 1:
+            raise ConfigError(f"slurm.{key}: must be >= 1, got {getattr(slurm, key)}")
+    for key in ("gpus_per_node", "tasks_per_node", "signal_before_s", "array_parallel", "max_restarts"):
+        if getattr(slurm, key) < 0:
+            raise ConfigError(f"slurm.{key}: must be >= 0, got {getattr(slurm, key)}")
+    if slurm.gpus_per_node and slurm.tasks_per_node > slurm.gpus_per_node:
+        raise ConfigError(
+            f"slurm.tasks_per_node: {slurm.tasks_per_node} ranks per node but slurm.gpus_per_node is "
+            f"{slurm.gpus_per_node}; each rank needs its own GPU (0 = one rank per GPU)")
+    if not slurm.job_name or any(c.isspace() for c in slurm.job_name):
+        raise ConfigError(f"slurm.job_name: must be non-empty without spaces, got {slurm.job_name!r}")
+    seen = set()
+    for i, concept in enumerate(slurm.concepts):
+        if not concept.strip():
+            raise ConfigError(f"slurm.concepts[{i}]: empty concept name")
+        if concept in seen:
+            raise ConfigError(f"slurm.concepts[{i}]: {concept!r} is listed twice")
+        seen.add(concept)
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    """The value at ``section.key`` (dicts and dataclasses alike)."""
+    obj = cfg
+    for part in dotted.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------- files
+
+
+def example_configs() -> dict[str, Path]:
+    """The example configs shipped in the package, by name (``church`` -> .../examples/church.yaml)."""
+    return {p.stem: p for p in sorted(EXAMPLES_DIR.glob("*.yaml"))}
+
+
+def example_description(path: Path) -> str:
+    """The first comment line of an example config: what setting it is."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def resolve_config_file(path: Union[str, Path]) -> Path:
+    """``path`` when it is a file; a bare example name (``church``) when no such file exists."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    examples = example_configs()
+    if str(path) in examples:
+        return examples[str(path)]
+    # a bare name was meant as an example: say which exist
+    hint = f" (nor a packaged example: {', '.join(examples)})" if len(p.parts) == 1 and not p.suffix else ""
+    raise ConfigError(f"config file not found: {p}{hint}")
+
+
+def read_file(path: Union[str, Path]) -> dict:
+    """Read a YAML or JSON config file (or a packaged example by name) into a dict."""
+    p = resolve_config_file(path)
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # parse errors carry line numbers in their message
+        raise ConfigError(f"{p}: cannot parse: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> {"a": {"b": {"c": parsed}}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. erase.window_len=24")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except Exception:
+        value = raw
+    node: dict = {}
+    cur = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return node
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    files: Optional[list] = None,
+    overrides: Optional[list[str]] = None,
+    base: Optional[dict] = None,
+) -> Config:
+    """Merge ``base``, then each file, then each ``key=value`` override, and validate."""
+    data: dict = dict(base or {})
+    for f in files or []:
+        data = _merge(data, read_file(f))
+    for o in overrides or []:
+        data = _merge(data, parse_override(o))
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    """Write the whole tree as YAML; ``load_config([path])`` reads it back equal."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

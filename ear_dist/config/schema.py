@@ -1,0 +1,331 @@
+"""The config tree: one dataclass per section, each field with its type, default and help.
+
+A field whose values come from a fixed set is typed ``Literal[...]``; that type is the
+one list of allowed values, read by loading (errors), ``validate`` and
+``ear-dist config show`` (help). A key's help text travels in its field's metadata
+(``setting``) and a section's in its class docstring, so the command line can print
+them next to the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Literal, Optional
+
+# Named where code outside the config checks the same values (readers, loss dispatch).
+PairsFormat = Literal["auto", "ear-json", "ear-csv", "copro-json", "copro-csv", "sixcd", "coco", "hf", "jsonl",
+                      "shards"]
+TargetMode = Literal["hidden", "logit"]
+LossBackend = Literal["auto", "torch", "triton"]
+
+
+def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> Any:
+    """A dataclass field that carries its help text (``ear-dist config show`` prints it).
+
+    ``factory`` replaces ``default`` for mutable values (lists, dicts, sections).
+    """
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The help text of a config field ('' when it has none)."""
+    return f.metadata.get("help", "")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    """The Janus model erased (student) and sampled (teacher)."""
+
+    path: str = setting("tiny", "a local directory in Hugging Face format, or a preset name: tiny, janus-pro-1b, "
+                                "janus-pro-7b (presets have random weights)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "auto = bfloat16 on GPU, float32 on CPU")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = setting(0, "for presets built with random weights")
+
+
+@dataclass
+class RolloutConfig:
+    """How the teacher samples image tokens."""
+
+    guidance_weight: float = setting(5.0, "classifier-free guidance weight for sampling (1 = no guidance)")
+    temperature: float = setting(1.0, "sampling temperature")
+    top_k: int = setting(0, "sample from the k most likely tokens; 0 = full distribution")
+    greedy: bool = setting(False, "take the most likely token instead of sampling")
+    batch_size: int = setting(8, "prompts per rollout batch")
+
+
+@dataclass
+class TrainableConfig:
+    """Which student parameters the erasure trains."""
+
+    first_k_layers: int = setting(5, "train the first k layers of the language model")
+    modules: Literal["all", "attention"] = setting(
+        "attention", "all: every module of the first k layers; attention: q/k/v/o projections only")
+    patterns: list[str] = setting(
+        factory=list, help="explicit fnmatch patterns on parameter names; when non-empty they replace the two above")
+
+
+@dataclass
+class ConceptOverride:
+    """Per-concept settings for joint multi-concept runs (any None inherits from erase)."""
+
+    window_len: Optional[int] = setting(None, "inherits erase.window_len when null")
+    loss_threshold: Optional[float] = setting(None, "inherits erase.loss_threshold when null")
+    erase_guidance: Optional[float] = setting(None, "inherits erase.erase_guidance when null")
+
+
+@dataclass
+class EraseConfig:
+    """The erasure objective: targets, windows (WGA), loss masking (TLM) and updates."""
+
+    concept: str = setting("church", "the concept erased; target prompts should contain this word")
+    method: Literal["ear", "svare", "esd"] = setting(
+        "ear", "ear: windowed guided targets (the paper); svare: S-VARE; esd: ESD-style baseline")
+    target_mode: TargetMode = setting(
+        "hidden", "hidden: MSE on the last hidden state (official code); logit: KL on gen-head logits (paper)")
+    erase_guidance: float = setting(
+        1.0, "eta: target = M*(c_s) - eta * (M*(c_t) - M*(c_s)), teacher outputs on surrogate and target prompts")
+    loss_threshold: float = setting(0.05, "tau: windows whose loss sum is under it carry no gradient (TLM)")
+    window_len: int = setting(48, "image tokens per loss window (WGA)")
+    window_order: Literal["sequential", "random"] = setting(
+        "sequential", "order the windows are taken in: sequential (generation order) or random")
+    update_mode: Literal["window", "sequence"] = setting(
+        "window", "window: optimizer step after each kept window (paper); sequence: one step per pair/batch")
+    rollout_from: Literal["surrogate", "target"] = setting(
+        "surrogate", "which prompt of the pair the teacher samples image tokens from")
+    teacher_guidance_weight: float = setting(
+        0.0, "logit mode: classifier-free guidance weight applied on the teacher side when building targets "
+             "(0 = off)")
+    svare_label_prob_max: float = setting(
+        0.5, "S-VARE: a token counts in the cross-entropy while the student's label probability is below this")
+    svare_preserve_weight: float = setting(0.5, "S-VARE: weight of the preservation KL on the surrogate prompt")
+    esd_patch_fraction: float = setting(
+        0.25, "ESD-style baseline: share of image positions sampled as random patches each step")
+    on_missing_concept: Literal["warn", "fail"] = setting(
+        "warn", "a target prompt without the concept word: warn (count) or fail")
+    loss_backend: LossBackend = setting(
+        "auto", "windowed loss implementation: auto (Triton on CUDA when importable, else PyTorch), torch, triton")
+    concepts: dict[str, ConceptOverride] = setting(
+        factory=dict, help="per-concept overrides for joint runs, e.g. {church: {window_len: 48}}")
+
+
+@dataclass
+class OptimConfig:
+    """The student's optimizer."""
+
+    name: Literal["adam", "adamw", "sgd"] = setting("adam", "torch optimizer")
+    lr: float = setting(1e-4, "learning rate")
+    betas: tuple[float, float] = setting((0.9, 0.999), "Adam/AdamW betas")
+    weight_decay: float = setting(0.0, "weight decay")
+
+
+@dataclass
+class EcgConfig:
+    """Pair generation (ECG) for `ear-dist data build`."""
+
+    source: Literal["none", "templates", "llm"] = setting(
+        "none", "none: pairs come from data.pairs only; templates: filled from ecg.templates; llm: an LLM writes them")
+    concept: str = setting("", "the concept to write pairs for; empty = erase.concept")
+    category: str = setting("", "the concept's category (e.g. object, style): stored in the pairs and given to the LLM")
+    num_pairs: int = setting(50, "pairs to write; templates: 0 = every combination")
+    seed: int = setting(0, "templates: seed of which combinations are drawn")
+    templates: list[str] = setting(
+        factory=list,
+        help='templates: "{concept}" plus named slots filled from ecg.slots; surrogates replace the concept')
+    surrogates: list[str] = setting(factory=list, help="words that replace the concept in surrogate prompts")
+    slots: dict[str, list[str]] = setting(factory=dict, help="templates: slot name -> the values it takes")
+    llm_base_url: str = setting("", "any OpenAI-compatible chat endpoint, e.g. http://127.0.0.1:8000/v1")
+    llm_models: list[str] = setting(factory=list, help="model names; several are used in turn")
+    # The name only: a key written into a config file would end up in runs/ and Slurm logs.
+    llm_api_key_env: str = setting("", "the NAME of the environment variable holding the API key")
+    llm_pairs_per_request: int = setting(10, "pairs asked for in one request")
+    llm_temperature: float = setting(1.0, "sampling temperature of the LLM")
+    llm_max_retries: int = setting(5, "retries of a failed request")
+    llm_backoff_s: float = setting(1.0, "seconds before the first retry")
+    llm_requests_per_minute: float = setting(60.0, "request rate limit")
+    llm_timeout_s: float = setting(60.0, "seconds before a request times out")
+    llm_cache_dir: str = setting(".cache/ecg", "responses cached here; a rerun reuses them")
+    llm_max_requests: int = setting(0, "request budget; 0 = three times what num_pairs needs")
+    require_concept_word: bool = setting(True, "drop generated pairs whose target does not contain the concept word")
+
+
+@dataclass
+class VfConfig:
+    """The visual filter (VF): teacher rollouts for both prompts + a concept classifier."""
+
+    enabled: bool = setting(False, "filter pairs: keep those whose target image shows the concept and "
+                                   "whose surrogate image does not")
+    classifier: str = setting("nudenet", "nudenet | resnet50 | hf | module:function")
+    classifier_path: str = setting("", "resnet50: local weights file; hf: local model directory")
+    threshold: float = setting(
+        0.6, "nudenet: min detection score; hf / callables: min probability of the concept")
+    nudenet_classes: list[str] = setting(
+        factory=list,
+        help="nudenet classes that count as the concept (default: exposed breasts, genitalia, buttocks, anus)")
+    class_ids: dict[str, list[int]] = setting(
+        factory=dict, help="resnet50: concept -> ImageNet class ids, e.g. {church: [497]}")
+    top_k: int = setting(1, "resnet50: the concept counts when one of its ids is in the top k classes")
+    labels: dict[str, list[str]] = setting(
+        factory=dict, help="hf: concept -> model labels (default: the label equal to the concept name)")
+    batch_size: int = setting(8, "pairs per rollout batch (two prompts each)")
+    store_target_tokens: bool = setting(False, "keep the target prompt's rollout tokens in the pairs too")
+    seed: int = setting(0, "rollout seed of pairs without one: seed + position")
+
+
+@dataclass
+class ShardsConfig:
+    """WebDataset shards: written by `ear-dist data build`, streamed by training."""
+
+    out_dir: str = setting("data/shards", "where `ear-dist data build` writes the shards")
+    max_samples_per_shard: int = setting(10000, "a new shard starts after this many samples")
+    max_shard_bytes: int = setting(256 * 1024 * 1024, "a new shard starts after this many bytes")
+    mode: Literal["exact", "resampled"] = setting(
+        "exact", "exact: every rank the same number of samples per epoch; resampled: endless, with replacement")
+    drop_last: bool = setting(
+        False, "exact mode: false pads the last ranks by wrapping around (every sample seen); true drops the rest")
+    on_corrupt: Literal["fail", "skip"] = setting(
+        "fail", "a truncated or corrupt shard: fail, or skip (logged; the rank's next readable sample fills in)")
+    seed: int = setting(0, "seed of the shard order and the shuffle buffer")
+
+
+@dataclass
+class DataConfig:
+    """Where the prompt pairs come from and how they are read."""
+
+    pairs: str = setting("", "a pairs file (JSON/CSV/JSONL/parquet/HF directory) or a shard directory")
+    format: PairsFormat = setting("auto", "format of data.pairs; auto = from the file's name and content")
+    shuffle: bool = setting(True, "shuffle the pairs every epoch")
+    shuffle_buffer: int = setting(1000, "shards: size of the streaming shuffle buffer")
+    num_workers: int = setting(0, "shards: DataLoader worker processes")
+    on_error: Literal["fail", "skip"] = setting(
+        "fail", "malformed rows: fail, or skip (skips are counted and reported)")
+    ecg: EcgConfig = field(default_factory=EcgConfig)
+    vf: VfConfig = field(default_factory=VfConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The training run: length, batch, seed, outputs."""
+
+    steps: int = setting(50, "training steps")
+    pairs_per_step: int = setting(1, "prompt pairs per step (over all ranks)")
+    seed: int = setting(0, "seed of the pair order and of the run's random generators")
+    out_dir: str = setting("runs/erase", "delta, checkpoint, resolved config and logs go here")
+    log_every: int = setting(1, "steps between log lines")
+    checkpoint_every: int = setting(0, "steps between checkpoints; 0 = only at the end")
+    max_nonfinite_steps: int = setting(5, "stop after this many steps with a non-finite loss")
+    tensorboard: bool = setting(True, "write TensorBoard events to out_dir")
+
+
+@dataclass
+class DistConfig:
+    """Processes: DeepSpeed, where the teacher runs, the process-group backend."""
+
+    deepspeed_config: str = setting("none", "none, or a path to a DeepSpeed JSON config (see ds_configs/)")
+    teacher_placement: Literal["colocated", "dedicated", "offline"] = setting(
+        "colocated", "colocated: every rank runs its own teacher; dedicated: teacher ranks serve the students; "
+                     "offline: targets precomputed by `ear-dist teacher precompute`")
+    teacher_ranks: int = setting(1, "dedicated placement: how many ranks serve the teacher")
+    teacher_dir: str = setting("", "offline placement: the directory written by `ear-dist teacher precompute`")
+    backend: Literal["auto", "gloo", "nccl"] = setting("auto", "torch.distributed backend; auto = nccl on GPU, "
+                                                               "else gloo")
+    log_comms: bool = setting(False, "count DeepSpeed's collective bytes per step (benchmarks)")
+    timeout_s: int = setting(60, "seconds the rendezvous and every collective wait before failing")
+
+
+@dataclass
+class SlurmConfig:
+    """What ``ear-dist submit`` renders into the sbatch templates in slurm/."""
+
+    nodes: int = setting(1, "nodes of the job")
+    gpus_per_node: int = setting(0, "GPUs per node (0 = CPU nodes)")
+    tasks_per_node: int = setting(0, "ranks per node; 0 = one per GPU (gpus_per_node), or 1 on nodes without GPUs")
+    cpus_per_task: int = setting(2, "CPUs per rank; OMP_NUM_THREADS of each rank")
+    partition: str = setting("", "Slurm partition; empty = the cluster's default")
+    time: str = setting("01:00:00", "time limit, HH:MM:SS")
+    job_name: str = setting("ear-dist", "Slurm job name (no spaces)")
+    signal_before_s: int = setting(
+        120, "USR1 this many seconds before the time limit: the ranks checkpoint, the job requeues")
+    extra_sbatch: list[str] = setting(factory=list, help='extra "#SBATCH" options, e.g. --account=abc')
+    launcher: Literal["torchrun", "srun", "mpi"] = setting(
+        "torchrun", "torchrun: one srun task per node runs torchrun (c10d rendezvous); srun: one srun task per rank; "
+                    "mpi: one srun --mpi=pmix task per rank, ranks from mpi4py")
+    output_dir: str = setting(
+        "", "rendered script, its resolved config and the Slurm logs; empty = <train.out_dir>/slurm")
+    concepts: list[str] = setting(
+        factory=list, help="job arrays: array task i erases concepts[i] with the pairs file concept_pairs[concepts[i]]")
+    concept_pairs: dict[str, str] = setting(factory=dict, help="job arrays: concept -> its pairs file")
+    array_parallel: int = setting(0, "at most this many array tasks at once; 0 = no limit")
+    max_restarts: int = setting(3, "preemptions requeued before the job gives up")
+    python: str = setting("", "interpreter on the nodes; empty = the one running ear-dist submit")
+    setup: list[str] = setting(factory=list, help="shell lines run first (module load, venv activation)")
+    local_tmp: str = setting("", "node-local scratch for caches; empty = $TMPDIR or /tmp on each node")
+    rank_args: str = setting(
+        "",
+        "python arguments every rank runs in erase_multinode; empty = -m ear_dist erase --config <the job's config>")
+    bench_args: str = setting("", "extra arguments of ear-dist bench in the bench template, e.g. --steps 20")
+
+
+@dataclass
+class WorldConfig:
+    """The synthetic world (ear_dist.world): its data and the tiny model pretrained on it."""
+
+    seed: int = setting(0, "seed of the world's rendering rule and of pretraining")
+    grid_side: int = setting(8, "image tokens per side (8 -> 64 image tokens)")
+    codebook_size: int = setting(256, "image codes")
+    calibration_samples: int = setting(2000, "rendered images used to set the classifier's thresholds")
+    cache_dir: str = setting(
+        "", "where built world models are cached; empty: $EAR_DIST_CACHE/world or ~/.cache/ear-dist/world")
+    hidden_size: int = setting(128, "the world's tiny Janus: hidden size")
+    num_layers: int = setting(4, "the world's tiny Janus: layers")
+    num_heads: int = setting(4, "the world's tiny Janus: attention heads")
+    intermediate_size: int = setting(256, "the world's tiny Janus: MLP size")
+    batch_size: int = setting(32, "pretraining batch size")
+    lr: float = setting(2e-3, "pretraining peak learning rate")
+    warmup_steps: int = setting(50, "pretraining warm-up steps")
+    max_steps: int = setting(
+        2000, "the learning rate decays over these steps; training stops earlier at the target")
+    uncond_prob: float = setting(0.1, "share of training prompts dropped to the unconditional form (for CFG)")
+    eval_every: int = setting(200, "steps between checks of the model's own CFG samples")
+    eval_prompts_per_word: int = setting(
+        18, "per object word (synonyms included), split evenly over no style and each style")
+    target_accuracy: float = setting(0.95, "stop once every object, synonym and style reaches it")
+    guidance_weight: float = setting(5.0, "classifier-free guidance weight of the pretraining checks' samples")
+    # Float sums depend on how work is split over threads, so a count fixed whatever the
+    # machine or OMP_NUM_THREADS say makes builds reproducible.
+    threads: int = setting(2, "CPU threads for pretraining")
+
+
+@dataclass
+class Config:
+    """The whole config tree."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    erase: EraseConfig = field(default_factory=EraseConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+    def to_dict(self) -> dict:
+        """The tree as plain data (YAML/JSON safe)."""
+        # through JSON so tuples become lists
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def validate(self) -> "Config":
+        """Check the values (see ``ear_dist.config.validate``); return self."""
+        from ear_dist.config.loading import validate
+
+        validate(self)
+        return self
