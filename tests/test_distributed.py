@@ -158,6 +158,26 @@ def save_tiny_model(path, seed):
     return save_tiny_checkpoint(path, seed=seed)
 
 
+PRESERVING = {
+    "preservation + null space": ["preserve.prompts=[a photo of a barn, a castle at night, a red windmill, a house]",
+                                  "preserve.weight=1.0", "preserve.per_step=2", "preserve.nullspace=true",
+                                  "erase.reference_prompt=unconditional", "erase.rollout_from=target",
+                                  "erase.target_mode=logit"],
+    "lora": ["trainable.adapter=lora", "trainable.lora_rank=4"],
+}
+
+
+@pytest.mark.parametrize("name", list(PRESERVING))
+def test_two_ranks_give_the_one_process_delta_with_the_preserving_levers(world, name):
+    """Anchors drawn by drift, null-space projectors and LoRA edits under ZeRO-2 on 2 ranks: the 1-process delta."""
+    d, model, pairs = world
+    extra = ["erase.update_mode=sequence", *PRESERVING[name]]
+    here = d / name.replace(" ", "-").replace("+", "")
+    one = run_erase(load_config(overrides=_overrides(model, pairs, here / "one", *extra)), progress=False)["delta"]
+    _torchrun(2, _overrides(model, pairs, here / "two", *extra, "dist.deepspeed_config=ds_configs/zero2.json"))
+    assert _max_diff(one, here / "two" / "delta.safetensors") < TOLERANCE
+
+
 def test_zero3_really_partitions_the_student(world):
     d, model, _ = world
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",

@@ -237,3 +237,24 @@ def test_svare_loss_combines_its_parts():
     torch.testing.assert_close(out.preserve, per_token_kl(student_s, teacher_s).mean())
     torch.testing.assert_close(out.loss, ce + 0.5 * out.preserve)
     assert preservation_kl(teacher_s, teacher_s).abs().item() < 1e-6
+
+
+def test_svare_code_distance_filter_against_a_reference_written_out():
+    """A token is unsafe when the student's likeliest code lies at least half the mean code-to-code distance
+    from the label's code (the codebook analog of a quarter of the bits disagreeing)."""
+    from ear_dist.losses.svare import code_distance_filter
+
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [10.0, 10.0]])
+    pairs = [(i, j) for i in range(4) for j in range(4) if i != j]
+    mean = sum(float((codebook[i] - codebook[j]).norm()) for i, j in pairs) / len(pairs)
+    logits = torch.full((1, 4, 4), -5.0)
+    predictions, labels = [0, 1, 0, 2], torch.tensor([[0, 0, 3, 1]])
+    for t, code in enumerate(predictions):
+        logits[0, t, code] = 5.0
+    got = code_distance_filter(logits, labels, codebook, min_distance=0.5)
+    want = [float((codebook[p] - codebook[int(l)]).norm()) / mean >= 0.5 for p, l in zip(predictions, labels[0])]
+    assert got[0].tolist() == want == [False, False, True, False]
+    loss, counted = filtered_ce(logits, labels, unsafe=got)
+    assert counted == 1
+    manual = -torch.log_softmax(logits[0, 2], -1)[3] / 4
+    torch.testing.assert_close(loss, manual)

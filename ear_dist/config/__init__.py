@@ -27,6 +27,7 @@ from ear_dist.config.schema import (
     EraseConfig,
     ModelConfig,
     OptimConfig,
+    PreserveConfig,
     RolloutConfig,
     ShardsConfig,
     SlurmConfig,
@@ -38,7 +39,7 @@ from ear_dist.config.schema import (
 
 __all__ = [
     "ConceptOverride", "Config", "ConfigError", "DataConfig", "DistConfig", "EcgConfig", "EraseConfig",
-    "ModelConfig", "OptimConfig", "RolloutConfig", "ShardsConfig", "SlurmConfig", "TrainConfig", "TrainableConfig",
+    "ModelConfig", "OptimConfig", "PreserveConfig", "RolloutConfig", "ShardsConfig", "SlurmConfig", "TrainConfig", "TrainableConfig",
     "VfConfig", "WorldConfig", "add_config_args", "config_from_args", "example_configs", "from_dict", "get_key",
     "load_config", "parse_override", "read_file", "save_config", "validate",
 ]

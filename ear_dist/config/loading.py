@@ -142,7 +142,8 @@ def validate(cfg: Config) -> None:
         "data.ecg.llm_pairs_per_request", "data.vf.batch_size", "data.vf.top_k",
         "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
         "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
-        "world.batch_size", "world.max_steps", "world.eval_every", "world.eval_prompts_per_word",
+        "world.batch_size", "world.max_steps", "world.decay_steps", "world.eval_every", "world.eval_prompts_per_word",
+        "world.consecutive_checks",
         "world.threads",
     ]
     for key in positives:
@@ -163,6 +164,23 @@ def validate(cfg: Config) -> None:
     if cfg.world.hidden_size % cfg.world.num_heads:
         raise ConfigError(f"world.hidden_size ({cfg.world.hidden_size}) must be divisible by world.num_heads "
                           f"({cfg.world.num_heads})")
+    for key in ("preserve.per_step", "preserve.refresh_every", "trainable.lora_rank"):
+        if get_key(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")
+    if cfg.preserve.weight < 0 or cfg.preserve.probe_every < 0 or cfg.preserve.drift_power < 0:
+        raise ConfigError("preserve.weight, preserve.probe_every and preserve.drift_power must be >= 0")
+    if not 0.0 < cfg.preserve.nullspace_energy < 1.0:
+        raise ConfigError(f"preserve.nullspace_energy: must be in (0, 1), got {cfg.preserve.nullspace_energy}")
+    if (cfg.preserve.weight > 0 or cfg.preserve.nullspace) and not (cfg.preserve.prompts or cfg.preserve.prompts_file):
+        raise ConfigError("preserve.prompts: preserve.weight > 0 or preserve.nullspace needs anchor prompts "
+                          "(preserve.prompts or preserve.prompts_file)")
+    if cfg.preserve.probe_every and not cfg.preserve.probe_prompts:
+        raise ConfigError("preserve.probe_prompts: preserve.probe_every > 0 needs probe prompts")
+    if not cfg.preserve.branches:
+        raise ConfigError("preserve.branches: name at least one of guided, uncond, cond")
+    if cfg.erase.method == "svare" and cfg.erase.reference_prompt == "unconditional":
+        raise ConfigError("erase.reference_prompt: unconditional applies to the guided targets of ear/esd; "
+                          "S-VARE trains toward the surrogate's tokens")
     if cfg.erase.method == "svare" and cfg.erase.rollout_from == "target":
         raise ConfigError("erase.rollout_from: target with erase.method=svare would train the student toward the "
                           "concept's own image tokens; S-VARE needs the surrogate's rollouts (rollout_from=surrogate)")

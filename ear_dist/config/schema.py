@@ -69,6 +69,11 @@ class TrainableConfig:
         "attention", "all: every module of the first k layers; attention: q/k/v/o projections only")
     patterns: list[str] = setting(
         factory=list, help="explicit fnmatch patterns on parameter names; when non-empty they replace the two above")
+    adapter: Literal["full", "lora"] = setting(
+        "full", "full: train the selected tensors themselves; lora: a low-rank update (B A) on the selected linear "
+                "weights, merged into the delta")
+    lora_rank: int = setting(8, "lora: rank r of the update")
+    lora_alpha: float = setting(16.0, "lora: the update is scaled by alpha / r")
 
 
 @dataclass
@@ -99,9 +104,18 @@ class EraseConfig:
         "window", "window: optimizer step after each kept window (paper); sequence: one step per pair/batch")
     rollout_from: Literal["surrogate", "target"] = setting(
         "surrogate", "which prompt of the pair the teacher samples image tokens from")
+    reference_prompt: Literal["surrogate", "unconditional"] = setting(
+        "surrogate", "the teacher output the target is anchored on: the surrogate prompt's (EAR), or the "
+                     "unconditional prompt's on the same prefix (target = u - eta (c - u), uncond-anchored)")
     teacher_guidance_weight: float = setting(
-        0.0, "logit mode: classifier-free guidance weight applied on the teacher side when building targets "
-             "(0 = off)")
+        0.0, "logit mode: classifier-free guidance weight applied to the teacher's target and, the same way, to "
+             "the student's conditional and unconditional outputs (0 = off)")
+    svare_filter: Literal["prob", "code_distance"] = setting(
+        "prob", "S-VARE token filter on a codebook model: prob: the label's probability under svare_label_prob_max; "
+                "code_distance: the student's likeliest code lies at least svare_code_distance (relative) from the "
+                "label's code in the VQ embedding space (the analog of a quarter of the bits disagreeing)")
+    svare_code_distance: float = setting(
+        0.5, "S-VARE code_distance filter: relative distance |e(pred) - e(label)| / mean code-to-code distance")
     svare_label_prob_max: float = setting(
         0.5, "S-VARE: a token counts in the cross-entropy while the student's label probability is below this")
     svare_preserve_weight: float = setting(0.5, "S-VARE: weight of the preservation KL on the surrogate prompt")
@@ -211,6 +225,33 @@ class DataConfig:
 
 
 @dataclass
+class PreserveConfig:
+    """Keeping everything else: preservation anchors, null-space updates, drift probes."""
+
+    prompts: list[str] = setting(
+        factory=list, help="anchor prompts of other concepts (preservation and null space); joined with prompts_file")
+    prompts_file: str = setting("", "a file of anchor prompts (any pairs/prompt format; the target field is used)")
+    weight: float = setting(
+        0.0, "weight of KL(teacher || student) on the anchors' next-token distributions (0 = off)")
+    branches: list[Literal["guided", "uncond", "cond"]] = setting(
+        factory=lambda: ["guided", "uncond"],
+        help="which distributions the KL watches: guided (CFG-combined, what sampling uses), uncond, cond")
+    per_step: int = setting(4, "anchors in each step's preservation batch (over all ranks)")
+    drift_power: float = setting(
+        1.0, "anchors are drawn with probability proportional to drift^power (0: uniformly)")
+    refresh_every: int = setting(10, "steps between re-measurements of every anchor's drift")
+    nullspace: bool = setting(
+        False, "project updates of the trained linear weights onto the complement of the inputs they see on the "
+               "anchors (and the unconditional prompt), so their outputs there do not move")
+    nullspace_energy: float = setting(
+        0.99, "the preserved input span: eigen-directions holding this share of the anchors' input energy")
+    probe_prompts: list[str] = setting(
+        factory=list, help="a fixed probe set of other-concept prompts whose drift is logged (never trained on)")
+    probe_every: int = setting(0, "steps between drift probes (KL cond, uncond, guided) in the metrics; 0 = off")
+    seed: int = setting(0, "seed of the anchors' and probes' teacher rollouts")
+
+
+@dataclass
 class TrainConfig:
     """The training run: length, batch, seed, outputs."""
 
@@ -290,13 +331,17 @@ class WorldConfig:
     batch_size: int = setting(32, "pretraining batch size")
     lr: float = setting(2e-3, "pretraining peak learning rate")
     warmup_steps: int = setting(50, "pretraining warm-up steps")
+    decay_steps: int = setting(2000, "the learning rate decays (cosine, to a tenth) over these steps")
     max_steps: int = setting(
-        2000, "the learning rate decays over these steps; training stops earlier at the target")
+        3200, "pretraining stops here at the latest (at the tenth rate after decay_steps), earlier at the target")
     uncond_prob: float = setting(0.1, "share of training prompts dropped to the unconditional form (for CFG)")
     eval_every: int = setting(200, "steps between checks of the model's own CFG samples")
     eval_prompts_per_word: int = setting(
         18, "per object word (synonyms included), split evenly over no style and each style")
-    target_accuracy: float = setting(0.95, "stop once every object, synonym and style reaches it")
+    target_accuracy: float = setting(
+        0.95, "stop once every object, synonym and style reaches it on consecutive_checks checks in a row")
+    consecutive_checks: int = setting(
+        2, "checks in a row (on alternating, independent held-out sets) at the target before the build stops")
     guidance_weight: float = setting(5.0, "classifier-free guidance weight of the pretraining checks' samples")
     # Float sums depend on how work is split over threads, so a count fixed whatever the
     # machine or OMP_NUM_THREADS say makes builds reproducible.
@@ -313,6 +358,7 @@ class Config:
     erase: EraseConfig = field(default_factory=EraseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    preserve: PreserveConfig = field(default_factory=PreserveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

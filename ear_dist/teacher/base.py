@@ -27,13 +27,15 @@ class TeacherSettings:
     """Everything a run's teacher requests share, decided from the config in one place.
 
     ``rollout_from``: which prompt of a pair the teacher samples image tokens from.
-    ``mode``: ``hidden`` (last hidden states) or ``logit`` (generation-head logits);
-    S-VARE always needs logits. ``with_uncond``: the teacher also runs the unconditional
-    prompt (logit mode with teacher-side guidance). The sampling fields are the CFG
-    rollout's.
+    ``reference``: what the guided target is anchored on, the surrogate prompt's outputs
+    (EAR) or the unconditional prompt's (``unconditional``). ``mode``: ``hidden`` (last
+    hidden states) or ``logit`` (generation-head logits); S-VARE always needs logits.
+    ``with_uncond``: the teacher also runs the unconditional prompt (logit mode with
+    teacher-side guidance). The sampling fields are the CFG rollout's.
     """
 
     rollout_from: str = "surrogate"
+    reference: str = "surrogate"
     mode: str = "hidden"
     with_uncond: bool = False
     target_guidance_weight: float = 0.0
@@ -48,7 +50,9 @@ class TeacherSettings:
         r = rollout
         mode = "logit" if erase.method == "svare" else erase.target_mode
         with_uncond = erase.method != "svare" and mode == "logit" and erase.teacher_guidance_weight > 0
-        return cls(erase.rollout_from, mode, with_uncond, float(erase.teacher_guidance_weight) if with_uncond else 0.0,
+        reference = "surrogate" if erase.method == "svare" else erase.reference_prompt
+        return cls(erase.rollout_from, reference, mode, with_uncond,
+                   float(erase.teacher_guidance_weight) if with_uncond else 0.0,
                    float(r.guidance_weight), float(r.temperature), int(r.top_k), bool(r.greedy))
 
     def as_dict(self) -> dict:
@@ -81,7 +85,11 @@ class TeacherRequest:
 
 @dataclass
 class TeacherOutputs:
-    """The teacher's answer to one request: tokens [B, T] and raw outputs [B, T, D] (D = hidden or codebook)."""
+    """The teacher's answer to one request: tokens [B, T] and raw outputs [B, T, D] (D = hidden or codebook).
+
+    ``on_surrogate`` is the reference output the guidance pushes toward: the surrogate
+    prompt's, or the unconditional prompt's when ``settings.reference`` says so.
+    """
 
     tokens: torch.Tensor
     on_target: torch.Tensor

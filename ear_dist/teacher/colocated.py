@@ -35,18 +35,21 @@ class ColocatedTeacher(Teacher):
 
     @torch.no_grad()
     def forward_targets(self, request: TeacherRequest, tokens: torch.Tensor) -> TeacherOutputs:
-        """Teacher-forced outputs on both prompts (and the unconditional one) in one forward."""
-        b = len(request)
-        ids, mask = self.bundle.encode_prompts(request.target_prompts + request.surrogate_prompts)
-        rows_tokens = torch.cat([tokens, tokens])
-        if request.settings.with_uncond:
+        """Teacher-forced outputs on the target prompt, the reference (surrogate or unconditional)
+        and, with teacher-side guidance, the unconditional prompt, in one forward."""
+        s, b = request.settings, len(request)
+        from_uncond = s.reference == "unconditional"
+        ids, mask = self.bundle.encode_prompts(request.target_prompts if from_uncond
+                                               else request.target_prompts + request.surrogate_prompts)
+        if from_uncond or s.with_uncond:
             ids = torch.cat([ids, unconditional_ids(ids[:b], self.bundle.prompt_format)])
             mask = torch.cat([mask, mask[:b]])
-            rows_tokens = torch.cat([rows_tokens, tokens])
-        logits_wanted = request.settings.mode == "logit"
+        rows_tokens = tokens.repeat(ids.shape[0] // b, 1)
+        logits_wanted = s.mode == "logit"
         hidden, logits = teacher_forced(self.bundle.model, ids, mask, rows_tokens, return_logits=logits_wanted)
         out = logits if logits_wanted else hidden
-        return TeacherOutputs(tokens, out[:b], out[b: 2 * b], out[2 * b:] if request.settings.with_uncond else None)
+        uncond = out[-b:] if s.with_uncond else None
+        return TeacherOutputs(tokens, out[:b], out[b: 2 * b], uncond)
 
     def outputs(self, request: TeacherRequest) -> TeacherOutputs:
         tokens = request.tokens.to(self.bundle.device) if request.tokens is not None else self.rollout(request)

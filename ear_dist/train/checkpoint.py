@@ -26,7 +26,7 @@ def read_state(out_dir: Path) -> Optional[dict]:
 
 
 def save_checkpoint(out_dir: Path, step: int, trained: dict, optimizer_state: Optional[dict],
-                    generator: torch.Generator, extra: dict) -> Path:
+                    generator: torch.Generator, extra: dict, parts: Optional[dict] = None) -> Path:
     """Atomically write trained tensors, optimizer state, step and RNG states."""
     from safetensors.torch import save_file
 
@@ -38,8 +38,8 @@ def save_checkpoint(out_dir: Path, step: int, trained: dict, optimizer_state: Op
     save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "trainable.safetensors"))
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()},
-               tmp / "rng.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state(),
+                "parts": parts or {}}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
     old = out_dir / (CKPT + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -50,22 +50,29 @@ def save_checkpoint(out_dir: Path, step: int, trained: dict, optimizer_state: Op
     return final
 
 
-def write(out_dir: Path, rt, student, generator: torch.Generator, step: int) -> None:
-    """Checkpoint the run at ``step`` (every student rank calls it: ZeRO gathers and writes partitions)."""
-    trained = student.trained_state()  # collective under ZeRO-3
+def write(out_dir: Path, rt, student, generator: torch.Generator, step: int, extra: Optional[dict] = None) -> None:
+    """Checkpoint the run at ``step`` (every student rank calls it: ZeRO gathers and writes partitions).
+
+    ``extra``: tensors of other stateful parts (e.g. the preservation sampler), saved beside the RNG states.
+    """
+    trained = student.raw_state()  # collective under ZeRO-3
     if student.engine is not None:  # each rank writes its optimizer partition
         student.engine.save_checkpoint(str(Path(out_dir) / "deepspeed"), tag=f"step{step}")
     if rt.is_main:
         save_checkpoint(out_dir, step, trained, student.optimizer.state_dict() if student.optimizer else None,
-                        generator, {"deepspeed_tag": f"step{step}" if student.engine is not None else None})
+                        generator, {"deepspeed_tag": f"step{step}" if student.engine is not None else None},
+                        extra or {})
     if rt.distributed:
         import torch.distributed as dist
 
         dist.barrier(group=rt.student_group)
 
 
-def restore(out_dir: Path, student, generator: torch.Generator) -> int:
-    """Load the checkpoint in ``out_dir`` into the student, its optimizer and the RNGs; returns its step."""
+def restore(out_dir: Path, student, generator: torch.Generator) -> tuple[int, dict]:
+    """Load the checkpoint in ``out_dir`` into the student, its optimizer and the RNGs.
+
+    Returns (its step, the other parts' states saved with ``write(..., extra=...)``).
+    """
     from safetensors.torch import load_file
 
     ckpt = Path(out_dir) / CKPT
@@ -76,15 +83,15 @@ def restore(out_dir: Path, student, generator: torch.Generator) -> int:
         trained = load_file(str(ckpt / "trainable.safetensors"))
         params = dict(student.module.named_parameters())
         with torch.no_grad():
-            for n in student.trainable:
-                params[n].copy_(trained[n])
+            for n, value in trained.items():
+                params[n].copy_(value)
         if student.optimizer is not None and (ckpt / "optimizer.pt").is_file():
             student.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(_as_tuples(rng["python"]))
     generator.set_state(rng["generator"])
-    return int(state["step"])
+    return int(state["step"]), rng.get("parts", {})
 
 
 def _as_tuples(value):

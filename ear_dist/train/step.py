@@ -27,11 +27,12 @@ import torch
 
 from ear_dist.config import EraseConfig, RolloutConfig
 from ear_dist.data.stream import PairBatch
-from ear_dist.losses.svare import svare_loss
-from ear_dist.losses.windowed import window_index
-from ear_dist.models.janus import JanusBundle, teacher_forced
+from ear_dist.losses.svare import code_distance_filter, svare_loss
+from ear_dist.losses.windowed import guidance_combine, window_index
+from ear_dist.models.janus import JanusBundle, teacher_forced, unconditional_ids
 from ear_dist.teacher.base import Teacher, TeacherOutputs, TeacherRequest, TeacherSettings
 from ear_dist.train.loss import windowed_loss
+from ear_dist.train.preserve import Preservation
 from ear_dist.train.updater import Updater
 
 __all__ = ["ErasureStep", "PairBatch", "StepResult", "Updater"]
@@ -92,14 +93,19 @@ class ErasureStep:
 
     def __init__(self, student: torch.nn.Module, bundle: JanusBundle, teacher: Teacher, cfg: EraseConfig,
                  updater: Updater, generator: Optional[torch.Generator] = None,
-                 settings: Optional[TeacherSettings] = None):
+                 settings: Optional[TeacherSettings] = None, preservation: Optional[Preservation] = None):
         self.student, self.bundle, self.teacher, self.cfg, self.updater = student, bundle, teacher, cfg, updater
         self.settings = settings if settings is not None else TeacherSettings.from_config(cfg, RolloutConfig())
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.preservation = preservation
+        self._anchors: Optional[list[int]] = None
 
     # ----------------------------------------------------------------- the step
     def __call__(self, batch: PairBatch) -> StepResult:
         teach = self.teacher.outputs(TeacherRequest.from_batch(self.settings, batch))
+        if self.preservation is not None:  # this step's anchors, drawn by their drift
+            self.preservation.maybe_refresh(self.student, self.bundle)
+            self._anchors = self.preservation.draw()
         if self.cfg.method == "svare":
             return self._svare(batch, teach)
         ids, mask = self.bundle.encode_prompts(batch.target_prompts)
@@ -117,8 +123,19 @@ class ErasureStep:
 
     # ----------------------------------------------------------------- parts
     def _student_out(self, ids, mask, tokens) -> torch.Tensor:
-        """The student on c_t, teacher-forced on ``tokens``: last hidden states or image logits."""
-        logits_wanted = self.settings.mode == "logit"
+        """The student on c_t, teacher-forced on ``tokens``: last hidden states or image logits.
+
+        With teacher-side guidance the target is CFG-sharpened, so the student's conditional
+        and unconditional logits are combined the same way: comparing a guided target with
+        an unguided student would apply guidance twice at sampling time.
+        """
+        s = self.settings
+        if s.with_uncond:
+            b = ids.shape[0]
+            rows = torch.cat([ids, unconditional_ids(ids, self.bundle.prompt_format)])
+            _, logits = teacher_forced(self.student, rows, mask.repeat(2, 1), tokens.repeat(2, 1))
+            return guidance_combine(logits[:b], logits[b:], s.target_guidance_weight)
+        logits_wanted = s.mode == "logit"
         hidden, logits = teacher_forced(self.student, ids, mask, tokens, return_logits=logits_wanted)
         return logits if logits_wanted else hidden
 
@@ -131,35 +148,48 @@ class ErasureStep:
                              threshold, eta, uncond=uncond, guidance_weight=self.settings.target_guidance_weight,
                              scale=scale, backend=self.cfg.loss_backend)
 
-    def _apply(self, loss: torch.Tensor, counted: torch.Tensor, any_kept: Optional[bool] = None) -> Optional[int]:
-        """Check finiteness, backward, step: the one place a loss reaches the optimizer.
+    def _apply(self, loss: torch.Tensor, counted: torch.Tensor, any_kept: Optional[bool] = None,
+               extras: Optional[dict] = None) -> Optional[int]:
+        """Check finiteness, add the preservation term, backward, step: the one place a loss reaches the optimizer.
 
         Returns None if a rank saw a non-finite loss (the step is skipped), else the number
-        of optimizer steps taken. Ranks agree on both decisions (all-reduce), so their
+        of optimizer steps taken. Ranks agree on every decision (all-reduce), so their
         collectives stay in step; a rank with no kept window steps with zero gradients.
         Finiteness is checked on the per-token losses ``counted``: NaN window sums compare
-        False against the threshold and would otherwise pass as "masked".
+        False against the threshold and would otherwise pass as "masked". With preservation
+        anchors, every update that happens also carries their KL.
         """
         if self.updater.global_any(not bool(torch.isfinite(counted).all())):
             self.updater.zero_grad()
             return None
         if any_kept is not None and not self.updater.global_any(any_kept):
             return 0
+        if self.preservation is not None:
+            term, stats = self.preservation.loss(self.student, self.bundle, self._anchors)
+            if self.updater.global_any(not bool(torch.isfinite(term.detach()).all())):
+                self.updater.zero_grad()
+                return None
+            loss = loss + term
+            if extras is not None:
+                for k, v in stats.items():
+                    extras[k] = extras.get(k, 0.0) + v
         self.updater.backward(loss)
         self.updater.step()
         return 1
 
     def _sequence(self, ids, mask, teach, windows, rows, concepts) -> StepResult:
         out = self._loss(ids, mask, teach, windows, rows.loss_threshold, rows.erase_guidance)
-        steps = self._apply(out.loss, out.per_token, any_kept=out.num_kept > 0)
+        extras: dict = {}
+        steps = self._apply(out.loss, out.per_token, any_kept=out.num_kept > 0, extras=extras)
         if steps is None:
             return StepResult(float(out.loss.detach()), 0, out.num_windows, 0, teach.tokens.numel(), nonfinite=True)
         return StepResult(float(out.loss.detach()), out.num_kept, out.num_windows, steps, teach.tokens.numel(),
+                          extras=extras,
                           per_concept=_per_concept(concepts, out.kept, out.window_exists, out.window_loss))
 
     def _per_window(self, ids, mask, teach, windows, rows, concepts) -> StepResult:
         total_loss, kept, steps, n_windows = 0.0, 0, 0, 0
-        per_concept: dict = {}
+        per_concept, extras = {}, {}
         for w in range(self.updater.global_max(int(windows.max()) + 1)):
             in_window = windows == w
             # the student sees only the prefix the window needs (causal model); later
@@ -177,12 +207,14 @@ class ErasureStep:
                     acc[i] += rec[i]
             row_kept = int(out.kept.sum())
             total_loss += float(out.loss.detach())
-            took = self._apply(out.loss, out.per_token[sel], any_kept=row_kept > 0)
+            took = self._apply(out.loss, out.per_token[sel], any_kept=row_kept > 0, extras=extras)
             if took is None:
                 return StepResult(float("nan"), kept, n_windows, steps, teach.tokens.numel(), nonfinite=True)
             steps += took
             kept += row_kept if took else 0
-        return StepResult(total_loss, kept, n_windows, steps, teach.tokens.numel(), per_concept=per_concept)
+        extras = {k: v / max(steps, 1) for k, v in extras.items()}  # mean over the window updates
+        return StepResult(total_loss, kept, n_windows, steps, teach.tokens.numel(), extras=extras,
+                          per_concept=per_concept)
 
     def _esd(self, ids, mask, teach, rows) -> StepResult:
         """Naive baseline: a random share of positions, plain mean loss, no windows, no threshold."""
@@ -191,23 +223,28 @@ class ErasureStep:
         pick = torch.stack([torch.randperm(t, generator=self.generator)[:n_pick] for _ in range(b)])
         chosen = torch.full((b, t), -1, dtype=torch.long).scatter_(1, pick, 0).to(teach.tokens.device)
         out = self._loss(ids, mask, teach, chosen, float("-inf"), rows.erase_guidance, scale=1.0 / (n_pick * b))
-        took = self._apply(out.loss, out.per_token[chosen >= 0])
+        extras: dict = {"positions": n_pick * b}
+        took = self._apply(out.loss, out.per_token[chosen >= 0], extras=extras)
         loss = float(out.loss.detach())
         if took is None:
             return StepResult(loss, 0, 0, 0, teach.tokens.numel(), nonfinite=True)
-        return StepResult(loss, 0, 0, took, teach.tokens.numel(), extras={"positions": n_pick * b})
+        return StepResult(loss, 0, 0, took, teach.tokens.numel(), extras=extras)
 
     def _svare(self, batch: PairBatch, teach: TeacherOutputs) -> StepResult:
         """S-VARE: filtered CE on c_t toward the rollout tokens + preservation KL on c_s."""
         b = len(batch)
         ids, mask = self.bundle.encode_prompts(list(batch.target_prompts) + list(batch.surrogate_prompts))
         _, logits = teacher_forced(self.student, ids, mask, torch.cat([teach.tokens, teach.tokens]))
+        unsafe = None
+        if self.cfg.svare_filter == "code_distance":
+            codebook = self.bundle.model.model.vqmodel.quantize.embedding.weight
+            unsafe = code_distance_filter(logits[:b], teach.tokens, codebook, self.cfg.svare_code_distance)
         out = svare_loss(logits[:b], teach.tokens, logits[b:], teach.on_surrogate, self.cfg.svare_label_prob_max,
-                         self.cfg.svare_preserve_weight)
-        took = self._apply(out.loss, out.loss.detach().reshape(1))
+                         self.cfg.svare_preserve_weight, unsafe=unsafe)
+        extras = {"ce": float(out.ce.detach()), "preserve": float(out.preserve.detach()), "counted": out.num_counted,
+                  "counted_share": out.num_counted / max(teach.tokens.numel(), 1)}
+        took = self._apply(out.loss, out.loss.detach().reshape(1), extras=extras)
         loss = float(out.loss.detach())
         if took is None:
             return StepResult(loss, 0, 0, 0, teach.tokens.numel(), nonfinite=True)
-        return StepResult(loss, 0, 0, took, teach.tokens.numel(),
-                          extras={"ce": float(out.ce.detach()), "preserve": float(out.preserve.detach()),
-                                  "counted": out.num_counted})
+        return StepResult(loss, 0, 0, took, teach.tokens.numel(), extras=extras)

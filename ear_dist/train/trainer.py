@@ -20,10 +20,11 @@ import torch
 from ear_dist.config import Config, ConfigError, save_config
 from ear_dist.data.pairs import PromptPair
 from ear_dist.data.stream import PairStream, check_pairs, load_training_pairs
+from ear_dist.models.delta import save_delta
 from ear_dist.models.janus import load_janus, model_fingerprint
 from ear_dist.teacher.base import TeacherSettings, build_teacher
 from ear_dist.train import checkpoint
-from ear_dist.models.delta import save_delta
+from ear_dist.train.preserve import build_preserving_parts
 from ear_dist.train.step import ErasureStep, StepResult
 from ear_dist.train.student import build_student
 from ear_dist.train.trainable import select_trainable_names
@@ -66,17 +67,21 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
     teacher = build_teacher(cfg, rt, bundle, settings, steps=cfg.train.steps - start)
     if rt.role == "teacher":
         return {**teacher.serve(stream, start), "rank": rt.rank}
-    student = build_student(cfg, rt, bundle, select_trainable_names(bundle.model, cfg.trainable),
-                            share_frozen=teacher.shares_model)
-    _announce(cfg, rt, bundle, student)
+    trainable = select_trainable_names(bundle.model, cfg.trainable)
+    keep = build_preserving_parts(cfg, rt, bundle, trainable)  # from the base model, before any update
+    student = build_student(cfg, rt, bundle, trainable, share_frozen=teacher.shares_model, edits=keep.edits)
+    _announce(cfg, rt, bundle, student, keep)
     generator = torch.Generator().manual_seed(cfg.train.seed + rt.dp_rank)
     if state is not None:
-        checkpoint.restore(out_dir, student, generator)
+        _, parts = checkpoint.restore(out_dir, student, generator)
+        if keep.preservation is not None and "preservation" in parts:
+            keep.preservation.load_state_dict(parts["preservation"])
         if rt.is_main:
             print(f"resuming from {out_dir / checkpoint.CKPT} at step {start}")
-    step_fn = ErasureStep(student.module, bundle, teacher, cfg.erase, student.updater, generator, settings)
+    step_fn = ErasureStep(student.module, bundle, teacher, cfg.erase, student.updater, generator, settings,
+                          preservation=keep.preservation)
 
-    tally = _train_loop(cfg, rt, stream, step_fn, student, generator, start, progress, should_stop)
+    tally = _train_loop(cfg, rt, stream, step_fn, student, generator, start, progress, should_stop, keep)
     if tally.stopped_at is not None:
         return {"stopped": True, "step": tally.stopped_at, "checkpoint": str(out_dir / checkpoint.CKPT)}
     trained = student.trained_state()  # collective under ZeRO-3
@@ -102,7 +107,7 @@ def _check_inputs(cfg: Config, rt, bundle, pairs):
     return check_pairs(pairs, cfg.erase.on_missing_concept, bundle.num_image_tokens)
 
 
-def _announce(cfg: Config, rt, bundle, student) -> None:
+def _announce(cfg: Config, rt, bundle, student, keep) -> None:
     if not rt.is_main:
         return
     n_total = sum(p.numel() for p in bundle.model.parameters())
@@ -110,6 +115,10 @@ def _announce(cfg: Config, rt, bundle, student) -> None:
     print(f"trainable parameters: {student.num_trainable:,} in {len(student.trainable)} tensors "
           f"({100 * student.num_trainable / n_total:.2f}% of {n_total:,}); student ranks {rt.dp_world}, "
           f"teacher {cfg.dist.teacher_placement}, ZeRO {stage}")
+    if keep.nullspace_ranks:
+        spans = sorted(set(keep.nullspace_ranks.values()))
+        print(f"null-space updates: {len(keep.nullspace_ranks)} layers, preserved input span of rank {spans} "
+              f"({100 * cfg.preserve.nullspace_energy:g}% of the anchors' input energy)")
 
 
 @dataclass
@@ -146,7 +155,7 @@ class Tally:
 
 
 def _train_loop(cfg: Config, rt, stream: PairStream, step_fn: ErasureStep, student, generator, start: int,
-                progress: bool, should_stop) -> Tally:
+                progress: bool, should_stop, keep) -> Tally:
     """Steps ``start .. train.steps - 1``: train, log, checkpoint, stop on request."""
     from ear_dist.telemetry.writer import MetricsWriter
 
@@ -178,14 +187,18 @@ def _train_loop(cfg: Config, rt, stream: PairStream, step_fn: ErasureStep, stude
                         "dtype.")
                 continue
             tally.add(result)
-            if step % cfg.train.log_every == 0:
-                metrics.write(step, _scalars(result, concept_names))
+            if step % cfg.train.log_every == 0 or (keep.probe is not None and step % cfg.preserve.probe_every == 0):
+                scalars = _scalars(result, concept_names)
+                if keep.probe is not None and step % cfg.preserve.probe_every == 0:
+                    scalars.update(keep.probe.measure(student.module, step_fn.bundle))
+                metrics.write(step, scalars)
                 if progress and rt.is_main:
                     steps.set_postfix(loss=f"{result.loss:.4g}", kept=f"{result.windows_kept}/{result.windows_total}")
             every = cfg.train.checkpoint_every
             stop_now = student.updater.global_any(bool(should_stop())) if should_stop is not None else False
             if (every and (step + 1) % every == 0) or stop_now:
-                checkpoint.write(out_dir, rt, student, generator, step + 1)
+                parts = {"preservation": keep.preservation.state_dict()} if keep.preservation is not None else {}
+                checkpoint.write(out_dir, rt, student, generator, step + 1, parts)
             if stop_now:
                 tally.stopped_at = step + 1
                 break

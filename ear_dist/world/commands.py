@@ -31,16 +31,16 @@ def run_build(args) -> int:
     print(f"world model: {path}")
     print(f"  steps {info['steps']}, {info['seconds'] / 60:.2f} min, {info['torch_threads']} torch threads")
     print("  classifier accuracy on the model's own CFG samples of held-out prompts")
-    print(f"    {'concept':24s} {'last check':>10s} {'second set':>10s}")
+    print(f"    {'concept':24s} {'last check':>10s} {'unseen set':>10s}")
     confirm = info.get("confirmation_accuracy", {})
     for concept, acc in info["accuracy"].items():
         second = f"{confirm[concept]:.3f}" if concept in confirm else "-"
         print(f"    {concept:24s} {acc:10.3f} {second:>10s}")
     if not info["reached_target"]:
         worst = min(required_concepts(info["accuracy"]).items(), key=lambda kv: kv[1])
-        print(f"ear-dist: warning: the target accuracy {info['target_accuracy']} was not reached within "
-              f"world.max_steps={cfg.world.max_steps} (lowest: {worst[0]} {worst[1]:.3f}); "
-              f"raise world.max_steps and run with --force")
+        print(f"ear-dist: warning: the target accuracy {info['target_accuracy']} was not reached on "
+              f"{cfg.world.consecutive_checks} checks in a row within world.max_steps={cfg.world.max_steps} "
+              f"(lowest: {worst[0]} {worst[1]:.3f}); raise world.max_steps and run with --force")
         return 1
     return 0
 

@@ -1,0 +1,91 @@
+"""Erasure vs preservation on the planted-concept world, over world builds and erasure seeds.
+
+Runs each method (config overrides on top of the world's erasure settings) on "church"
+and "van gogh" alone, on four concepts jointly and as composed per-concept deltas, for
+every erasure seed on every world build, and writes results.json / results.md: erasure
+(the least-erased group of the erased concepts), preservation ratio (mean over every
+other object and style, and the worst one), as mean (min-max) over builds and seeds,
+with the base models' own hit rates.
+
+    python benchmarks/bench_preservation.py --split heldout --world-seeds 0,1 --seeds 0,1,2 --out runs/preservation
+    python benchmarks/bench_preservation.py --split validation --world-seeds 0 --seeds 0 --methods "EAR (paper)" \\
+        --set optim.lr=1e-4 --out runs/explore        # choosing settings: the validation split only
+
+Each world build is made once and cached (``ear-dist world build``, ~5 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The preserving method's parts, each a config lever (README: "Erasure that keeps everything else").
+UNCOND_ANCHORED = ["erase.reference_prompt=unconditional", "erase.rollout_from=target", "erase.target_mode=logit"]
+METHODS = {
+    "EAR (paper)": ([], 0),
+    "uncond-anchored": (UNCOND_ANCHORED, 0),
+    "uncond-anchored + preservation": (UNCOND_ANCHORED + ["preserve.weight=1.0"], 64),
+    "uncond-anchored + preservation + null space": (UNCOND_ANCHORED + ["preserve.weight=1.0",
+                                                                       "preserve.nullspace=true"], 64),
+    "EAR + null space": (["preserve.nullspace=true"], 64),
+}
+
+
+def main() -> None:
+    from ear_dist.config import load_config
+    from ear_dist.world.compare import Method, compare, write
+    from ear_dist.world.erasure import WORLD_ERASE
+    from ear_dist.world.pretrain import build_world_model, missed_target_message
+    from ear_dist.world.world import World
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    ap.add_argument("--split", default="validation", choices=["validation", "heldout"])
+    ap.add_argument("--world-seeds", default="0")
+    ap.add_argument("--seeds", default="0", help="erasure seeds (train.seed)")
+    ap.add_argument("--concepts", default="church,van gogh", help="concepts erased alone")
+    ap.add_argument("--multi", default="church,van gogh,barn,windmill", help="concepts erased jointly and composed")
+    ap.add_argument("--pairs", type=int, default=32, help="ECG template pairs per concept before the visual filter")
+    ap.add_argument("--eval-prompts", type=int, default=48, help="prompts per evaluated group")
+    ap.add_argument("--anchors", type=int, default=None, help="anchor prompts for methods that use them")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", help="an override for every method")
+    ap.add_argument("--out", default="runs/preservation")
+    args = ap.parse_args()
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        ap.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    methods = [Method(n, METHODS[n][0], args.anchors if args.anchors is not None and METHODS[n][1] else METHODS[n][1])
+               for n in names]
+    singles = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    multi = [c.strip() for c in args.multi.split(",") if c.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    by_world, builds = {}, {}
+    for ws in [int(s) for s in args.world_seeds.split(",")]:
+        wcfg = load_config(overrides=[f"world.seed={ws}"]).world
+        path, info = build_world_model(wcfg, progress=True)
+        builds[ws] = {"path": str(path), "steps": info["steps"], "reached_target": info["reached_target"]}
+        if missed_target_message(info):
+            print(missed_target_message(info))
+        by_world[ws] = compare(str(path), World(wcfg), methods, out / f"world{ws}", singles, multi, seeds, args.split,
+                               args.pairs, args.eval_prompts, base_overrides=WORLD_ERASE + list(args.overrides))
+    info = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(), "machine": platform.node(),
+            "cpus": __import__("os").cpu_count(), "seconds": round(time.perf_counter() - t0), "builds": builds,
+            "split": args.split, "methods": {m.name: m.overrides for m in methods}, "overrides": args.overrides}
+    payload = write(out, by_world, info)
+    print((out / "results.md").read_text())
+    print(f"{len(payload['runs'])} evaluations in {info['seconds']} s; {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

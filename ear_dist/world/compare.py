@@ -1,0 +1,267 @@
+"""Erasure methods compared on the world: erasure and preservation over world builds and erasure seeds.
+
+For one world build and one erasure seed, a method is run the way a user runs it:
+
+- ``single``: one run per concept (each concept's ECG pairs from the training
+  templates, kept by the visual filter);
+- ``joint``: one run on several concepts' pairs (as many steps as the single runs together);
+- ``composed``: the single runs' deltas summed onto the base (what a Slurm job array
+  gives, composed by ``ear-dist merge``).
+
+Every model is then judged by the world's classifier on its own CFG samples:
+
+- erasure rate of an erased concept: 1 - its hit rate on its prompts (``heldout``: the
+  held-out sentence templates with every synonym; ``validation``: the training
+  templates, canonical word, prompts and seeds no training pair used);
+- preservation ratio of every other object and style: its hit rate after / before,
+  the mean and the worst one.
+
+Settings are chosen on ``validation``; ``heldout`` is for the figures reported.
+Preservation anchors and drift probes come from the training templates of the other
+concepts, never from the evaluation prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ear_dist.data.pairs import PromptPair
+from ear_dist.world.grammar import OBJECTS, STYLES
+from ear_dist.world.world import World
+
+SPLITS = ("validation", "heldout")
+_EVAL_STREAM = {"validation": 41_000, "heldout": 42_000}
+_ANCHOR_STREAM, _PROBE_STREAM = 43_000, 44_000
+CONCEPTS = tuple(OBJECTS) + tuple(STYLES)
+
+
+def concept_groups(concept: str, split: str) -> dict[str, dict]:
+    """The prompt groups that show ``concept`` in a split: name -> world.sample filters."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    if concept in OBJECTS:
+        words = OBJECTS[concept] if split == "heldout" else OBJECTS[concept][:1]
+        return {f"{concept} ({w})" if w != concept else concept: dict(objects=[concept], object_words=[w],
+                                                                     styles=[None]) for w in words}
+    if concept in STYLES:
+        return {concept: dict(styles=[concept])}
+    raise ValueError(f"concept {concept!r}: the world's concepts are {', '.join(CONCEPTS)}")
+
+
+def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, batch_size: int = 64
+              ) -> dict[str, float]:
+    """Per concept group, the share of the model's own CFG samples in which the classifier finds the concept."""
+    from ear_dist.models.rollout import rollout
+
+    world_split = "heldout" if split == "heldout" else "train"
+    out = {}
+    for c_index, concept in enumerate(CONCEPTS):
+        for g_index, (name, filters) in enumerate(concept_groups(concept, split).items()):
+            stream = _EVAL_STREAM[split] + 16 * c_index + g_index
+            batch = world.sample(n, world_split, stream=stream, **filters)
+            tokens = rollout(bundle, batch.prompts, guidance_weight=guidance_weight,
+                             seeds=[stream * 1000 + i for i in range(n)], batch_size=batch_size)
+            out[name] = float(world.classify(tokens)[concept].mean())
+    return out
+
+
+@dataclass
+class Outcome:
+    """One model against the base, for the concepts it erased."""
+
+    erased: list[str]
+    erasure: dict[str, float]  # erased concept group -> 1 - hit rate
+    preservation: dict[str, float]  # other concept group -> hit rate after / before
+    hits: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def erasure_min(self) -> float:
+        return min(self.erasure.values())
+
+    @property
+    def erasure_mean(self) -> float:
+        return float(np.mean(list(self.erasure.values())))
+
+    @property
+    def preservation_mean(self) -> float:
+        return float(np.mean(list(self.preservation.values())))
+
+    @property
+    def preservation_worst(self) -> tuple[str, float]:
+        return min(self.preservation.items(), key=lambda kv: kv[1])
+
+
+def outcome(base_hits: dict[str, float], hits: dict[str, float], erased: Sequence[str]) -> Outcome:
+    """Erasure of the erased concepts' groups, preservation ratio of every other group."""
+    erased_groups = {g for c in erased for g in concept_groups(c, "heldout")}
+    erasure = {g: 1.0 - v for g, v in hits.items() if g in erased_groups}
+    preservation = {g: v / max(base_hits[g], 1e-9) for g, v in hits.items() if g not in erased_groups}
+    return Outcome(list(erased), erasure, preservation, hits)
+
+
+def training_pairs(world: World, base, concept: str, n_pairs: int) -> list[PromptPair]:
+    """ECG pairs of the training templates, kept by the visual filter (surrogate rollouts stored)."""
+    from ear_dist.world.erasure import make_pairs, visual_filter
+
+    kept, _ = visual_filter(world, base, make_pairs(world, concept, n_pairs), concept,
+                            guidance_weight=world.config.guidance_weight)
+    if not kept:
+        raise ValueError(f"the visual filter kept no pair for {concept!r}: the world model does not draw it")
+    return kept
+
+
+def other_concept_prompts(world: World, erased: Sequence[str], n: int, stream: int) -> list[str]:
+    """Training-template prompts of the concepts not erased (anchors and probes: never evaluation prompts)."""
+    objects = [o for o in OBJECTS if o not in erased]
+    styles = [None] + [s for s in STYLES if s not in erased]
+    return world.sample(n, "train", stream=stream, objects=objects, styles=styles).prompts
+
+
+@dataclass
+class Method:
+    """A named erasure method: config overrides on top of the world's erasure settings."""
+
+    name: str
+    overrides: list[str]
+    anchors: int = 0  # anchor prompts of the other concepts (preserve.prompts) when > 0
+    probes: int = 0  # probe prompts (preserve.probe_prompts) when > 0
+
+
+def run_method(method: Method, model_path: str, world: World, pairs: dict[str, list[PromptPair]],
+               concepts: Sequence[str], out_dir: Path, seed: int, base_overrides: Sequence[str],
+               steps_factor: int = 1, progress: bool = False) -> tuple[str, float]:
+    """Train ``method`` on the pairs of ``concepts`` (one run, joint when several); returns (delta, seconds per step)."""
+    from ear_dist.config import load_config
+    from ear_dist.train.trainer import run_erase
+
+    sets = [f"model.path={model_path}", f"train.out_dir={out_dir}", "model.device=cpu",
+            f"erase.concept={concepts[0]}", f"train.seed={seed}", *base_overrides, *method.overrides]
+    cfg = load_config(overrides=sets)
+    cfg.train.steps *= steps_factor
+    if method.anchors:
+        cfg.preserve.prompts = other_concept_prompts(world, concepts, method.anchors, _ANCHOR_STREAM)
+    if method.probes:
+        cfg.preserve.probe_prompts = other_concept_prompts(world, concepts, method.probes, _PROBE_STREAM)
+        cfg.preserve.probe_every = cfg.preserve.probe_every or 10
+    train_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
+    summary = run_erase(cfg, train_pairs, progress=progress)
+    return summary["delta"], summary["seconds"] / max(cfg.train.steps, 1)
+
+
+def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: Path, singles: Sequence[str],
+            multi: Sequence[str], seeds: Sequence[int], split: str, n_pairs: int = 32, n_eval: int = 48,
+            base_overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
+    """Every method on every single concept, on ``multi`` jointly and composed, for each erasure seed."""
+    from ear_dist.models.delta import apply_deltas
+    from ear_dist.models.janus import load_janus
+
+    out_dir = Path(out_dir)
+    g = world.config.guidance_weight
+    base = load_janus(model_path, device="cpu", dtype="float32")
+    base_hits = hit_rates(world, base, split, n_eval, g)
+    log(f"base: {json.dumps({k: round(v, 3) for k, v in base_hits.items()})}")
+    every = list(dict.fromkeys(list(singles) + list(multi)))
+    pairs = {c: training_pairs(world, base, c, n_pairs) for c in every}
+    results: dict = {"base": base_hits, "split": split, "runs": []}
+
+    def judge(deltas: list[str]) -> dict[str, float]:
+        bundle = load_janus(model_path, device="cpu", dtype="float32")
+        apply_deltas(bundle.model, deltas)
+        return hit_rates(world, bundle, split, n_eval, g)
+
+    for method in methods:
+        for seed in seeds:
+            singles_done: dict[str, str] = {}
+            for concept in every:
+                run_dir = out_dir / "runs" / _slug(method.name) / f"seed{seed}" / _slug(concept)
+                singles_done[concept], step_s = run_method(method, model_path, world, pairs, [concept], run_dir,
+                                                           seed, base_overrides)
+                results.setdefault("step_seconds", {}).setdefault(method.name, []).append(step_s)
+            settings = [(c, [c], [singles_done[c]]) for c in singles]
+            if len(multi) > 1:
+                joint_dir = out_dir / "runs" / _slug(method.name) / f"seed{seed}" / "joint"
+                joint, _ = run_method(method, model_path, world, pairs, list(multi), joint_dir, seed, base_overrides,
+                                      steps_factor=len(multi))
+                settings += [("joint: " + ", ".join(multi), list(multi), [joint]),
+                             ("composed: " + ", ".join(multi), list(multi), [singles_done[c] for c in multi])]
+            for setting, erased, deltas in settings:
+                res = outcome(base_hits, judge(deltas), erased)
+                results["runs"].append({"method": method.name, "seed": seed, "setting": setting,
+                                        "erased": erased, "erasure": res.erasure, "preservation": res.preservation,
+                                        "hits": res.hits})
+                worst = res.preservation_worst
+                log(f"{method.name} | seed {seed} | {setting}: erasure min {res.erasure_min:.3f}, preservation "
+                    f"mean {res.preservation_mean:.3f}, worst {worst[1]:.3f} ({worst[0]})")
+    return results
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
+
+
+def summarize(runs: Sequence[dict]) -> list[dict]:
+    """Per (method, setting), mean, min and max over builds and seeds of erasure and preservation."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["setting"]), []).append(r)
+    rows = []
+    for (method, setting), rs in groups.items():
+        erasure = [min(r["erasure"].values()) for r in rs]
+        pres_mean = [float(np.mean(list(r["preservation"].values()))) for r in rs]
+        worst = [min(r["preservation"].values()) for r in rs]
+        worst_names = [min(r["preservation"].items(), key=lambda kv: kv[1])[0] for r in rs]
+        rows.append({"method": method, "setting": setting, "runs": len(rs),
+                     "erasure": _spread(erasure), "preservation_mean": _spread(pres_mean),
+                     "preservation_worst": _spread(worst),
+                     "worst_concept": statistics.mode(worst_names),
+                     "meets_bar": all(e >= 0.95 for e in erasure) and all(p >= 0.95 for p in pres_mean) and
+                     all(w >= 0.95 for w in worst)})
+    return rows
+
+
+def _spread(values: Sequence[float]) -> dict:
+    return {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values)),
+            "std": float(np.std(values))}
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    """The comparison table: erasure (min over the erased concepts' groups), preservation mean and worst ratio."""
+    def cell(s):
+        return f"{s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
+
+    lines = ["| method | setting | runs | erasure, min over groups: mean (min-max) | preservation ratio, mean | "
+             "preservation ratio, worst concept | most often worst | bar met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['setting']} | {r['runs']} | {cell(r['erasure'])} | "
+                     f"{cell(r['preservation_mean'])} | {cell(r['preservation_worst'])} | {r['worst_concept']} | "
+                     f"{'yes' if r['meets_bar'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def base_table(bases: dict[int, dict]) -> str:
+    """The base models' own hit rates, one row per world build."""
+    names = list(next(iter(bases.values())))
+    lines = ["| world seed | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for seed, hits in bases.items():
+        lines.append(f"| {seed} | " + " | ".join(f"{hits[n]:.3f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def write(out_dir: Path, results_by_world: dict[int, dict], info: Optional[dict] = None) -> dict:
+    """results.json and results.md for a comparison over one or more world builds."""
+    runs = [dict(r, world_seed=ws) for ws, res in results_by_world.items() for r in res["runs"]]
+    rows = summarize(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"info": info or {}, "summary": rows, "runs": runs,
+               "base": {ws: res["base"] for ws, res in results_by_world.items()}}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    text = markdown(rows) + "\n\nBase model hit rates:\n\n" + base_table(payload["base"]) + "\n"
+    (out_dir / "results.md").write_text(text)
+    return payload
