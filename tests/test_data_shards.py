@@ -276,6 +276,6 @@ def test_loader_from_config_uses_the_data_section(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     loader = shard_loader_from_config(cfg, block_size=2)
-    assert (loader.dataset.rank, loader.dataset.world_size) == (1, 3)
+    assert (loader.dataset.plan.rank, loader.dataset.plan.world_size) == (1, 3)
     got = [p.id for batch in loader for p in batch]
     assert got == ids(make_pairs(10))[3:6]  # unshuffled: rank 1 of 3 holds positions 3..5
