@@ -143,7 +143,6 @@ def validate(cfg: Config) -> None:
         "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
         "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
         "world.batch_size", "world.max_steps", "world.decay_steps", "world.eval_every", "world.eval_prompts_per_word",
-        "world.consecutive_checks",
         "world.threads",
     ]
     for key in positives:

@@ -5,12 +5,15 @@ position (``teacher_forced``) against the rendered tokens. A share of the prompt
 dropped to the unconditional form (every token but BOS and begin-of-image replaced by
 pad, as rollouts do for classifier-free guidance), so CFG sampling works. Every
 ``eval_every`` steps the model samples held-out prompts with CFG (``rollout``) and the
-world's classifier judges them; training stops once every object (each synonym
-counted on its own) and every style reaches ``target_accuracy`` on
-``consecutive_checks`` checks in a row. The checks alternate between independent
-held-out sets, so a stop is not the luck of one draw: an 18-prompt check passes a
-word with one miss in 18, and builds on other machines (other float summation
-orders) stopped on a lucky check and then missed the target on a second set.
+world's classifier judges them (a progress log). Training runs a fixed ``max_steps``:
+an early stop on the first check at the target made the model depend on the luck of
+one 18-prompts-per-word draw (the lowest of eleven noisy accuracies), and builds on
+other machines stopped on a lucky check or never. After training, the build is
+judged once on two independent held-out sets pooled (36 prompts per word): it reaches
+its target when every object (each synonym counted on its own) and style reaches
+``min_accuracy`` and their mean reaches ``target_accuracy``. A third set, drawn once,
+is reported beside it. Nothing the checks do touches the training's random streams, so
+the weights depend only on the world, the settings and the thread count.
 
 The result is a plain transformers checkpoint (``save_janus``) under
 ``<cache>/<build hash>``; the hash covers the world and every pretraining setting, so
@@ -38,13 +41,12 @@ from ear_dist.world.world import World
 
 BUILD_INFO_FILE = "world_build.json"
 _TRAIN_STREAM = 1_000_000  # world.sample stream of training step s is _TRAIN_STREAM + s
-_EVAL_STREAMS = (0xE7A1, 0xE7A2)  # the checks alternate between these held-out sets
+_EVAL_STREAMS = (0xE7A1, 0xE7A2)  # progress checks alternate between these held-out sets; the target pools both
 _CONFIRM_STREAM = 0xC0F1  # a third held-out set, drawn once after training
 
 # The fields of WorldConfig that shape the model or its training (the rest shape the data).
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "batch_size", "lr",
-                "warmup_steps", "decay_steps", "max_steps", "uncond_prob", "eval_every", "eval_prompts_per_word",
-                "target_accuracy", "consecutive_checks", "guidance_weight", "threads")
+                "warmup_steps", "decay_steps", "max_steps", "uncond_prob", "threads")
 
 
 def cache_root(config: WorldConfig) -> Path:
@@ -140,7 +142,7 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, c.warmup_steps, c.decay_steps))
     drop_rng = np.random.default_rng(np.random.SeedSequence([c.seed, 0xD409]))
     eval_sets = [evaluation_batch(world, stream)[0] for stream in _EVAL_STREAMS]
-    history, accuracy, reached, in_a_row, checks = [], {}, False, 0, 0
+    history = []
     started = time.perf_counter()
     steps = range(1, c.max_steps + 1)
     bar = None
@@ -149,7 +151,6 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
 
         bar = tqdm(steps, desc="world pretraining", unit="step")
         steps = bar
-    step = 0
     for step in steps:
         batch = world.sample(c.batch_size, "all", stream=_TRAIN_STREAM + step)
         input_ids, attention_mask = bundle.encode_prompts(batch.prompts)
@@ -165,41 +166,44 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
         schedule.step()
         if bar is not None:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % c.eval_every == 0 or step == c.max_steps:
-            records = eval_sets[checks % len(eval_sets)]
-            accuracy = evaluate_model(world, bundle, records, seed=checks * len(records))
-            checks += 1
+        if step % c.eval_every == 0 and step < c.max_steps:
+            check = len(history)
+            accuracy = evaluate_model(world, bundle, eval_sets[check % 2], seed=check * len(eval_sets[0]))
             worst = min(required_concepts(accuracy).items(), key=lambda kv: kv[1])
-            in_a_row = in_a_row + 1 if worst[1] >= c.target_accuracy else 0
             history.append({"step": step, "loss": float(loss.item()), "seconds": time.perf_counter() - started,
-                            "min_accuracy": worst[1], "worst": worst[0], "at_target_in_a_row": in_a_row})
-            log(f"step {step}: loss {loss.item():.3f}, lowest accuracy {worst[1]:.3f} ({worst[0]}), "
-                f"{in_a_row}/{c.consecutive_checks} checks in a row at the target")
-            if in_a_row >= c.consecutive_checks:
-                reached = True
-                break
+                            "min_accuracy": worst[1], "worst": worst[0]})
+            log(f"step {step}: loss {loss.item():.3f}, lowest accuracy {worst[1]:.3f} ({worst[0]})")
     if bar is not None:
         bar.close()
     model.eval()
-    # a third, independent held-out set (other prompts, other seeds), drawn once, reports how
-    # the stopped model does on prompts no check has seen
-    confirm_records, _ = evaluation_batch(world, stream=_CONFIRM_STREAM)
-    confirmation = evaluate_model(world, bundle, confirm_records, seed=10_000_000)
+    judged = judge_build(world, bundle)
     info = {
         "build_hash": build_hash(world),
         "world_hash": world.config_hash,
-        "reached_target": reached,
-        "target_accuracy": c.target_accuracy,
-        "steps": step,
+        **judged,
+        "steps": c.max_steps,
         "seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
-        "accuracy": accuracy,
-        "confirmation_accuracy": confirmation,
         "history": history,
         "world": world.describe(),
         "config": dataclasses.asdict(c),
     }
     return bundle, info
+
+
+def judge_build(world: World, bundle) -> dict:
+    """The built model against its target: two held-out sets pooled, and a third, unseen set reported beside."""
+    c = world.config
+    records = [r for stream in _EVAL_STREAMS for r in evaluation_batch(world, stream)[0]]
+    accuracy = evaluate_model(world, bundle, records, seed=0)
+    required = required_concepts(accuracy)
+    reached = min(required.values()) >= c.min_accuracy and float(np.mean(list(required.values()))) >= \
+        c.target_accuracy
+    confirm_records, _ = evaluation_batch(world, stream=_CONFIRM_STREAM)
+    confirmation = evaluate_model(world, bundle, confirm_records, seed=10_000_000)
+    return {"reached_target": bool(reached), "target_accuracy": c.target_accuracy, "min_accuracy": c.min_accuracy,
+            "mean_accuracy": float(np.mean(list(required.values()))), "accuracy": accuracy,
+            "confirmation_accuracy": confirmation}
 
 
 def build_world_model(config: WorldConfig, force: bool = False, progress: bool = True,
@@ -234,9 +238,11 @@ def missed_target_message(info: dict) -> str:
     if info.get("reached_target", False):
         return ""
     worst = min(required_concepts(info["accuracy"]).items(), key=lambda kv: kv[1])
-    return (f"WARNING: this world model MISSED its pretraining target: {worst[0]} at {worst[1]:.3f} < "
-            f"{info['target_accuracy']} after {info['steps']} steps, so erasure and preservation measured on it "
-            "understate what the method does (rebuild: ear-dist world build --force --set world.max_steps=...)")
+    return (f"WARNING: this world model MISSED its pretraining target (every concept >= "
+            f"{info.get('min_accuracy', '?')}, mean >= {info['target_accuracy']}): lowest {worst[0]} "
+            f"{worst[1]:.3f}, mean {info.get('mean_accuracy', float('nan')):.3f} after {info['steps']} steps, so "
+            "erasure and preservation measured on it are not the method's alone (rebuild with more steps: "
+            "ear-dist world build --force --set world.max_steps=...)")
 
 
 def _warn_if_short(info: dict, log: Callable[[str], None]) -> None:
