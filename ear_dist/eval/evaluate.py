@@ -32,10 +32,18 @@ BASE = "base"
 SHIFT_ROLES = ("unrelated", "caption")
 
 
-def make_columns(deltas: Sequence[str]) -> list[Column]:
-    """"base" plus one column per delta; NAME=PATH names a column, else the delta's folder (or file stem)."""
+def make_columns(deltas: Sequence[Union[str, Column]]) -> list[Column]:
+    """"base" plus one column per delta; NAME=PATH names a column, else the delta's folder (or file stem).
+
+    A ``Column`` given as is may hold several deltas (composed in memory)."""
     columns, names = [Column(BASE)], {BASE}
     for spec in deltas:
+        if isinstance(spec, Column):
+            if spec.name in names:
+                raise ValueError(f"two columns are named {spec.name!r}")
+            names.add(spec.name)
+            columns.append(spec)
+            continue
         name, sep, path = spec.partition("=")
         if not sep or not name or Path(spec).exists():
             path = spec
@@ -80,7 +88,8 @@ def build_tools(suites: Sequence[Suite], cfg: Config, device: str) -> Tools:
     return tools
 
 
-def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[str], out_dir: Union[str, Path],
+def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[Union[str, Column]],
+             out_dir: Union[str, Path],
              progress: bool = True, log: Callable[[str], None] = print) -> Optional[dict]:
     """Evaluate the base model and each delta on the suites; returns the report on rank 0 (None elsewhere)."""
     import torch.distributed as dist
