@@ -152,7 +152,7 @@ class ResNet50Classifier(ConceptClassifier):
                 "model.safetensors) into that directory, or give a torchvision ResNet-50 weights file")
         try:
             import torchvision
-        except ImportError:
+        except Exception:  # ImportError, or a torchvision built for another torch failing to load
             raise ClassifierError(
                 f"{path}: a weights file needs torchvision matching torch (pip install torchvision==<the release "
                 "paired with your torch>); or give a transformers directory such as microsoft/resnet-50"
