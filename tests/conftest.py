@@ -30,6 +30,17 @@ def tiny_bundle(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def default_world_model(tmp_path_factory):
+    """The default world build, the one the demo uses, made once per session for the slow tests (~6 min on 2 cores)."""
+    from ear_dist.config import load_config
+    from ear_dist.world.pretrain import build_world_model
+
+    cfg = load_config(overrides=[f"world.cache_dir={tmp_path_factory.mktemp('world-cache')}"]).world
+    path, info = build_world_model(cfg, progress=False)
+    return cfg, path, info
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster():
     """A real two-node Slurm cluster (node1, node2) on this machine, for the session.
 

@@ -105,7 +105,7 @@ def test_bad_suites_are_named(tmp_path):
         load_suite("coco", cfg)
 
 
-def test_eval_columns_report_and_grids(tiny_checkpoint, tmp_path):
+def test_eval_columns_report_and_grids(tiny_checkpoint, tmp_path, capsys):
     suite = write_suite(tmp_path)
     delta = make_delta(tiny_checkpoint, tmp_path / "runs" / "church" / "delta.safetensors")
     out = tmp_path / "eval"
@@ -142,6 +142,23 @@ def test_eval_columns_report_and_grids(tiny_checkpoint, tmp_path):
     grid = Image.open(out / "grid_church.png")
     assert grid.width > 2 * 192 and grid.height > 4 * 192
     assert (out / "tradeoff.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--table", str(out / "report.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| concept | model | Acc. | FID | CLIP |"
+    assert lines[2:] == [f"| church | {m} | {report['results'][m]['church']['concept_accuracy']:.3f} | - | - |"
+                         for m in ("base", "church")]
+
+
+def test_grid_captions_are_wrapped_not_cut():
+    from ear_dist.eval.report import _font, _wrap
+
+    font = _font(14)
+    text = ("a very long prompt about a gothic cathedral standing alone on a windswept hill at dusk, painted "
+            "in oils with supercalifragilisticexpialidociouslylongword details")
+    lines = _wrap(text, font, 120)
+    assert len(lines) > 3 and all(font.getlength(line) <= 120 for line in lines)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")
 
 
 def test_a_rerun_reuses_every_image(tiny_checkpoint, tmp_path):

@@ -22,14 +22,29 @@ def register(sub) -> None:
                         "adds to eval.suites")
     p.add_argument("--out", default=None, help="output directory (default eval.out_dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--table", default=None, metavar="REPORT_JSON",
+                   help="print the Table 1 layout (concept, model, Acc., FID, CLIP) of a report.json and exit")
     add_config_args(p)
     p.set_defaults(func=run_eval_cmd)
 
 
 def run_eval_cmd(args) -> int:
+    import json
+    from pathlib import Path
+
     from ear_dist.data.classifiers import ClassifierError
     from ear_dist.eval.evaluate import run_eval
+    from ear_dist.eval.report import table1_markdown
 
+    if args.table:
+        path = Path(args.table)
+        if not path.is_file():
+            raise FileNotFoundError(f"--table: {path} does not exist (ear-dist eval writes <out>/report.json)")
+        rows = json.loads(path.read_text(encoding="utf-8")).get("table1")
+        if not rows:
+            raise ValueError(f"{path}: no table1 rows (the report has no suite with concept prompts)")
+        print("\n".join(table1_markdown(rows)))
+        return 0
     cfg = config_from_args(args)
     suites = list(cfg.eval.suites) + list(args.suite)
     deltas = list(cfg.eval.deltas) + list(args.delta)
@@ -40,6 +55,6 @@ def run_eval_cmd(args) -> int:
     if report is None:  # ranks other than 0
         return 0
     if report["table1"]:
-        print("\n".join(f"{t['concept']:>16s}  {t['model']:<16s} Acc. {t['acc']:.3f}" for t in report["table1"]))
+        print("\n".join(table1_markdown(report["table1"])))
     # a requested metric that could not run is a failure the user must see, after the others ran
     return 1 if report["not_run"] else 0

@@ -52,6 +52,12 @@ def table1_rows(suites: Sequence[Suite], columns: Sequence[Column], results: dic
     return rows
 
 
+def table1_markdown(rows: Sequence[dict]) -> list[str]:
+    """The paper's Table 1 as markdown lines, from report.json's ``table1``."""
+    return _table(["concept", "model", "Acc.", "FID", "CLIP"],
+                  [[t["concept"], t["model"], _fmt(t["acc"]), _fmt(t["fid"], 2), _fmt(t["clip"], 4)] for t in rows])
+
+
 def _font(size: int = 14):
     try:
         return ImageFont.load_default(size=size)
@@ -248,10 +254,7 @@ def markdown(report: dict, suites: Sequence[Suite], names: Sequence[str]) -> str
     out += [f"Sampling: CFG {s['guidance_weight']}, temperature {s['temperature']}, top-k {s['top_k'] or 'off'}, "
             f"{s['images_per_prompt']} image(s) per prompt, one seed per prompt shared by every column.", ""]
     if report["table1"]:
-        out += ["## Table 1 layout (concept, model, Acc., FID, CLIP)", ""]
-        out += _table(["concept", "model", "Acc.", "FID", "CLIP"],
-                      [[t["concept"], t["model"], _fmt(t["acc"]), _fmt(t["fid"], 2), _fmt(t["clip"], 4)]
-                       for t in report["table1"]])
+        out += ["## Table 1 layout (concept, model, Acc., FID, CLIP)", ""] + table1_markdown(report["table1"])
         out += ["", "Acc.: share of concept images the classifier still recognises (lower = erased). "
                 "FID and CLIP: from the caption suite of the same column.", ""]
     for suite in suites:

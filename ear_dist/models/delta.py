@@ -45,19 +45,24 @@ def save_delta(path: Union[str, Path], tensors: dict[str, torch.Tensor], base_fi
     return path
 
 
-def load_delta(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a delta -> (tensors, metadata with concepts/config decoded)."""
-    path = Path(path)
+def _read(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors or {}, raw metadata) of a delta file, its format checked."""
     if not path.is_file():
         raise DeltaError(f"delta file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise DeltaError(f"{path}: not a readable safetensors file ({e})") from e
     if meta.get("format") != FORMAT:
         raise DeltaError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
+    return tensors, meta
+
+
+def load_delta(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a delta -> (tensors, metadata with concepts/config decoded)."""
+    tensors, meta = _read(Path(path), with_tensors=True)
     for key in ("concepts", "config", "extra"):
         meta[key] = json.loads(meta.get(key, "null"))
     return tensors, meta
@@ -115,15 +120,7 @@ def check_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]]) -> 
     metas = []
     for d in deltas:
         path = Path(d)
-        if not path.is_file():
-            raise DeltaError(f"delta file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise DeltaError(f"{path}: not a readable safetensors file ({e})") from e
-        if meta.get("format") != FORMAT:
-            raise DeltaError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
+        _, meta = _read(path, with_tensors=False)
         if meta.get("base_fingerprint") != fp:
             raise _other_base(path, meta, fp)
         metas.append(meta)
