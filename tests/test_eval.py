@@ -56,10 +56,13 @@ def run_cli(*argv):
 
 def test_suite_file_expands_synonyms_with_the_sentence_seeds(tmp_path):
     cfg = load_config(overrides=["eval.seed=10"])
-    suite = load_suite(str(write_suite(tmp_path)), cfg)
+    (tmp_path / "house.txt").write_text("a house of worship\n\na steeple over the village\n")
+    suite = load_suite(str(write_suite(tmp_path, paraphrases={"worship": "house.txt"})), cfg)
     groups = suite.groups()
-    assert list(groups) == ["church", "church -> chapel", "barn", "unrelated"]
-    assert [groups[g]["role"] for g in groups] == ["concept", "concept", "preservation", "unrelated"]
+    assert list(groups) == ["church", "church -> chapel", "worship", "barn", "unrelated"]
+    assert [groups[g]["role"] for g in groups] == ["concept", "concept", "concept", "preservation", "unrelated"]
+    assert [(p.prompt, p.concept) for p in suite.prompts if p.group == "worship"] == \
+        [("a house of worship", "church"), ("a steeple over the village", "church")]
     church = [p for p in suite.prompts if p.group == "church"]
     chapel = [p for p in suite.prompts if p.group == "church -> chapel"]
     # a synonym's image differs from the sentence's by the word alone: same seed

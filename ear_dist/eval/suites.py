@@ -18,6 +18,7 @@ Where suites come from (``--suite`` / ``eval.suites``):
       concept: church
       prompts: test_church.json          # any prompt file the readers know, or a list of strings
       synonyms: [chapel, cathedral]      # one more group per word: the concept word replaced
+      paraphrases: {naked: naked.txt}    # more concept groups, each its own prompts
       preservation: {castle: castle.txt, barn: ["a red barn in a field"]}
       unrelated: ["a bowl of fruit on a table"]
       limit: 0                           # the first N prompts of each list; 0 = all
@@ -50,8 +51,8 @@ from ear_dist.data.readers import PairReadError, read_pairs
 
 ROLES = ("concept", "preservation", "unrelated", "caption")
 BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite"}
-SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "preservation", "unrelated", "captions", "limit", "classifier",
-              "format"}
+SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "paraphrases", "preservation", "unrelated", "captions", "limit",
+              "classifier", "format"}
 
 
 class SuiteError(ValueError):
@@ -162,12 +163,14 @@ def suite_from_mapping(spec: dict, cfg: Config, source: str, base_dir: Path) -> 
                 raise SuiteError(f"{source}: synonyms: no prompt contains the concept word {concept!r} to replace "
                                  f"with {word!r}")
             prompts += [EvalPrompt(p, s, f"{concept} -> {word}", "concept", concept) for p, s in made]
-    preservation = spec.get("preservation") or {}
-    if not isinstance(preservation, dict):
-        raise SuiteError(f"{source}: preservation: expected a mapping concept -> prompt file or list")
-    for other, value in preservation.items():
-        rows = _seeded(_prompt_list(value, base_dir, f"{source}: preservation.{other}", str(other)), seed, limit)
-        prompts += [EvalPrompt(p, s, str(other), "preservation", str(other)) for p, s in rows]
+    for key, role in (("paraphrases", "concept"), ("preservation", "preservation")):
+        groups = spec.get(key) or {}
+        if not isinstance(groups, dict):
+            raise SuiteError(f"{source}: {key}: expected a mapping group -> prompt file or list")
+        for group, value in groups.items():
+            judged_on = concept if role == "concept" else str(group)
+            rows = _seeded(_prompt_list(value, base_dir, f"{source}: {key}.{group}", judged_on), seed, limit)
+            prompts += [EvalPrompt(p, s, str(group), role, judged_on) for p, s in rows]
     for key, role in (("unrelated", "unrelated"), ("captions", "caption")):
         if key in spec:
             rows = _seeded(_prompt_list(spec[key], base_dir, f"{source}: {key}", concept, fmt), seed, limit)
@@ -176,7 +179,8 @@ def suite_from_mapping(spec: dict, cfg: Config, source: str, base_dir: Path) -> 
     if not isinstance(classifier, dict):
         raise SuiteError(f"{source}: classifier: expected a mapping of eval.classifier keys")
     if not prompts:
-        raise SuiteError(f"{source}: the suite has no prompts (give prompts, preservation, unrelated or captions)")
+        raise SuiteError(f"{source}: the suite has no prompts (give prompts, paraphrases, preservation, unrelated "
+                         "or captions)")
     return Suite(name, prompts, source, concept, dict(classifier))
 
 
