@@ -103,6 +103,10 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     suites = load_suites(suites, cfg)
     columns = make_columns(deltas)
     rt = init_runtime(cfg)
+    if rt.device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(rt.device)  # object collectives under NCCL use the current device
     main = rt.rank == 0
     log = log if main else (lambda *_: None)
     bundle = load_janus(cfg.model.path, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
