@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from ear_dist.config import Config
 from ear_dist.eval.generate import Column, Entry, generate_column, manifest_rows, plan, rank_share, read_png, \
@@ -26,6 +27,7 @@ from ear_dist.eval.metrics.fid import build_feature_model, cached_stats, feature
     reference_images, stats_cache_root
 from ear_dist.eval.metrics.perplexity import perplexity, read_text_lines
 from ear_dist.eval.metrics.tokens import kl_divergence, token_histogram, total_variation
+from ear_dist.eval.report import write_report
 from ear_dist.eval.suites import Suite, load_suites
 
 BASE = "base"
@@ -104,8 +106,6 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     columns = make_columns(deltas)
     rt = init_runtime(cfg)
     if rt.device.type == "cuda":
-        import torch
-
         torch.cuda.set_device(rt.device)  # object collectives under NCCL use the current device
     main = rt.rank == 0
     log = log if main else (lambda *_: None)
@@ -148,8 +148,6 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     for name, g in generation.items():
         log(f"{name}: {g['generated']} images generated, {g['reused']} reused from an earlier run")
     results = compute_metrics(suites, columns, entries, tools, cfg, bundle.codebook_size)
-    from ear_dist.eval.report import write_report
-
     report = write_report(out_dir, cfg, suites, columns, entries, results, ppl, tools, generation,
                           {"ranks": rt.world_size, "seconds": time.perf_counter() - t0})
     log(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
