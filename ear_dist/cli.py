@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "ear_dist.slurm.commands",
     "ear_dist.world.commands",
     "ear_dist.config.commands",
+    "ear_dist.eval.commands",
 ]
 
 

@@ -1,8 +1,8 @@
 """``ear-dist demo``: the embedded default job of the README, end to end on a CPU.
 
 Build (or reuse) the planted-concept world's tiny Janus, erase "church" with the real
-``ear-dist erase`` code path, evaluate on held-out sentences and the synonyms, print the
-before/after table and where the report and images are.
+``ear-dist erase`` code path, evaluate with ``ear-dist eval``'s world suite (held-out
+sentences and the synonyms), print the before/after table and where the report and images are.
 """
 
 from __future__ import annotations

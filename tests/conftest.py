@@ -30,6 +30,22 @@ def tiny_bundle(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def default_world_model(tmp_path_factory):
+    """The default world build, the one the demo uses, made once per session for the slow tests (~6 min on 2 cores).
+
+    EAR_DIST_TEST_WORLD_CACHE names a cache directory to build into (or reuse a build from)
+    across test sessions; unset, every session builds afresh.
+    """
+    from ear_dist.config import load_config
+    from ear_dist.world.pretrain import build_world_model
+
+    cache = os.environ.get("EAR_DIST_TEST_WORLD_CACHE") or tmp_path_factory.mktemp("world-cache")
+    cfg = load_config(overrides=[f"world.cache_dir={cache}"]).world
+    path, info = build_world_model(cfg, progress=False)
+    return cfg, path, info
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster():
     """A real two-node Slurm cluster (node1, node2) on this machine, for the session.
 

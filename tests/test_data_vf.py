@@ -138,9 +138,15 @@ def test_resnet50_plugin_logic_with_a_stand_in_model():
 
 
 def test_resnet50_from_path_explains_what_is_missing(tmp_path):
+    with pytest.raises(ClassifierError, match=r"resnet-50 does not exist; download microsoft/resnet-50"):
+        build_classifier("resnet50", path=str(tmp_path / "resnet-50"), class_ids={"church": [497]})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClassifierError, match=r"empty: no config.json; download"):
+        build_classifier("resnet50", path=str(tmp_path / "empty"), class_ids={"church": [497]})
     try:
         import torchvision  # noqa: F401
-    except ImportError:
+    except Exception:  # ImportError, or the CPU torch's torchvision failing to load
+        (tmp_path / "resnet50.pth").write_bytes(b"weights")
         with pytest.raises(ClassifierError, match="needs torchvision"):
             build_classifier("resnet50", path=str(tmp_path / "resnet50.pth"), class_ids={"church": [497]})
     else:

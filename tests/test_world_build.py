@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ear_dist.cli import main
-from ear_dist.config import WorldConfig, load_config
+from ear_dist.config import WorldConfig
 from ear_dist.models.janus import load_janus
 from ear_dist.world import World
 from ear_dist.world.pretrain import BUILD_INFO_FILE, build_hash, build_world_model, cache_root
@@ -85,14 +85,6 @@ def test_cli_build_reports_accuracy_and_fails_when_the_target_is_missed(tmp_path
     assert "church (chapel)" in out and "world model:" in out
     # an untrained model cannot draw the concepts: the command says so and exits non-zero
     assert rc == 1 and "MISSED its pretraining target" in out
-
-
-@pytest.fixture(scope="module")
-def default_world_model(tmp_path_factory):
-    """The default build, the one the demo uses, made once for the slow tests below (~6 min on 2 cores)."""
-    cfg = load_config(overrides=[f"world.cache_dir={tmp_path_factory.mktemp('world-cache')}"]).world
-    path, info = build_world_model(cfg, progress=False)
-    return cfg, path, info
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ from ear_dist.config.schema import (
     DistConfig,
     EcgConfig,
     EraseConfig,
+    EvalClassifierConfig,
+    EvalConfig,
     ModelConfig,
     OptimConfig,
     PreserveConfig,
@@ -39,7 +41,9 @@ from ear_dist.config.schema import (
 
 __all__ = [
     "ConceptOverride", "Config", "ConfigError", "DataConfig", "DistConfig", "EcgConfig", "EraseConfig",
-    "ModelConfig", "OptimConfig", "PreserveConfig", "RolloutConfig", "ShardsConfig", "SlurmConfig", "TrainConfig", "TrainableConfig",
+    "EvalClassifierConfig", "EvalConfig",
+    "ModelConfig", "OptimConfig", "PreserveConfig", "RolloutConfig", "ShardsConfig", "SlurmConfig", "TrainConfig",
+    "TrainableConfig",
     "VfConfig", "WorldConfig", "add_config_args", "config_from_args", "example_configs", "from_dict", "get_key",
     "load_config", "parse_override", "read_file", "save_config", "validate",
 ]

@@ -176,7 +176,8 @@ class VfConfig:
     enabled: bool = setting(False, "filter pairs: keep those whose target image shows the concept and "
                                    "whose surrogate image does not")
     classifier: str = setting("nudenet", "nudenet | resnet50 | hf | module:function")
-    classifier_path: str = setting("", "resnet50: local weights file; hf: local model directory")
+    classifier_path: str = setting(
+        "", "resnet50: local transformers directory (microsoft/resnet-50) or weights file; hf: local model directory")
     threshold: float = setting(
         0.6, "nudenet: min detection score; hf / callables: min probability of the concept")
     nudenet_classes: list[str] = setting(
@@ -347,6 +348,54 @@ class WorldConfig:
 
 
 @dataclass
+class EvalClassifierConfig:
+    """The concept classifier of an eval suite (the visual filter's plugins); a suite file may override keys."""
+
+    kind: str = setting("nudenet", "nudenet | resnet50 | hf | module:function")
+    path: str = setting("", "resnet50: local transformers directory (microsoft/resnet-50) or weights file; "
+                            "hf: local image-classification directory (a style classifier)")
+    threshold: float = setting(0.6, "nudenet: min detection score; hf / callables: min probability of the concept")
+    nudenet_classes: list[str] = setting(
+        factory=list, help="nudenet classes that count (default: exposed breasts, genitalia, buttocks, anus)")
+    class_ids: dict[str, list[int]] = setting(
+        factory=dict, help="resnet50: concept -> ImageNet class ids, e.g. {church: [497]}")
+    top_k: int = setting(1, "resnet50: the concept counts when one of its ids is in the top k classes")
+    labels: dict[str, list[str]] = setting(
+        factory=dict, help="hf: concept -> model labels (default: the label equal to the concept name)")
+
+
+@dataclass
+class EvalConfig:
+    """`ear-dist eval`: suites, classifiers and feature models, generation, outputs."""
+
+    suites: list[str] = setting(
+        factory=list, help="suite files (YAML/JSON suite specs or prompt files) or built-in names: coco, "
+                           "world, world:<concept>; --suite adds to them")
+    deltas: list[str] = setting(factory=list, help="delta files, each one report column beside the base; "
+                                                   "--delta adds to them (NAME=PATH names the column)")
+    out_dir: str = setting("runs/eval", "images, manifest and report; --out overrides")
+    images_per_prompt: int = setting(1, "images per prompt; image j of a prompt with seed s uses seed s + j * 1000003")
+    seed: int = setting(0, "seed of a prompt without its own evaluation_seed: eval.seed + its position in the suite")
+    classifier: EvalClassifierConfig = field(default_factory=EvalClassifierConfig)
+    clip_path: str = setting("", "local CLIP directory (transformers CLIPModel, e.g. openai/clip-vit-large-patch14) "
+                                 "for CLIP score; empty: CLIP score is not computed")
+    fid_features: Literal["auto", "inception", "dinov2", "clip"] = setting(
+        "auto", "FID features: inception (torch-fidelity, needs torchvision), dinov2 / clip (transformers, from "
+                "eval.fid_model_path); auto: fid_model_path when set, else inception when importable")
+    fid_model_path: str = setting("", "local DINOv2 or CLIP vision directory for FD-DINOv2 / FD-CLIP features")
+    fid_reference: str = setting(
+        "", "a directory of real images (e.g. COCO val2014) for FID; empty: the base column's images")
+    coco_prompts: str = setting("", "the COCO-30k caption CSV read by the built-in coco suite")
+    coco_size: int = setting(1000, "captions of the coco suite (the first N rows)")
+    perplexity_text: str = setting(
+        "", "a text file (one passage per line): language-model perplexity before vs after; empty: concept prompts only")
+    world_prompts: int = setting(48, "world suite: held-out prompts per group")
+    stats_cache_dir: str = setting(
+        "", "cached FID reference statistics; empty: $EAR_DIST_CACHE/fid-stats or ~/.cache/ear-dist/fid-stats")
+    grid_prompts: int = setting(4, "prompts per suite in the before/after grid")
+
+
+@dataclass
 class Config:
     """The whole config tree."""
 
@@ -361,6 +410,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         """The tree as plain data (YAML/JSON safe)."""

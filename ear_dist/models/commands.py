@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory for PNGs, grid.png and tokens.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
     p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--delta", action="append", default=[],
+                   help="a delta applied in memory before sampling (repeatable; no merged copy is written)")
     add_config_args(p)
     p.set_defaults(func=run_generate)
 
@@ -41,6 +43,7 @@ def _slug(text: str) -> str:
 def run_generate(args) -> int:
     from tqdm import tqdm
 
+    from ear_dist.models.delta import applied_deltas, check_deltas
     from ear_dist.models.images import decode_tokens, make_grid, save_pngs
     from ear_dist.models.janus import load_janus
     from ear_dist.models.rollout import rollout
@@ -56,20 +59,22 @@ def run_generate(args) -> int:
         raise ValueError("no prompts: pass --prompt TEXT or --prompts-file FILE")
     prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
     bundle = load_janus(args.model or cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    check_deltas(bundle.model, args.delta)
     r = cfg.rollout
     seeds = [args.seed + i for i in range(len(prompts))]
     t0 = time.perf_counter()
     chunks = []
-    for s in tqdm(range(0, len(prompts), r.batch_size), desc="generating", unit="batch"):
-        chunks.append(
-            rollout(bundle, prompts[s : s + r.batch_size], r.guidance_weight, r.temperature, r.top_k, r.greedy,
-                    seeds[s : s + r.batch_size])
-        )
-    import torch
+    with applied_deltas(bundle.model, args.delta):
+        for s in tqdm(range(0, len(prompts), r.batch_size), desc="generating", unit="batch"):
+            chunks.append(
+                rollout(bundle, prompts[s : s + r.batch_size], r.guidance_weight, r.temperature, r.top_k, r.greedy,
+                        seeds[s : s + r.batch_size])
+            )
+        import torch
 
-    tokens = torch.cat(chunks)
-    elapsed = time.perf_counter() - t0
-    images = decode_tokens(bundle.model, tokens)
+        tokens = torch.cat(chunks)
+        elapsed = time.perf_counter() - t0
+        images = decode_tokens(bundle.model, tokens)
     out = Path(args.out)
     names = [f"{i:04d}-{_slug(p)}" for i, p in enumerate(prompts)]
     save_pngs(images, out, names)

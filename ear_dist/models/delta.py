@@ -6,10 +6,12 @@ another base is an error. Several deltas compose as ``base + sum_i w_i (delta_i 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -43,22 +45,33 @@ def save_delta(path: Union[str, Path], tensors: dict[str, torch.Tensor], base_fi
     return path
 
 
-def load_delta(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a delta -> (tensors, metadata with concepts/config decoded)."""
-    path = Path(path)
+def _read(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors or {}, raw metadata) of a delta file, its format checked."""
     if not path.is_file():
         raise DeltaError(f"delta file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise DeltaError(f"{path}: not a readable safetensors file ({e})") from e
     if meta.get("format") != FORMAT:
         raise DeltaError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
+    return tensors, meta
+
+
+def load_delta(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a delta -> (tensors, metadata with concepts/config decoded)."""
+    tensors, meta = _read(Path(path), with_tensors=True)
     for key in ("concepts", "config", "extra"):
         meta[key] = json.loads(meta.get(key, "null"))
     return tensors, meta
+
+
+def _other_base(path: Union[str, Path], meta: dict, fingerprint: str) -> DeltaError:
+    return DeltaError(
+        f"{path}: trained from base model {meta.get('base_model')} (fingerprint {meta.get('base_fingerprint')}), "
+        f"but the model given has fingerprint {fingerprint}; load the base model the delta was made from")
 
 
 def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], weights: Optional[Sequence[float]] = None,
@@ -80,10 +93,7 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
     for d, w in zip(deltas, weights):
         tensors, meta = load_delta(d)
         if check_base and meta["base_fingerprint"] != fp:
-            raise DeltaError(
-                f"{d}: trained from base model {meta['base_model']} (fingerprint {meta['base_fingerprint']}), "
-                f"but the model given has fingerprint {fp}; load the base model the delta was made from"
-            )
+            raise _other_base(d, meta, fp)
         concepts += meta["concepts"]
         for name, t in tensors.items():
             if name not in params:
@@ -99,6 +109,56 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
             params[name].add_(diff.to(params[name].dtype))
     overlaps = {n: o for n, o in owners.items() if len(o) > 1}
     return {"tensors": len(changes), "concepts": concepts, "overlaps": overlaps}
+
+
+def check_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]]) -> list[dict]:
+    """Read every delta's metadata and check it was made from ``model``; returns the metadata.
+
+    Lets a command refuse a delta of another base before any work starts.
+    """
+    fp = model_fingerprint(model)
+    metas = []
+    for d in deltas:
+        path = Path(d)
+        _, meta = _read(path, with_tensors=False)
+        if meta.get("base_fingerprint") != fp:
+            raise _other_base(path, meta, fp)
+        metas.append(meta)
+    return metas
+
+
+def file_digest(path: Union[str, Path]) -> str:
+    """sha256 of a file's bytes (first 16 hex digits): names a delta's exact content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def applied_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]],
+                   weights: Optional[Sequence[float]] = None) -> Iterator[dict]:
+    """The model with deltas applied in memory for the ``with`` block, then restored exactly.
+
+    Only the tensors the deltas change are copied (no merged model on disk or in memory),
+    so one loaded base serves every column of an evaluation.
+    """
+    if not deltas:
+        yield {"tensors": 0, "concepts": [], "overlaps": {}}
+        return
+    params = dict(model.named_parameters())
+    names = set()
+    for d in deltas:
+        with safe_open(str(d), framework="pt") as f:
+            names.update(f.keys())
+    saved = {n: params[n].detach().clone() for n in names if n in params}
+    try:
+        yield apply_deltas(model, deltas, weights)
+    finally:
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)
 
 
 @dataclass

@@ -169,10 +169,24 @@ def check_inputs_exist(cfg: Config) -> None:
         raise SlurmJobError(f"dist.deepspeed_config: {cfg.dist.deepspeed_config} does not exist")
 
 
+def check_eval_inputs(cfg: Config) -> dict:
+    """The eval job's suites and deltas are given and its delta files exist (suites are read in the job)."""
+    if not cfg.eval.suites:
+        raise SlurmJobError("eval.suites: the eval template needs at least one suite (a file, coco or world)")
+    for spec in cfg.eval.deltas:
+        path = spec if Path(spec).exists() else spec.partition("=")[2] or spec
+        if not Path(path).is_file():
+            raise SlurmJobError(f"eval.deltas: {path} does not exist")
+    return {"suites": len(cfg.eval.suites), "columns": 1 + len(cfg.eval.deltas)}
+
+
 def check_submission(cfg: Config, template: str, run: Callable[[list[str]], Optional[str]] = run_command) -> dict:
     """Everything checkable before sbatch; raises SlurmJobError naming the key. Returns facts found."""
     facts: dict = {}
     runs_erasure = template in ("erase_array", "bench") or (template == "erase_multinode" and not cfg.slurm.rank_args)
+    if template == "eval":
+        check_inputs_exist(cfg)
+        facts["eval"] = check_eval_inputs(cfg)
     if runs_erasure:
         check_inputs_exist(cfg)
     if template == "erase_array":

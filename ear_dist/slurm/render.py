@@ -25,7 +25,7 @@ from ear_dist.slurm.checks import SlurmJobError, ranks_per_node
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_DIR = REPO_ROOT / "slurm"
-TEMPLATES = ("erase_multinode", "erase_array", "bench")
+TEMPLATES = ("erase_multinode", "erase_array", "bench", "eval")
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}")
 _INCLUDE = re.compile(r"\{\{\s*include:([\w./-]+)\s*\}\}")
@@ -43,7 +43,7 @@ class RenderedJob:
 
 
 def template_path(name: str) -> Path:
-    """A template by name (erase_multinode, erase_array, bench) or by file path."""
+    """A template by name (erase_multinode, erase_array, bench, eval) or by file path."""
     if name in TEMPLATES:
         return TEMPLATE_DIR / f"{name}.sbatch"
     path = Path(name)
@@ -95,8 +95,25 @@ def resolve_paths(cfg: Config, cwd: Optional[Path] = None) -> Config:
     out.slurm.output_dir = _absolute(out.slurm.output_dir or str(Path(out.train.out_dir) / "slurm"), cwd)
     if out.slurm.local_tmp:
         out.slurm.local_tmp = _absolute(out.slurm.local_tmp, cwd)
+    _absolute_eval_paths(out, cwd)
     out.slurm.python = out.slurm.python or sys.executable
     return out
+
+
+def _absolute_eval_paths(cfg: Config, cwd: Path) -> None:
+    """eval's files made absolute; a suite or delta that is a name (coco, world, NAME=PATH) keeps its name."""
+    e = cfg.eval
+    e.out_dir = _absolute(e.out_dir, cwd)
+    for key in ("clip_path", "fid_model_path", "fid_reference", "coco_prompts", "perplexity_text", "stats_cache_dir"):
+        setattr(e, key, _absolute(getattr(e, key), cwd))
+    if e.classifier.path and (cwd / e.classifier.path).exists():
+        e.classifier.path = _absolute(e.classifier.path, cwd)
+    e.suites = [_absolute(s, cwd) if (cwd / s).exists() else s for s in e.suites]
+    deltas = []
+    for spec in e.deltas:
+        name, sep, path = spec.partition("=")
+        deltas.append(f"{name}={_absolute(path, cwd)}" if sep and not (cwd / spec).exists() else _absolute(spec, cwd))
+    e.deltas = deltas
 
 
 def job_config(cfg: Config, template: str, cwd: Optional[Path] = None) -> Config:

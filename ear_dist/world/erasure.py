@@ -1,9 +1,10 @@
 """Erasure measured on the planted-concept world: ECG pairs, VF, the real ``run_erase``, held-out evaluation.
 
 The pairs come from the TRAINING templates with the canonical word only ("church");
-evaluation uses HELD-OUT sentence templates and the synonyms ("chapel", "cathedral"),
-none of which appear in a training pair. Images are the model's own CFG samples,
-judged by the world's calibrated classifier.
+evaluation is ``ear-dist eval``'s world suite (``ear_dist.world.suite``): HELD-OUT
+sentence templates and the synonyms ("chapel", "cathedral"), none of which appear in a
+training pair. Images are the model's own CFG samples, judged by the world's calibrated
+classifier.
 
 - erasure rate = 1 - share of concept prompts whose image still shows the concept;
 - preservation = the classifier's accuracy on the other objects' (or styles') own
@@ -14,12 +15,12 @@ judged by the world's calibrated classifier.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from ear_dist.data.pairs import PromptPair
 from ear_dist.models.janus import JanusBundle
@@ -27,7 +28,7 @@ from ear_dist.models.rollout import rollout
 from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.world import World
 
-EVAL_STREAM, PAIR_STREAM, ANCHOR_STREAM = 101, 202, 303
+PAIR_STREAM, ANCHOR_STREAM = 202, 303
 
 # Erasure settings for the world's 4-layer, 64-token model (the paper's defaults are for
 # Janus-Pro-7B: 5 of 30 layers, 576 tokens). Everything else is the paper's default.
@@ -145,47 +146,40 @@ class Evaluation:
         return float(np.mean(list(self.preservation.values())))
 
 
-def _histogram(tokens: torch.Tensor, codebook: int) -> np.ndarray:
-    h = np.bincount(tokens.flatten().cpu().numpy(), minlength=codebook).astype(np.float64)
-    return h / max(h.sum(), 1.0)
+def evaluate_world(model_path: str, world: World, concepts: Sequence[str], columns: Sequence, out_dir: Path,
+                   n_eval: int = 48, overrides: Sequence[str] = (), progress: bool = False,
+                   log=print) -> tuple[dict[str, dict[str, Evaluation]], dict]:
+    """``ear-dist eval`` with the world suite of each concept: -> ({column: {concept: Evaluation}}, report).
 
-
-def evaluate(world: World, bundle: JanusBundle, concept: str, n: int = 48, guidance_weight: float = 5.0,
-             reference_hist: Optional[np.ndarray] = None, batch_size: int = 48) -> tuple[Evaluation, np.ndarray, dict]:
-    """Held-out evaluation of one model; returns (evaluation, its unrelated-prompt histogram, samples).
-
-    ``samples`` holds the tokens of the first images of each group for the report grid.
+    ``columns`` are delta files (``NAME=PATH``) or ``Column``s; "before" is the base model.
+    ``overrides`` are the run's ``--set`` values (sampling settings apply to both).
     """
-    ev = Evaluation(concept)
-    samples: dict = {}
+    from ear_dist.config import load_config
+    from ear_dist.eval.evaluate import BASE, run_eval
+    from ear_dist.world.suite import world_suite
 
-    def gen(prompts, stream):
-        seeds = [stream * 100000 + i for i in range(len(prompts))]
-        return rollout(bundle, prompts, guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
+    cfg = load_config(overrides=[*overrides, f"model.path={model_path}", "model.device=cpu",
+                                 f"eval.world_prompts={n_eval}"])
+    cfg.world = world.config
+    suites = [world_suite(cfg, c, world) for c in concepts]
+    report = run_eval(cfg, suites, list(columns), out_dir, progress=progress, log=log)
+    rows: dict[str, dict[str, Evaluation]] = {}
+    for column in report["columns"]:
+        name = "before" if column["name"] == BASE else column["name"]
+        rows[name] = {c: evaluation_from_report(report, column["name"], s.name, c) for c, s in zip(concepts, suites)}
+    return rows, report
 
-    if concept in OBJECTS:
-        groups = {f"held-out sentences ({w})": dict(objects=[concept], object_words=[w]) for w in OBJECTS[concept]}
-        others = {o: dict(objects=[o], styles=[None]) for o in OBJECTS if o != concept}
-    else:
-        groups = {"held-out sentences": dict(styles=[concept])}
-        others = {s: dict(styles=[s]) for s in STYLES if s != concept}
-        others.update({o: dict(objects=[o], styles=[None]) for o in list(OBJECTS)[:3]})
-    for g, (name, kw) in enumerate(groups.items()):
-        batch = world.sample(n, split="heldout", stream=EVAL_STREAM + g, **kw)
-        tok = gen(batch.prompts, EVAL_STREAM + g)
-        ev.concept_share[name] = float(world.classify(tok)[concept].mean())
-        samples[name] = (batch.prompts[:4], tok[:4])
-    for g, (other, kw) in enumerate(others.items()):
-        batch = world.sample(n, split="heldout", stream=EVAL_STREAM + 50 + g, **kw)
-        tok = gen(batch.prompts, EVAL_STREAM + 50 + g)
-        ev.preservation[other] = float(world.classify(tok)[other].mean())
-        samples[other] = (batch.prompts[:2], tok[:2])
-    unrelated_kw = dict(objects=[o for o in OBJECTS if o != concept]) if concept in OBJECTS else dict(styles=[None])
-    batch = world.sample(n, split="heldout", stream=EVAL_STREAM + 99, **unrelated_kw)
-    hist = _histogram(gen(batch.prompts, EVAL_STREAM + 99), bundle.codebook_size)
-    if reference_hist is not None:
-        ev.token_tv_distance = float(0.5 * np.abs(hist - reference_hist).sum())
-    return ev, hist, samples
+
+def evaluation_from_report(report: dict, column: str, suite: str, concept: str) -> Evaluation:
+    """One column's world-suite results as an ``Evaluation`` (concept groups, preservation, token TV)."""
+    res = report["results"][column][suite]
+    groups = report["suites"][suite]["groups"]
+    return Evaluation(
+        concept,
+        concept_share={g: res["groups"][g] for g, info in groups.items() if info["role"] == "concept"},
+        preservation={g: res["groups"][g] for g, info in groups.items() if info["role"] == "preservation"},
+        token_tv_distance=res.get("token_tv"),
+    )
 
 
 def markdown_table(rows: dict[str, Evaluation], baseline: str = "before") -> str:
@@ -207,17 +201,11 @@ def to_json(rows: dict[str, Evaluation]) -> dict:
             for k, v in rows.items()}
 
 
-def write_report(out_dir: Path, rows: dict[str, Evaluation], grids: dict, extra: dict) -> dict:
-    """results.json, results.md and before/after PNG grids (token grids as colour images)."""
+def write_report(out_dir: Path, rows: dict[str, Evaluation], extra: dict) -> None:
+    """results.json and results.md (the eval report beside them holds the images)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"results": to_json(rows), **extra}, indent=2))
     (out_dir / "results.md").write_text(markdown_table(rows) + "\n")
-    paths = {}
-    for name, image in grids.items():
-        p = out_dir / f"{name}.png"
-        image.save(p)
-        paths[name] = str(p)
-    return paths
 
 
 # The paper's ablations, as config overrides on top of the run's settings.
@@ -233,24 +221,6 @@ ABLATIONS: dict[str, list[str]] = {
 }
 
 
-def before_after_grid(world: World, before: dict, after: dict, groups: Sequence[str]):
-    """Rows: the same prompts (and seeds) before and after erasure, as colour images."""
-    from ear_dist.models.images import make_grid
-    from ear_dist.world.colour import grid_to_image
-
-    def rgb(tokens):
-        return np.asarray(grid_to_image(tokens.cpu().numpy(), world.layout, world.config.grid_side).convert("RGB"))
-
-    images, labels = [], []
-    for g in groups:
-        prompts, tok_b = before[g]
-        _, tok_a = after[g]
-        for i, p in enumerate(prompts[:2]):
-            images += [rgb(tok_b[i]), rgb(tok_a[i])]
-            labels += [f"before: {p}", f"after: {p}"]
-    return make_grid(images, cols=4, cell=96, labels=labels)
-
-
 def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str = "church",
                       ablations: Sequence[str] = ("EAR",), n_pairs: int = 32, n_eval: int = 48,
                       overrides: Sequence[str] = (), progress: bool = True, log=print, n_anchors: int = 0) -> dict:
@@ -261,7 +231,6 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     """
     from ear_dist.config import load_config
     from ear_dist.models.janus import load_janus
-    from ear_dist.models.delta import apply_deltas
     from ear_dist.train.trainer import run_erase
 
     out_dir = Path(out_dir)
@@ -276,13 +245,11 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     anchors = make_anchor_pairs(world, concept, n_anchors)
     if anchors:
         log(f"preservation anchors: {len(anchors)} prompts of the other concepts")
-    before, ref_hist, samples_before = evaluate(world, base, concept, n_eval)
-    rows = {"before": before}
-    log(f"before: erasure rate {before.erasure_rate:.3f}, preservation {before.preservation_mean:.3f}")
-    grids, summaries = {}, {}
+    summaries, deltas = {}, []
     for name in ablations:
         if name not in ABLATIONS:
             raise ValueError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
+    for name in ablations:
         run_dir = out_dir / "runs" / name.replace(" ", "-").lower()
         cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={run_dir}",
                                      f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
@@ -291,23 +258,24 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
         if cfg.erase.method == "ear":
             train_pairs = interleave(train_pairs, anchors)
         summary = run_erase(cfg, train_pairs, progress=progress)
-        after_bundle = load_janus(model_path, device="cpu", dtype="float32")
-        apply_deltas(after_bundle.model, [summary["delta"]])
-        ev, _, samples_after = evaluate(world, after_bundle, concept, n_eval, reference_hist=ref_hist)
-        rows[name] = ev
         summaries[name] = {k: summary[k] for k in ("delta", "optimizer_steps", "windows_kept", "windows_total",
                                                    "seconds")}
-        log(f"{name}: erasure rate {ev.erasure_rate:.3f}, preservation {ev.preservation_mean:.3f}, "
-            f"token TV {ev.token_tv_distance:.3f} ({summary['seconds']:.0f} s)")
-        if name == ablations[0]:
-            groups = list(ev.concept_share) + list(ev.preservation)[:2]
-            grids["before_after"] = before_after_grid(world, samples_before, samples_after, groups)
-    paths = write_report(out_dir, rows, grids, {
+        deltas.append(f"{name}={summary['delta']}")
+        log(f"{name}: trained in {summary['seconds']:.0f} s")
+    # the evaluation is ear-dist eval's world suite, one column per ablation
+    table, report = evaluate_world(model_path, world, [concept], deltas, out_dir, n_eval, overrides, log=log)
+    rows = {name: by_concept[concept] for name, by_concept in table.items()}
+    for name, ev in rows.items():
+        tv = "-" if ev.token_tv_distance is None else f"{ev.token_tv_distance:.3f}"
+        log(f"{name}: erasure rate {ev.erasure_rate:.3f}, preservation {ev.preservation_mean:.3f}, token TV {tv}")
+    grid = out_dir / report["grids"][f"world-{concept.replace(' ', '-')}"]
+    shutil.copyfile(grid, out_dir / "before_after.png")
+    write_report(out_dir, rows, {
         "concept": concept, "pairs": len(pairs), "anchors": len(anchors), "vf": asdict(vf), "runs": summaries,
-        "model": model_path,
-        "world": world.describe() if hasattr(world, "describe") else {}, "overrides": list(overrides)})
-    log(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}" +
-        (f", images: {paths['before_after']}" if "before_after" in paths else ""))
+        "model": model_path, "world": world.describe(), "overrides": list(overrides),
+        "eval_report": str(out_dir / "report.json")})
+    log(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'report.md'}, "
+        f"images: {out_dir / 'before_after.png'}")
     return rows
 
 
@@ -316,12 +284,11 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     """Several concepts erased two ways, each concept evaluated on both models.
 
     composed: one run per concept (as a Slurm job array would), deltas summed onto the base
-    with ``apply_deltas``; joint: one run on all concepts' pairs (each pair carries its
+    in memory by ``ear-dist eval``; joint: one run on all concepts' pairs (each pair carries its
     concept), with as many steps as the per-concept runs together.
     """
     from ear_dist.config import load_config
     from ear_dist.models.janus import load_janus
-    from ear_dist.models.delta import apply_deltas
     from ear_dist.train.trainer import run_erase
 
     out_dir = Path(out_dir)
@@ -349,15 +316,14 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     joint_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
     joint = run_erase(cfg_for("joint", len(concepts)), joint_pairs, progress=progress)["delta"]
 
-    models = {"before": [], "composed": deltas, "joint": [joint]}
+    from ear_dist.eval.generate import Column
+
+    columns = [Column("composed", tuple(deltas)), Column("joint", (joint,))]
+    evaluations, _ = evaluate_world(model_path, world, concepts, columns, out_dir / "eval", n_eval, overrides, log=log)
     table: dict = {}
-    for name, ds in models.items():
-        bundle = load_janus(model_path, device="cpu", dtype="float32")
-        if ds:
-            apply_deltas(bundle.model, ds)
-        for c in concepts:
-            ev, _, _ = evaluate(world, bundle, c, n_eval)
-            table.setdefault(name, {})[c] = {"erasure_rate": ev.erasure_rate, "preservation": ev.preservation_mean}
+    for name, by_concept in evaluations.items():
+        table[name] = {c: {"erasure_rate": ev.erasure_rate, "preservation": ev.preservation_mean}
+                       for c, ev in by_concept.items()}
         log(f"{name}: " + ", ".join(f"{c} erasure {v['erasure_rate']:.3f} / preservation {v['preservation']:.3f}"
                                     for c, v in table[name].items()))
     lines = ["| model | " + " | ".join(f"{c}: erasure | {c}: preservation" for c in concepts) + " |",

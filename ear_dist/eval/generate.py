@@ -1,0 +1,185 @@
+"""Distributed, resumable generation of every image an evaluation needs.
+
+Each image is keyed by what determines it: the base model's fingerprint, the exact
+bytes of the column's deltas, the prompt, the seed, the sampling settings and how
+tokens become pixels. Its PNG is written under a temp name and renamed, with the image
+tokens in a PNG text chunk, so a PNG that exists is complete and carries everything
+the metrics read. An interrupted evaluation run again regenerates only the keys
+without a PNG.
+
+Ranks take every ``world_size``-th image of the sorted job list (done or not), so the
+split needs no agreement about what is already on disk; rank 0 gathers every rank's
+list of keys and checks that each image was produced exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ear_dist.config import Config
+from ear_dist.eval.suites import Suite
+from ear_dist.models.delta import applied_deltas, file_digest
+from ear_dist.models.images import decode_tokens
+from ear_dist.models.janus import JanusBundle
+from ear_dist.models.rollout import rollout
+
+TOKENS_KEY = "ear_dist_tokens"
+# image j > 0 of a prompt with seed s samples with s + j * stride (a prime, so no two images of nearby seeds meet)
+IMAGE_SEED_STRIDE = 1000003
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the report: the base model with these deltas applied (none: the base itself)."""
+
+    name: str
+    deltas: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image of one suite's prompt in one column; ``key`` names the file that holds it."""
+
+    column: str
+    suite: str
+    group: str
+    role: str
+    concept: str
+    prompt: str
+    prompt_index: int
+    image_index: int
+    seed: int
+    render_id: str
+    key: str
+    path: str
+
+
+@dataclass
+class GenerationStats:
+    """What one rank did for one column."""
+
+    generated: int = 0
+    reused: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+def sampling_settings(cfg: Config) -> dict:
+    """The rollout settings an image depends on (part of its key)."""
+    r = cfg.rollout
+    return {"guidance_weight": r.guidance_weight, "temperature": r.temperature, "top_k": r.top_k, "greedy": r.greedy}
+
+
+def image_key(base_fingerprint: str, delta_digests: Sequence[str], prompt: str, seed: int, settings: dict,
+              render_id: str) -> str:
+    """A stable name for one image: everything that determines its pixels."""
+    text = json.dumps([base_fingerprint, list(delta_digests), prompt, int(seed), settings, render_id], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def plan(suites: Sequence[Suite], columns: Sequence[Column], cfg: Config, base_fingerprint: str,
+         out_dir: Path) -> list[Entry]:
+    """Every (column, suite, prompt, image) of the evaluation, in a fixed order."""
+    settings = sampling_settings(cfg)
+    entries = []
+    for column in columns:
+        digests = [file_digest(d) for d in column.deltas]
+        for suite in suites:
+            for i, p in enumerate(suite.prompts):
+                for j in range(cfg.eval.images_per_prompt):
+                    seed = p.seed + j * IMAGE_SEED_STRIDE
+                    key = image_key(base_fingerprint, digests, p.prompt, seed, settings, suite.render_id)
+                    path = out_dir / "images" / column.name / f"{key}.png"
+                    entries.append(Entry(column.name, suite.name, p.group, p.role, p.concept, p.prompt, i, j, seed,
+                                         suite.render_id, key, str(path)))
+    return entries
+
+
+def rank_share(entries: Sequence[Entry], column: str, rank: int, world_size: int) -> list[Entry]:
+    """This rank's images of a column: every ``world_size``-th unique key, from ``rank`` on."""
+    seen: dict[str, Entry] = {}
+    for e in entries:
+        if e.column == column:
+            seen.setdefault(e.key, e)
+    unique = list(seen.values())
+    return unique[rank::world_size]
+
+
+def save_png(path: Path, image: np.ndarray, tokens: Sequence[int], prompt: str, seed: int) -> None:
+    """The image with its tokens, prompt and seed as PNG text; written to a temp name, then renamed."""
+    info = PngInfo()
+    info.add_text(TOKENS_KEY, ",".join(str(int(t)) for t in tokens))
+    info.add_itxt("ear_dist_prompt", prompt)
+    info.add_text("ear_dist_seed", str(seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+
+
+def read_png(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 RGB image [H, W, 3], image tokens [T]) of an evaluation PNG."""
+    with Image.open(path) as im:
+        text = im.text.get(TOKENS_KEY)
+        if text is None:
+            raise ValueError(f"{path}: no {TOKENS_KEY} text chunk; not written by ear-dist eval")
+        return np.asarray(im.convert("RGB")), np.array([int(t) for t in text.split(",")], dtype=np.int64)
+
+
+def generate_column(bundle: JanusBundle, column: Column, share: Sequence[Entry], renders: dict[str, Callable],
+                    cfg: Config, progress: Optional[Callable[[int], None]] = None) -> GenerationStats:
+    """Generate this rank's missing images of one column (deltas applied in memory for the duration).
+
+    ``renders`` maps a suite's ``render_id`` to its tokens -> pixels function; a render id
+    without one uses the model's VQ decoder.
+    """
+    stats = GenerationStats(keys=[e.key for e in share])
+    todo = [e for e in share if not Path(e.path).is_file()]
+    stats.reused = len(share) - len(todo)
+    if progress and stats.reused:
+        progress(stats.reused)
+    if not todo:
+        return stats
+    r = cfg.rollout
+    with applied_deltas(bundle.model, list(column.deltas)):
+        by_render: dict[str, list[Entry]] = {}
+        for e in todo:
+            by_render.setdefault(e.render_id, []).append(e)
+        for render_id, entries in by_render.items():
+            render = renders.get(render_id)
+            for s in range(0, len(entries), r.batch_size):
+                batch = entries[s : s + r.batch_size]
+                with torch.no_grad():
+                    tokens = rollout(bundle, [e.prompt for e in batch], r.guidance_weight, r.temperature, r.top_k,
+                                     r.greedy, [e.seed for e in batch])
+                tokens_np = tokens.cpu().numpy()
+                images = render(tokens_np) if render is not None else decode_tokens(bundle.model, tokens)
+                for e, img, tok in zip(batch, images, tokens_np):
+                    save_png(Path(e.path), img, tok, e.prompt, e.seed)
+                stats.generated += len(batch)
+                if progress:
+                    progress(len(batch))
+    return stats
+
+
+def manifest_rows(entries: Sequence[Entry], made_by: dict[str, int]) -> list[dict]:
+    """One JSON row per entry, with the rank that produced (or found) its image."""
+    return [{**asdict(e), "rank": made_by.get(e.key, -1)} for e in entries]
+
+
+def write_manifest(path: Path, rows: Sequence[dict]) -> None:
+    """JSON lines, written to a temp name and renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)

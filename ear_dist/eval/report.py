@@ -1,0 +1,310 @@
+"""The evaluation report: report.json (everything), report.md (tables a person reads), before/after
+grids (the same prompt and seed in every column) and a plot of erasure vs preservation.
+
+Metrics and what they mean, as report.md states them:
+- Acc. (concept accuracy): share of a suite's concept images in which its classifier finds
+  the concept, averaged over the suite's groups (test prompts, each synonym); erasure = 1 - Acc.
+- preservation: the same hit rate on other concepts' prompts (each judged on its own concept);
+  ratio = after / before.
+- token TV / KL: total variation and KL(base || column) between the image-code histograms of
+  unrelated prompts and captions.
+- CLIP: mean cosine of image and caption (the paper's column) and 100 * max(cos, 0) (torchmetrics).
+- FID: Frechet distance of caption images' features to the reference set's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ear_dist.config import Config
+from ear_dist.eval.generate import Column, Entry, read_png
+from ear_dist.eval.suites import Suite
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def caption_metric(results: dict, column: str, metric: str, key: str) -> Optional[float]:
+    """The first caption suite's ``metric`` value in a column (FID or CLIP of Table 1)."""
+    for res in results[column].values():
+        if metric in res and key in res[metric]:
+            return res[metric][key]
+    return None
+
+
+def table1_rows(suites: Sequence[Suite], columns: Sequence[Column], results: dict) -> list[dict]:
+    """The layout of the EAR paper's Table 1: concept, model, Acc., FID, CLIP (one row per concept suite and column)."""
+    rows = []
+    for suite in suites:
+        for column in columns:
+            acc = results[column.name].get(suite.name, {}).get("concept_accuracy")
+            if acc is None:
+                continue
+            rows.append({"concept": suite.concept or suite.name, "suite": suite.name, "model": column.name,
+                         "acc": acc, "fid": caption_metric(results, column.name, "fid", "fd"),
+                         "clip": caption_metric(results, column.name, "clip", "clip_cosine")})
+    return rows
+
+
+def table1_markdown(rows: Sequence[dict]) -> list[str]:
+    """The paper's Table 1 as markdown lines, from report.json's ``table1``."""
+    return _table(["concept", "model", "Acc.", "FID", "CLIP"],
+                  [[t["concept"], t["model"], _fmt(t["acc"]), _fmt(t["fid"], 2), _fmt(t["clip"], 4)] for t in rows])
+
+
+def _font(size: int = 14):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Lines of ``text`` that fit ``width`` pixels (long words are split)."""
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        words, line = paragraph.split(), ""
+        for word in words:
+            while font.getlength(word) > width:
+                cut = max(1, int(len(word) * width / font.getlength(word)) - 1)
+                if line:
+                    lines.append(line)
+                    line = ""
+                lines.append(word[:cut])
+                word = word[cut:]
+            trial = f"{line} {word}".strip()
+            if font.getlength(trial) <= width:
+                line = trial
+            else:
+                lines.append(line)
+                line = word
+        lines.append(line)
+    return lines
+
+
+def before_after_grid(prompts: Sequence[tuple[str, int]], columns: Sequence[str], paths: dict, cell: int = 192,
+                      text_width: int = 260, pad: int = 8) -> Image.Image:
+    """Rows: prompts (wrapped in full at the left, with the seed); columns: the models, same seed in each."""
+    font, small = _font(14), _font(12)
+    line_h = 18
+    header_h = 2 * line_h
+    texts = [_wrap(f"{p} (seed {seed})", font, text_width) for p, seed in prompts]
+    row_h = [max(cell, len(t) * line_h) for t in texts]
+    width = pad + text_width + pad + len(columns) * (cell + pad)
+    height = header_h + sum(h + pad for h in row_h) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(columns):
+        x = pad + text_width + pad + j * (cell + pad)
+        label = _wrap(name, small, cell)[0]
+        draw.text((x, pad), label, fill="black", font=small)
+    y = header_h
+    for (prompt, seed), lines, h in zip(prompts, texts, row_h):
+        for k, line in enumerate(lines):
+            draw.text((pad, y + k * line_h), line, fill="black", font=font)
+        for j, name in enumerate(columns):
+            x = pad + text_width + pad + j * (cell + pad)
+            img = Image.fromarray(read_png(paths[(name, prompt, seed)])[0])
+            resample = Image.NEAREST if img.width < cell else Image.LANCZOS
+            canvas.paste(img.resize((cell, cell), resample), (x, y))
+        y += h + pad
+    return canvas
+
+
+def grid_prompts(suite: Suite, n: int) -> list[tuple[str, int]]:
+    """Up to ``n`` prompts: the first of each group first, then the rest in order."""
+    picked: list[tuple[str, int]] = []
+    seen_groups = set()
+    for p in suite.prompts:
+        if p.group not in seen_groups:
+            seen_groups.add(p.group)
+            picked.append((p.prompt, p.seed))
+    for p in suite.prompts:
+        if (p.prompt, p.seed) not in picked:
+            picked.append((p.prompt, p.seed))
+    return list(dict.fromkeys(picked))[:n]
+
+
+def tradeoff_plot(points: Sequence[dict], size: tuple[int, int] = (560, 420)) -> Image.Image:
+    """Erasure rate (x) vs preservation (y), one labelled point per column (FID in the label when known)."""
+    font = _font(13)
+    w, h = size
+    left, right, top, bottom = 64, 24, 56, 56
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((left, 8), "erasure vs preservation per column (up-right is better)", fill="black", font=font)
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return left + x * (w - left - right), h - bottom - y * (h - top - bottom)
+
+    for t in np.linspace(0, 1, 5):
+        x0, y0 = xy(t, 0)
+        x1, y1 = xy(0, t)
+        draw.line([xy(t, 0), xy(t, 1)], fill=(230, 230, 230))
+        draw.line([xy(0, t), xy(1, t)], fill=(230, 230, 230))
+        draw.text((x0 - 10, h - bottom + 6), f"{t:.2f}", fill="black", font=font)
+        draw.text((8, y1 - 7), f"{t:.2f}", fill="black", font=font)
+    draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    draw.text((left + (w - left - right) // 2 - 40, h - 24), "erasure rate", fill="black", font=font)
+    draw.text((8, top - 24), "preservation", fill="black", font=font)
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+    taken: list[tuple[float, float, float, float]] = []
+    for i, pt in enumerate(points):
+        x, y = xy(min(max(pt["erasure"], 0), 1), min(max(pt["preservation"], 0), 1))
+        c = colours[i % len(colours)]
+        draw.ellipse([x - 6, y - 6, x + 6, y + 6], fill=c, outline="black")
+        label = pt["name"] + (f" (FID {pt['fid']:.1f})" if pt.get("fid") is not None else "")
+        length = font.getlength(label)
+        tx = x + 9 if x + 9 + length < w else x - 9 - length
+        ty = min(y - 8, h - bottom - 18)
+        # labels of points that sit together are stacked upwards instead of drawn over each other
+        while any(tx < b[2] and b[0] < tx + length and ty < b[3] and b[1] < ty + 16 for b in taken):
+            ty -= 16
+        taken.append((tx, ty, tx + length, ty + 16))
+        draw.text((tx, ty), label, fill=c, font=font)
+    return canvas
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def write_report(out_dir: Path, cfg: Config, suites: Sequence[Suite], columns: Sequence[Column],
+                 entries: Sequence[Entry], results: dict, perplexities: dict, tools, generation: dict,
+                 run_info: dict) -> dict:
+    """report.json, report.md, grid_<suite>.png per suite and tradeoff.png; returns the report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [c.name for c in columns]
+    paths = {(e.column, e.prompt, e.seed): e.path for e in entries if e.image_index == 0}
+    grids = {}
+    for suite in suites:
+        prompts = grid_prompts(suite, cfg.eval.grid_prompts)
+        if prompts:
+            path = out_dir / f"grid_{suite.name}.png"
+            before_after_grid(prompts, names, paths).save(path)
+            grids[suite.name] = path.name
+    points = []
+    for c in names:
+        erasure = _mean(results[c][s.name].get("erasure_rate") for s in suites)
+        keep = _mean(results[c][s.name].get("preservation") for s in suites)
+        if erasure is not None and keep is not None:
+            points.append({"name": c, "erasure": erasure, "preservation": keep,
+                           "fid": caption_metric(results, c, "fid", "fd")})
+    plot = None
+    if points:
+        tradeoff_plot(points).save(out_dir / "tradeoff.png")
+        plot = "tradeoff.png"
+    describe = {}
+    for suite in suites:
+        judge = tools.judges.get(suite.name)
+        describe[suite.name] = {"source": suite.source, "concept": suite.concept, "groups": suite.groups(),
+                                "classifier": judge.info if judge else None}
+    report = {
+        "model": cfg.model.path,
+        "columns": [{"name": c.name, "deltas": list(c.deltas)} for c in columns],
+        "suites": describe,
+        "results": results,
+        "table1": table1_rows(suites, columns, results),
+        "perplexity": perplexities,
+        "clip_model": tools.clip.describe() if tools.clip else None,
+        "fid_features": tools.features.describe() if tools.features else None,
+        "sampling": {**cfg.to_dict()["rollout"], "images_per_prompt": cfg.eval.images_per_prompt},
+        "generation": generation,
+        "not_run": tools.not_run,
+        "notes": tools.notes,
+        "grids": grids,
+        "plot": plot,
+        "run": run_info,
+    }
+    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default))
+    _atomic_write(out_dir / "report.md", markdown(report, suites, names))
+    return report
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(report: dict, suites: Sequence[Suite], names: Sequence[str]) -> str:
+    """report.md: Table 1 first, then each suite's groups, CLIP/FID, perplexity, what judged, the pictures."""
+    r = report["results"]
+    out = [f"# Evaluation of {report['model']}", ""]
+    out.append("Columns: " + ", ".join(f"**{c['name']}**" + (f" ({', '.join(c['deltas'])})" if c["deltas"] else
+                                                              " (no delta)") for c in report["columns"]))
+    s = report["sampling"]
+    out += [f"Sampling: CFG {s['guidance_weight']}, temperature {s['temperature']}, top-k {s['top_k'] or 'off'}, "
+            f"{s['images_per_prompt']} image(s) per prompt, one seed per prompt shared by every column.", ""]
+    if report["table1"]:
+        out += ["## Table 1 layout (concept, model, Acc., FID, CLIP)", ""] + table1_markdown(report["table1"])
+        out += ["", "Acc.: share of concept images the classifier still recognises (lower = erased). "
+                "FID and CLIP: from the caption suite of the same column.", ""]
+    for suite in suites:
+        info = report["suites"][suite.name]
+        out += [f"## Suite `{suite.name}`", "", f"Source: {info['source'] or 'built in'}; "
+                f"classifier: {json.dumps(info['classifier']) if info['classifier'] else 'none'}", ""]
+        groups = [g for g, gi in info["groups"].items() if gi["role"] in ("concept", "preservation")]
+        if any("groups" in r[n].get(suite.name, {}) for n in names) and groups:
+            head = ["model"] + [f"{g} ({info['groups'][g]['role']})" for g in groups] + \
+                   ["Acc.", "erasure", "preservation", "ratio", "token TV", "token KL"]
+            rows = []
+            for n in names:
+                res = r[n].get(suite.name, {})
+                rows.append([n] + [_fmt(res.get("groups", {}).get(g)) for g in groups] +
+                            [_fmt(res.get(k)) for k in ("concept_accuracy", "erasure_rate", "preservation",
+                                                         "preservation_ratio", "token_tv", "token_kl")])
+            out += _table(head, rows) + [""]
+        elif any("token_tv" in r[n].get(suite.name, {}) for n in names):
+            out += _table(["model", "token TV", "token KL"],
+                          [[n, _fmt(r[n][suite.name].get("token_tv")), _fmt(r[n][suite.name].get("token_kl"))]
+                           for n in names]) + [""]
+        if any(k in r[n].get(suite.name, {}) for n in names for k in ("clip", "fid")):
+            rows = []
+            for n in names:
+                res = r[n].get(suite.name, {})
+                clip, fid = res.get("clip", {}), res.get("fid", {})
+                rows.append([n, _fmt(clip.get("clip_cosine"), 4), _fmt(clip.get("clip_score_100"), 2),
+                             _fmt(fid.get("fd"), 3), fid.get("not_run", fid.get("reference", "-"))])
+            out += _table(["model", "CLIP cosine", "CLIP x100 clipped", "FID", "FID reference"], rows) + [""]
+        if suite.name in report["grids"]:
+            out += [f"![before/after, suite {suite.name}]({report['grids'][suite.name]})", ""]
+    if report["plot"]:
+        out += ["## Erasure vs preservation", "", "![erasure vs preservation](tradeoff.png)", ""]
+    ppl_names = sorted({k for v in report["perplexity"].values() for k in v})
+    if ppl_names:
+        out += ["## Language side: perplexity (lower is better)", ""]
+        rows = [[n] + [_fmt(report["perplexity"][n].get(k, {}).get("perplexity"), 2) for k in ppl_names]
+                for n in names]
+        out += _table(["model"] + ppl_names, rows) + [""]
+    out += ["## What judged", ""]
+    if report["clip_model"]:
+        out.append(f"- CLIP score: {report['clip_model']['model']}; clip_cosine = mean cosine (the paper's column), "
+                   "clip_score_100 = mean of 100 * max(cosine, 0) (torchmetrics).")
+    if report["fid_features"]:
+        out.append(f"- FID features: {report['fid_features']['features']} ({report['fid_features']['model']}).")
+    out.append("- Token TV / KL: total variation and KL(base || column) of image-code histograms over unrelated "
+               "prompts and captions.")
+    if report["not_run"] or report["notes"]:
+        out += ["", "## Not run", ""] + [f"- {m}" for m in report["not_run"] + report["notes"]]
+    g = report["generation"]
+    out += ["", "Images: " + ", ".join(f"{n} {g[n]['generated']} generated / {g[n]['reused']} reused" for n in names) +
+            f"; {report['run']['ranks']} rank(s), {report['run']['seconds']:.0f} s.", ""]
+    return "\n".join(out)

@@ -1,0 +1,261 @@
+"""Evaluation suites: which prompts are sampled, with which seeds, and what each image should show.
+
+A suite is a list of prompts, each with a seed, a group (a row of the report), a role
+and the concept its classifier looks for:
+
+- ``concept``: the image should show the concept before erasure and not after
+  (the concept's test prompts, its synonyms and paraphrases, Six-CD for nudity);
+- ``preservation``: prompts of OTHER concepts, each judged on its own concept
+  (castle prompts should still show castles);
+- ``unrelated``: prompts whose image-token histogram should not move (TV / KL);
+- ``caption``: captions for FID and CLIP score (COCO-30k); their token histogram too.
+
+Where suites come from (``--suite`` / ``eval.suites``):
+
+- a suite file (YAML/JSON mapping; paths inside are relative to it)::
+
+      name: church
+      concept: church
+      prompts: test_church.json          # any prompt file the readers know, or a list of strings
+      synonyms: [chapel, cathedral]      # one more group per word: the concept word replaced
+      paraphrases: {naked: naked.txt}    # more concept groups, each its own prompts
+      preservation: {castle: castle.txt, barn: ["a red barn in a field"]}
+      unrelated: ["a bowl of fruit on a table"]
+      limit: 0                           # the first N prompts of each list; 0 = all
+      classifier: {kind: resnet50, path: /models/resnet-50, class_ids: {church: [497], castle: [483]}, top_k: 5}
+
+- a prompt file alone (``test_church.json``, ``test_van_gogh.csv``, ``Six-CD_Nudity.csv``):
+  one ``concept`` group; the concept comes from the file's concept column or
+  ``erase.concept``; a COCO CSV becomes a ``caption`` suite;
+- ``coco``: the first ``eval.coco_size`` captions of ``eval.coco_prompts``;
+- ``module:function`` (``world`` and ``world:<concept>`` are built-in names of
+  ``ear_dist.world.suite:world_suite``): ``function(cfg, argument) -> Suite``.
+
+A prompt keeps the file's ``evaluation_seed`` when it has one, else ``eval.seed`` + its
+position; a synonym's prompt keeps the seed of the sentence it was made from, so the
+two images differ by the word alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from ear_dist.config import Config, read_file
+from ear_dist.data.readers import PairReadError, read_pairs
+
+ROLES = ("concept", "preservation", "unrelated", "caption")
+BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite"}
+SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "paraphrases", "preservation", "unrelated", "captions", "limit",
+              "classifier", "format"}
+
+
+class SuiteError(ValueError):
+    """A suite that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One prompt of a suite: its text, seed, group (report row), role and the concept it is judged on."""
+
+    prompt: str
+    seed: int
+    group: str
+    role: str = "concept"
+    concept: str = ""
+
+
+@dataclass
+class Suite:
+    """Prompts plus how their images are judged.
+
+    ``classifier`` holds ``eval.classifier`` keys that this suite overrides. A suite
+    judged on image tokens rather than pixels (the planted-concept world) sets
+    ``classify_tokens(tokens, concepts) -> bools`` and ``render(tokens) -> uint8 images``
+    (the pictures of the report), and describes its classifier in ``classifier_info``.
+    """
+
+    name: str
+    prompts: list[EvalPrompt]
+    source: str = ""
+    concept: str = ""
+    classifier: dict = field(default_factory=dict)
+    classify_tokens: Optional[Callable[[np.ndarray, Sequence[str]], Sequence[bool]]] = None
+    render: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    render_id: str = "vq"
+    classifier_info: dict = field(default_factory=dict)
+
+    def groups(self) -> dict[str, dict]:
+        """Group name -> its role, concept and prompt count, in first-seen order."""
+        out: dict[str, dict] = {}
+        for p in self.prompts:
+            g = out.setdefault(p.group, {"role": p.role, "concept": p.concept, "prompts": 0})
+            g["prompts"] += 1
+        return out
+
+    def roles(self) -> set[str]:
+        return {p.role for p in self.prompts}
+
+
+# --------------------------------------------------------------------------- reading prompt lists
+
+
+def _prompt_list(value: Any, base_dir: Path, where: str, concept: str = "", fmt: str = "auto") -> list[tuple[str, int]]:
+    """(prompt, seed or -1) from a list of strings or a prompt file the readers know."""
+    if isinstance(value, str):
+        path = (base_dir / value) if not Path(value).is_absolute() else Path(value)
+        if path.suffix.lower() == ".txt":
+            if not path.is_file():
+                raise SuiteError(f"{where}: file not found: {path}")
+            return [(ln.strip(), -1) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            return [(p.target, p.seed) for p in read_pairs(path, format=fmt, concept=concept)]
+        except PairReadError as e:
+            raise SuiteError(f"{where}: {e}") from None
+    if isinstance(value, list):
+        bad = [i for i, v in enumerate(value) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise SuiteError(f"{where}: item {bad[0]} is not a non-empty string")
+        return [(v.strip(), -1) for v in value]
+    raise SuiteError(f"{where}: expected a prompt file or a list of prompts, got {type(value).__name__}")
+
+
+def _seeded(rows: list[tuple[str, int]], base_seed: int, limit: int) -> list[tuple[str, int]]:
+    rows = rows[:limit] if limit else rows
+    return [(p, s if s >= 0 else base_seed + i) for i, (p, s) in enumerate(rows)]
+
+
+def replace_word(prompt: str, word: str, replacement: str) -> Optional[str]:
+    """``prompt`` with the whole word ``word`` replaced (case-insensitive, capitals kept); None if absent."""
+    pattern = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
+    if not pattern.search(prompt):
+        return None
+
+    def repl(m: re.Match) -> str:
+        return replacement[:1].upper() + replacement[1:] if m.group(0)[:1].isupper() else replacement
+
+    return pattern.sub(repl, prompt)
+
+
+def suite_from_mapping(spec: dict, cfg: Config, source: str, base_dir: Path) -> Suite:
+    """A suite from a parsed suite file (see the module docstring)."""
+    unknown = sorted(set(spec) - SUITE_KEYS)
+    if unknown:
+        raise SuiteError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(SUITE_KEYS))})")
+    name = str(spec.get("name") or Path(source).stem)
+    concept = str(spec.get("concept") or cfg.erase.concept)
+    limit = int(spec.get("limit", 0))
+    fmt = str(spec.get("format", "auto"))
+    seed = cfg.eval.seed
+    prompts: list[EvalPrompt] = []
+    if "prompts" in spec:
+        rows = _seeded(_prompt_list(spec["prompts"], base_dir, f"{source}: prompts", concept, fmt), seed, limit)
+        prompts += [EvalPrompt(p, s, concept, "concept", concept) for p, s in rows]
+        for word in spec.get("synonyms") or []:
+            made = [(replace_word(p, concept, word), s) for p, s in rows]
+            made = [(p, s) for p, s in made if p]
+            if not made:
+                raise SuiteError(f"{source}: synonyms: no prompt contains the concept word {concept!r} to replace "
+                                 f"with {word!r}")
+            prompts += [EvalPrompt(p, s, f"{concept} -> {word}", "concept", concept) for p, s in made]
+    for key, role in (("paraphrases", "concept"), ("preservation", "preservation")):
+        groups = spec.get(key) or {}
+        if not isinstance(groups, dict):
+            raise SuiteError(f"{source}: {key}: expected a mapping group -> prompt file or list")
+        for group, value in groups.items():
+            judged_on = concept if role == "concept" else str(group)
+            rows = _seeded(_prompt_list(value, base_dir, f"{source}: {key}.{group}", judged_on), seed, limit)
+            prompts += [EvalPrompt(p, s, str(group), role, judged_on) for p, s in rows]
+    for key, role in (("unrelated", "unrelated"), ("captions", "caption")):
+        if key in spec:
+            rows = _seeded(_prompt_list(spec[key], base_dir, f"{source}: {key}", concept, fmt), seed, limit)
+            prompts += [EvalPrompt(p, s, key, role) for p, s in rows]
+    classifier = spec.get("classifier") or {}
+    if not isinstance(classifier, dict):
+        raise SuiteError(f"{source}: classifier: expected a mapping of eval.classifier keys")
+    if not prompts:
+        raise SuiteError(f"{source}: the suite has no prompts (give prompts, paraphrases, preservation, unrelated "
+                         "or captions)")
+    return Suite(name, prompts, source, concept, dict(classifier))
+
+
+def suite_from_prompt_file(path: Path, cfg: Config) -> Suite:
+    """A prompt file alone: one concept group (a COCO CSV: captions)."""
+    rows = _seeded(_prompt_list(str(path), Path("."), str(path), cfg.erase.concept), cfg.eval.seed, 0)
+    if not rows:
+        raise SuiteError(f"{path}: the file has no prompts")
+    pairs = [] if path.suffix.lower() == ".txt" else read_pairs(path, concept=cfg.erase.concept)[:1]
+    if pairs and pairs[0].source.startswith("coco:"):
+        return Suite(path.stem, [EvalPrompt(p, s, "captions", "caption") for p, s in rows], str(path))
+    concept = (pairs[0].concept if pairs else "") or cfg.erase.concept
+    return Suite(path.stem, [EvalPrompt(p, s, concept, "concept", concept) for p, s in rows], str(path), concept)
+
+
+def coco_suite(cfg: Config) -> Suite:
+    """The first ``eval.coco_size`` captions of the COCO-30k CSV, for FID and CLIP score."""
+    if not cfg.eval.coco_prompts:
+        raise SuiteError("suite coco: set eval.coco_prompts to the COCO-30k caption CSV "
+                         "(columns image_id, prompt, evaluation_seed)")
+    try:
+        pairs = read_pairs(cfg.eval.coco_prompts, format="coco")
+    except PairReadError as e:
+        raise SuiteError(f"suite coco: {e}") from None
+    rows = _seeded([(p.target, p.seed) for p in pairs], cfg.eval.seed, cfg.eval.coco_size)
+    if not rows:
+        raise SuiteError(f"suite coco: {cfg.eval.coco_prompts} has no captions")
+    return Suite(f"coco-{len(rows)}", [EvalPrompt(p, s, "captions", "caption") for p, s in rows],
+                 cfg.eval.coco_prompts)
+
+
+def load_suite(spec: str, cfg: Config) -> Suite:
+    """One suite from a ``--suite`` value: a file, ``coco``, ``world[:concept]`` or ``module:function[:arg]``."""
+    if spec == "coco":
+        return coco_suite(cfg)
+    path = Path(spec)
+    if path.exists():
+        if path.suffix.lower() in (".yaml", ".yml") or (path.suffix.lower() == ".json" and _is_mapping(path)):
+            return suite_from_mapping(read_file(path), cfg, str(path), path.parent)
+        return suite_from_prompt_file(path, cfg)
+    head, _, arg = spec.partition(":")
+    if head in BUILTIN_PLUGINS:
+        target, arg = BUILTIN_PLUGINS[head], arg
+    elif ":" in spec and not spec.endswith((".json", ".csv", ".yaml", ".yml", ".txt")):
+        module_name, _, rest = spec.partition(":")
+        attr, _, arg = rest.partition(":")
+        target = f"{module_name}:{attr}"
+    else:
+        raise SuiteError(f"suite {spec!r}: no such file, and not coco, world[:concept] or module:function")
+    module_name, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise SuiteError(f"suite {spec!r}: cannot import {target}: {e}") from None
+    suite = fn(cfg, arg)
+    if not isinstance(suite, Suite) or not suite.prompts:
+        raise SuiteError(f"suite {spec!r}: {target} returned no prompts")
+    return suite
+
+
+def _is_mapping(path: Path) -> bool:
+    return path.read_text(encoding="utf-8-sig", errors="replace").lstrip().startswith("{")
+
+
+def load_suites(specs: Sequence[Union[str, Suite]], cfg: Config) -> list[Suite]:
+    """Every suite; two suites of one name are an error (they would share report rows)."""
+    if not specs:
+        raise SuiteError("no suites: pass --suite FILE|coco|world (repeatable) or set eval.suites")
+    suites = [s if isinstance(s, Suite) else load_suite(s, cfg) for s in specs]
+    names = [s.name for s in suites]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SuiteError(f"two suites are named {', '.join(dup)}; give each suite file its own name")
+    for s in suites:
+        bad = sorted({p.role for p in s.prompts} - set(ROLES))
+        if bad:
+            raise SuiteError(f"suite {s.name}: unknown role(s) {', '.join(bad)} (roles: {', '.join(ROLES)})")
+    return suites

@@ -1,0 +1,78 @@
+"""The planted-concept world as an eval suite (``ear-dist eval --suite world[:concept]``).
+
+Held-out sentence templates and the synonyms, none of which appear in a training pair:
+
+- concept groups: ``held-out sentences (<word>)`` for each word of an object concept
+  ("church", "chapel", "cathedral"), or ``held-out sentences`` for a style;
+- preservation groups: the other objects' own prompts without style (for a style: the
+  other style and three objects), each judged on its own concept;
+- ``unrelated``: prompts of the other objects, whose image-code histogram should not move.
+
+Images are judged on their tokens by the world's calibrated classifier and drawn in the
+world's colours. Seeds are fixed per group (``stream * 100000 + i``), so the demo and
+``ear-dist eval`` sample the very same images.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ear_dist.config import Config
+from ear_dist.eval.suites import EvalPrompt, Suite, SuiteError
+from ear_dist.world.colour import grid_to_image
+from ear_dist.world.grammar import OBJECTS, STYLES
+from ear_dist.world.world import World
+
+EVAL_STREAM = 101
+UNRELATED = "unrelated"
+
+
+def world_groups(concept: str) -> tuple[dict, dict, dict]:
+    """(concept groups, preservation groups, unrelated sampling) as ``World.sample`` keyword arguments."""
+    if concept in OBJECTS:
+        groups = {f"held-out sentences ({w})": dict(objects=[concept], object_words=[w]) for w in OBJECTS[concept]}
+        others = {o: dict(objects=[o], styles=[None]) for o in OBJECTS if o != concept}
+        unrelated = dict(objects=[o for o in OBJECTS if o != concept])
+    elif concept in STYLES:
+        groups = {"held-out sentences": dict(styles=[concept])}
+        others = {s: dict(styles=[s]) for s in STYLES if s != concept}
+        others.update({o: dict(objects=[o], styles=[None]) for o in list(OBJECTS)[:3]})
+        unrelated = dict(styles=[None])
+    else:
+        raise SuiteError(f"suite world:{concept}: the world's concepts are {', '.join(list(OBJECTS) + list(STYLES))}")
+    return groups, others, unrelated
+
+
+def world_suite(cfg: Config, concept: str = "", world: Optional[World] = None) -> Suite:
+    """The world suite for ``concept`` (default ``erase.concept``), ``eval.world_prompts`` prompts per group."""
+    concept = (concept or cfg.erase.concept).strip().lower()
+    world = world or World(cfg.world)
+    n = cfg.eval.world_prompts
+    groups, others, unrelated = world_groups(concept)
+    prompts: list[EvalPrompt] = []
+
+    def add(stream: int, group: str, role: str, judged_on: str, kw: dict) -> None:
+        batch = world.sample(n, split="heldout", stream=stream, **kw)
+        prompts.extend(EvalPrompt(p, stream * 100000 + i, group, role, judged_on) for i, p in enumerate(batch.prompts))
+
+    for g, (name, kw) in enumerate(groups.items()):
+        add(EVAL_STREAM + g, name, "concept", concept, kw)
+    for g, (other, kw) in enumerate(others.items()):
+        add(EVAL_STREAM + 50 + g, other, "preservation", other, kw)
+    add(EVAL_STREAM + 99, UNRELATED, "unrelated", "", unrelated)
+
+    def classify_tokens(tokens: np.ndarray, concepts) -> list[bool]:
+        shown = world.classify(tokens)
+        return [bool(shown[c][i]) for i, c in enumerate(concepts)]
+
+    def render(tokens: np.ndarray) -> np.ndarray:
+        return np.stack([np.asarray(grid_to_image(t, world.layout, world.config.grid_side).convert("RGB"))
+                         for t in tokens])
+
+    info = {"classifier": "world", "model": f"calibrated token-grid classifier of world {world.config_hash}",
+            "thresholds": {c: round(t, 4) for c, t in world.classifier.thresholds.items()}}
+    return Suite(f"world-{concept.replace(' ', '-')}", prompts, f"world {world.config_hash}", concept,
+                 classify_tokens=classify_tokens, render=render, render_id=f"world-colours:{world.config_hash}",
+                 classifier_info=info)
