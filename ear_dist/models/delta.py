@@ -45,20 +45,29 @@ def save_delta(path: Union[str, Path], tensors: dict[str, torch.Tensor], base_fi
 
 def load_delta(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a delta -> (tensors, metadata with concepts/config decoded)."""
+    meta = delta_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, meta
+
+
+def delta_metadata(path: Union[str, Path]) -> dict:
+    """A delta's metadata (concepts/config decoded, ``tensors``: how many it holds) without reading the tensors."""
     path = Path(path)
     if not path.is_file():
         raise DeltaError(f"delta file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            count = len(list(f.keys()))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise DeltaError(f"{path}: not a readable safetensors file ({e})") from e
     if meta.get("format") != FORMAT:
         raise DeltaError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
     for key in ("concepts", "config", "extra"):
         meta[key] = json.loads(meta.get(key, "null"))
-    return tensors, meta
+    meta["tensors"] = count
+    return meta
 
 
 def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], weights: Optional[Sequence[float]] = None,
@@ -96,7 +105,9 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
             owners.setdefault(name, []).append(str(d))
     with torch.no_grad():
         for name, diff in changes.items():
-            params[name].add_(diff.to(params[name].dtype))
+            # summed in float32 and rounded once: a bfloat16 base plus one delta trained from it
+            # gives the delta's own values exactly
+            params[name].copy_(params[name].float() + diff)
     overlaps = {n: o for n, o in owners.items() if len(o) > 1}
     return {"tensors": len(changes), "concepts": concepts, "overlaps": overlaps}
 
