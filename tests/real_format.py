@@ -108,3 +108,15 @@ def save_real_format_checkpoint(path, seed: int = 0, **config_overrides) -> Path
     tc["tokenizer_class"] = "LlamaTokenizerFast"
     tc_file.write_text(json.dumps(tc, indent=2, ensure_ascii=False))
     return out
+
+
+def break_tokenizer_like_sentencepiece(directory) -> None:
+    """Rewrite ``tokenizer.json`` as a LlamaTokenizer of transformers 5.0-5.21 loads a byte-level one:
+    a SentencePiece (Metaspace) pre-tokenizer and decoder over the byte-level vocabulary, so spaces are lost."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+
+    path = Path(directory) / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.save(str(path))

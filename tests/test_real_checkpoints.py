@@ -16,7 +16,7 @@ from transformers import JanusForConditionalGeneration, JanusProcessor
 from ear_dist.cli import main
 from ear_dist.models.delta import DeltaError, apply_deltas
 from ear_dist.models.janus import ModelLoadError, load_janus, model_fingerprint, save_tiny_checkpoint
-from tests.real_format import BOI, save_real_format_checkpoint
+from tests.real_format import BOI, break_tokenizer_like_sentencepiece, save_real_format_checkpoint
 
 PAIRS = [
     {"original_prompt": "a photo of a church", "modified_prompt": "a photo of a barn", "concept": "church"},
@@ -77,19 +77,9 @@ def test_prompts_encode_as_janus_processor_encodes_them(real_model):
     assert bundle.tokenizer.convert_ids_to_tokens(ids[0, -1].item()) == BOI
 
 
-def _break_tokenizer_like_sentencepiece(directory):
-    """What a LlamaTokenizer of transformers 5.0-5.21 makes of a byte-level tokenizer: Metaspace, spaces lost."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-
-    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.save(str(directory / "tokenizer.json"))
-
-
 def test_a_tokenizer_that_drops_spaces_is_refused_with_the_fix(real_model, tmp_path):
     broken = shutil.copytree(real_model, tmp_path / "broken")
-    _break_tokenizer_like_sentencepiece(broken)
+    break_tokenizer_like_sentencepiece(broken)
     with pytest.raises(ModelLoadError, match=r"spaces or newlines are lost.*transformers>=5\.22\.0.*TokenizersBackend"):
         load_janus(str(broken), device="cpu")
 

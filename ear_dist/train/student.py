@@ -85,7 +85,7 @@ def build_student(cfg: Config, rt, bundle, trainable: list[str], share_frozen: b
     if cfg.dist.deepspeed_config == "none":
         if rt.dp_world > 1:
             raise ConfigError("dist.deepspeed_config: several student ranks need a DeepSpeed config "
-                              "(e.g. ds_configs/zero2.json)")
+                              "(e.g. dist.deepspeed_config=zero2)")
         module = _local_student(bundle.model, trainable, share_frozen)
         params = [p for p in module.parameters() if p.requires_grad]
         if any(p.dtype != torch.float32 for p in params):  # bf16/fp16: float32 masters, as DeepSpeed keeps
