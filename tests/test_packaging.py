@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "runs", "build", "dist", "*.egg-info", "__pycache__",
                                 ".pytest_cache", ".cache")
@@ -27,6 +25,19 @@ def _run(cmd, cwd, env, timeout=300):
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{cmd}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res
+
+
+def test_deepspeed_configs_resolve_by_name_and_unknown_names_list_the_choices(tmp_path, monkeypatch):
+    from ear_dist.config import ConfigError
+    from ear_dist.distributed.deepspeed_engine import DS_CONFIG_DIR, resolve_ds_config
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_ds_config("zero2") == DS_CONFIG_DIR / "zero2.json"
+    assert resolve_ds_config("zero3_offload.json") == DS_CONFIG_DIR / "zero3_offload.json"
+    (tmp_path / "zero2.json").write_text("{}")  # a file of the user's wins over the packaged name
+    assert resolve_ds_config("zero2.json").resolve() == (tmp_path / "zero2.json").resolve()
+    with pytest.raises(ConfigError, match="'zero9' is neither a file nor a packaged config .*zero1, zero2, zero3"):
+        resolve_ds_config("zero9")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +59,7 @@ def installed(tmp_path_factory):
     return python, venv / "bin" / "ear-dist", venv, env
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_templates_deepspeed_configs_examples_and_launch(installed, tmp_path):
     python, _, venv, env = installed
     code = ("import ear_dist, launch, json;"
@@ -64,6 +76,7 @@ def test_the_wheel_carries_templates_deepspeed_configs_examples_and_launch(insta
     assert files[4] == ["church", "nudity", "van_gogh"]
 
 
+@pytest.mark.slow
 def test_an_installed_ear_dist_renders_a_job_outside_the_checkout(installed, tmp_path):
     python, ear_dist, venv, env = installed
     (tmp_path / "pairs.json").write_text('[{"original_prompt": "a church", "modified_prompt": "a barn"}]')

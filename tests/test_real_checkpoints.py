@@ -169,3 +169,23 @@ def test_a_delta_from_other_weights_is_refused(real_model, tmp_path):
     with pytest.raises(DeltaError, match="trained from base model .* fingerprint"):
         apply_deltas(model, [tmp_path / "run" / "delta.safetensors"])
 
+
+
+def test_merge_auto_keeps_a_bf16_base_in_bf16(real_model, tmp_path):
+    """A delta trained on the float32 copy merges into the bfloat16 copy (same fingerprint), which stays bf16."""
+    (tmp_path / "pairs.json").write_text(json.dumps(PAIRS))
+    assert main(["erase", "--no-progress", "--set", f"model.path={real_model}", "--set", f"data.pairs={tmp_path}/pairs.json",
+                 "--set", f"train.out_dir={tmp_path}/run", "--set", "train.steps=1", "--set", "erase.window_len=4",
+                 "--set", "erase.loss_threshold=0", "--set", "optim.lr=1e-2"]) == 0
+    bf16 = tmp_path / "bf16"
+    load_janus(str(real_model), device="cpu", dtype="bfloat16").model.save_pretrained(bf16)
+    for f in real_model.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, bf16 / f.name)
+    assert main(["merge", "--base", str(bf16), "--delta", f"{tmp_path}/run/delta.safetensors",
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    trained = load_file(tmp_path / "run" / "delta.safetensors")
+    for name, value in trained.items():  # float32 training rounded once into the bf16 base
+        assert torch.equal(merged[name], value.to(torch.bfloat16)), name

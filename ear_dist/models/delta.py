@@ -100,14 +100,14 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
             base = params[name]
             if tuple(t.shape) != tuple(base.shape):
                 raise DeltaError(f"{d}: tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(base.shape)}")
-            diff = (t.to(base.device, torch.float32) - base.detach().float()) * w
+            diff = (t.to(base.device, torch.float64) - base.detach().double()) * w
             changes[name] = changes[name] + diff if name in changes else diff
             owners.setdefault(name, []).append(str(d))
     with torch.no_grad():
         for name, diff in changes.items():
-            # summed in float32 and rounded once: a bfloat16 base plus one delta trained from it
-            # gives the delta's own values exactly
-            params[name].copy_(params[name].float() + diff)
+            # float64 holds base + (delta - base) exactly for float32/bf16 tensors, so one delta
+            # merged into its base gives the delta's values rounded once to the base's dtype
+            params[name].copy_(params[name].double() + diff)
     overlaps = {n: o for n, o in owners.items() if len(o) > 1}
     return {"tensors": len(changes), "concepts": concepts, "overlaps": overlaps}
 
