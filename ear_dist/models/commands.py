@@ -111,7 +111,7 @@ def run_merge_cmd(args) -> int:
     for name, owners in result["overlaps"].items():
         print(f"note: {name} is changed by {len(owners)} deltas; their changes are summed")
     print(f"merged {len(args.delta)} delta(s) ({result['tensors']} tensors, concepts {result['concepts']}) "
-          f"into {args.out} ({result['dtype']}, with the base's tokenizer/processor files and a model card)")
+          f"into {args.out} ({result['dtype']}, {result['copied']} non-weight files of the base, model card README.md)")
     return 0
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ear_dist.models.janus import ModelLoadError, load_janus
+from ear_dist.models.janus import ModelLoadError, is_original_format, load_janus, read_config_json
 from ear_dist.models.merge import replace_dir
 
 CONVERTER_MODULE = "transformers.models.janus.convert_janus_weights_to_hf"
@@ -34,11 +33,6 @@ CONVERTER_IN_REPOSITORY = "src/transformers/models/janus/convert_janus_weights_t
 
 class ConvertError(ValueError):
     """A conversion that cannot run or whose result does not load; the message says what to do."""
-
-
-def is_original_format(raw_config: dict) -> bool:
-    """Whether a config.json is DeepSeek's original Janus format (not transformers')."""
-    return raw_config.get("model_type") == "multi_modality" or {"language_config", "gen_head_config"} <= set(raw_config)
 
 
 def find_converter(path: Optional[str] = None):
@@ -71,17 +65,11 @@ def find_converter(path: Optional[str] = None):
 def convert(source, out, converter: Optional[str] = None) -> Path:
     """Convert the original-format checkpoint in ``source`` into a transformers-format directory ``out``."""
     src = Path(source)
-    cfg_file = src / "config.json"
-    if not cfg_file.is_file():
-        raise ConvertError(f"--from {src}: no config.json; expected a local copy of deepseek-ai/Janus-Pro-*")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{cfg_file}: invalid JSON ({e})") from e
+    raw = read_config_json(src)
     if raw.get("model_type") == "janus":
         raise ConvertError(f"{src} is already in the transformers format (model_type 'janus'); use it as model.path")
     if not is_original_format(raw):
-        raise ConvertError(f"{cfg_file}: model_type {raw.get('model_type')!r} is not the original Janus format "
+        raise ConvertError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not the original Janus format "
                            "('multi_modality' with language_config and gen_head_config)")
     if not any(src.glob("pytorch_model*.bin")):
         raise ConvertError(f"{src}: no pytorch_model*.bin weights (the original repositories ship them)")

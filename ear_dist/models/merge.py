@@ -94,10 +94,11 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     base_dir = Path(base)
+    copied = non_weight_files(base_dir) if base_dir.is_dir() else []
     if base_dir.is_dir():
         tmp.mkdir(parents=True)
         bundle.model.save_pretrained(tmp, safe_serialization=True)
-        for rel in non_weight_files(base_dir):
+        for rel in copied:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(base_dir / rel, tmp / rel)
     else:  # a preset has no files: write ours (tokenizer, prompt format)
@@ -107,7 +108,7 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
                       resolved, report_data)
     card.save(str(tmp / "README.md"))
     replace_dir(tmp, out)
-    return {**applied, "dtype": resolved, "warnings": warnings, "out": str(out)}
+    return {**applied, "dtype": resolved, "warnings": warnings, "out": str(out), "copied": len(copied)}
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
