@@ -91,7 +91,8 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
         if check_base and meta["base_fingerprint"] != fp:
             raise DeltaError(
                 f"{d}: trained from base model {meta['base_model']} (fingerprint {meta['base_fingerprint']}), "
-                f"but the model given has fingerprint {fp}; load the base model the delta was made from"
+                f"but the model given has fingerprint {fp}; load the base model the delta was made from (its path "
+                "and dtype do not matter, except that a float16 load of a float32 checkpoint changes the weights)"
             )
         concepts += meta["concepts"]
         for name, t in tensors.items():

@@ -58,7 +58,6 @@ class Student:
     module: torch.nn.Module
     updater: object  # Updater (MasterWeightUpdater for bf16/fp16), or DeepSpeedUpdater under ZeRO
     trainable: list[str]
-    optimizer: Optional[torch.optim.Optimizer] = None  # one process only (over the float32 masters in bf16/fp16)
     engine: Optional[object] = None  # the DeepSpeed engine
     zero_stage: Optional[int] = None  # None: no DeepSpeed
 
@@ -92,7 +91,7 @@ def build_student(cfg: Config, rt, bundle, trainable: list[str], share_frozen: b
             updater = MasterWeightUpdater(params, lambda masters: build_optimizer(masters, cfg.optim))
         else:
             updater = Updater(build_optimizer(params, cfg.optim))
-        return Student(module, updater, trainable, optimizer=updater.optimizer)
+        return Student(module, updater, trainable)
 
     from ear_dist.distributed.deepspeed_engine import (
         DeepSpeedUpdater, initialize_engine, load_ds_config, load_partitioned_model, prepare_deepspeed, zero_stage)
