@@ -8,12 +8,19 @@ setup(
     version="0.1.0",
     description="Distributed concept erasure for autoregressive text-to-image models",
     packages=find_packages(include=["ear_dist", "ear_dist.*", "launch", "launch.*"]),
-    # the example configs `--config church` resolves to; without this a wheel would lack them
-    package_data={"ear_dist.config": ["examples/*.yaml"]},
+    # data files a non-editable install needs: the example configs (`--config church`), the
+    # DeepSpeed configs (`dist.deepspeed_config=zero2`) and the sbatch templates (`ear-dist submit`)
+    package_data={
+        "ear_dist.config": ["examples/*.yaml"],
+        "ear_dist.distributed": ["ds_configs/*.json"],
+        "ear_dist.slurm": ["templates/*.sbatch", "templates/common/*.sh"],
+    },
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<=2.14.1",
-        "transformers>=5.0,<6",
+        # 5.22.0: the first release that loads Janus-Pro's byte-level tokenizer (declared as
+        # LlamaTokenizerFast) without dropping spaces and newlines in every load route
+        "transformers>=5.22,<6",
         "accelerate>=1.0",
         "safetensors>=0.4",
         "pyyaml>=6",

@@ -270,7 +270,8 @@ class TrainConfig:
 class DistConfig:
     """Processes: DeepSpeed, where the teacher runs, the process-group backend."""
 
-    deepspeed_config: str = setting("none", "none, or a path to a DeepSpeed JSON config (see ds_configs/)")
+    deepspeed_config: str = setting(
+        "none", "none, a packaged config by name (zero1, zero2, zero3, zero3_offload), or a path to a DeepSpeed JSON file")
     teacher_placement: Literal["colocated", "dedicated", "offline"] = setting(
         "colocated", "colocated: every rank runs its own teacher; dedicated: teacher ranks serve the students; "
                      "offline: targets precomputed by `ear-dist teacher precompute`")

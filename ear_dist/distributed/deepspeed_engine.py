@@ -6,8 +6,10 @@ optimizer is the config's torch optimizer passed as DeepSpeed's client optimizer
 op compilation on CPU). For ZeRO-3 the student is built through transformers'
 HfDeepSpeedConfig so that ``from_pretrained`` partitions it as it loads.
 
-Values ``"auto"`` in a ds_configs/ file are filled from the config tree (batch size,
-bf16 by model dtype), the same convention as transformers' Trainer.
+``dist.deepspeed_config`` is a JSON file or the name of one shipped in ``ds_configs/``
+beside this module (zero1, zero2, zero3, zero3_offload), so an installed package resolves
+``zero2`` from any directory. Values ``"auto"`` in such a file are filled from the config
+tree (batch size, bf16 by model dtype), the same convention as transformers' Trainer.
 """
 
 from __future__ import annotations
@@ -35,11 +37,29 @@ def prepare_deepspeed(device: torch.device) -> None:
             deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+DS_CONFIG_DIR = Path(__file__).parent / "ds_configs"
+
+
+def packaged_ds_configs() -> dict[str, Path]:
+    """The DeepSpeed configs shipped with ear-dist, by name."""
+    return {p.stem: p for p in sorted(DS_CONFIG_DIR.glob("*.json"))}
+
+
+def resolve_ds_config(value: str) -> Path:
+    """``dist.deepspeed_config`` as a file: an existing path, else a packaged config's name (``zero2``)."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    packaged = packaged_ds_configs()
+    if value.removesuffix(".json") in packaged and path.parent == Path("."):
+        return packaged[value.removesuffix(".json")]
+    raise ConfigError(f"dist.deepspeed_config: {value!r} is neither a file nor a packaged config "
+                      f"({', '.join(packaged)})")
+
+
 def load_ds_config(cfg: Config, per_rank_pairs: int, dtype: torch.dtype) -> dict:
     """Read ``dist.deepspeed_config`` and fill its "auto" values; errors name the file and key."""
-    path = Path(cfg.dist.deepspeed_config)
-    if not path.is_file():
-        raise ConfigError(f"dist.deepspeed_config: file not found: {path}")
+    path = resolve_ds_config(cfg.dist.deepspeed_config)
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:

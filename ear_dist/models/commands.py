@@ -1,4 +1,5 @@
-"""``ear-dist generate`` (prompts -> image tokens -> PNGs and a grid) and ``ear-dist merge`` (deltas -> a full model)."""
+"""``ear-dist generate`` (prompts -> image tokens -> PNGs and a grid), ``ear-dist merge`` (deltas -> a full
+model) and ``ear-dist convert`` (an original-format Janus-Pro -> the transformers format)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,28 @@ def register(sub) -> None:
     m.add_argument("--delta", action="append", required=True, help="delta file (repeatable)")
     m.add_argument("--weight", action="append", type=float, default=None,
                    help="weight per delta (repeatable, same order; default 1.0 each)")
-    m.add_argument("--out", required=True, help="output directory (loads with from_pretrained)")
+    m.add_argument("--out", required=True, help="output directory (loads with from_pretrained); replaced if it exists")
+    m.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="dtype of the merged weights; auto (default) = the dtype the base checkpoint stores")
+    m.add_argument("--eval-report", default=None, metavar="REPORT_JSON",
+                   help="report.json of `ear-dist eval`: its results go into the model card")
+    m.add_argument("--base-model-id", default="",
+                   help="the base's Hugging Face id for the model card, e.g. deepseek-community/Janus-Pro-7B")
     m.add_argument("--no-base-check", action="store_true", help="skip the base-model fingerprint check")
     m.add_argument("--conflicts", choices=["warn", "error", "sum"], default="warn",
                    help="two deltas whose changes to shared tensors point in opposite directions (cosine < 0): "
                         "warn (default), error (refuse to merge), sum (compose silently)")
     m.set_defaults(func=run_merge_cmd)
+
+    c = sub.add_parser("convert", help="turn an original-format Janus-Pro checkpoint (deepseek-ai/Janus-Pro-*) "
+                                       "into the transformers format, with transformers' own converter")
+    c.add_argument("--from", dest="source", required=True, metavar="DIR_ORIGINAL",
+                   help="a local copy of an original repository (config.json with language_config, "
+                        "pytorch_model*.bin, tokenizer files)")
+    c.add_argument("--out", required=True, metavar="DIR_HF", help="where to write the transformers-format model")
+    c.add_argument("--converter", default=None, metavar="FILE",
+                   help="transformers' convert_janus_weights_to_hf.py, when the installed transformers lacks it")
+    c.set_defaults(func=run_convert_cmd)
 
 
 def _slug(text: str) -> str:
@@ -89,23 +106,23 @@ def run_generate(args) -> int:
 
 
 def run_merge_cmd(args) -> int:
-    from ear_dist.models.janus import load_janus, save_janus
-    from ear_dist.models.delta import apply_deltas, compare_changes
+    from ear_dist.models.merge import merge
 
-    bundle = load_janus(args.base, device="cpu", dtype="float32")
-    if len(args.delta) > 1 and args.conflicts != "sum":
-        base_state = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
-        for pair in compare_changes(base_state, args.delta):
-            if pair.shared_tensors and pair.cosine < 0:
-                msg = (f"{pair.first} and {pair.second} change {pair.shared_tensors} shared tensors in opposite "
-                       f"directions (cosine {pair.cosine:.3f}); their sum erases each concept less than alone")
-                if args.conflicts == "error":
-                    raise ValueError(msg + " (use --conflicts warn or sum to merge anyway)")
-                print(f"warning: {msg}")
-    report = apply_deltas(bundle.model, args.delta, args.weight, check_base=not args.no_base_check)
-    for name, owners in report["overlaps"].items():
+    result = merge(args.base, args.delta, args.out, weights=args.weight, dtype=args.dtype,
+                   check_base=not args.no_base_check, conflicts=args.conflicts, eval_report=args.eval_report,
+                   base_model_id=args.base_model_id)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+    for name, owners in result["overlaps"].items():
         print(f"note: {name} is changed by {len(owners)} deltas; their changes are summed")
-    save_janus(bundle, args.out)
-    print(f"merged {len(args.delta)} delta(s) ({report['tensors']} tensors, concepts {report['concepts']}) "
-          f"into {args.out}")
+    print(f"merged {len(args.delta)} delta(s) ({result['tensors']} tensors, concepts {result['concepts']}) "
+          f"into {args.out} ({result['dtype']}, {result['copied']} non-weight files of the base, model card README.md)")
+    return 0
+
+
+def run_convert_cmd(args) -> int:
+    from ear_dist.models.convert import convert
+
+    out = convert(args.source, args.out, converter=args.converter)
+    print(f"converted {args.source} into {out}; train with --set model.path={out}")
     return 0

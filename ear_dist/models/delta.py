@@ -45,33 +45,38 @@ def save_delta(path: Union[str, Path], tensors: dict[str, torch.Tensor], base_fi
     return path
 
 
-def _read(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors or {}, raw metadata) of a delta file, its format checked."""
+def load_delta(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a delta -> (tensors, metadata with concepts/config decoded)."""
+    meta = delta_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, meta
+
+
+def delta_metadata(path: Union[str, Path]) -> dict:
+    """A delta's metadata (concepts/config decoded, ``tensors``: how many it holds) without reading the tensors."""
+    path = Path(path)
     if not path.is_file():
         raise DeltaError(f"delta file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+            count = len(list(f.keys()))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise DeltaError(f"{path}: not a readable safetensors file ({e})") from e
     if meta.get("format") != FORMAT:
         raise DeltaError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
-    return tensors, meta
-
-
-def load_delta(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a delta -> (tensors, metadata with concepts/config decoded)."""
-    tensors, meta = _read(Path(path), with_tensors=True)
     for key in ("concepts", "config", "extra"):
         meta[key] = json.loads(meta.get(key, "null"))
-    return tensors, meta
+    meta["tensors"] = count
+    return meta
 
 
 def _other_base(path: Union[str, Path], meta: dict, fingerprint: str) -> DeltaError:
     return DeltaError(
         f"{path}: trained from base model {meta.get('base_model')} (fingerprint {meta.get('base_fingerprint')}), "
-        f"but the model given has fingerprint {fingerprint}; load the base model the delta was made from")
+        f"but the model given has fingerprint {fingerprint}; load the base model the delta was made from (its path "
+        "and dtype do not matter, except that a float16 load of a float32 checkpoint changes the weights)")
 
 
 def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], weights: Optional[Sequence[float]] = None,
@@ -101,12 +106,14 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
             base = params[name]
             if tuple(t.shape) != tuple(base.shape):
                 raise DeltaError(f"{d}: tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(base.shape)}")
-            diff = (t.to(base.device, torch.float32) - base.detach().float()) * w
+            diff = (t.to(base.device, torch.float64) - base.detach().double()) * w
             changes[name] = changes[name] + diff if name in changes else diff
             owners.setdefault(name, []).append(str(d))
     with torch.no_grad():
         for name, diff in changes.items():
-            params[name].add_(diff.to(params[name].dtype))
+            # float64 holds base + (delta - base) exactly for float32/bf16 tensors, so one delta
+            # merged into its base gives the delta's values rounded once to the base's dtype
+            params[name].copy_(params[name].double() + diff)
     overlaps = {n: o for n, o in owners.items() if len(o) > 1}
     return {"tensors": len(changes), "concepts": concepts, "overlaps": overlaps}
 
@@ -120,7 +127,7 @@ def check_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]]) -> 
     metas = []
     for d in deltas:
         path = Path(d)
-        _, meta = _read(path, with_tensors=False)
+        meta = delta_metadata(path)
         if meta.get("base_fingerprint") != fp:
             raise _other_base(path, meta, fp)
         metas.append(meta)

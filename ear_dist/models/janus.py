@@ -152,6 +152,22 @@ def save_tiny_checkpoint(path: Union[str, Path], seed: int = 0, **config_overrid
     return save_janus(bundle, path)
 
 
+def read_config_json(root: Path) -> dict:
+    """``root/config.json`` as a dict; a missing or unreadable file is a ModelLoadError naming it."""
+    cfg_file = root / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{root}: no config.json; expected a Hugging Face model directory")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file}: invalid JSON ({e})") from e
+
+
+def is_original_format(raw_config: dict) -> bool:
+    """Whether a config.json is DeepSeek's original Janus format (deepseek-ai/Janus-Pro-*), not transformers'."""
+    return raw_config.get("model_type") == "multi_modality" or {"language_config", "gen_head_config"} <= set(raw_config)
+
+
 def load_janus(
     path_or_preset: str, device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
     seed: int = 0,
@@ -170,17 +186,17 @@ def load_janus(
         raise ModelLoadError(
             f"model path {root} does not exist (and is not a preset: {', '.join(PRESETS)})"
         )
+    raw = read_config_json(root)
     cfg_file = root / "config.json"
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"{root}: no config.json; expected a Hugging Face model directory")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{cfg_file}: invalid JSON ({e})") from e
     if raw.get("model_type") != "janus":
+        hint = ""
+        if is_original_format(raw):
+            hint = (f"; this is DeepSeek's original Janus format (deepseek-ai/Janus-Pro-*). Convert it with "
+                    f"`ear-dist convert --from {root} --out {root}-hf`, or use the transformers-format copy "
+                    "(deepseek-community/Janus-Pro-1B or -7B)")
         raise ModelLoadError(
             f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 'janus' (JanusForConditionalGeneration)"
-        )
+            + hint)
     if not any(root.glob("*.safetensors")):
         raise ModelLoadError(f"{root}: no *.safetensors weights found")
     try:
@@ -204,8 +220,60 @@ def load_janus(
         fmt = PromptFormat(**json.loads(fmt_file.read_text()))
     else:
         fmt = _janus_pro_format(tokenizer, model.config, root)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, fmt, model, root)
     _set_generation_defaults(model, fmt)
     return JanusBundle(model, tokenizer, fmt, str(root))
+
+
+# A prompt whose words must come back with their spaces; the Janus-Pro template adds
+# the newlines ("\n\n" before "<|Assistant|>:").
+TOKENIZER_PROBE = "a photo of a church at night"
+# The first transformers release that loads a byte-level tokenizer.json declared as
+# LlamaTokenizerFast (how Janus-Pro ships) as byte-level; earlier 5.x releases put a
+# SentencePiece pre-tokenizer in front of it, which drops every space and newline.
+TRANSFORMERS_BYTE_LEVEL_FIX = "5.22.0"
+
+
+def check_tokenizer(tokenizer, fmt: PromptFormat, model: JanusForConditionalGeneration, root: Path) -> None:
+    """Refuse a tokenizer that would silently feed the model other text than the prompt.
+
+    Encodes the prompt template around a probe and checks: BOS first (once), the text
+    decodes back exactly (spaces and newlines survive), the prompt ends in
+    begin-of-image, and BOS, pad and begin-of-image ids agree with the model's config
+    and generation config. Errors name the directory, what came back, and the fix.
+    """
+    import transformers
+
+    text = fmt.template.format(prompt=TOKENIZER_PROBE)
+    ids = list(tokenizer(text)["input_ids"])
+    where = f"{root}: tokenizer check"
+    if not ids or ids[0] != fmt.bos_token_id or fmt.bos_token_id in ids[1:]:
+        raise ModelLoadError(
+            f"{where}: {text!r} encodes to ids starting {ids[:4]}, expected BOS id {fmt.bos_token_id} first and once; "
+            "the tokenizer must add BOS itself (its post-processor or add_bos_token in tokenizer_config.json)")
+    decoded = tokenizer.decode(ids[1:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if decoded != text:
+        raise ModelLoadError(
+            f"{where}: {text!r} decodes back as {decoded!r}, so spaces or newlines are lost and the model would "
+            f"see other text than the prompt. transformers {transformers.__version__} loaded it as "
+            f"{type(tokenizer).__name__}; byte-level tokenizers declared as LlamaTokenizerFast (as Janus-Pro's is) "
+            f"load correctly from transformers {TRANSFORMERS_BYTE_LEVEL_FIX} on: pip install "
+            f"'transformers>={TRANSFORMERS_BYTE_LEVEL_FIX},<6', or set \"tokenizer_class\": \"TokenizersBackend\" "
+            f"in {root / 'tokenizer_config.json'}")
+    if ids[-1] != fmt.boi_token_id:
+        raise ModelLoadError(f"{where}: the prompt ends in id {ids[-1]}, expected begin-of-image "
+                             f"({fmt.boi_token!r}, id {fmt.boi_token_id})")
+    text_cfg = model.config.text_config
+    gen_boi = (getattr(model.generation_config, "generation_kwargs", None) or {}).get("boi_token_id")
+    expected = [("BOS", fmt.bos_token_id, text_cfg.bos_token_id, "config.json text_config.bos_token_id"),
+                ("pad", fmt.pad_token_id, text_cfg.pad_token_id, "config.json text_config.pad_token_id"),
+                ("begin-of-image", fmt.boi_token_id, gen_boi,
+                 "generation_config.json generation_kwargs.boi_token_id")]
+    for name, got, want, source in expected:
+        if want is not None and got != want:
+            raise ModelLoadError(f"{where}: the tokenizer's {name} id is {got}, but {source} says {want}; "
+                                 "the tokenizer and the weights come from different checkpoints")
 
 
 def _janus_pro_format(tokenizer, config: JanusConfig, root: Path) -> PromptFormat:
@@ -219,22 +287,37 @@ def _janus_pro_format(tokenizer, config: JanusConfig, root: Path) -> PromptForma
     return PromptFormat(JANUS_PRO_TEMPLATE, "<begin_of_image>", int(pad), int(tokenizer.bos_token_id), int(boi))
 
 
-def model_fingerprint(model: torch.nn.Module, max_tensors: int = 8) -> str:
-    """A cheap identity of a base model: config plus hashes of a few fixed tensors.
+# Fingerprint samples per tensor: enough that a change to any trained tensor shows, few
+# enough that Janus-Pro-7B (1,018 tensors) is hashed in about a second at every run start.
+FINGERPRINT_SAMPLES = 256
+_FP16_MIN_NORMAL = 2.0 ** -14
+_FP16_MAX = 65504.0
 
-    Deltas record it so that applying one to a different base model is caught.
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """The identity of a base model's weights, the same however and wherever it was loaded.
+
+    Hashes every parameter's name and shape and an evenly strided sample of its values,
+    rounded to bfloat16: a float32 and a bfloat16 load of the same checkpoint round to the
+    same bits. Values outside float16's normal range are clamped (tiny ones to 0), so a
+    float16 load of a bfloat16 or float16 checkpoint (the released Janus-Pro is bfloat16)
+    agrees too; a float16 load of a float32 checkpoint rounds twice and may not.
+
+    The config is left out: its serialisation carries the load path, the dtype and the
+    transformers version, none of which change the model a delta was trained from.
+    Deltas, offline teacher directories and merges record and check it.
     """
     h = hashlib.sha256()
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-    names = sorted(n for n, _ in model.named_parameters())
-    step = max(1, len(names) // max_tensors)
-    params = dict(model.named_parameters())
-    for n in names[::step][:max_tensors]:
-        t = params[n].detach().float().flatten()[:4096].cpu()
-        h.update(n.encode())
-        h.update(t.numpy().tobytes())
+    samples = []
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        h.update(f"{name}:{tuple(param.shape)};".encode())
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+        samples.append(flat[::step][:FINGERPRINT_SAMPLES].to(torch.float32))
+    if samples:  # one conversion over all samples: ~1000 tensors at 7B cost one small copy each
+        values = torch.cat([s.to("cpu") for s in samples]).to(torch.bfloat16).float()
+        values = torch.where(values.abs() < _FP16_MIN_NORMAL, torch.zeros_like(values), values)
+        h.update(values.clamp(-_FP16_MAX, _FP16_MAX).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ear_dist.config import Config, load_config
+from ear_dist.config import Config, ConfigError, load_config
 from launch.env import run_command
 
 
@@ -165,8 +165,13 @@ def check_inputs_exist(cfg: Config) -> None:
         if cfg.model.path not in PRESETS:
             raise SlurmJobError(f"model.path: {cfg.model.path} does not exist and is not a preset "
                                 f"({', '.join(PRESETS)})")
-    if cfg.dist.deepspeed_config != "none" and not Path(cfg.dist.deepspeed_config).is_file():
-        raise SlurmJobError(f"dist.deepspeed_config: {cfg.dist.deepspeed_config} does not exist")
+    if cfg.dist.deepspeed_config != "none":
+        from ear_dist.distributed.deepspeed_engine import resolve_ds_config
+
+        try:
+            resolve_ds_config(cfg.dist.deepspeed_config)
+        except ConfigError as e:
+            raise SlurmJobError(str(e)) from None
 
 
 def check_eval_inputs(cfg: Config) -> dict:

@@ -1,5 +1,8 @@
 """Fill the sbatch templates in slurm/ from one Config and write the job files.
 
+The templates ship inside the package (``templates/`` beside this module), so an installed
+ear-dist renders them from any directory; jobs run the interpreter that submitted them
+(``slurm.python``) and import ear-dist from its installation, not from a checkout.
 Templates hold ``{{name}}`` placeholders (Slurm and bash use ``$`` and ``%``, so the
 delimiter is double braces) and ``{{include:common/FILE}}`` lines that paste a shared
 fragment. Every placeholder needs a value; a misspelt one is an error naming it.
@@ -23,8 +26,7 @@ from typing import Optional
 from ear_dist.config import Config, from_dict, save_config
 from ear_dist.slurm.checks import SlurmJobError, ranks_per_node
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE_DIR = REPO_ROOT / "slurm"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATES = ("erase_multinode", "erase_array", "bench", "eval")
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}")
@@ -89,8 +91,8 @@ def resolve_paths(cfg: Config, cwd: Optional[Path] = None) -> Config:
         out.model.path = _absolute(out.model.path, cwd)
     out.data.pairs = _absolute(out.data.pairs, cwd)
     out.train.out_dir = _absolute(out.train.out_dir, cwd)
-    if out.dist.deepspeed_config != "none":
-        out.dist.deepspeed_config = _absolute(out.dist.deepspeed_config, cwd)
+    if out.dist.deepspeed_config != "none" and (cwd / out.dist.deepspeed_config).is_file():
+        out.dist.deepspeed_config = _absolute(out.dist.deepspeed_config, cwd)  # a packaged name stays a name
     out.slurm.concept_pairs = {c: _absolute(p, cwd) for c, p in out.slurm.concept_pairs.items()}
     out.slurm.output_dir = _absolute(out.slurm.output_dir or str(Path(out.train.out_dir) / "slurm"), cwd)
     if out.slurm.local_tmp:
@@ -186,7 +188,6 @@ def render_job(cfg: Config, template: str, out: Optional[Path] = None, cwd: Opti
     values = {
         "sbatch_directives": "\n".join(directives),
         "python": shlex.quote(s.python),
-        "repo_root": shlex.quote(str(REPO_ROOT)),
         "config_file": shlex.quote(str(config_path)),
         "config_sha256": digest,
         "launcher": s.launcher,

@@ -1,8 +1,9 @@
 """Checkpoints of an erasure run: what a resume needs, written atomically.
 
 ``<train.out_dir>/checkpoint/`` holds the trained tensors (safetensors), the optimizer
-state (one process; DeepSpeed writes its per-rank partitions under
-``<out_dir>/deepspeed/``), the RNG states and the step. It is written to a temp
+state with, for a bfloat16/float16 student, its float32 master weights (one process;
+DeepSpeed writes its per-rank partitions under ``<out_dir>/deepspeed/``), the RNG states
+and the step. It is written to a temp
 directory and renamed, so a crash mid-write leaves the previous checkpoint intact.
 """
 
@@ -59,7 +60,7 @@ def write(out_dir: Path, rt, student, generator: torch.Generator, step: int, ext
     if student.engine is not None:  # each rank writes its optimizer partition
         student.engine.save_checkpoint(str(Path(out_dir) / "deepspeed"), tag=f"step{step}")
     if rt.is_main:
-        save_checkpoint(out_dir, step, trained, student.optimizer.state_dict() if student.optimizer else None,
+        save_checkpoint(out_dir, step, trained, student.updater.state_dict() if student.engine is None else None,
                         generator, {"deepspeed_tag": f"step{step}" if student.engine is not None else None},
                         extra or {})
     if rt.distributed:
@@ -83,10 +84,10 @@ def restore(out_dir: Path, student, generator: torch.Generator) -> tuple[int, di
         trained = load_file(str(ckpt / "trainable.safetensors"))
         params = dict(student.module.named_parameters())
         with torch.no_grad():
-            for n, value in trained.items():
+            for n, value in trained.items():  # raw_state: the parameters that train (edits under their names)
                 params[n].copy_(value)
-        if student.optimizer is not None and (ckpt / "optimizer.pt").is_file():
-            student.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        if (ckpt / "optimizer.pt").is_file():  # optimizer state, and the float32 masters of a bf16/fp16 student
+            student.updater.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(_as_tuples(rng["python"]))

@@ -17,7 +17,7 @@ import torch
 from ear_dist.config import Config, ConfigError, OptimConfig
 from ear_dist.train.adapters import EditSpec, effective_state, install
 from ear_dist.train.trainable import freeze_all_but
-from ear_dist.train.updater import Updater
+from ear_dist.train.updater import MasterWeightUpdater, Updater
 
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -62,9 +62,8 @@ class Student:
     """
 
     module: torch.nn.Module
-    updater: object  # Updater, or DeepSpeedUpdater under ZeRO
+    updater: object  # Updater (MasterWeightUpdater for bf16/fp16), or DeepSpeedUpdater under ZeRO
     trainable: list[str]
-    optimizer: Optional[torch.optim.Optimizer] = None  # one process only
     engine: Optional[object] = None  # the DeepSpeed engine
     zero_stage: Optional[int] = None  # None: no DeepSpeed
     edited: dict = field(default_factory=dict)  # weight name -> EditedLinear
@@ -107,11 +106,15 @@ def build_student(cfg: Config, rt, bundle, trainable: list[str], share_frozen: b
     if cfg.dist.deepspeed_config == "none":
         if rt.dp_world > 1:
             raise ConfigError("dist.deepspeed_config: several student ranks need a DeepSpeed config "
-                              "(e.g. ds_configs/zero2.json)")
+                              "(e.g. dist.deepspeed_config=zero2)")
         module = _local_student(bundle.model, trainable, share_frozen)
         edited = install(module, trainable, edits, seed=cfg.train.seed) if edits else {}
-        optimizer = build_optimizer(module.parameters(), cfg.optim)
-        return Student(module, Updater(optimizer), trainable, optimizer=optimizer, edited=edited)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if any(p.dtype != torch.float32 for p in params):  # bf16/fp16: float32 masters, as DeepSpeed keeps
+            updater = MasterWeightUpdater(params, lambda masters: build_optimizer(masters, cfg.optim))
+        else:
+            updater = Updater(build_optimizer(params, cfg.optim))
+        return Student(module, updater, trainable, edited=edited)
 
     from ear_dist.distributed.deepspeed_engine import (
         DeepSpeedUpdater, initialize_engine, load_ds_config, load_partitioned_model, prepare_deepspeed, zero_stage)

@@ -23,7 +23,6 @@ CPUS_PER_RANK={{cpus_per_rank}}
 MAX_RESTARTS={{max_restarts}}
 EXIT_PREEMPTED=75
 
-export PYTHONPATH={{repo_root}}${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 # Collectives fail with an error instead of hanging when a rank dies (older and newer
 # PyTorch spellings); NCCL prints warnings only unless the user asks for more.
