@@ -151,7 +151,9 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
                       echo=print) -> BenchResult:
     """Run ``warmup + steps`` erasure steps on ``cfg.model.path``; return the mean over the last ``steps``."""
     if steps < 1 or warmup < 0:
-        raise ValueError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+        from ear_dist.errors import InputError
+
+        raise InputError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     from ear_dist.distributed.runtime import init_runtime
 
     rt = init_runtime(cfg)

@@ -9,6 +9,7 @@ command-line flags every job command shares; ``commands`` is ``ear-dist config``
 from ear_dist.config.args import add_config_args, config_from_args
 from ear_dist.config.loading import (
     ConfigError,
+    config_yaml,
     example_configs,
     from_dict,
     get_key,
@@ -40,6 +41,6 @@ from ear_dist.config.schema import (
 __all__ = [
     "ConceptOverride", "Config", "ConfigError", "DataConfig", "DistConfig", "EcgConfig", "EraseConfig",
     "ModelConfig", "OptimConfig", "PreserveConfig", "RolloutConfig", "ShardsConfig", "SlurmConfig", "TrainConfig", "TrainableConfig",
-    "VfConfig", "WorldConfig", "add_config_args", "config_from_args", "example_configs", "from_dict", "get_key",
+    "VfConfig", "WorldConfig", "add_config_args", "config_from_args", "config_yaml", "example_configs", "from_dict", "get_key",
     "load_config", "parse_override", "read_file", "save_config", "validate",
 ]

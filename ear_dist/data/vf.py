@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ear_dist.data.pairs import PromptPair
+from ear_dist.errors import InputError
 
 DEFAULT_NUDENET_CLASSES = (
     "FEMALE_BREAST_EXPOSED",
@@ -45,7 +46,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ClassifierError(RuntimeError):
+class ClassifierError(InputError, RuntimeError):
     """A classifier plugin that cannot be built or used; says what to install or fix."""
 
 

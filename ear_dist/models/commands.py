@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ear_dist.config import add_config_args, config_from_args
+from ear_dist.errors import InputError
 
 
 def register(sub) -> None:
@@ -50,10 +51,10 @@ def run_generate(args) -> int:
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise FileNotFoundError(f"prompts file not found: {path}")
+            raise InputError(f"--prompts-file: {path}: file not found")
         prompts += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+        raise InputError("no prompts: pass --prompt TEXT or --prompts-file FILE")
     prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
     bundle = load_janus(args.model or cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
     r = cfg.rollout
@@ -95,7 +96,7 @@ def run_merge_cmd(args) -> int:
                 msg = (f"{pair.first} and {pair.second} change {pair.shared_tensors} shared tensors in opposite "
                        f"directions (cosine {pair.cosine:.3f}); their sum erases each concept less than alone")
                 if args.conflicts == "error":
-                    raise ValueError(msg + " (use --conflicts warn or sum to merge anyway)")
+                    raise InputError(msg + " (use --conflicts warn or sum to merge anyway)")
                 print(f"warning: {msg}")
     report = apply_deltas(bundle.model, args.delta, args.weight, check_base=not args.no_base_check)
     for name, owners in report["overlaps"].items():

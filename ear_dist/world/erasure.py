@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ear_dist.data.pairs import PromptPair
+from ear_dist.errors import InputError, RunFailure
 from ear_dist.models.janus import JanusBundle
 from ear_dist.models.rollout import rollout
 from ear_dist.world.grammar import OBJECTS, STYLES
@@ -271,7 +272,7 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     log(f"ECG: {len(pairs)} template pairs; VF kept {vf.kept} (target without {concept}: "
         f"{vf.dropped_target_without_concept}, surrogate with {concept}: {vf.dropped_surrogate_with_concept})")
     if not kept:
-        raise ValueError(f"the visual filter kept no pair for {concept!r}: the world model does not draw it "
+        raise RunFailure(f"the visual filter kept no pair for {concept!r}: the world model does not draw it "
                          "(build it to the target accuracy: ear-dist world build)")
     anchors = make_anchor_pairs(world, concept, n_anchors)
     if anchors:
@@ -282,7 +283,7 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     grids, summaries = {}, {}
     for name in ablations:
         if name not in ABLATIONS:
-            raise ValueError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
+            raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
         run_dir = out_dir / "runs" / name.replace(" ", "-").lower()
         cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={run_dir}",
                                      f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
@@ -330,7 +331,7 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     for c in concepts:
         kept, vf = visual_filter(world, base, make_pairs(world, c, n_pairs), c)
         if not kept:
-            raise ValueError(f"the visual filter kept no pair for {c!r}")
+            raise RunFailure(f"the visual filter kept no pair for {c!r}")
         pairs[c] = kept
         log(f"{c}: VF kept {vf.kept} of {n_pairs}")
 
