@@ -6,10 +6,11 @@ summary JSON of ``ear-dist erase``), each prefixed with its rank::
     2026-11-25 10:02:03 [rank 1] WARNING ear_dist.data: skipping unreadable data: ...
 
 Warnings that every rank would print alike are printed by rank 0 alone: Python
-``warnings`` (the same code runs on every rank) and project records logged with
-``extra={"shared": True}`` (those derived from inputs all ranks read the same way:
-the config, the pairs, the run directory). What only one rank sees (a shard it
-could not read, its own non-finite loss) keeps its rank prefix and is printed there.
+``warnings`` and the libraries' warnings (the same code runs on every rank), and
+project records logged with ``extra={"shared": True}`` (those derived from inputs all
+ranks read the same way: the config, the pairs, the run directory). What only one
+rank sees (a shard it could not read, its own non-finite loss) and every ERROR keep
+their rank prefix and are printed where they happen.
 
 Third-party libraries log at WARNING and above; ``debug=True`` (``--debug``) shows
 this package's DEBUG records too.
@@ -39,14 +40,17 @@ def current_rank() -> int:
     return 0
 
 
+def _alike_on_every_rank(record: logging.LogRecord) -> bool:
+    library = record.name.split(".")[0] in NOISY_LOGGERS or record.name == "py.warnings"
+    return record.levelno < logging.ERROR and (library or getattr(record, SHARED, False))
+
+
 class RankFilter(logging.Filter):
     """Stamps each record with the rank; drops records every rank logs alike on ranks other than 0."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank = current_rank()
-        if record.rank != 0 and (getattr(record, SHARED, False) or record.name == "py.warnings"):
-            return False
-        return True
+        return record.rank == 0 or not _alike_on_every_rank(record)
 
 
 def configure_logging(debug: bool = False) -> None:

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from ear_dist.errors import InputError, storage_error
+from ear_dist.errors import InputError, StorageError, storage_error
 from ear_dist.storage import fsync_path, save_safetensors, write_text_atomic
 from ear_dist.train.state_io import load_tree, save_tree
 
@@ -91,20 +91,11 @@ def write(out_dir: Path, rt, student, generator: torch.Generator, step: int, sta
     _barrier(rt)
     trained = student.raw_state()  # collective under ZeRO-3
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        if student.engine is not None:  # each rank writes its partition of the optimizer (and ZeRO-3 weights)
-            student.engine.save_checkpoint(str(tmp), tag=DEEPSPEED, save_latest=False)
-    except OSError as e:
-        raise storage_error(tmp, e) from None
-    save_tree(tmp / f"rank-{rt.dp_rank:05d}", {
-        "torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state(),
-        "parts": parts or {}})
-    _barrier(rt)
+        _write_parts(tmp, rt, student, generator, trained, step, state, parts)
+    except StorageError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint never stays behind
+        raise
     if rt.is_main:
-        save_safetensors(tmp / "trainable.safetensors", trained)
-        if student.optimizer is not None:
-            save_tree(tmp / "optimizer", student.optimizer.state_dict())
-        write_text_atomic(tmp / STATE, json.dumps({"step": step, "student_ranks": rt.dp_world, **(state or {})}))
         try:
             fsync_path(tmp)
             tmp.rename(final)
@@ -116,6 +107,26 @@ def write(out_dir: Path, rt, student, generator: torch.Generator, step: int, sta
                 shutil.rmtree(old, ignore_errors=True)
     _barrier(rt)
     return final
+
+
+def _write_parts(tmp: Path, rt, student, generator: torch.Generator, trained: dict, step: int,
+                 state: Optional[dict], parts: Optional[dict]) -> None:
+    """Every rank writes its own files into ``tmp``; then the main rank the shared ones, ``state.json`` last."""
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        if student.engine is not None:  # each rank writes its partition of the optimizer (and ZeRO-3 weights)
+            student.engine.save_checkpoint(str(tmp), tag=DEEPSPEED, save_latest=False, exclude_frozen_parameters=True)
+    except OSError as e:
+        raise storage_error(tmp, e) from None
+    save_tree(tmp / f"rank-{rt.dp_rank:05d}", {
+        "torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state(),
+        "parts": parts or {}})
+    _barrier(rt)
+    if rt.is_main:
+        save_safetensors(tmp / "trainable.safetensors", trained)
+        if student.optimizer is not None:
+            save_tree(tmp / "optimizer", student.optimizer.state_dict())
+        write_text_atomic(tmp / STATE, json.dumps({"step": step, "student_ranks": rt.dp_world, **(state or {})}))
 
 
 def restore(out_dir: Path, rt, student, generator: torch.Generator) -> tuple[dict, dict]:
@@ -134,7 +145,8 @@ def restore(out_dir: Path, rt, student, generator: torch.Generator) -> tuple[dic
                               f"{rt.dp_world}: DeepSpeed's optimizer partitions do not fit; resume with as many ranks")
     if student.engine is not None:
         use_weights_only_loading(student.engine)
-        student.engine.load_checkpoint(str(ckpt), tag=DEEPSPEED)
+        # frozen tensors are left out of the files (they are the base model's): load the rest non-strictly
+        student.engine.load_checkpoint(str(ckpt), tag=DEEPSPEED, load_module_strict=False)
     else:
         trained = load_file(str(ckpt / "trainable.safetensors"))
         params = dict(student.module.named_parameters())
