@@ -78,7 +78,7 @@ class ShardDataset(IterableDataset):
         self.position = ShardPosition()
         self.replaced = 0
         self.bad_shards: set[str] = set()  # the messages of what could not be read
-        self._unopenable: set[int] = set()  # shards that failed to open: replacements pass over them
+        self._unopenable: dict[int, str] = {}  # shard -> why it failed to open: replacements pass over them
 
     # -- position, as saved in a checkpoint
     def state_dict(self) -> dict:
@@ -169,11 +169,11 @@ class ShardDataset(IterableDataset):
         shard = open_shards.get(s)
         if shard is None:
             if s in self._unopenable:
-                raise ShardError(f"{self.shard_dir / self.names[s]}: unreadable (see above)")
+                raise ShardError(self._unopenable[s])
             try:
                 shard = OpenShard(self.shard_dir / self.names[s], self.counts[s], self.sizes[s], self.offsets[s])
-            except ShardError:
-                self._unopenable.add(s)
+            except ShardError as e:
+                self._unopenable[s] = str(e)
                 raise
             open_shards[s] = shard
             if len(open_shards) > self.max_open_shards:
