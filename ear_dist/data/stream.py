@@ -97,6 +97,14 @@ def load_training_pairs(cfg) -> list[PromptPair]:
     return pairs
 
 
+def check_source(cfg) -> None:
+    """Fail fast, before a model is loaded, when ``data.pairs`` is unset or names nothing on disk."""
+    if not cfg.data.pairs:
+        raise PairsError("data.pairs: no pairs file given (e.g. --set data.pairs=pairs.json)")
+    if not Path(cfg.data.pairs).exists():
+        raise PairsError(f"data.pairs: {cfg.data.pairs}: file not found")
+
+
 def is_shard_source(cfg) -> bool:
     """Whether ``data.pairs`` names a shard directory (streamed) rather than a pairs file (read whole)."""
     if cfg.data.format == "shards":

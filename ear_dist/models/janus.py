@@ -184,8 +184,8 @@ def load_janus(
         )
     if not any(root.glob("*.safetensors")):
         pickled = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
-        hint = (f" ({', '.join(pickled[:3])} are pickle files, which can run code when loaded: convert them to "
-                "safetensors where you trust them)") if pickled else ""
+        hint = (f" (only pickle files: {', '.join(pickled[:3])}; loading one can run code it carries: convert "
+                "them to safetensors where you trust them)") if pickled else ""
         raise ModelLoadError(f"{root}: no *.safetensors weights found{hint}")
     try:
         model, info = JanusForConditionalGeneration.from_pretrained(

@@ -22,7 +22,7 @@ import torch
 
 from ear_dist.config import Config, ConfigError, config_yaml
 from ear_dist.data.pairs import PromptPair
-from ear_dist.data.stream import open_pair_stream, source_digest
+from ear_dist.data.stream import check_source, open_pair_stream, source_digest
 from ear_dist.errors import RunFailure
 from ear_dist.models.delta import save_delta
 from ear_dist.models.janus import load_janus, model_fingerprint
@@ -59,6 +59,8 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
     from ear_dist.distributed.runtime import init_runtime
 
     cfg.validate()
+    if pairs is None:
+        check_source(cfg)  # before minutes of model loading
     rt = init_runtime(cfg)
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.out_dir)
