@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import traceback
 
@@ -92,7 +93,7 @@ def _report(error: BaseException, debug: bool) -> None:
     kind = "config error" if isinstance(error, ConfigError) else "error"
     world = os.environ.get("WORLD_SIZE", "1")
     where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world.isdigit() and int(world) > 1 else ""
-    text = " ".join(str(error).split("\n"))
+    text = re.sub(r"\s*\n\s*", " ", str(error).strip())  # one line, whatever a library's message looked like
     print(f"ear-dist: {kind}{where}: {text}", file=sys.stderr, flush=True)
 
 

@@ -45,14 +45,15 @@ def shard_dir(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["exact", "resampled"])
 def test_global_batches_do_not_depend_on_the_number_of_ranks_or_workers(shard_dir, mode):
     """What a user would see otherwise: 1 GPU and 8 GPUs train a run of the same config on other pairs."""
-    cfg = data_cfg(shard_dir, "data.shuffle_buffer=5", f"data.shards.mode={mode}", "data.shards.seed=3")
     steps, k = 18, 4  # 72 positions over 30 samples: the stream crosses epochs
-    alone = ShardPairStream(shard_dir, k, 1, [0], cfg.data)
+    cfg = data_cfg(shard_dir, "data.shuffle_buffer=5", f"data.shards.mode={mode}", "data.shards.seed=3",
+                   f"train.pairs_per_step={k}")
+    alone = ShardPairStream(cfg, 1, [0])
     reference = batches(alone, steps)
     alone.close()
     for world, workers in ((2, 0), (2, 2), (4, 1)):
         cfg.data.num_workers = workers
-        per_rank = [ShardPairStream(shard_dir, k, world, [r], cfg.data) for r in range(world)]
+        per_rank = [ShardPairStream(cfg, world, [r]) for r in range(world)]
         got = [batches(s, steps) for s in per_rank]
         for s in per_rank:
             s.close()
@@ -66,8 +67,8 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks_or_workers(shard_di
 
 
 def test_an_exact_epoch_shows_every_pair_once_before_any_repeats(shard_dir):
-    cfg = data_cfg(shard_dir, "data.shuffle_buffer=5")
-    stream = ShardPairStream(shard_dir, 5, 1, [0], cfg.data)
+    cfg = data_cfg(shard_dir, "data.shuffle_buffer=5", "train.pairs_per_step=5")
+    stream = ShardPairStream(cfg, 1, [0])
     ids = [i for row in batches(stream, 6) for i in row]
     stream.close()
     assert sorted(ids) == sorted(p.id for p in church_pairs(30))
@@ -75,16 +76,16 @@ def test_an_exact_epoch_shows_every_pair_once_before_any_repeats(shard_dir):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_resumed_stream_continues_with_the_next_sample(shard_dir, workers):
-    cfg = data_cfg(shard_dir, "data.shuffle_buffer=4", f"data.num_workers={workers}")
-    whole = ShardPairStream(shard_dir, 4, 2, [0, 1], cfg.data)
+    cfg = data_cfg(shard_dir, "data.shuffle_buffer=4", f"data.num_workers={workers}", "train.pairs_per_step=4")
+    whole = ShardPairStream(cfg, 2, [0, 1])
     reference = batches(whole, 16)
     whole.close()
-    first = ShardPairStream(shard_dir, 4, 2, [0, 1], cfg.data)
+    first = ShardPairStream(cfg, 2, [0, 1])
     assert batches(first, 9) == reference[:9]
     state = first.state_dict()
     first.close()
     assert state == {"step": 9, "epoch": 1, "consumed": 4}  # epoch 0 holds 32 positions (30 + 2 wrapped)
-    resumed = ShardPairStream(shard_dir, 4, 2, [0, 1], cfg.data)
+    resumed = ShardPairStream(cfg, 2, [0, 1])
     resumed.load_state_dict(state)
     assert batches(resumed, 7) == reference[9:]
     resumed.close()

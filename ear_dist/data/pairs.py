@@ -53,8 +53,8 @@ class PromptPair:
         """A preservation anchor: the surrogate is the target itself (no concept to erase in it)."""
         return bool(self.target.strip()) and self.target.strip() == self.surrogate.strip()
 
-    def to_dict(self) -> dict:
-        """A JSON-safe dict; token lists and ``extra`` are left out when empty."""
+    def to_dict(self, tokens: bool = True) -> dict:
+        """A JSON-safe dict; token lists (all of them with ``tokens=False``) and ``extra`` are left out when empty."""
         out: dict[str, Any] = {
             "id": self.id,
             "target": self.target,
@@ -65,9 +65,9 @@ class PromptPair:
             "source": self.source,
             "seed": int(self.seed),
         }
-        if self.surrogate_tokens is not None:
+        if tokens and self.surrogate_tokens is not None:
             out["surrogate_tokens"] = [int(t) for t in self.surrogate_tokens]
-        if self.target_tokens is not None:
+        if tokens and self.target_tokens is not None:
             out["target_tokens"] = [int(t) for t in self.target_tokens]
         if self.extra:
             out["extra"] = dict(self.extra)

@@ -214,30 +214,28 @@ class PairStream:
 
 
 class ShardPairStream:
-    """Endless global batches from a shard directory; this process reads only the slices ``dp_indices``.
+    """Endless global batches from the shard directory ``data.pairs``; this process reads only the slices
+    ``dp_indices``.
 
-    ``dp_world`` student ranks share each global batch; a student reads its own slice, a
-    dedicated teacher rank those of the students it serves, an offline precompute (one
-    index of one) the whole batch. ``check``: (erase.on_missing_concept, image tokens
-    per image, codebook size) to check each pair as it is read.
+    ``dp_world`` student ranks share each global batch of ``train.pairs_per_step``; a
+    student reads its own slice, a dedicated teacher rank those of the students it
+    serves, an offline precompute (one index of one) the whole batch. ``check``:
+    (erase.on_missing_concept, image tokens per image, codebook size) to check each pair
+    as it is read.
     """
 
-    def __init__(self, shard_dir, pairs_per_step: int, dp_world: int, dp_indices: Sequence[int], data_cfg,
-                 check: Optional[tuple[str, int, int]] = None):
-        from ear_dist.data.shards import ShardDataset, ShardLoader, read_index
+    def __init__(self, cfg, dp_world: int, dp_indices: Sequence[int], check: Optional[tuple[str, int, int]] = None):
+        from ear_dist.data.shards import read_index, shard_loader_from_config
 
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir = Path(cfg.data.pairs)
         self.index = read_index(self.shard_dir)
-        total = int(self.index["total_samples"])
+        total, pairs_per_step = int(self.index["total_samples"]), cfg.train.pairs_per_step
         if pairs_per_step > total:
             raise PairsError(f"train.pairs_per_step: {pairs_per_step} > the {total} pairs in {self.shard_dir}")
         self.pairs_per_step, self.dp_world, self.per_rank = pairs_per_step, dp_world, pairs_per_step // dp_world
-        s = data_cfg.shards
-        self.loaders = {i: ShardLoader(ShardDataset(
-            self.shard_dir, rank=i, world_size=dp_world, mode=s.mode, shuffle=data_cfg.shuffle,
-            shuffle_buffer=data_cfg.shuffle_buffer, seed=s.seed, block_size=self.per_rank, drop_last=s.drop_last,
-            on_corrupt=s.on_corrupt, expect_tokens=check[1:] if check else None), num_workers=data_cfg.num_workers,
-            endless=True) for i in dp_indices}
+        self.loaders = {i: shard_loader_from_config(cfg, self.per_rank, rank=i, world_size=dp_world,
+                                                    expect_tokens=check[1:] if check else None, endless=True)
+                        for i in dp_indices}
         self._iters = {i: iter(loader) for i, loader in self.loaders.items()}
         self.on_missing_concept = check[0] if check else "warn"
         self.report = PairCheck()
@@ -301,7 +299,7 @@ def open_pair_stream(cfg, pairs: Optional[Sequence[PromptPair]] = None, dp_world
                 log.info("%s: %d shard(s) record no token ranges (written by an older ear-dist); their stored "
                          "tokens are checked as they stream", cfg.data.pairs, unrecorded, extra={"shared": True})
             check = (cfg.erase.on_missing_concept, num_image_tokens, codebook_size)
-        stream = ShardPairStream(cfg.data.pairs, k, dp_world, dp_indices, cfg.data, check)
+        stream = ShardPairStream(cfg, dp_world, dp_indices, check)
         return stream, stream.report
     pairs = list(pairs) if pairs is not None else load_training_pairs(cfg)
     report = check_pairs(pairs, cfg.erase.on_missing_concept, num_image_tokens, codebook_size) \

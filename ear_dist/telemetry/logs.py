@@ -53,13 +53,28 @@ class RankFilter(logging.Filter):
         return record.rank == 0 or not _alike_on_every_rank(record)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (it may be replaced after set-up)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        return None
+
+
 def configure_logging(debug: bool = False) -> None:
     """Send every log record to stderr with a rank prefix (idempotent: the first call wins)."""
     global _configured, _debug
     if _configured:
         return
     _configured, _debug = True, debug
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(RankFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s",
                                            datefmt="%Y-%m-%d %H:%M:%S"))

@@ -141,7 +141,8 @@ def run_method(method: Method, model_path: str, world: World, pairs: dict[str, l
     from ear_dist.config import load_config
     from ear_dist.train.trainer import run_erase
 
-    sets = [f"model.path={model_path}", f"train.out_dir={out_dir}", "model.device=cpu",
+    # a comparison measures afresh: a previous run in out_dir is replaced, not resumed
+    sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={out_dir}", "model.device=cpu",
             f"erase.concept={concepts[0]}", f"train.seed={seed}", *base_overrides, *method.overrides]
     cfg = load_config(overrides=sets)
     cfg.train.steps *= steps_factor

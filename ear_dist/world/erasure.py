@@ -285,7 +285,8 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
         if name not in ABLATIONS:
             raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
         run_dir = out_dir / "runs" / name.replace(" ", "-").lower()
-        cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={run_dir}",
+        # each call measures afresh (the world model may have been rebuilt): replace, do not resume
+        cfg = load_config(overrides=["train.resume=never", f"model.path={model_path}", f"train.out_dir={run_dir}",
                                      f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
                                      *overrides, *ABLATIONS[name]])
         train_pairs = [PromptPair(**asdict(p)) for p in kept]
@@ -336,8 +337,8 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
         log(f"{c}: VF kept {vf.kept} of {n_pairs}")
 
     def cfg_for(name, steps_factor=1):
-        sets = [f"model.path={model_path}", f"train.out_dir={out_dir / 'runs' / name}", "model.device=cpu",
-                *overrides]
+        sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={out_dir / 'runs' / name}",
+                "model.device=cpu", *overrides]
         cfg = load_config(overrides=sets)
         cfg.train.steps *= steps_factor
         return cfg

@@ -328,11 +328,12 @@ def resolve_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -
 
 def shard_loader_from_config(
     cfg, block_size: int, rank: Optional[int] = None, world_size: Optional[int] = None, shard_dir: str = "",
-    expect_tokens: Optional[tuple[int, int]] = None,
+    expect_tokens: Optional[tuple[int, int]] = None, endless: bool = False,
 ) -> ShardLoader:
     """The loader for ``cfg.data`` (shards at ``shard_dir`` or ``data.pairs``) of one rank.
 
-    ``block_size`` is the rank's pairs per step; DataLoader workers come from ``data.num_workers``.
+    ``block_size`` is the rank's pairs per step; DataLoader workers come from ``data.num_workers``;
+    ``expect_tokens`` and ``endless`` as in ``ShardDataset`` and ``ShardLoader``.
     """
     d = cfg.data
     rank, world_size = resolve_rank(rank, world_size)
@@ -341,4 +342,4 @@ def shard_loader_from_config(
         shuffle_buffer=d.shuffle_buffer, seed=d.shards.seed, block_size=block_size, drop_last=d.shards.drop_last,
         on_corrupt=d.shards.on_corrupt, expect_tokens=expect_tokens,
     )
-    return ShardLoader(dataset, num_workers=d.num_workers)
+    return ShardLoader(dataset, num_workers=d.num_workers, endless=endless)

@@ -147,11 +147,11 @@ class ShardWriter:
 
     def write(self, pair: PromptPair) -> None:
         """Append one pair; starts a new shard when the count or size bound would be passed."""
-        record = pair.to_dict()
+        record = pair.to_dict(tokens=False)  # tokens go into .npy members, without a detour through lists
         sample = {"__key__": f"{self.total:09d}"}
         token_stats = {}
         for name in TOKEN_FIELDS:
-            tokens = record.pop(name, None)
+            tokens = getattr(pair, name)
             if tokens is not None:
                 ids = np.asarray(tokens, dtype=np.int32)
                 buf = io.BytesIO()
