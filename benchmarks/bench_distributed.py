@@ -33,8 +33,8 @@ def free_port() -> int:
 
 def run_layout(name: str, work: Path, model: Path, pairs: Path, steps: int, extra: list[str]) -> dict:
     out = work / name
-    sets = [f"model.path={model}", f"data.pairs={pairs}", f"train.out_dir={out}", f"train.steps={steps}",
-            "train.pairs_per_step=2", "erase.window_len=16", "erase.update_mode=sequence",
+    sets = ["train.resume=never", f"model.path={model}", f"data.pairs={pairs}", f"train.out_dir={out}",
+            f"train.steps={steps}", "train.pairs_per_step=2", "erase.window_len=16", "erase.update_mode=sequence",
             "dist.log_comms=true", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "ear_dist", "erase", "--no-progress"]

@@ -41,7 +41,9 @@ def run_demo(args) -> int:
     ablations = list(ABLATIONS) if args.ablations == "all" else [a.strip() for a in args.ablations.split(",")]
     for a in ablations:
         if a not in ABLATIONS:
-            raise ValueError(f"--ablations: {a!r} is not one of {', '.join(ABLATIONS)}")
+            from ear_dist.errors import InputError
+
+            raise InputError(f"--ablations: {a!r} is not one of {', '.join(ABLATIONS)}")
     print("1/3 world model (built once, then cached)")
     model_path, _ = build_world_model(cfg.world, progress=True)
     world = World(cfg.world)

@@ -77,8 +77,8 @@ def test_failed_build_leaves_no_finished_looking_shard(tmp_path):
 
 
 def test_two_ranks_two_workers_cover_every_sample_once_per_epoch(tmp_path):
-    pairs = make_pairs(40)
-    write_shards(pairs, tmp_path, max_samples_per_shard=7)  # uneven: 7,7,7,7,7,5
+    pairs = make_pairs(36)
+    write_shards(pairs, tmp_path, max_samples_per_shard=7)  # uneven: 7,7,7,7,7,1
     for epoch in (0, 1):
         seen = []
         per_rank = []
@@ -88,7 +88,7 @@ def test_two_ranks_two_workers_cover_every_sample_once_per_epoch(tmp_path):
             got = [p.id for batch in ShardLoader(ds, num_workers=2) for p in batch]
             per_rank.append(len(got))
             seen += got
-        assert per_rank == [20, 20]
+        assert per_rank == [18, 18]
         assert Counter(seen) == Counter(ids(pairs))
 
 
@@ -132,7 +132,7 @@ def test_resume_after_k_samples_continues_with_sample_k_plus_1(tmp_path):
     write_shards(make_pairs(30), tmp_path, max_samples_per_shard=8)
     make = lambda: ShardDataset(tmp_path, rank=0, world_size=2, seed=5, shuffle_buffer=6, block_size=2)
     full = [p.id for batch in ShardLoader(make(), num_workers=2) for p in batch]
-    assert len(full) == 15
+    assert len(full) == 16  # 8 rounds of 2 blocks of 2: the last round wraps 2 samples around
 
     loader = ShardLoader(make(), num_workers=2)
     first = []
@@ -275,7 +275,9 @@ def test_loader_from_config_uses_the_data_section(tmp_path, monkeypatch):
     cfg = load_config(overrides=[f"data.pairs={tmp_path}", "data.shuffle=false", "data.shards.drop_last=true"])
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
+    # an earlier in-process one-rank DeepSpeed run may have left its process group behind
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: False)
     loader = shard_loader_from_config(cfg, block_size=2)
     assert (loader.dataset.plan.rank, loader.dataset.plan.world_size) == (1, 3)
     got = [p.id for batch in loader for p in batch]
-    assert got == ids(make_pairs(10))[3:6]  # unshuffled: rank 1 of 3 holds positions 3..5
+    assert got == ids(make_pairs(10))[2:4]  # unshuffled: rank 1 of 3 holds the second block of the one full round

@@ -134,6 +134,31 @@ def test_bf16_one_process_and_two_zero2_ranks_give_the_same_delta(world):
     assert all(t.dtype == torch.bfloat16 for t in load_file(one).values())
 
 
+def test_streamed_shards_give_the_same_delta_on_one_process_two_ranks_and_every_teacher_placement(world):
+    """Shards stream (each rank reads its slice, DataLoader workers prefetch): still the one-process delta."""
+    from ear_dist.cli import main
+    from ear_dist.data.readers import read_pairs
+    from ear_dist.data.shards import write_shards
+
+    d, model, pairs = world
+    shards = d / "shards"
+    write_shards(read_pairs(pairs), shards, max_samples_per_shard=2)
+    here = d / "streamed"
+    extra = ["erase.update_mode=sequence", "data.shuffle_buffer=2", *SAMPLING]
+    one = run_erase(load_config(overrides=_overrides(model, shards, here / "one", *extra)), progress=False)["delta"]
+    _torchrun(2, _overrides(model, shards, here / "zero2", *extra, "data.num_workers=1",
+                            "dist.deepspeed_config=ds_configs/zero2.json"))
+    assert _max_diff(one, here / "zero2" / "delta.safetensors") < TOLERANCE
+    _torchrun(2, _overrides(model, shards, here / "dedicated", *extra, "dist.teacher_placement=dedicated"))
+    assert _max_diff(one, here / "dedicated" / "delta.safetensors") < TOLERANCE
+    sets = [x for o in _overrides(model, shards, here / "unused", *extra) for x in ("--set", o)]
+    assert main(["teacher", "precompute", "--out", str(here / "teacher"), *sets]) == 0
+    run_erase(load_config(overrides=_overrides(model, shards, here / "offline", *extra,
+                                               "dist.teacher_placement=offline", f"dist.teacher_dir={here / 'teacher'}")),
+              progress=False)
+    assert _max_diff(one, here / "offline" / "delta.safetensors") == 0.0
+
+
 # What the teacher computes: rollouts from either prompt, hidden or logit outputs, with the
 # unconditional branch; each must train the same student wherever the teacher runs. A cold,
 # strongly guided sampler makes the tiny random model's rollouts depend on the prompt.

@@ -350,7 +350,8 @@ def test_empty_prompt_and_missing_concept(tmp_path, tiny_checkpoint):
         run_erase(_cfg(tmp_path, tiny_checkpoint, "erase.on_missing_concept=fail"), pairs, progress=False)
     # a preservation anchor (surrogate == target) carries no concept word and is not reported
     anchored = _pairs() + [PromptPair("a photo of a house", "a photo of a house", "church")]
-    summary = run_erase(_cfg(tmp_path, tiny_checkpoint, "erase.on_missing_concept=fail"), anchored, progress=False)
+    summary = run_erase(_cfg(tmp_path, tiny_checkpoint, "erase.on_missing_concept=fail",
+                             f"train.out_dir={tmp_path / 'anchored'}"), anchored, progress=False)
     assert summary["missing_concept"] == 0
 
 

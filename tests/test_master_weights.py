@@ -11,6 +11,7 @@ import json
 import torch
 
 from ear_dist.config import OptimConfig, load_config
+from ear_dist.train.state_io import load_tree
 from ear_dist.train.student import build_optimizer
 from ear_dist.train.trainer import run_erase
 from ear_dist.train.updater import MasterWeightUpdater, Updater
@@ -67,8 +68,9 @@ def test_a_resumed_bf16_run_trains_what_an_uninterrupted_one_does(tiny_checkpoin
     straight = run_erase(cfg(tmp_path / "straight"), progress=False)
     calls = []
     stopped = run_erase(cfg(tmp_path / "resumed"), progress=False, should_stop=lambda: calls.append(1) or len(calls) == 2)
-    assert stopped == {"stopped": True, "step": 2, "checkpoint": str(tmp_path / "resumed" / "checkpoint")}
-    optimizer_state = torch.load(tmp_path / "resumed" / "checkpoint" / "optimizer.pt", weights_only=True)
+    ckpt = tmp_path / "resumed" / "checkpoint" / "step-00000002"
+    assert stopped == {"stopped": True, "step": 2, "checkpoint": str(ckpt)}
+    optimizer_state = load_tree(ckpt / "optimizer")
     assert optimizer_state["master_weights"][0].dtype == torch.float32
     resumed = run_erase(cfg(tmp_path / "resumed"), progress=False)
     assert resumed["resumed_from"] == 2

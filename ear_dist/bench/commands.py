@@ -29,11 +29,13 @@ def register(sub) -> None:
 
 
 def parse_compare(text: str) -> tuple[str, str, str]:
-    """``key=a,b`` -> (key, a, b); a ValueError names what is missing."""
+    """``key=a,b`` -> (key, a, b); an InputError names what is missing."""
+    from ear_dist.errors import InputError
+
     key, sep, values = text.partition("=")
     parts = [v.strip() for v in values.split(",")]
     if not sep or not key.strip() or len(parts) != 2 or not all(parts):
-        raise ValueError(f"--compare {text!r}: expected KEY=BASELINE,CANDIDATE, e.g. erase.update_mode=window,sequence")
+        raise InputError(f"--compare {text!r}: expected KEY=BASELINE,CANDIDATE, e.g. erase.update_mode=window,sequence")
     return key.strip(), parts[0], parts[1]
 
 

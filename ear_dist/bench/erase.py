@@ -1,8 +1,9 @@
 """``ear-dist bench``: the erasure job's own parts, timed per phase; tokens/s, MFU, memory, NVML.
 
 The job is built with the trainer's builders (teacher placement, student and updater,
-step) and observed from outside by :mod:`ear_dist.bench.instruments`; building the
-batch is ``data_wait``.
+step) and observed from outside by :mod:`ear_dist.bench.instruments`; getting the
+batch is ``data_wait``: the training pair stream of ``data.pairs`` when it is set (a
+shard directory streams, as in a run), else built-in template pairs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from ear_dist.bench.instruments import StepCounts, StudentInstruments, TimedTeacher, TimedUpdater
 from ear_dist.config import Config
-from ear_dist.data.stream import PairBatch
+from ear_dist.data.stream import PairBatch, open_pair_stream
 from ear_dist.models.janus import JanusBundle, load_janus
 from ear_dist.teacher.base import TeacherSettings, build_teacher
 from ear_dist.telemetry.flops import janus_flops_shape, mfu, peak_flops
@@ -151,7 +152,9 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
                       echo=print) -> BenchResult:
     """Run ``warmup + steps`` erasure steps on ``cfg.model.path``; return the mean over the last ``steps``."""
     if steps < 1 or warmup < 0:
-        raise ValueError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+        from ear_dist.errors import InputError
+
+        raise InputError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     from ear_dist.distributed.runtime import init_runtime
 
     rt = init_runtime(cfg)
@@ -184,6 +187,9 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
     peak = peak_flops(device_name, dtype)
     monitor = NvmlMonitor(interval_s=0.05)
     pairs = cfg.train.pairs_per_step
+    stream = None
+    if cfg.data.pairs:
+        stream, _ = open_pair_stream(cfg, None, rt.dp_world, rt.data_slices(), t, bundle.codebook_size)
     measured: list[StepTiming] = []
     counts_sum = StepCounts()
     memory: Optional[MemoryStats] = None  # the highest peak over the measured steps
@@ -195,7 +201,8 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
                 monitor.begin_step()
                 timers.start_step()
                 with timers.phase(DATA_WAIT):
-                    batch = bench_pairs(cfg.erase.concept, pairs, i)
+                    batch = stream.next().local(rt.dp_rank, rt.dp_world, device) if stream is not None \
+                        else bench_pairs(cfg.erase.concept, pairs, i)
                 result = step_fn(batch)
                 student_counts = instruments.end_step()
                 timing = timers.end_step()
@@ -220,6 +227,8 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
     finally:
         instruments.remove()
         monitor.close()
+        if stream is not None:
+            stream.close()
     return BenchResult(
         timing=mean_timing(measured), counts=counts_sum.scaled(1.0 / steps),
         image_tokens_per_step=pairs * t, pairs_per_step=pairs,

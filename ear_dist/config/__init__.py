@@ -9,6 +9,7 @@ command-line flags every job command shares; ``commands`` is ``ear-dist config``
 from ear_dist.config.args import add_config_args, config_from_args
 from ear_dist.config.loading import (
     ConfigError,
+    config_yaml,
     example_configs,
     from_dict,
     get_key,
@@ -44,6 +45,6 @@ __all__ = [
     "EvalClassifierConfig", "EvalConfig",
     "ModelConfig", "OptimConfig", "PreserveConfig", "RolloutConfig", "ShardsConfig", "SlurmConfig", "TrainConfig",
     "TrainableConfig",
-    "VfConfig", "WorldConfig", "add_config_args", "config_from_args", "example_configs", "from_dict", "get_key",
+    "VfConfig", "WorldConfig", "add_config_args", "config_from_args", "config_yaml", "example_configs", "from_dict", "get_key",
     "load_config", "parse_override", "read_file", "save_config", "validate",
 ]

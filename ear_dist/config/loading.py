@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from ear_dist.config.schema import Config, SlurmConfig
+from ear_dist.errors import InputError
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config value that cannot be used; the message names the dotted key."""
 
 
@@ -138,7 +139,7 @@ def validate(cfg: Config) -> None:
     # a config built or changed in Python.
     _validate_choices(cfg, "")
     positives = [
-        "erase.window_len", "train.steps", "train.pairs_per_step", "rollout.batch_size",
+        "erase.window_len", "train.steps", "train.pairs_per_step", "train.log_every", "rollout.batch_size",
         "data.ecg.llm_pairs_per_request", "data.vf.batch_size", "data.vf.top_k",
         "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
         "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
@@ -328,8 +329,13 @@ def load_config(
     return cfg
 
 
-def save_config(cfg: Config, path: Union[str, Path]) -> None:
-    """Write the whole tree as YAML; ``load_config([path])`` reads it back equal."""
+def config_yaml(cfg: Config) -> str:
+    """The whole tree as YAML text; ``load_config`` of a file holding it gives ``cfg`` back."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    """Write the whole tree as YAML; ``load_config([path])`` reads it back equal."""
+    Path(path).write_text(config_yaml(cfg), encoding="utf-8")

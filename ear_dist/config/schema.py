@@ -260,7 +260,10 @@ class TrainConfig:
     pairs_per_step: int = setting(1, "prompt pairs per step (over all ranks)")
     seed: int = setting(0, "seed of the pair order and of the run's random generators")
     out_dir: str = setting("runs/erase", "delta, checkpoint, resolved config and logs go here")
-    log_every: int = setting(1, "steps between log lines")
+    resume: Literal["auto", "never", "force"] = setting(
+        "auto", "a run already in out_dir: auto resumes it only with the same settings (hash of model, data, method, "
+                "optimizer), else stops naming what differs; never starts over (removing it); force resumes anyway")
+    log_every: int = setting(1, "steps between metrics (and, without a terminal, log lines)")
     checkpoint_every: int = setting(0, "steps between checkpoints; 0 = only at the end")
     max_nonfinite_steps: int = setting(5, "stop after this many steps with a non-finite loss")
     tensorboard: bool = setting(True, "write TensorBoard events to out_dir")

@@ -30,6 +30,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ear_dist.errors import InputError
+
 DEFAULT_NUDENET_CLASSES = (
     "FEMALE_BREAST_EXPOSED",
     "FEMALE_GENITALIA_EXPOSED",
@@ -41,7 +43,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ClassifierError(RuntimeError):
+class ClassifierError(InputError, RuntimeError):
     """A classifier plugin that cannot be built or used; says what to install or fix."""
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from ear_dist.config import add_config_args, config_from_args
+from ear_dist.config import ConfigError, add_config_args, config_from_args
+from ear_dist.errors import InputError
 
 
 def register(sub) -> None:
@@ -29,11 +29,6 @@ def register(sub) -> None:
     inspect.set_defaults(func=run_inspect)
 
 
-def _fail(message: str) -> int:
-    print(f"ear-dist: error: {message}", file=sys.stderr)
-    return 2
-
-
 def collect_pairs(cfg, extra_files: list[str]) -> list:
     """Pairs from the configured files and the configured ECG source, de-duplicated by id."""
     from ear_dist.data.ecg import LLMPairGenerator, LLMSettings, template_pairs
@@ -43,7 +38,7 @@ def collect_pairs(cfg, extra_files: list[str]) -> list:
     concept = d.ecg.concept or cfg.erase.concept
     files = ([d.pairs] if d.pairs else []) + list(extra_files)
     if d.format == "shards":
-        raise ValueError("data.format=shards: `data build` reads pair files; point data.pairs at them")
+        raise ConfigError("data.format=shards: `data build` reads pair files; point data.pairs at them")
     pairs = []
     for path in files:
         report = ReadReport()
@@ -85,55 +80,48 @@ def collect_pairs(cfg, extra_files: list[str]) -> list:
 def run_build(args) -> int:
     from tqdm import tqdm
 
-    from ear_dist.data.ecg import ECGError
     from ear_dist.data.readers import write_jsonl
-    from ear_dist.data.shards import ShardError, ShardWriter
-    from ear_dist.data.vf import ClassifierError, VisualFilter, build_classifier, teacher_functions
+    from ear_dist.data.shards import ShardWriter
+    from ear_dist.data.vf import VisualFilter, build_classifier, teacher_functions
 
     cfg = config_from_args(args)
     d = cfg.data
-    try:
-        pairs = collect_pairs(cfg, args.pairs)
-        if not pairs:
-            return _fail("no pairs: set data.pairs (or --pairs FILE) or data.ecg.source=templates|llm")
-        if d.vf.enabled:
-            from ear_dist.models.janus import load_janus
+    pairs = collect_pairs(cfg, args.pairs)
+    if not pairs:
+        raise InputError("no pairs: set data.pairs (or --pairs FILE) or data.ecg.source=templates|llm")
+    if d.vf.enabled:
+        from ear_dist.models.janus import load_janus
 
-            classifier = build_classifier(
-                d.vf.classifier, d.vf.classifier_path, d.vf.threshold, d.vf.nudenet_classes or None,
-                d.vf.class_ids, d.vf.labels, d.vf.top_k,
-            )
-            bundle = load_janus(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
-            r = cfg.rollout
-            generate, decode = teacher_functions(bundle, r.guidance_weight, r.temperature, r.top_k, r.batch_size)
-            vf = VisualFilter(generate, decode, classifier, d.vf.batch_size, d.vf.store_target_tokens, d.vf.seed)
-            pairs = vf.run(pairs, progress=True)
-            print(vf.report.summary())
-            if not pairs:
-                return _fail("the visual filter kept no pairs; nothing to write")
-        if args.jsonl:
-            write_jsonl(pairs, args.jsonl)
-            print(f"wrote {len(pairs)} pairs to {args.jsonl}")
-        out = Path(args.out or d.shards.out_dir)
-        provenance = {"data": cfg.to_dict()["data"], "model": cfg.to_dict()["model"], "rollout": cfg.to_dict()["rollout"]}
-        with ShardWriter(out, d.shards.max_samples_per_shard, d.shards.max_shard_bytes, config=provenance) as writer:
-            for pair in tqdm(pairs, desc="writing shards", unit="pair"):
-                writer.write(pair)
-        index = writer.close()
-    except (ECGError, ClassifierError, ShardError) as e:
-        return _fail(str(e))
+        classifier = build_classifier(
+            d.vf.classifier, d.vf.classifier_path, d.vf.threshold, d.vf.nudenet_classes or None,
+            d.vf.class_ids, d.vf.labels, d.vf.top_k,
+        )
+        bundle = load_janus(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+        r = cfg.rollout
+        generate, decode = teacher_functions(bundle, r.guidance_weight, r.temperature, r.top_k, r.batch_size)
+        vf = VisualFilter(generate, decode, classifier, d.vf.batch_size, d.vf.store_target_tokens, d.vf.seed)
+        pairs = vf.run(pairs, progress=True)
+        print(vf.report.summary())
+        if not pairs:
+            raise InputError("the visual filter kept no pairs; nothing to write")
+    if args.jsonl:
+        write_jsonl(pairs, args.jsonl)
+        print(f"wrote {len(pairs)} pairs to {args.jsonl}")
+    out = Path(args.out or d.shards.out_dir)
+    provenance = {"data": cfg.to_dict()["data"], "model": cfg.to_dict()["model"], "rollout": cfg.to_dict()["rollout"]}
+    with ShardWriter(out, d.shards.max_samples_per_shard, d.shards.max_shard_bytes, config=provenance) as writer:
+        for pair in tqdm(pairs, desc="writing shards", unit="pair"):
+            writer.write(pair)
+    index = writer.close()
     print(f"wrote {index['total_samples']} pairs in {len(index['shards'])} shards to {out} "
           f"(config hash {index['config_hash']})")
     return 0
 
 
 def run_inspect(args) -> int:
-    from ear_dist.data.shards import ShardDataset, ShardError, read_index, verify_shards
+    from ear_dist.data.shards import ShardDataset, read_index, verify_shards
 
-    try:
-        index = read_index(args.shard_dir)
-    except ShardError as e:
-        return _fail(str(e))
+    index = read_index(args.shard_dir)
     root = Path(args.shard_dir)
     print(f"{root}: {index['total_samples']} pairs in {len(index['shards'])} shards, config hash {index.get('config_hash', '?')}")
     width = max((len(s["name"]) for s in index["shards"]), default=4)

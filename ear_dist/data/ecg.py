@@ -31,12 +31,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ear_dist.data.pairs import PromptPair, normalize_prompt
+from ear_dist.errors import EXIT_RUN_FAILURE, InputError
 
 log = logging.getLogger(__name__)
 
 
-class ECGError(RuntimeError):
+class ECGError(InputError, RuntimeError):
     """Pair generation that cannot go on (bad template, endpoint refusing, no key)."""
+
+
+class ECGEndpointError(ECGError):
+    """The LLM endpoint failed while the settings were fine (unreachable, server errors): a run failure."""
+
+    exit_code = EXIT_RUN_FAILURE
 
 
 # --------------------------------------------------------------------------- templates
@@ -296,7 +303,7 @@ class LLMPairGenerator:
                 snippet = e.read()[:300].decode("utf-8", errors="replace")
                 last_error = f"HTTP {e.code} from {url}: {snippet}"
                 if e.code != 429 and e.code < 500:
-                    raise ECGError(last_error) from None
+                    raise ECGError(last_error) from None  # the request itself is refused: key, model, body
                 retry_after = e.headers.get("Retry-After") if e.headers else None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 last_error = f"cannot reach {url}: {getattr(e, 'reason', e)}"
@@ -316,7 +323,7 @@ class LLMPairGenerator:
                     pass
             log.warning("%s; retry %d/%d in %.1fs", last_error, attempt + 1, self.settings.max_retries, delay)
             self.sleep(delay)
-        raise ECGError(f"{last_error} (gave up after {self.settings.max_retries + 1} attempts)")
+        raise ECGEndpointError(f"{last_error} (gave up after {self.settings.max_retries + 1} attempts)")
 
     def _complete(self, body: dict) -> str:
         cache = self._cache_path(body)

@@ -14,8 +14,17 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ear_dist.errors import InputError
+
 # Fields a serialized pair must carry; the rest have defaults.
 REQUIRED_FIELDS = ("target", "concept")
+
+
+class PairsError(InputError, ValueError):
+    """Training pairs that cannot be used; the message names the pair and the field."""
+
+
+TOKEN_FIELDS = ("surrogate_tokens", "target_tokens")
 
 
 @dataclass
@@ -44,8 +53,8 @@ class PromptPair:
         """A preservation anchor: the surrogate is the target itself (no concept to erase in it)."""
         return bool(self.target.strip()) and self.target.strip() == self.surrogate.strip()
 
-    def to_dict(self) -> dict:
-        """A JSON-safe dict; token lists and ``extra`` are left out when empty."""
+    def to_dict(self, tokens: bool = True) -> dict:
+        """A JSON-safe dict; token lists (all of them with ``tokens=False``) and ``extra`` are left out when empty."""
         out: dict[str, Any] = {
             "id": self.id,
             "target": self.target,
@@ -56,9 +65,9 @@ class PromptPair:
             "source": self.source,
             "seed": int(self.seed),
         }
-        if self.surrogate_tokens is not None:
+        if tokens and self.surrogate_tokens is not None:
             out["surrogate_tokens"] = [int(t) for t in self.surrogate_tokens]
-        if self.target_tokens is not None:
+        if tokens and self.target_tokens is not None:
             out["target_tokens"] = [int(t) for t in self.target_tokens]
         if self.extra:
             out["extra"] = dict(self.extra)
@@ -116,3 +125,28 @@ def pair_id(target: str, surrogate: str, concept: str) -> str:
 def normalize_prompt(text: str) -> str:
     """Case- and whitespace-insensitive form used for de-duplication."""
     return " ".join(text.lower().split())
+
+
+def check_stored_tokens(pair: PromptPair, where: str, num_image_tokens: int, codebook_size: Optional[int]) -> None:
+    """Raise ``PairsError`` when a pair's stored rollout tokens cannot be the model's image tokens.
+
+    Two ways they do not fit: a count other than the model's image tokens per image, and
+    an id outside ``[0, codebook_size)`` (which would otherwise end as an index error deep
+    inside the model's embedding; not checked when ``codebook_size`` is None). ``where``
+    names the pair (file and row, or shard and sample).
+    """
+    import numpy as np
+
+    for name in TOKEN_FIELDS:
+        tokens = getattr(pair, name)
+        if tokens is None:
+            continue
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or len(ids) != num_image_tokens:
+            raise PairsError(f"{where}: field {name!r} has {ids.size} tokens, the model makes {num_image_tokens} "
+                             "image tokens per image (rollouts stored for another model?)")
+        if codebook_size is not None and len(ids) and (int(ids.max()) >= codebook_size or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= codebook_size else int(ids.min())
+            position = int(np.nonzero(ids == bad)[0][0])
+            raise PairsError(f"{where}: field {name!r} holds token id {bad} at position {position}, outside the "
+                             f"model's image codebook [0, {codebook_size}) (rollouts stored for another model?)")

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from ear_dist.config.schema import PairsFormat
 from ear_dist.data.pairs import PromptPair
+from ear_dist.errors import InputError
 
 FORMATS = typing.get_args(PairsFormat)  # the values of data.format
 COPRO_SPLITS = ("ID_train_data", "ID_valid_data", "ID_test_data", "OOD_valid_data", "OOD_test_data")
@@ -45,7 +46,7 @@ COPRO_SPLITS = ("ID_train_data", "ID_valid_data", "ID_test_data", "OOD_valid_dat
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 
 
-class PairReadError(ValueError):
+class PairReadError(InputError, ValueError):
     """A prompt file that cannot be used; the message names file, row and field."""
 
 

@@ -31,6 +31,7 @@ from ear_dist.data.classifiers import (  # noqa: F401  (re-exported: the filter'
     build_classifier,
 )
 from ear_dist.data.pairs import PromptPair
+from ear_dist.errors import InputError
 
 # --------------------------------------------------------------------------- the filter
 

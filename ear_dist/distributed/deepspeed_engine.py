@@ -31,6 +31,9 @@ def prepare_deepspeed(device: torch.device) -> None:
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
+    from ear_dist.telemetry.logs import route_library_logs
+
+    route_library_logs()  # DeepSpeed's logger writes to stdout, which carries only a command's result
     if device.type == "cpu":
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
         if builder is not None:
@@ -161,7 +164,7 @@ def load_partitioned_model(model_source: str, base_model: torch.nn.Module, ds: d
         base_model.save_pretrained(src, safe_serialization=True)
     dschf = HfDeepSpeedConfig(ds)  # noqa: F841 (must stay alive while the model is built)
     try:
-        return JanusForConditionalGeneration.from_pretrained(src, dtype=base_model.dtype)
+        return JanusForConditionalGeneration.from_pretrained(src, dtype=base_model.dtype, use_safetensors=True)
     finally:
         unset_hf_deepspeed_config()
         if tmp is not None:

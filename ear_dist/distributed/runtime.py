@@ -49,6 +49,12 @@ class Runtime:
         """The teacher rank that serves a student rank (dedicated placement)."""
         return self.teacher_ranks[self.student_ranks.index(student_rank) % len(self.teacher_ranks)]
 
+    def data_slices(self) -> list[int]:
+        """The students (by data-parallel index) whose pairs this rank reads: its own, or those a teacher serves."""
+        if self.role == "teacher":
+            return [i for i, s in enumerate(self.student_ranks) if self.teacher_of(s) == self.rank]
+        return [self.dp_rank]
+
 
 def init_runtime(cfg: Config) -> Runtime:
     """Discover the launcher, join the process group (if several ranks) and assign roles."""
@@ -58,7 +64,13 @@ def init_runtime(cfg: Config) -> Runtime:
     if env.world_size <= 1:
         if cfg.dist.teacher_placement == "dedicated":
             raise ConfigError("dist.teacher_placement: dedicated needs at least 2 ranks (a teacher and a student)")
-        return Runtime(device=_device(cfg, 0))
+        device = _device(cfg, 0)
+        if cfg.dist.deepspeed_config != "none" and not dist.is_initialized():
+            # DeepSpeed needs a process group even alone (ZeRO offload on one GPU): one rank, no network
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            export_env(env)  # RANK, LOCAL_RANK, ...: DeepSpeed reads them
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return Runtime(device=device)
     export_env(env)
     if not dist.is_initialized():
         init_process_group(env, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)

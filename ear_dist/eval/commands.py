@@ -10,6 +10,7 @@ gathered on rank 0); a rerun into the same --out generates only what is missing.
 from __future__ import annotations
 
 from ear_dist.config import add_config_args, config_from_args
+from ear_dist.errors import InputError
 
 
 def register(sub) -> None:
@@ -39,10 +40,10 @@ def run_eval_cmd(args) -> int:
     if args.table:
         path = Path(args.table)
         if not path.is_file():
-            raise FileNotFoundError(f"--table: {path} does not exist (ear-dist eval writes <out>/report.json)")
+            raise InputError(f"--table: {path} does not exist (ear-dist eval writes <out>/report.json)")
         rows = json.loads(path.read_text(encoding="utf-8")).get("table1")
         if not rows:
-            raise ValueError(f"{path}: no table1 rows (the report has no suite with concept prompts)")
+            raise InputError(f"{path}: no table1 rows (the report has no suite with concept prompts)")
         print("\n".join(table1_markdown(rows)))
         return 0
     cfg = config_from_args(args)
@@ -51,7 +52,7 @@ def run_eval_cmd(args) -> int:
     try:
         report = run_eval(cfg, suites, deltas, args.out or cfg.eval.out_dir, progress=not args.no_progress)
     except ClassifierError as e:
-        raise ValueError(str(e)) from None
+        raise InputError(str(e)) from None
     if report is None:  # ranks other than 0
         return 0
     if report["table1"]:

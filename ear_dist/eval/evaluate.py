@@ -29,6 +29,7 @@ from ear_dist.eval.metrics.perplexity import perplexity, read_text_lines
 from ear_dist.eval.metrics.tokens import kl_divergence, token_histogram, total_variation
 from ear_dist.eval.report import write_report
 from ear_dist.eval.suites import Suite, load_suites
+from ear_dist.errors import InputError, RunFailure
 
 BASE = "base"
 SHIFT_ROLES = ("unrelated", "caption")
@@ -42,7 +43,7 @@ def make_columns(deltas: Sequence[Union[str, Column]]) -> list[Column]:
     for spec in deltas:
         if isinstance(spec, Column):
             if spec.name in names:
-                raise ValueError(f"two columns are named {spec.name!r}")
+                raise InputError(f"two columns are named {spec.name!r}")
             names.add(spec.name)
             columns.append(spec)
             continue
@@ -190,11 +191,11 @@ def _check_gathered(entries: Sequence[Entry], columns: Sequence[Column], gathere
         twice = sorted(k for k, n in counts.items() if n > 1)
         lost = sorted(expected - set(counts))
         if twice or lost or set(counts) - expected:
-            raise RuntimeError(f"column {column.name}: {len(twice)} images made by several ranks, {len(lost)} by none "
+            raise RunFailure(f"column {column.name}: {len(twice)} images made by several ranks, {len(lost)} by none "
                                f"(first: {(twice or lost)[:3]}); the ranks disagree about the job list")
     missing = [e.path for e in entries if not Path(e.path).is_file()]
     if missing:
-        raise RuntimeError(f"{len(missing)} images are not on disk after generation (first: {missing[0]}); "
+        raise RunFailure(f"{len(missing)} images are not on disk after generation (first: {missing[0]}); "
                            "the ranks must share the output directory")
     return made_by
 

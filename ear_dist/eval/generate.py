@@ -32,6 +32,7 @@ from ear_dist.models.delta import applied_deltas, file_digest
 from ear_dist.models.images import decode_tokens
 from ear_dist.models.janus import JanusBundle
 from ear_dist.models.rollout import rollout
+from ear_dist.errors import InputError
 
 TOKENS_KEY = "ear_dist_tokens"
 # image j > 0 of a prompt with seed s samples with s + j * stride (a prime, so no two images of nearby seeds meet)
@@ -131,7 +132,7 @@ def read_png(path: str) -> tuple[np.ndarray, np.ndarray]:
     with Image.open(path) as im:
         text = im.text.get(TOKENS_KEY)
         if text is None:
-            raise ValueError(f"{path}: no {TOKENS_KEY} text chunk; not written by ear-dist eval")
+            raise InputError(f"{path}: no {TOKENS_KEY} text chunk; not written by ear-dist eval")
         return np.asarray(im.convert("RGB")), np.array([int(t) for t in text.split(",")], dtype=np.int64)
 
 

@@ -48,6 +48,7 @@ import numpy as np
 
 from ear_dist.config import Config, read_file
 from ear_dist.data.readers import PairReadError, read_pairs
+from ear_dist.errors import InputError
 
 ROLES = ("concept", "preservation", "unrelated", "caption")
 BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite"}
@@ -55,7 +56,7 @@ SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "paraphrases", "preserva
               "classifier", "format"}
 
 
-class SuiteError(ValueError):
+class SuiteError(InputError, ValueError):
     """A suite that cannot be used; the message names the file and the key."""
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ear_dist.config import add_config_args, config_from_args
+from ear_dist.errors import InputError
 
 
 def register(sub) -> None:
@@ -70,10 +71,10 @@ def run_generate(args) -> int:
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise FileNotFoundError(f"prompts file not found: {path}")
+            raise InputError(f"--prompts-file: {path}: file not found")
         prompts += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+        raise InputError("no prompts: pass --prompt TEXT or --prompts-file FILE")
     prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
     bundle = load_janus(args.model or cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
     check_deltas(bundle.model, args.delta)

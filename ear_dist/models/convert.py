@@ -26,12 +26,13 @@ import torch
 
 from ear_dist.models.janus import ModelLoadError, is_original_format, load_janus, read_config_json
 from ear_dist.models.merge import replace_dir
+from ear_dist.errors import InputError
 
 CONVERTER_MODULE = "transformers.models.janus.convert_janus_weights_to_hf"
 CONVERTER_IN_REPOSITORY = "src/transformers/models/janus/convert_janus_weights_to_hf.py"
 
 
-class ConvertError(ValueError):
+class ConvertError(InputError, ValueError):
     """A conversion that cannot run or whose result does not load; the message says what to do."""
 
 

@@ -15,20 +15,26 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ear_dist.errors import InputError
 from ear_dist.models.janus import model_fingerprint
+from ear_dist.storage import save_safetensors
 
 FORMAT = "ear-dist-delta/1"
 
 
-class DeltaError(ValueError):
+class DeltaError(InputError, ValueError):
     """A delta that cannot be applied; the message names the file and the reason."""
 
 
 def save_delta(path: Union[str, Path], tensors: dict[str, torch.Tensor], base_fingerprint: str, base_model: str,
                concepts: Sequence[str], config: dict, extra: Optional[dict] = None) -> Path:
-    """Write the trained tensors with metadata; written to a temp name, then renamed (atomic)."""
+    """Write the trained tensors with metadata; written to a temp name, then renamed (atomic).
+
+    ``extra``: more metadata (the trainer records the run's hash, its identity and any
+    segments trained under other settings); a failed write leaves no file and raises
+    ``StorageError``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -39,10 +45,7 @@ def save_delta(path: Union[str, Path], tensors: dict[str, torch.Tensor], base_fi
         "config": json.dumps(config),
         "extra": json.dumps(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_safetensors(path, tensors, meta)
 
 
 def load_delta(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -18,6 +18,7 @@ from typing import Optional, Union
 import torch
 from transformers import JanusConfig, JanusForConditionalGeneration
 
+from ear_dist.errors import InputError
 from ear_dist.models.presets import (
     JANUS_PRO_TEMPLATE,
     PRESETS,
@@ -30,7 +31,7 @@ from ear_dist.models.presets import (
 PROMPT_FORMAT_FILE = "ear_dist_prompt.json"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError, ValueError):
     """A model directory that cannot be used; the message names the path and the problem."""
 
 
@@ -198,10 +199,13 @@ def load_janus(
             f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 'janus' (JanusForConditionalGeneration)"
             + hint)
     if not any(root.glob("*.safetensors")):
-        raise ModelLoadError(f"{root}: no *.safetensors weights found")
+        pickled = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
+        hint = (f" (only pickle files: {', '.join(pickled[:3])}; loading one can run code it carries: convert "
+                "them to safetensors where you trust them)") if pickled else ""
+        raise ModelLoadError(f"{root}: no *.safetensors weights found{hint}")
     try:
         model, info = JanusForConditionalGeneration.from_pretrained(
-            root, dtype=dt, output_loading_info=True, local_files_only=True
+            root, dtype=dt, output_loading_info=True, local_files_only=True, use_safetensors=True
         )
     except (RuntimeError, ValueError, OSError) as e:
         raise ModelLoadError(f"{root}: weights do not match config.json: {e}") from e

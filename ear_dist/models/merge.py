@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ear_dist.errors import InputError
 from ear_dist.models.delta import apply_deltas, compare_changes, delta_metadata
 from ear_dist.models.janus import JanusBundle, load_janus, model_fingerprint, save_janus
 
@@ -72,7 +73,7 @@ def check_conflicts(bundle: JanusBundle, deltas: Sequence[str], policy: str) -> 
             msg = (f"{pair.first} and {pair.second} change {pair.shared_tensors} shared tensors in opposite "
                    f"directions (cosine {pair.cosine:.3f}); their sum erases each concept less than alone")
             if policy == "error":
-                raise ValueError(msg + " (use --conflicts warn or sum to merge anyway)")
+                raise InputError(msg + " (use --conflicts warn or sum to merge anyway)")
             warnings.append(msg)
     return warnings
 
@@ -83,7 +84,7 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
     """Apply ``deltas`` to ``base`` and write the full model, its non-weight files and a model card to ``out``."""
     resolved = checkpoint_dtype(base) if dtype == "auto" else dtype
     if resolved not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+        raise InputError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
     report_data = _read_eval_report(eval_report) if eval_report else None
     bundle = load_janus(base, device="cpu", dtype=DTYPES[resolved])
     fingerprint = model_fingerprint(bundle.model)
@@ -124,11 +125,11 @@ def replace_dir(tmp: Path, out: Path) -> None:
 def _read_eval_report(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"--eval-report: {p} not found (the report.json that `ear-dist eval` writes)")
+        raise InputError(f"--eval-report: {p} not found (the report.json that `ear-dist eval` writes)")
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"--eval-report: {p} is not valid JSON ({e})") from e
+        raise InputError(f"--eval-report: {p} is not valid JSON ({e})") from e
 
 
 # --------------------------------------------------------------------------- the model card

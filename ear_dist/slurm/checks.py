@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ear_dist.config import Config, ConfigError, load_config
+from ear_dist.errors import InputError
 from launch.env import run_command
 
 
-class SlurmJobError(ValueError):
+class SlurmJobError(InputError, ValueError):
     """A Slurm job that cannot run as configured; the message names the key or variable."""
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from ear_dist.config import add_config_args, config_from_args
+from ear_dist.errors import RunFailure
 from ear_dist.slurm.render import TEMPLATES
 
 
@@ -42,14 +43,18 @@ def register(sub) -> None:
     a.set_defaults(func=run_array_status)
 
 
+class SubmitError(RunFailure, RuntimeError):
+    """sbatch is missing or refused the job; the message carries sbatch's own words."""
+
+
 def submit_script(script: str) -> str:
-    """``sbatch --parsable SCRIPT`` -> the job id; raises RuntimeError with sbatch's message."""
+    """``sbatch --parsable SCRIPT`` -> the job id; raises SubmitError (a RuntimeError) with sbatch's message."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise RuntimeError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run")
+        raise SubmitError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run")
     result = subprocess.run([sbatch, "--parsable", script], capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
-        raise RuntimeError(f"sbatch {script} failed with exit code {result.returncode}: {result.stderr.strip()}")
+        raise SubmitError(f"sbatch {script} failed with exit code {result.returncode}: {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]
 
 

@@ -13,7 +13,7 @@ the batch script; a process that runs alone in its job can call ``handler.requeu
             save_checkpoint()
             sys.exit(handler.exit_code)
 
-Exit codes: 0 done; 2 bad input found before training (config, pairs, allocation);
+Exit codes (``ear_dist.errors``): 0 done; 1 the run failed; 2 bad config or input;
 75 (EX_TEMPFAIL) stopped on purpose after a checkpoint, run again to resume.
 """
 
@@ -27,14 +27,14 @@ import time
 from collections.abc import Mapping
 from typing import Optional
 
+from ear_dist.errors import EXIT_PREEMPTED, RunFailure
+
 EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 75
 
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
-class PreemptionError(RuntimeError):
+class PreemptionError(RunFailure, RuntimeError):
     """The job cannot be requeued; the message says why."""
 
 

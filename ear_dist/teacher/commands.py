@@ -17,7 +17,7 @@ def register(sub) -> None:
 
 
 def run_precompute(args) -> int:
-    from ear_dist.data.stream import check_pairs, load_training_pairs
+    from ear_dist.data.stream import open_pair_stream
     from ear_dist.models.janus import load_janus, model_fingerprint
     from ear_dist.teacher.base import TeacherSettings
     from ear_dist.teacher.colocated import ColocatedTeacher
@@ -25,13 +25,14 @@ def run_precompute(args) -> int:
 
     cfg = config_from_args(args)
     bundle = load_janus(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
-    pairs = load_training_pairs(cfg)
-    check_pairs(pairs, cfg.erase.on_missing_concept, bundle.num_image_tokens)
+    stream, _ = open_pair_stream(cfg, num_image_tokens=bundle.num_image_tokens, codebook_size=bundle.codebook_size)
     settings = TeacherSettings.from_config(cfg.erase, cfg.rollout)
-    requests = run_requests(pairs, cfg.train.pairs_per_step, cfg.train.steps, cfg.train.seed, cfg.data.shuffle,
-                            settings, args.batch_size, bundle.device)
-    index = precompute(ColocatedTeacher(bundle), requests, args.out, settings,
-                       {"base_fingerprint": model_fingerprint(bundle.model), "model": cfg.model.path})
+    requests = run_requests(stream, cfg.train.steps, settings, args.batch_size, bundle.device)
+    try:
+        index = precompute(ColocatedTeacher(bundle), requests, args.out, settings,
+                           {"base_fingerprint": model_fingerprint(bundle.model), "model": cfg.model.path})
+    finally:
+        stream.close()
     print(f"precomputed {len(index['pairs'])} pairs ({settings.mode} outputs, rollouts from the "
           f"{settings.rollout_from} prompt) into {len(index['shards'])} shard(s) in {args.out}")
     return 0

@@ -118,7 +118,7 @@ def _build(cfg, runtime, bundle, settings, steps) -> Teacher:
     per_rank = cfg.train.pairs_per_step // runtime.dp_world
     payload = payload_for(settings, bundle.model, per_rank)
     if runtime.role == "teacher":
-        served = [s for s in runtime.student_ranks if runtime.teacher_of(s) == runtime.rank]
+        served = [runtime.student_ranks[i] for i in runtime.data_slices()]
         dp_index = {s: runtime.student_ranks.index(s) for s in served}
         return DedicatedServer(ColocatedTeacher(bundle), settings, payload, served, dp_index, runtime.dp_world, steps)
     return DedicatedTeacher(runtime.teacher_of(runtime.rank), payload, steps, bundle.device)

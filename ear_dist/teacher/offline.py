@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ear_dist.data.stream import PairBatch, PairStream
+from ear_dist.data.stream import PairBatch
+from ear_dist.errors import InputError
 from ear_dist.teacher.base import Teacher, TeacherOutputs, TeacherRequest, TeacherSettings, register_placement
 from ear_dist.teacher.colocated import ColocatedTeacher
 
@@ -30,7 +31,7 @@ INDEX = "index.json"
 FORMAT = "ear-dist-teacher/2"
 
 
-class OfflineTeacherError(ValueError):
+class OfflineTeacherError(InputError, ValueError):
     """A precomputed teacher directory that does not fit the run; the message says why."""
 
 
@@ -38,14 +39,15 @@ def pair_key(target: str, surrogate: str, seed: int) -> str:
     return hashlib.sha1(f"{target}\x00{surrogate}\x00{seed}".encode()).hexdigest()[:20]
 
 
-def run_requests(pairs, pairs_per_step: int, steps: int, seed: int, shuffle: bool, settings: TeacherSettings,
-                 batch_size: int, device=None) -> Iterator[TeacherRequest]:
-    """Requests covering every (pair, seed) a run with these settings can draw, each once.
+def run_requests(stream, steps: int, settings: TeacherSettings, batch_size: int, device=None
+                 ) -> Iterator[TeacherRequest]:
+    """Requests covering every (pair, seed) a run's first ``steps`` global batches draw, each once.
 
-    A pair with its own seed has one rollout; one without is seeded by its position in
-    the run's batch stream, so the run's steps are replayed here to get those seeds.
+    ``stream``: the run's pair stream (``data.stream.open_pair_stream`` with the whole
+    batch read here). A pair with its own seed has one rollout; one without is seeded by
+    its position in the run's batch stream, so the run's steps are replayed here to get
+    those seeds.
     """
-    stream = PairStream(pairs, pairs_per_step, seed, shuffle)
     seen: set = set()
     rows: list[tuple] = []
     for _ in range(steps):
@@ -119,7 +121,7 @@ class OfflineTeacher(Teacher):
         self.dir = Path(directory)
         idx = self.dir / INDEX
         if not idx.is_file():
-            raise FileNotFoundError(f"{idx}: no teacher index; run `ear-dist teacher precompute` first")
+            raise OfflineTeacherError(f"{idx}: no teacher index; run `ear-dist teacher precompute` first")
         self.index = json.loads(idx.read_text())
         if self.index.get("format") != FORMAT:
             raise OfflineTeacherError(f"{idx}: format {self.index.get('format')!r}, expected {FORMAT!r} "

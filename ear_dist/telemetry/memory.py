@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["MemoryStats", "peak_memory", "reset_peak_memory"]
+__all__ = ["MemoryStats", "current_rss_bytes", "peak_memory", "reset_peak_memory"]
 
 CUDA_ALLOCATED = "cuda peak allocated"
 PROCESS_RSS = "process peak RSS (since start)"
@@ -78,3 +78,14 @@ def reset_peak_memory(device: Optional[torch.device | str] = None) -> None:
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def current_rss_bytes() -> Optional[int]:
+    """The process's resident set size now (Linux ``/proc/self/statm``); None where it cannot be read."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ear_dist.config import ConfigError
 from ear_dist.models.janus import JanusBundle, teacher_forced, unconditional_ids
 from ear_dist.train.adapters import EditSpec, nullspace_projectors
 
@@ -109,7 +110,7 @@ class Preservation:
     def __init__(self, anchors: AnchorSet, weight: float, per_step: int, drift_power: float, refresh_every: int,
                  seed: int, dp_rank: int = 0, dp_world: int = 1):
         if per_step % dp_world:
-            raise ValueError(f"preserve.per_step: {per_step} is not divisible by the {dp_world} student ranks")
+            raise ConfigError(f"preserve.per_step: {per_step} is not divisible by the {dp_world} student ranks")
         self.anchors, self.weight, self.per_step = anchors, weight, min(per_step, len(anchors))
         self.drift_power, self.refresh_every = drift_power, refresh_every
         self.dp_rank, self.dp_world = dp_rank, dp_world

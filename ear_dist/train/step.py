@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ear_dist.config import EraseConfig, RolloutConfig
+from ear_dist.config import ConfigError, EraseConfig, RolloutConfig
 from ear_dist.data.stream import PairBatch
 from ear_dist.losses.svare import code_distance_filter, svare_loss
 from ear_dist.losses.windowed import guidance_combine, window_index
@@ -114,7 +114,7 @@ class ErasureStep:
             return self._esd(ids, mask, teach, rows)
         b, t = teach.tokens.shape
         if bool((rows.window_len > t).any()):
-            raise ValueError(f"erase.window_len: {int(rows.window_len.max())} > the {t} image tokens per image")
+            raise ConfigError(f"erase.window_len: {int(rows.window_len.max())} > the {t} image tokens per image")
         windows = window_index(b, t, rows.window_len, self.cfg.window_order, generator=self.generator,
                                device=teach.tokens.device)
         if self.cfg.update_mode == "sequence":

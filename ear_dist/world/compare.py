@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ear_dist.data.pairs import PromptPair
+from ear_dist.errors import InputError, RunFailure
 from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.world import World
 
@@ -51,7 +52,7 @@ def concept_groups(concept: str, split: str) -> dict[str, dict]:
                                                                      styles=[None]) for w in words}
     if concept in STYLES:
         return {concept: dict(styles=[concept])}
-    raise ValueError(f"concept {concept!r}: the world's concepts are {', '.join(CONCEPTS)}")
+    raise InputError(f"concept {concept!r}: the world's concepts are {', '.join(CONCEPTS)}")
 
 
 def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, batch_size: int = 64
@@ -112,7 +113,7 @@ def training_pairs(world: World, base, concept: str, n_pairs: int) -> list[Promp
     kept, _ = visual_filter(world, base, make_pairs(world, concept, n_pairs), concept,
                             guidance_weight=world.config.guidance_weight)
     if not kept:
-        raise ValueError(f"the visual filter kept no pair for {concept!r}: the world model does not draw it")
+        raise RunFailure(f"the visual filter kept no pair for {concept!r}: the world model does not draw it")
     return kept
 
 
@@ -140,7 +141,8 @@ def run_method(method: Method, model_path: str, world: World, pairs: dict[str, l
     from ear_dist.config import load_config
     from ear_dist.train.trainer import run_erase
 
-    sets = [f"model.path={model_path}", f"train.out_dir={out_dir}", "model.device=cpu",
+    # a comparison measures afresh: a previous run in out_dir is replaced, not resumed
+    sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={out_dir}", "model.device=cpu",
             f"erase.concept={concepts[0]}", f"train.seed={seed}", *base_overrides, *method.overrides]
     cfg = load_config(overrides=sets)
     cfg.train.steps *= steps_factor

@@ -81,7 +81,8 @@ def run_damage(cfg0, short_steps: int = 10, prompts: int = 48, out: str = "runs/
     kept, _ = visual_filter(world, base, make_pairs(world, "church", 32), "church")
 
     def erase(steps: int) -> str:
-        cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={Path(out) / f'steps{steps}'}",
+        cfg = load_config(overrides=["train.resume=never", f"model.path={model_path}",  # measured afresh
+                                     f"train.out_dir={Path(out) / f'steps{steps}'}",
                                      "erase.concept=church", "model.device=cpu", *WORLD_ERASE,
                                      f"train.steps={steps}"])
         return run_erase(cfg, [PromptPair(**asdict(p)) for p in kept], progress=False)["delta"]

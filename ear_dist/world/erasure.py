@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ear_dist.data.pairs import PromptPair
+from ear_dist.errors import InputError, RunFailure
 from ear_dist.models.janus import JanusBundle
 from ear_dist.models.rollout import rollout
 from ear_dist.world.grammar import OBJECTS, STYLES
@@ -240,7 +241,7 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     log(f"ECG: {len(pairs)} template pairs; VF kept {vf.kept} (target without {concept}: "
         f"{vf.dropped_target_without_concept}, surrogate with {concept}: {vf.dropped_surrogate_with_concept})")
     if not kept:
-        raise ValueError(f"the visual filter kept no pair for {concept!r}: the world model does not draw it "
+        raise RunFailure(f"the visual filter kept no pair for {concept!r}: the world model does not draw it "
                          "(build it to the target accuracy: ear-dist world build)")
     anchors = make_anchor_pairs(world, concept, n_anchors)
     if anchors:
@@ -248,10 +249,11 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     summaries, deltas = {}, []
     for name in ablations:
         if name not in ABLATIONS:
-            raise ValueError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
+            raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
     for name in ablations:
         run_dir = out_dir / "runs" / name.replace(" ", "-").lower()
-        cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={run_dir}",
+        # each call measures afresh (the world model may have been rebuilt): replace, do not resume
+        cfg = load_config(overrides=["train.resume=never", f"model.path={model_path}", f"train.out_dir={run_dir}",
                                      f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
                                      *overrides, *ABLATIONS[name]])
         train_pairs = [PromptPair(**asdict(p)) for p in kept]
@@ -297,13 +299,13 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     for c in concepts:
         kept, vf = visual_filter(world, base, make_pairs(world, c, n_pairs), c)
         if not kept:
-            raise ValueError(f"the visual filter kept no pair for {c!r}")
+            raise RunFailure(f"the visual filter kept no pair for {c!r}")
         pairs[c] = kept
         log(f"{c}: VF kept {vf.kept} of {n_pairs}")
 
     def cfg_for(name, steps_factor=1):
-        sets = [f"model.path={model_path}", f"train.out_dir={out_dir / 'runs' / name}", "model.device=cpu",
-                *overrides]
+        sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={out_dir / 'runs' / name}",
+                "model.device=cpu", *overrides]
         cfg = load_config(overrides=sets)
         cfg.train.steps *= steps_factor
         return cfg

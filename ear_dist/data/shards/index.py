@@ -6,7 +6,8 @@ Layout of a shard directory::
     pairs-000000.tar.idx.npy   # where each sample's members lie (optional; readers walk the tar without it)
     pairs-000001.tar
     ...
-    index.json                 # samples and bytes per shard, concept counts, config hash
+    index.json                 # samples and bytes per shard, concept counts, config hash, and per shard
+                               # the range of its stored token counts and ids ("tokens")
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import json
 from pathlib import Path
 from typing import Union
 
+from ear_dist.data.pairs import TOKEN_FIELDS  # noqa: F401 (re-exported: the shard member names)
+from ear_dist.errors import InputError
+
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 # beside each shard: int64 [samples, 6] = (offset, size) of its json, surrogate_tokens.npy and
 # target_tokens.npy members (-1 when absent), so readers need not walk the tar headers
 OFFSETS_SUFFIX = ".idx.npy"
 MEMBER_COLUMNS = ("json", "surrogate_tokens.npy", "target_tokens.npy")
-TOKEN_FIELDS = ("surrogate_tokens", "target_tokens")
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError, RuntimeError):
     """A shard that cannot be read (truncated, corrupt, or disagreeing with the index)."""
 
 

@@ -1,7 +1,10 @@
 """Writing shards: pairs into count- and size-bounded WebDataset tars, each with its offsets table.
 
 Each shard is written under ``NAME.tar.tmp`` and renamed when complete, and the index
-is written last, so a crashed build never leaves a shard that looks finished.
+is written last, so a crashed build never leaves a shard that looks finished; a write
+that fails (a full disk, a file size limit) removes the shard in progress and raises
+``StorageError`` naming it. Each shard's index entry records the range of its stored
+token counts and ids, so a run can check them against its model before it starts.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import numpy as np
 from ear_dist.data.pairs import PromptPair
 from ear_dist.data.shards.index import INDEX_NAME, INDEX_VERSION, OFFSETS_SUFFIX, TOKEN_FIELDS
 from ear_dist.data.shards.tar import member_table
+from ear_dist.errors import storage_error
+from ear_dist.storage import write_text_atomic
 
 
 def config_hash(config: dict) -> str:
@@ -81,19 +86,39 @@ class ShardWriter:
         else:
             self._abort()
 
+    def _guarded(self, path: Path, action):
+        """Run a write; an OSError removes the shard in progress and becomes a StorageError naming ``path``."""
+        try:
+            return action()
+        except OSError as e:
+            self._abort()
+            raise storage_error(path, e) from None
+
     def _open(self) -> None:
         from webdataset import TarWriter
 
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._name = name
-        self._file = open(self.out_dir / (name + ".tmp"), "wb")
+        self._file = self._guarded(self.out_dir / name, lambda: open(self.out_dir / (name + ".tmp"), "wb"))
         # a fixed integer mtime: the same pairs give byte-identical shards, and no pax
         # header (a float mtime would add 1 KiB per member)
         self._tar = TarWriter(self._file, mtime=0, user="ear-dist", group="ear-dist")
         self._count = 0
         self._bytes = 0
+        self._tokens: dict[str, list[int]] = {}
 
     def _finish(self) -> None:
+        self._guarded(self.out_dir / self._name, self._finish_files)
+        entry = {"name": self._name, "samples": self._count,
+                 "bytes": (self.out_dir / self._name).stat().st_size, "offsets": self._name + OFFSETS_SUFFIX}
+        if self._tokens:
+            entry["tokens"] = {name: dict(zip(("samples", "min_len", "max_len", "min_id", "max_id"), stats))
+                               for name, stats in self._tokens.items()}
+        self.shards.append(entry)
+        self._tar = None
+        self._file = None
+
+    def _finish_files(self) -> None:
         self._tar.close()  # also closes the file object
         tmp = self.out_dir / (self._name + ".tmp")
         with open(tmp, "rb+") as f:
@@ -101,35 +126,38 @@ class ShardWriter:
         # the member table first, so a renamed shard always has its table beside it
         offsets_name = self._name + OFFSETS_SUFFIX
         table = member_table(tmp)
-        with open(self.out_dir / (offsets_name + ".tmp"), "wb") as f:
-            np.save(f, table)
+        try:
+            with open(self.out_dir / (offsets_name + ".tmp"), "wb") as f:
+                np.save(f, table)
+        except OSError:
+            (self.out_dir / (offsets_name + ".tmp")).unlink(missing_ok=True)
+            raise
         os.replace(self.out_dir / (offsets_name + ".tmp"), self.out_dir / offsets_name)
         os.replace(tmp, self.out_dir / self._name)
-        self.shards.append({
-            "name": self._name, "samples": self._count,
-            "bytes": (self.out_dir / self._name).stat().st_size, "offsets": offsets_name,
-        })
-        self._tar = None
-        self._file = None
 
     def _abort(self) -> None:
         if self._tar is not None:
             try:
                 self._tar.close()
+            except OSError:
+                pass  # the shard in progress is removed either way
             finally:
                 (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
             self._tar = None
 
     def write(self, pair: PromptPair) -> None:
         """Append one pair; starts a new shard when the count or size bound would be passed."""
-        record = pair.to_dict()
+        record = pair.to_dict(tokens=False)  # tokens go into .npy members, without a detour through lists
         sample = {"__key__": f"{self.total:09d}"}
+        token_stats = {}
         for name in TOKEN_FIELDS:
-            tokens = record.pop(name, None)
+            tokens = getattr(pair, name)
             if tokens is not None:
+                ids = np.asarray(tokens, dtype=np.int32)
                 buf = io.BytesIO()
-                np.save(buf, np.asarray(tokens, dtype=np.int32))
+                np.save(buf, ids)
                 sample[f"{name}.npy"] = buf.getvalue()
+                token_stats[name] = (len(ids), int(ids.min()) if len(ids) else 0, int(ids.max()) if len(ids) else 0)
         sample["json"] = json.dumps(record, ensure_ascii=False).encode("utf-8")
         size = _tar_size(len(v) for k, v in sample.items() if k != "__key__")
         if self._tar is not None and (
@@ -138,9 +166,13 @@ class ShardWriter:
             self._finish()
         if self._tar is None:
             self._open()
-        self._tar.write(sample)
+        self._guarded(self.out_dir / self._name, lambda: self._tar.write(sample))
         self._count += 1
         self._bytes = self._tar.tarstream.offset  # exact, headers and padding included
+        for name, (length, low, high) in token_stats.items():
+            stats = self._tokens.get(name)
+            self._tokens[name] = [1, length, length, low, high] if stats is None else [
+                stats[0] + 1, min(stats[1], length), max(stats[2], length), min(stats[3], low), max(stats[4], high)]
         self.total += 1
         self.concept_counts[pair.concept] += 1
 
@@ -156,9 +188,7 @@ class ShardWriter:
             "config_hash": config_hash(self.config),
             "config": self.config,
         }
-        tmp = self.out_dir / (INDEX_NAME + ".tmp")
-        tmp.write_text(json.dumps(index, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, self.out_dir / INDEX_NAME)
+        write_text_atomic(self.out_dir / INDEX_NAME, json.dumps(index, indent=1, ensure_ascii=False))
         return index
 
 

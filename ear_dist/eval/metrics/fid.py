@@ -193,7 +193,7 @@ def cached_stats(cache_dir: Path, suite: str, model: FeatureModel, source_id: st
     key = hashlib.sha256(json.dumps([suite, model.id, source_id]).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{suite}-{model.name}-{key}.npz"
     if path.is_file():
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             return data["mu"], data["sigma"], True
     mu, sigma = feature_stats(compute())
     path.parent.mkdir(parents=True, exist_ok=True)
