@@ -29,10 +29,13 @@ def prompt_lengths(concept: str, pairs: int, step: int) -> tuple[int, int, int]:
     return rollout_len, pair_len, target_len
 
 
-@pytest.mark.parametrize("update_mode,target_mode", [("sequence", "hidden"), ("window", "hidden"), ("sequence", "logit")])
-def test_flops_follow_the_passes_of_the_step(tmp_path, update_mode, target_mode):
+@pytest.mark.parametrize("update_mode,target_mode,window_prefix", [
+    ("sequence", "hidden", "recompute"), ("window", "hidden", "recompute"), ("sequence", "logit", "recompute"),
+    ("window", "hidden", "cached")])
+def test_flops_follow_the_passes_of_the_step(tmp_path, update_mode, target_mode, window_prefix):
     # threshold 0 keeps every window, so every student forward is followed by a backward
-    cfg = tiny_cfg(update_mode=update_mode, target_mode=target_mode, window_len=4, loss_threshold=0)
+    cfg = tiny_cfg(update_mode=update_mode, target_mode=target_mode, window_len=4, loss_threshold=0,
+                   window_prefix=window_prefix)
     result = run_erasure_bench(cfg, steps=1, warmup=0, log_dir=tmp_path, echo=lambda *_: None)
     shape = janus_flops_shape(load_janus("tiny").model.config)
     rollout_len, pair_len, target_len = prompt_lengths("church", 2, 0)
@@ -47,6 +50,9 @@ def test_flops_follow_the_passes_of_the_step(tmp_path, update_mode, target_mode)
     else:  # one forward per window of 4 over a growing prefix
         prefixes = [4, 8, 12, 16]
     expected = sum(b * (target_len + p - 1) * train_flops_per_token(shape, target_len + p - 1) for p in prefixes)
+    if window_prefix == "cached":  # the prompt with the first window, then 4 new tokens attending to the cache
+        expected = b * (target_len + 3) * train_flops_per_token(shape, target_len + 3) + sum(
+            b * 4 * train_flops_per_token(shape, target_len + p - 1) for p in prefixes[1:])
     assert counts.flops[STUDENT_FWD_BWD] == expected
     # the partial backward (layers 0-1 of 4 trainable) executes fewer FLOPs than the 6N convention
     assert 0 < counts.executed_flops[STUDENT_FWD_BWD] < expected

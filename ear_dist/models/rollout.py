@@ -4,6 +4,10 @@ The batch holds the conditional rows first, then the unconditional rows (the pro
 with every token but BOS and begin-of-image replaced by pad), as transformers' Janus
 ``generate(generation_mode="image")`` and the official code do. Per-sample seeds make
 a prompt's image independent of the batch it was sampled in.
+
+``decode`` picks the token loop: ``eager`` (the loop below), or the lean path of
+``ear_dist.models.decode`` (``compiled``, ``cuda_graph``; ``auto`` = cuda_graph on CUDA,
+eager elsewhere), which gives the same tokens under greedy decoding.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import StaticCache
 
+from ear_dist.models.decode import lean_rollout_ids, resolve_decode
 from ear_dist.models.janus import JanusBundle, position_ids_from_mask, unconditional_ids
 
 
@@ -48,6 +53,7 @@ def rollout_ids(
     seeds: Optional[Sequence[int]] = None,
     num_image_tokens: Optional[int] = None,
     progress: bool = False,
+    decode: str = "eager",
 ) -> torch.Tensor:
     """Sample image tokens [B, T] for already-encoded prompts (left-padded, ending in BOI)."""
     model = bundle.model
@@ -59,6 +65,10 @@ def rollout_ids(
     guided = guidance_weight != 1.0
     if seeds is not None and len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for {batch} prompts")
+    mode = resolve_decode(decode, device)
+    if mode != "eager":
+        return lean_rollout_ids(bundle, input_ids, attention_mask, mode, guidance_weight, temperature, top_k, greedy,
+                                seeds, num_tokens, progress)
     generators = None
     if seeds is not None and not greedy:
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
@@ -109,6 +119,7 @@ def rollout(
     seeds: Optional[Sequence[int]] = None,
     batch_size: int = 0,
     progress: bool = False,
+    decode: str = "eager",
 ) -> torch.Tensor:
     """Image tokens [N, T] for a list of prompts, in batches of ``batch_size`` (0 = all at once)."""
     prompts = list(prompts)
@@ -128,7 +139,7 @@ def rollout(
         chunks.append(
             rollout_ids(
                 bundle, ids, mask, guidance_weight, temperature, top_k, greedy,
-                seeds[s : s + step] if seeds is not None else None, progress=progress,
+                seeds[s : s + step] if seeds is not None else None, progress=progress, decode=decode,
             )
         )
     return torch.cat(chunks)

@@ -41,6 +41,7 @@ class TeacherSettings:
     temperature: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    decode: str = "eager"
 
     @classmethod
     def from_config(cls, erase, rollout) -> "TeacherSettings":
@@ -49,7 +50,7 @@ class TeacherSettings:
         mode = "logit" if erase.method == "svare" else erase.target_mode
         with_uncond = erase.method != "svare" and mode == "logit" and erase.teacher_guidance_weight > 0
         return cls(erase.rollout_from, mode, with_uncond, float(erase.teacher_guidance_weight) if with_uncond else 0.0,
-                   float(r.guidance_weight), float(r.temperature), int(r.top_k), bool(r.greedy))
+                   float(r.guidance_weight), float(r.temperature), int(r.top_k), bool(r.greedy), r.decode)
 
     def as_dict(self) -> dict:
         return asdict(self)
