@@ -100,13 +100,13 @@ def resolve_paths(cfg: Config, cwd: Optional[Path] = None) -> Config:
 
 
 def job_config(cfg: Config, template: str, cwd: Optional[Path] = None) -> Config:
-    """The config the job runs: paths absolute; the bench runs one process on one node."""
+    """The config the job runs, with every path absolute."""
     resolved = resolve_paths(cfg, cwd)
     if template == "bench":
-        resolved.slurm.nodes = 1
-        resolved.slurm.tasks_per_node = 1
-        resolved.slurm.gpus_per_node = min(resolved.slurm.gpus_per_node, 1)
-        resolved.slurm.launcher = "srun"
+        taken = {"--out", "--baseline"} & {w.split("=")[0] for w in shlex.split(resolved.slurm.bench_args)}
+        if taken:
+            raise SlurmJobError(f"slurm.bench_args: {', '.join(sorted(taken))} is set by the bench template "
+                                f"(output under <train.out_dir>/bench); remove it")
     return resolved.validate()
 
 
@@ -183,6 +183,7 @@ def render_job(cfg: Config, template: str, out: Optional[Path] = None, cwd: Opti
         "setup_lines": "\n".join(s.setup),
         "rank_args": rank_args,
         "bench_args": _quote_args(s.bench_args),
+        "bench_out": shlex.quote(str(Path(job.train.out_dir) / "bench")),
         "num_concepts": str(len(s.concepts)),
         "concept_names": ", ".join(s.concepts) or "(none)",
     }
