@@ -76,19 +76,36 @@ class RolloutBench:
 
 
 def measure_rollouts(bundle, ids, mask, guidance_weight: float = 5.0, lean: Optional[str] = None,
-                     repeats: int = 3, with_generate: bool = True) -> RolloutBench:
+                     repeats: int = 3, with_generate: bool = True, warmup_tokens: Optional[int] = None
+                     ) -> RolloutBench:
     """Time our eager loop, the lean path (``lean``: a rollout.decode mode, or ``uncaptured``: the
-    graph's step run as is) and transformers' generate, interleaved, after one untimed call each."""
+    graph's step run as is) and transformers' generate, interleaved, after one untimed call each.
+
+    ``warmup_tokens``: the eager loop and generate warm up on this many image tokens instead
+    of a whole image (the lean path always warms up on a whole one: that call captures or
+    compiles its step); the tokens compared then come from the first timed repeat.
+    """
     device = ids.device
     sync = sync_of(device)
     fmt = bundle.prompt_format
-    gc = GenerationConfig(
-        bos_token_id=fmt.bos_token_id, pad_token_id=fmt.pad_token_id,
-        generation_kwargs={"boi_token_id": fmt.boi_token_id}, do_sample=False,
-        max_new_tokens=bundle.num_image_tokens, guidance_scale=guidance_weight,
-    )
+
+    def generation_config(tokens: int) -> GenerationConfig:
+        return GenerationConfig(
+            bos_token_id=fmt.bos_token_id, pad_token_id=fmt.pad_token_id,
+            generation_kwargs={"boi_token_id": fmt.boi_token_id}, do_sample=False,
+            max_new_tokens=tokens, guidance_scale=guidance_weight,
+        )
+
+    gc = generation_config(bundle.num_image_tokens)
     loops: dict[str, Callable[[], torch.Tensor]] = {
         EAGER: lambda: rollout_ids(bundle, ids, mask, guidance_weight=guidance_weight, greedy=True)}
+    warmups: dict[str, Callable[[], torch.Tensor]] = {}
+    if warmup_tokens:
+        short = generation_config(warmup_tokens)
+        warmups[EAGER] = lambda: rollout_ids(bundle, ids, mask, guidance_weight=guidance_weight, greedy=True,
+                                             num_image_tokens=warmup_tokens)
+        warmups[GENERATE] = lambda: bundle.model.generate(ids, attention_mask=mask, generation_mode="image",
+                                                          generation_config=short)
     if lean is not None:
         if lean == "uncaptured":
             from ear_dist.models.decode import lean_rollout_ids
@@ -105,7 +122,9 @@ def measure_rollouts(bundle, ids, mask, guidance_weight: float = 5.0, lean: Opti
     for name, fn in list(loops.items()):  # the first call compiles or captures, and gives the tokens
         try:
             with torch.no_grad():
-                bench.tokens[name] = fn()
+                out = warmups.get(name, fn)()
+            if name not in warmups:
+                bench.tokens[name] = out
         except Exception as e:  # e.g. a transformers release whose image generate is broken: say so
             bench.failed[name] = f"{type(e).__name__}: {e}"
             del loops[name]
@@ -115,9 +134,10 @@ def measure_rollouts(bundle, ids, mask, guidance_weight: float = 5.0, lean: Opti
             sync()
             t0 = time.perf_counter()
             with torch.no_grad():
-                fn()
+                out = fn()
             sync()
             bench.times[name].append(time.perf_counter() - t0)
+            bench.tokens.setdefault(name, out)
     return bench
 
 

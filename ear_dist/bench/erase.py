@@ -81,6 +81,16 @@ class SyntheticPromptBundle(JanusBundle):
         return ids, torch.ones_like(ids)
 
 
+def with_prompt_ids(bundle: JanusBundle, prompt_len: int = 24) -> JanusBundle:
+    """The bundle itself when it has a tokenizer; else one whose prompts become ``prompt_len`` random ids."""
+    if bundle.tokenizer is not None:
+        return bundle
+    fields = {f.name: getattr(bundle, f.name) for f in dataclasses.fields(JanusBundle)}
+    out = SyntheticPromptBundle(**fields)
+    out.prompt_len = prompt_len
+    return out
+
+
 def bench_pairs(concept: str, n: int, step: int) -> PairBatch:
     """``n`` prompt pairs for one benchmark step, from the built-in templates."""
     targets, surrogates = [], []
@@ -236,12 +246,14 @@ def _step_metrics(timing: StepTiming, counts: StepCounts, image_tokens: int, pai
 
 
 def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len: int = 24,
-                      echo=print, baseline: Optional[dict] = None) -> Optional[BenchResult]:
+                      echo=print, baseline: Optional[dict] = None,
+                      bundle: Optional[JanusBundle] = None) -> Optional[BenchResult]:
     """Run ``warmup + steps`` erasure steps on ``cfg.model.path``; return the mean over the last ``steps``.
 
     On several ranks every rank calls this; student ranks return their result (with the
     spread over all student ranks), teacher ranks of the dedicated placement serve the
     students and return None. ``baseline``: the same bench's one-rank ``bench.json``.
+    ``bundle``: an already built model to use instead of loading ``cfg.model.path``.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -254,11 +266,10 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
     rt = init_runtime(cfg)
     if not rt.is_main:
         echo = _silent
-    bundle = load_janus(cfg.model.path, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    if bundle is None:
+        bundle = load_janus(cfg.model.path, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
     if bundle.tokenizer is None:
-        fields = {f.name: getattr(bundle, f.name) for f in dataclasses.fields(JanusBundle)}
-        bundle = SyntheticPromptBundle(**fields)
-        bundle.prompt_len = prompt_len
+        bundle = with_prompt_ids(bundle, prompt_len)
         echo(f"{cfg.model.path}: no tokenizer, prompts are {prompt_len} random token ids")
     device = bundle.device
     dtype = next(bundle.model.parameters()).dtype
