@@ -288,6 +288,7 @@ def test_bench_template_scales_over_two_nodes(slurm_cluster, tmp_path, tiny_chec
     one = json.loads((tmp_path / "runs" / "bench" / "one-rank" / "bench.json").read_text())
     two = json.loads((tmp_path / "runs" / "bench" / "ranks" / "bench.json").read_text())
     assert (one["ranks"], two["ranks"]) == (1, 2)
+    assert one["pairs_per_step_per_rank"] == two["pairs_per_step_per_rank"] == 1  # equal work per GPU
     step = two["per_rank"]["step_ms"]
     assert step["min"] <= step["mean"] <= step["max"]
     assert two["per_rank"]["comm_share"]["max"] > 0  # ZeRO-2 gradients crossed the nodes

@@ -110,6 +110,15 @@ def job_config(cfg: Config, template: str, cwd: Optional[Path] = None) -> Config
     return resolved.validate()
 
 
+def baseline_pairs(cfg: Config) -> int:
+    """Pairs per step of the bench's one-rank baseline: one student rank's share of the job's, so the
+    scaling efficiency compares equal work per GPU."""
+    students = cfg.slurm.nodes * ranks_per_node(cfg)
+    if cfg.dist.teacher_placement == "dedicated":
+        students -= cfg.dist.teacher_ranks
+    return max(1, cfg.train.pairs_per_step // max(students, 1))
+
+
 def sbatch_directives(cfg: Config, template: str, workdir: Path) -> list[str]:
     """The ``#SBATCH`` lines for ``template``."""
     s = cfg.slurm
@@ -184,6 +193,7 @@ def render_job(cfg: Config, template: str, out: Optional[Path] = None, cwd: Opti
         "rank_args": rank_args,
         "bench_args": _quote_args(s.bench_args),
         "bench_out": shlex.quote(str(Path(job.train.out_dir) / "bench")),
+        "baseline_pairs": str(baseline_pairs(job)),
         "num_concepts": str(len(s.concepts)),
         "concept_names": ", ".join(s.concepts) or "(none)",
     }
