@@ -76,17 +76,22 @@ def counter_uniform(seeds: torch.Tensor, index: torch.Tensor, codes: torch.Tenso
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
+def tempered_logits(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """[rows, V] logits in float32 divided by the temperature, all but the ``top_k`` largest at -inf (0 = all)."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
 def gumbel_sample(logits: torch.Tensor, seeds: torch.Tensor, index: torch.Tensor, codes: torch.Tensor,
                   temperature: float, top_k: int, greedy: bool) -> torch.Tensor:
     """One token per row of [rows, V] logits: argmax, or Gumbel-max over temperature / top-k logits."""
     if greedy or temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
     gumbel = -torch.log(-torch.log(counter_uniform(seeds, index, codes)))
-    return (logits + gumbel).argmax(-1)
+    return (tempered_logits(logits, temperature, top_k) + gumbel).argmax(-1)
 
 
 # --------------------------------------------------------------------------- the decoder

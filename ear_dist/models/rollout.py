@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import StaticCache
 
-from ear_dist.models.decode import lean_rollout_ids, resolve_decode
+from ear_dist.models.decode import lean_rollout_ids, resolve_decode, tempered_logits
 from ear_dist.models.janus import JanusBundle, position_ids_from_mask, unconditional_ids
 
 
@@ -31,11 +31,7 @@ def sample_next(
     """Pick one token per row from [R, V] logits (greedy, or temperature/top-k sampling)."""
     if greedy or temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(tempered_logits(logits, temperature, top_k), dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
