@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import shlex
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -300,7 +301,7 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
     instruments = StudentInstruments(student.module, timers, shape, student.num_trainable, lowest)
     step_fn = ErasureStep(student.module, bundle, teacher, cfg.erase, TimedUpdater(student.updater, instruments),
                           generator=torch.Generator().manual_seed(cfg.train.seed + rt.dp_rank), settings=settings)
-    comm_clock = _comm_clock(count_comms and student.zero_stage is not None)
+    comm_clock = _comm_clock(count_comms)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops(device_name, dtype)
@@ -359,7 +360,7 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
     )
     out.spread = rank_spread(_rank_figures(out), group=rt.student_group)
     if out.is_main:
-        write_json(Path(log_dir) / BENCH_JSON, out.as_json(" ".join(["ear-dist"] + sys.argv[1:])))
+        write_json(Path(log_dir) / BENCH_JSON, out.as_json(shlex.join(sys.argv)))  # the process's own command
     return out
 
 
