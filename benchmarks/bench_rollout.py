@@ -66,6 +66,12 @@ class RolloutBench:
             return None
         return bool(torch.equal(self.tokens[loop].cpu(), self.tokens[EAGER].cpu()))
 
+    def agreement(self, loop: str) -> Optional[float]:
+        """The share of image tokens equal to the eager loop's (None when either did not run)."""
+        if loop not in self.tokens or EAGER not in self.tokens:
+            return None
+        return float((self.tokens[loop].cpu() == self.tokens[EAGER].cpu()).float().mean())
+
     def rate(self, loop: str) -> Stat:
         return rate_stat(self.times[loop], self.image_tokens)
 

@@ -116,6 +116,7 @@ def part_rollout(bundle, scale: Scale) -> dict:
            "image_tokens_per_s": {k: bench.rate(k).as_dict() for k in bench.times}}
     for loop in (lean, GENERATE):
         out[f"same_tokens_as_eager: {loop}"] = bench.same_tokens(loop)
+        out[f"token_agreement_with_eager: {loop}"] = bench.agreement(loop)
     for loop in (lean, EAGER):
         ratio = bench.ratio(loop)
         out[f"{loop} / generate"] = ratio.as_dict() if ratio is not None else None
@@ -248,15 +249,14 @@ class Suite:
         return time.perf_counter() - self.t0
 
     def decode(self) -> str:
-        """The rollout.decode the later parts use: the lean path unless the rollout part saw it fail or differ
-        from the eager loop (then eager, and the JSON says so); ``uncaptured`` is a check, not a setting."""
+        """The rollout.decode the later parts use: the lean path unless the rollout part saw it fail (then
+        eager, and the JSON says so); ``uncaptured`` is a check, not a setting."""
         lean = self.scale.lean
         if lean == "uncaptured":
             return "eager"
-        rollout = self.record["parts"].get("rollout")
-        if rollout is not None and _figure(self.record, "rollout", f"same_tokens_as_eager: ours, lean ({lean})") \
-                is not True:
-            self.record["decode_fallback"] = f"rollout.decode=eager: the {lean} path failed or gave other tokens"
+        failed = _figure(self.record, "rollout", "failed") or {}
+        if f"ours, lean ({lean})" in failed:
+            self.record["decode_fallback"] = f"later parts use rollout.decode=eager: the {lean} path failed"
             return "eager"
         return lean
 
@@ -415,8 +415,12 @@ def markdown(record: dict) -> str:
         lines.append("")
     rates = _figure(record, "rollout", "image_tokens_per_s") or {}
     if rates:
-        lines += ["| rollout loop | image tokens/s |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v, ',.0f')} |" for k, v in rates.items()]
+        lines += ["| rollout loop | image tokens/s | tokens equal to the eager loop's |", "|---|---|---|"]
+        for k, v in rates.items():
+            agree = _figure(record, "rollout", f"token_agreement_with_eager: {k}")
+            lines.append(f"| {k} | {_fmt(v, ',.0f')} | {'-' if agree is None else f'{agree:.1%}'} |")
+        for k, error in (_figure(record, "rollout", "failed") or {}).items():
+            lines.append(f"| {k} | did not run: {error} | |")
         lines.append("")
     head = record["parts"].get("headline", {}).get("figures")
     if head:

@@ -41,6 +41,7 @@ def test_smoke_suite_runs_every_part_and_writes_what_it_measured(tmp_path):
     rollout = record["parts"]["rollout"]["figures"]
     assert rollout["same_tokens_as_eager: ours, lean (uncaptured)"] is True
     assert rollout["same_tokens_as_eager: transformers generate"] is True
+    assert rollout["token_agreement_with_eager: ours, lean (uncaptured)"] == 1.0
     for rate in rollout["image_tokens_per_s"].values():
         assert 0 < rate["min"] <= rate["median"] <= rate["max"] and rate["repeats"] == 2
 
