@@ -1,11 +1,13 @@
 """Distributed layouts on 2 ranks, one run: ZeRO-2 vs ZeRO-3 (step time, bytes moved per step) and
 dedicated vs colocated teacher (pairs/s), then a weak-scaling projection from the measured volumes.
 
-    python benchmarks/bench_distributed.py --steps 6
+    python benchmarks/bench_distributed.py --steps 6 --repeats 3
     python benchmarks/bench_distributed.py --project-only          # the 64-GPU projection alone
 
-Each layout is a real `torchrun --nproc_per_node=2 -m ear_dist erase` run (gloo on CPU);
-bytes come from DeepSpeed's comms logger (dist.log_comms=true), per rank per step.
+Each layout is a real `torchrun --nproc_per_node=2 -m ear_dist erase` run (gloo on CPU),
+run ``--repeats`` times interleaved with the others; times and ratios are the median
+(min-max) over the repeats. Bytes come from DeepSpeed's comms logger (dist.log_comms=true),
+per rank per step (the same in every repeat).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import Stat, ratio_stat, run_header  # noqa: E402
+
 PAIRS = [{"original_prompt": f"a {a} church {s}", "modified_prompt": f"a {a} {o} {s}", "concept": "church"}
          for a, o, s in [("red", "barn", "in snow"), ("old", "castle", "at night"), ("small", "windmill", "by the sea"),
                          ("tall", "lighthouse", "in a field")]]
@@ -105,6 +111,7 @@ def print_projection(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--project-only", action="store_true")
     ap.add_argument("--modules", default="attention", choices=["attention", "all"])
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
@@ -112,36 +119,42 @@ def main() -> None:
     ap.add_argument("--bus-gbps", type=float, default=400.0, help="per-GPU inter-node link (NDR InfiniBand)")
     ap.add_argument("--hbm-tbps", type=float, default=3.35, help="GPU memory bandwidth (H100 SXM)")
     args = ap.parse_args()
+    print("\n".join(run_header("bench_distributed")))
     if not args.project_only:
         from ear_dist.models.janus import save_tiny_checkpoint
 
+        layouts = {
+            "zero2 colocated": ["dist.deepspeed_config=ds_configs/zero2.json"],
+            "zero3 colocated": ["dist.deepspeed_config=ds_configs/zero3.json"],
+            "dedicated 1T+1S": ["dist.teacher_placement=dedicated", "dist.deepspeed_config=ds_configs/zero2.json"],
+        }
+        res: dict = {k: [] for k in layouts}
         with tempfile.TemporaryDirectory() as d:
             work = Path(d)
             model = save_tiny_checkpoint(work / "model", seed=0, grid_side=8, codebook_size=256)
             pairs = work / "pairs.json"
             pairs.write_text(json.dumps(PAIRS))
-            layouts = {
-                "zero2 colocated": ["dist.deepspeed_config=ds_configs/zero2.json"],
-                "zero3 colocated": ["dist.deepspeed_config=ds_configs/zero3.json"],
-                "dedicated 1T+1S": ["dist.teacher_placement=dedicated", "dist.deepspeed_config=ds_configs/zero2.json"],
-            }
-            res = {k: run_layout(k.split()[0] + k.split()[1], work, model, pairs, args.steps, v)
-                   for k, v in layouts.items()}
-        print(f"2 CPU ranks (gloo), tiny Janus 8x8 tokens, {args.steps} steps, 2 pairs per step")
-        print(f"{'layout':<18}{'s/step':>8}{'pairs/s':>9}{'student ranks':>14}{'comm KB/step/rank':>19}")
-        for k, s in res.items():
-            per_step = s["seconds"] / s["steps"]
+            for r in range(args.repeats):  # interleaved: machine noise hits every layout alike
+                for k, v in layouts.items():
+                    res[k].append(run_layout(f"{k.split()[0]}{k.split()[1]}-{r}", work, model, pairs, args.steps, v))
+        print(f"2 CPU ranks (gloo), tiny Janus 8x8 tokens, {args.steps} steps, 2 pairs per step; median (min-max) "
+              f"of {args.repeats} repeats")
+        t = {k: [s["seconds"] / s["steps"] for s in runs] for k, runs in res.items()}
+        print(f"{'layout':<18}{'s/step':>26}{'pairs/s':>26}{'student ranks':>14}{'comm KB/step/rank':>19}")
+        for k, runs in res.items():
+            s = runs[0]
             comm = sum(s.get("comm_bytes_per_step", {}).values()) / 1024
-            print(f"{k:<18}{per_step:>8.3f}{2 / per_step:>9.2f}{s['student_ranks']:>14}{comm:>19.1f}")
+            pairs_s = Stat.of([2 / x for x in t[k]])
+            print(f"{k:<18}{Stat.of(t[k]).fmt('.3f'):>26}{pairs_s.fmt('.2f'):>26}{s['student_ranks']:>14}"
+                  f"{comm:>19.1f}")
             for op, b in sorted(s.get("comm_bytes_per_step", {}).items()):
                 if b:
                     print(f"{'':<20}{op}: {b / 1024:.1f} KB")
-        t = {k: s["seconds"] / s["steps"] for k, s in res.items()}
-        c = {k: sum(s.get("comm_bytes_per_step", {}).values()) for k, s in res.items()}
-        print(f"ZeRO-3 / ZeRO-2: step time {t['zero3 colocated'] / t['zero2 colocated']:.2f}x, "
+        c = {k: sum(runs[0].get("comm_bytes_per_step", {}).values()) for k, runs in res.items()}
+        print(f"ZeRO-3 / ZeRO-2: step time {ratio_stat(t['zero3 colocated'], t['zero2 colocated']).fmt('.2f', 'x')}, "
               f"bytes per step {c['zero3 colocated'] / max(c['zero2 colocated'], 1):.1f}x")
         print(f"dedicated (1 teacher + 1 student) / colocated (2 students) pairs/s: "
-              f"{t['zero2 colocated'] / t['dedicated 1T+1S']:.2f}x")
+              f"{ratio_stat(t['zero2 colocated'], t['dedicated 1T+1S']).fmt('.2f', 'x')}")
     print_projection(args)
 
 

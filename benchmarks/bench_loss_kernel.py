@@ -14,24 +14,27 @@ runs the kernels under the Triton interpreter: a correctness smoke run, not a sp
 "extra MiB" is the peak memory allocated during forward + backward above what was
 allocated before (inputs), including the student's gradient; CUDA only (the CPU
 allocator keeps no peak statistics). Project goal on GPU for the kernels: >= 2x eager
-and >= 1.3x torch.compile in time, extra memory <= 25% of eager's.
+and >= 1.3x torch.compile in time, extra memory <= 25% of eager's. Times are the median
+(min-max) over the repeats, interleaved across the variants; ratios are taken per repeat.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import logging
 import os
-import platform
-import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import Stat, ratio_stat, run_header  # noqa: E402
+
+TRITON, TRITON_INTERPRETED = "triton", "triton (interpreter; not a speed figure)"
 GOAL_VS_EAGER = 2.0
 GOAL_VS_COMPILE = 1.3
 GOAL_MEMORY_SHARE = 0.25
@@ -84,6 +87,140 @@ def _threshold_keeping(window_sums, kept_fraction: float) -> float:
     return 0.5 * (ordered[masked - 1] + ordered[masked])
 
 
+@dataclass
+class LossRow:
+    """One variant at one (mode, batch): fwd+bwd seconds per repeat, peak extra memory, share of windows kept."""
+
+    mode: str
+    batch: int
+    variant: str
+    seconds: list
+    extra_mib: Optional[float]
+    kept: float
+    first_call_s: float  # warm-up, compilation included
+
+    @property
+    def ms(self) -> Stat:
+        return Stat.of(self.seconds).scaled(1e3)
+
+
+def loss_variants(device, block_size=None, compile_reference=True, interpret_triton=False) -> dict:
+    """eager (the reference), its torch.compile, and the fused Triton kernels where they can run."""
+    import torch
+
+    from ear_dist.train.loss import reference_windowed_loss, triton_available
+
+    # the reference reads the number of windows from the data (a graph break under
+    # torch.compile, by design); keep the log to this one line instead of dynamo's warning
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    variants = {"eager": reference_windowed_loss}
+    if compile_reference:
+        variants["compile"] = torch.compile(reference_windowed_loss)
+    gpu = torch.device(device).type == "cuda"
+    if (gpu and triton_available()) or interpret_triton:
+        from ear_dist.kernels.windowed_loss import fused_windowed_loss
+
+        label = TRITON if gpu else TRITON_INTERPRETED
+        variants[label] = functools.partial(fused_windowed_loss, block_size=block_size)
+    return variants
+
+
+def measure_loss(device, dtype, variants: dict, modes, batch_sizes, tokens: int, vocab: int, hidden: int,
+                 window_len: int = 48, kept_fraction: float = 0.5, teacher_cfg: bool = False, warmup: int = 1,
+                 repeats: int = 3) -> list:
+    """Forward + backward of every variant on the same inputs, repeats interleaved across variants."""
+    import torch
+
+    from ear_dist.losses.windowed import window_index
+    from ear_dist.train.loss import reference_windowed_loss
+
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    rows = []
+    for mode in modes:
+        width = vocab if mode == "logit" else hidden
+        for batch in batch_sizes:
+            g = torch.Generator(device="cpu").manual_seed(batch)
+            shape = (batch, tokens, width)
+
+            def make(scale=1.0):
+                return (scale * torch.randn(shape, generator=g)).to(device=device, dtype=dtype)
+
+            student = make().requires_grad_(True)
+            on_target, on_surrogate = make(), make()
+            uncond = make() if (teacher_cfg and mode == "logit") else None
+            guidance_weight = 5.0 if uncond is not None else 0.0
+            idx = window_index(batch, tokens, window_len, device=device)
+            # a threshold at the (1 - kept_fraction) quantile of the window sums
+            with torch.no_grad():
+                probe = reference_windowed_loss(mode, student, on_target, on_surrogate, idx, 0.0, 1.0,
+                                                uncond=uncond, guidance_weight=guidance_weight)
+                threshold = _threshold_keeping(probe.window_loss[probe.window_exists].float().cpu(), kept_fraction)
+            del probe
+
+            def run(fn):
+                student.grad = None
+                out = fn(mode, student, on_target, on_surrogate, idx, threshold, 1.0,
+                         uncond=uncond, guidance_weight=guidance_weight)
+                out.loss.backward()
+                return out
+
+            first, kept, extra = {}, {}, {}
+            for name, fn in variants.items():
+                t_first = time.perf_counter()
+                for _ in range(max(warmup, 1)):
+                    out = run(fn)
+                sync()
+                first[name] = time.perf_counter() - t_first
+                kept[name] = out.num_kept / max(out.num_windows, 1)
+                del out
+                extra[name] = None
+                if gpu:
+                    student.grad = None
+                    sync()
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                    run(fn)
+                    sync()
+                    extra[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            times = {name: [] for name in variants}
+            for _ in range(repeats):  # interleaved: machine noise hits every variant alike
+                for name, fn in variants.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    run(fn)
+                    sync()
+                    times[name].append(time.perf_counter() - t0)
+            for name in variants:
+                rows.append(LossRow(mode, batch, name, times[name], extra[name], kept[name], first[name]))
+            del student, on_target, on_surrogate, uncond
+            if gpu:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def loss_verdicts(rows: list) -> dict:
+    """Per Triton row (on a GPU): its speed-ups (per repeat) and memory share against eager and compile."""
+    out = {}
+    for r in rows:
+        if r.variant != TRITON:
+            continue
+        group = {x.variant: x for x in rows if (x.mode, x.batch) == (r.mode, r.batch)}
+        vs_eager = ratio_stat(group["eager"].seconds, r.seconds)
+        vs_compile = ratio_stat(group["compile"].seconds, r.seconds) if "compile" in group else None
+        eager_extra = group["eager"].extra_mib
+        share = r.extra_mib / eager_extra if r.extra_mib is not None and eager_extra else None
+        ok = (vs_eager.median >= GOAL_VS_EAGER and (vs_compile is None or vs_compile.median >= GOAL_VS_COMPILE)
+              and share is not None and share <= GOAL_MEMORY_SHARE)
+        out[(r.mode, r.batch)] = {"vs_eager": vs_eager, "vs_compile": vs_compile, "memory_share": share, "meets": ok}
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.interpret_triton:
@@ -95,136 +232,51 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ear_dist.train.loss import reference_windowed_loss, triton_available
-    from ear_dist.losses.windowed import window_index
+    from ear_dist.train.loss import triton_available
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here; use --device cpu", file=sys.stderr)
         return 2
-    dtype = getattr(torch, args.dtype)
     gpu = device.type == "cuda"
-
-    # the reference reads the number of windows from the data (a graph break under
-    # torch.compile, by design); keep the log to this one line instead of dynamo's warning
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    variants = {"eager": reference_windowed_loss}
-    if not args.no_compile:
-        variants["compile"] = torch.compile(reference_windowed_loss)
-    triton_label = None
-    if (gpu and triton_available()) or args.interpret_triton:
-        from ear_dist.kernels.windowed_loss import fused_windowed_loss
-
-        triton_label = "triton" if gpu else "triton (interpreter; not a speed figure)"
-        variants[triton_label] = functools.partial(fused_windowed_loss, block_size=args.block_size)
-
-    def sync():
-        if gpu:
-            torch.cuda.synchronize()
-
-    if gpu:
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     import importlib.metadata as md
 
-    triton_version = md.version("triton") if triton_available() else "absent"
-    print(f"# bench_loss_kernel  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"# device: {device_name}; torch {torch.__version__}; triton {triton_version}")
-    print(f"# T={args.tokens} V={args.vocab} H={args.hidden} dtype={args.dtype} window_len={args.window_len} "
-          f"kept~{args.kept_fraction:.0%} teacher_cfg={args.teacher_cfg} warmup={args.warmup} repeats={args.repeats} "
-          f"block_size={args.block_size or 'auto'}")
-    print(f"# command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}")
+    print("\n".join(run_header("bench_loss_kernel")))
+    print(f"# triton {md.version('triton') if triton_available() else 'absent'}; T={args.tokens} V={args.vocab} "
+          f"H={args.hidden} dtype={args.dtype} window_len={args.window_len} kept~{args.kept_fraction:.0%} "
+          f"teacher_cfg={args.teacher_cfg} warmup={args.warmup} repeats={args.repeats} "
+          f"block_size={args.block_size or 'auto'}; times: median (min-max) over the repeats")
+    variants = loss_variants(device, args.block_size, not args.no_compile, args.interpret_triton)
+    rows = measure_loss(device, getattr(torch, args.dtype), variants, args.modes, args.batch_sizes, args.tokens,
+                        args.vocab, args.hidden, args.window_len, args.kept_fraction, args.teacher_cfg, args.warmup,
+                        args.repeats)
 
-    rows = []
-    for mode in args.modes:
-        width = args.vocab if mode == "logit" else args.hidden
-        for batch in args.batch_sizes:
-            g = torch.Generator(device="cpu").manual_seed(batch)
-            shape = (batch, args.tokens, width)
-
-            def make(scale=1.0):
-                return (scale * torch.randn(shape, generator=g)).to(device=device, dtype=dtype)
-
-            student = make().requires_grad_(True)
-            on_target, on_surrogate = make(), make()
-            uncond = make() if (args.teacher_cfg and mode == "logit") else None
-            guidance_weight = 5.0 if uncond is not None else 0.0
-            idx = window_index(batch, args.tokens, args.window_len, device=device)
-            # a threshold at the (1 - kept_fraction) quantile of the window sums
-            with torch.no_grad():
-                probe = reference_windowed_loss(mode, student, on_target, on_surrogate, idx, 0.0, 1.0,
-                                                uncond=uncond, guidance_weight=guidance_weight)
-                threshold = _threshold_keeping(probe.window_loss[probe.window_exists].float().cpu(), args.kept_fraction)
-            del probe
-
-            def run(fn):
-                student.grad = None
-                out = fn(mode, student, on_target, on_surrogate, idx, threshold, 1.0,
-                         uncond=uncond, guidance_weight=guidance_weight)
-                out.loss.backward()
-                return out
-
-            results = {}
-            for name, fn in variants.items():
-                t_first = time.perf_counter()
-                for _ in range(max(args.warmup, 1)):
-                    out = run(fn)
-                sync()
-                first_s = time.perf_counter() - t_first
-                kept_share = out.num_kept / max(out.num_windows, 1)
-                del out
-                times = []
-                for _ in range(args.repeats):
-                    sync()
-                    t0 = time.perf_counter()
-                    run(fn)
-                    sync()
-                    times.append(time.perf_counter() - t0)
-                extra_mib = None
-                if gpu:
-                    student.grad = None
-                    sync()
-                    torch.cuda.reset_peak_memory_stats(device)
-                    base = torch.cuda.memory_allocated(device)
-                    run(fn)
-                    sync()
-                    extra_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-                results[name] = dict(ms=statistics.median(times) * 1e3, extra=extra_mib, warmup_s=first_s,
-                                     kept=kept_share)
-            for name, r in results.items():
-                rows.append((mode, batch, name, r, results))
-            del student, on_target, on_surrogate, uncond
-            if gpu:
-                torch.cuda.empty_cache()
-
-    header = (f"{'mode':<7}{'B':>4}  {'variant':<42}{'fwd+bwd ms':>12}{'x eager':>9}{'x compile':>11}"
+    header = (f"{'mode':<7}{'B':>4}  {'variant':<42}{'fwd+bwd ms':>26}{'x eager':>9}{'x compile':>11}"
               f"{'extra MiB':>11}{'% eager mem':>13}{'kept':>6}")
     print(header)
     print("-" * len(header))
-    verdicts = []
-    for mode, batch, name, r, group in rows:
-        eager = group["eager"]
-        interpreted = "interpreter" in name
-        vs_eager = eager["ms"] / r["ms"]
-        vs_compile = group["compile"]["ms"] / r["ms"] if "compile" in group and not interpreted else None
-        mem_share = (r["extra"] / eager["extra"]) if (r["extra"] is not None and eager["extra"]) else None
+    for r in rows:
+        group = {x.variant: x for x in rows if (x.mode, x.batch) == (r.mode, r.batch)}
+        interpreted = r.variant == TRITON_INTERPRETED
+        vs_eager = ratio_stat(group["eager"].seconds, r.seconds).median
+        vs_compile = ratio_stat(group["compile"].seconds, r.seconds).median \
+            if "compile" in group and not interpreted else None
+        eager_extra = group["eager"].extra_mib
+        share = r.extra_mib / eager_extra if r.extra_mib is not None and eager_extra else None
         compile_text = f"{vs_compile:.2f}x" if vs_compile else "-"
-        extra_text = f"{r['extra']:.1f}" if r["extra"] is not None else "n/a"
-        share_text = f"{mem_share:.0%}" if mem_share is not None else "n/a"
+        extra_text = f"{r.extra_mib:.1f}" if r.extra_mib is not None else "n/a"
+        share_text = f"{share:.0%}" if share is not None else "n/a"
         eager_text = "-" if interpreted else f"{vs_eager:.2f}x"
-        print(f"{mode:<7}{batch:>4}  {name:<42}{r['ms']:>12.3f}{eager_text:>9}{compile_text:>11}"
-              f"{extra_text:>11}{share_text:>13}{r['kept']:>6.0%}")
-        if gpu and name == triton_label:
-            ok = vs_eager >= GOAL_VS_EAGER and (vs_compile is None or vs_compile >= GOAL_VS_COMPILE) \
-                and (mem_share is not None and mem_share <= GOAL_MEMORY_SHARE)
-            verdicts.append(f"{mode} B={batch}: {'meets' if ok else 'MISSES'} the goal "
-                            f"({vs_eager:.2f}x eager, {compile_text} compile, {share_text} of eager's extra memory)")
+        print(f"{r.mode:<7}{r.batch:>4}  {r.variant:<42}{r.ms.fmt('.3f'):>26}{eager_text:>9}{compile_text:>11}"
+              f"{extra_text:>11}{share_text:>13}{r.kept:>6.0%}")
     if "compile" in variants:
         print("# compile: warmup includes compilation, timed calls do not; the reference graph-breaks once "
               "(number of windows read from the data)")
-    for line in verdicts:
-        print("# goal: " + line)
+    for (mode, batch), v in loss_verdicts(rows).items():
+        share = "n/a" if v["memory_share"] is None else f"{v['memory_share']:.0%}"
+        compile_text = "-" if v["vs_compile"] is None else v["vs_compile"].fmt(".2f", "x")
+        print(f"# goal: {mode} B={batch}: {'meets' if v['meets'] else 'MISSES'} the goal "
+              f"({v['vs_eager'].fmt('.2f', 'x')} eager, {compile_text} compile, {share} of eager's extra memory)")
     if not gpu:
         print("# CPU run: the speed goals are GPU goals; memory is reported on CUDA only")
     return 0

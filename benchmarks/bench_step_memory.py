@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 VARIANTS = ("before: step-built target", "fused: raw outputs", "torch reference")
 
 
@@ -115,6 +116,9 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(_one(args.one, args.pairs, args.codebook, args.grid, args.teacher_guidance)))
         return
+    from benchmarks.common import run_header
+
+    print("\n".join(run_header("bench_step_memory")))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     results: dict = {v: [] for v in VARIANTS}
     for r in range(args.repeats):

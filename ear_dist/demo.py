@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory for the report")
     p.add_argument("--concept", default="church", help="church, or a style: 'van gogh'")
     p.add_argument("--ablations", default="EAR", help="comma-separated: EAR, TLM off, window 1, random order, "
-                   "per-sequence updates, logit targets, S-VARE, ESD-style naive; or 'all'")
+                   "per-sequence updates, cached prefix, logit targets, S-VARE, ESD-style naive; or 'all'")
     p.add_argument("--pairs", type=int, default=32, help="ECG template pairs before the visual filter")
     p.add_argument("--anchors", type=int, default=0,
                    help="preservation anchors: prompts of the other concepts trained as their own surrogates (EAR runs)")

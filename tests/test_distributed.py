@@ -80,19 +80,22 @@ def reference(world):
     """One process, no DeepSpeed, colocated teacher: what every other layout must reproduce."""
     d, model, pairs = world
     out = {}
-    for mode in ("sequence", "window"):
-        cfg = load_config(overrides=_overrides(model, pairs, d / f"ref-{mode}", f"erase.update_mode={mode}"))
+    for mode, settings in UPDATES.items():
+        cfg = load_config(overrides=_overrides(model, pairs, d / f"ref-{mode}", *settings))
         out[mode] = run_erase(cfg, progress=False)["delta"]
     return out
 
 
+UPDATES = {"sequence": ["erase.update_mode=sequence"], "window": ["erase.update_mode=window"],
+           "window-cached": ["erase.update_mode=window", "erase.window_prefix=cached"]}
+
+
 @pytest.mark.parametrize("stage, mode", [("1", "sequence"), ("2", "sequence"), ("3", "sequence"),
-                                         ("3_offload", "sequence"), ("2", "window")])
+                                         ("3_offload", "sequence"), ("2", "window"), ("2", "window-cached")])
 def test_two_ranks_under_zero_give_the_one_process_delta(world, reference, stage, mode):
     d, model, pairs = world
     out = d / f"z{stage}-{mode}"
-    _torchrun(2, _overrides(model, pairs, out, f"erase.update_mode={mode}",
-                            f"dist.deepspeed_config=ds_configs/zero{stage}.json"))
+    _torchrun(2, _overrides(model, pairs, out, *UPDATES[mode], f"dist.deepspeed_config=ds_configs/zero{stage}.json"))
     assert _max_diff(reference[mode], out / "delta.safetensors") < TOLERANCE
     summary = json.loads((out / "summary.json").read_text())
     assert summary["student_ranks"] == 2

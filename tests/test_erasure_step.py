@@ -4,13 +4,13 @@ import copy
 
 import pytest
 import torch
-from transformers import JanusForConditionalGeneration
+from transformers import DynamicCache, JanusForConditionalGeneration
 
 from ear_dist.config import ConfigError, EraseConfig, RolloutConfig, TrainableConfig, load_config
 from ear_dist.data.pairs import PromptPair
 from ear_dist.losses.windowed import per_token_kl, per_token_mse
 from ear_dist.models.delta import DeltaError, apply_deltas, load_delta
-from ear_dist.models.janus import load_janus, teacher_forced
+from ear_dist.models.janus import load_janus, position_ids_from_mask, teacher_forced
 from ear_dist.teacher.base import TeacherRequest, TeacherSettings
 from ear_dist.teacher.colocated import ColocatedTeacher
 from ear_dist.train.loss import windowed_loss
@@ -234,6 +234,82 @@ def test_window_mode_equals_the_loop_written_out(tiny_bundle):
     assert 0 < kept < 6
     got, want = _trained(student, names), _trained(ref_student, names)
     _assert_same_updates(before, got, want)
+
+
+class RecordingUpdater(Updater):
+    """An updater that keeps the value of every loss it backpropagates."""
+
+    def __init__(self, optimizer):
+        super().__init__(optimizer)
+        self.losses = []
+
+    def backward(self, loss):
+        self.losses.append(float(loss.detach()))
+        super().backward(loss)
+
+
+def test_cached_prefix_windows_follow_their_definition(tiny_bundle):
+    """window_prefix=cached: the first window is the exact one; every later window is the updated
+    student on its own tokens, attending to the keys/values of earlier tokens as the student computed
+    them when it got there. Written out by hand the way generation proceeds: one token at a time
+    through a KV cache, the weights changing at window ends."""
+    names, teacher, student, opt = _setup(tiny_bundle)
+    exact_student = copy.deepcopy(student)
+    exact = RecordingUpdater(torch.optim.Adam([p for p in exact_student.parameters() if p.requires_grad], lr=1e-2))
+    ref_student = copy.deepcopy(student)
+    ref_opt = torch.optim.Adam([p for p in ref_student.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batch(tiny_bundle, seed=3)
+    window_len = 6
+    tau = _median_window_sum(tiny_bundle, teacher, student, batch, window_len)
+    before = _trained(student, names)
+    cached = RecordingUpdater(opt)
+    res = ErasureStep(student, tiny_bundle, teacher, EraseConfig(update_mode="window", window_len=window_len,
+                      loss_threshold=tau, window_prefix="cached"), cached)(batch)
+    ErasureStep(exact_student, tiny_bundle, teacher, EraseConfig(update_mode="window", window_len=window_len,
+                loss_threshold=tau), exact)(batch)
+    assert cached.losses[0] == exact.losses[0]
+
+    teach = _outputs(teacher, batch.surrogate_tokens)
+    target = 2 * teach.on_surrogate - teach.on_target
+    ids, mask = tiny_bundle.encode_prompts(TARGETS)
+    p = ids.shape[1]
+    full_mask = torch.cat([mask, torch.ones(2, 15, dtype=mask.dtype)], 1)
+    positions = position_ids_from_mask(full_mask)
+    lm = ref_student.model.language_model
+    cache = DynamicCache()
+
+    def forward(embeds, end):  # sequence positions end - len .. end - 1, through the cache
+        out = lm(inputs_embeds=embeds, attention_mask=full_mask[:, :end],
+                 position_ids=positions[:, end - embeds.shape[1]:end], past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[:, -1]
+
+    steps, kept, losses = 0, 0, []
+    for start in range(0, 16, window_len):
+        states = []
+        for i in range(start, min(start + window_len, 16)):  # image position i predicts image token i
+            if i == 0:  # the prompt, ending in begin-of-image, with the first window's student
+                states.append(forward(ref_student.get_input_embeddings()(ids), p))
+            else:
+                token = batch.surrogate_tokens[:, i - 1: i]
+                states.append(forward(ref_student.prepare_embeddings_for_image_generation(token), p + i))
+        h = torch.stack(states, 1)
+        sums = ((h - target[:, start: start + h.shape[1]]) ** 2).mean(-1).sum(1)
+        keep = sums.detach() >= tau
+        if keep.any():
+            loss = sums[keep].sum() / (2 * h.shape[1])
+            losses.append(float(loss.detach()))
+            loss.backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            steps += 1
+            kept += int(keep.sum())
+        for layer in cache.layers:  # what later windows read is what was computed here
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+    assert res.optimizer_steps == steps and res.windows_kept == kept and 0 < kept < 6
+    assert cached.losses == pytest.approx(losses, rel=1e-4)
+    _assert_same_updates(before, _trained(student, names), _trained(ref_student, names))
+    # and it is another objective than the exact one once the student has moved
+    assert cached.losses[1:] != pytest.approx(exact.losses[1:], rel=1e-2)
 
 
 def test_masked_windows_change_nothing(tiny_bundle):

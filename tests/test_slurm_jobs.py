@@ -75,8 +75,16 @@ def test_directives_follow_the_launch_mode(tmp_path):
     array = render_job(load_config(base=cfg.to_dict(), overrides=["slurm.array_parallel=1"]), "erase_array",
                        cwd=tmp_path).text
     assert "#SBATCH --array=0-1%1\n" in array and "%x-%A_%a.out" in array
-    bench = render_job(cfg, "bench", cwd=tmp_path).text
-    assert "#SBATCH --nodes=1\n" in bench and "#SBATCH --gpus-per-node=1\n" in bench
+    bench = render_job(cfg, "bench", cwd=tmp_path).text  # the bench runs on the whole allocation
+    assert "#SBATCH --nodes=4\n" in bench and "#SBATCH --gpus-per-node=8\n" in bench
+    assert "RANKS_PER_NODE=8\n" in bench and f"BENCH_OUT={tmp_path / 'runs' / 'bench'}\n" in bench
+    # the one-rank baseline does one rank's share of the work: 64 pairs over 32 ranks
+    weak = render_job(load_config(base=cfg.to_dict(), overrides=["train.pairs_per_step=64"]), "bench",
+                      cwd=tmp_path).text
+    assert '--out "$BENCH_OUT/one-rank" --set train.pairs_per_step=2 &' in weak
+    with pytest.raises(SlurmJobError, match="slurm.bench_args: --out is set by the bench template"):
+        render_job(load_config(base=cfg.to_dict(), overrides=["slurm.bench_args=--steps 3 --out x"]), "bench",
+                   cwd=tmp_path)
 
 
 def test_rank_args_default_to_erase_with_the_resolved_config(tmp_path):

@@ -269,16 +269,31 @@ def test_template_forwards_preemption_and_requeues(slurm_cluster, tmp_path):
     assert "requeueing job" in log and re.search(r"job \d+ \(restart 1\)", log)
 
 
-def test_bench_template_runs_the_benchmark(slurm_cluster, tmp_path, tiny_checkpoint):
+def test_bench_template_scales_over_two_nodes(slurm_cluster, tmp_path, tiny_checkpoint):
+    """The bench on one rank (the baseline), then ZeRO-2 on 2 emulated nodes: per-rank spread, communication
+    share and scaling efficiency in the log and in bench.json."""
     config = _write_config(tmp_path, {
-        "model": {"path": str(tiny_checkpoint)}, "train": {"out_dir": "runs"}, "erase": {"window_len": 4},
-        "slurm": {"nodes": 2, "cpus_per_task": 1, "job_name": "bench", "bench_args": "--steps 1 --warmup 0"}})
+        "model": {"path": str(tiny_checkpoint)}, "train": {"out_dir": "runs", "pairs_per_step": 2},
+        "erase": {"window_len": 8}, "trainable": {"first_k_layers": 2},
+        "dist": {"deepspeed_config": os.path.join(REPO_ROOT, "ds_configs", "zero2.json")},
+        "slurm": {"nodes": 2, "cpus_per_task": 1, "launcher": "srun", "job_name": "bench",
+                  "bench_args": "--steps 1 --warmup 1"}})
     job_id = _submit(slurm_cluster, tmp_path, config, "bench")
-    [record] = slurm_cluster.wait_job(job_id, timeout_s=60)
+    [record] = slurm_cluster.wait_job(job_id, timeout_s=240)
     log = (tmp_path / "runs" / "slurm" / f"bench-{job_id}.out").read_text()
-    assert record["JobState"] == "COMPLETED", log
-    assert "1 nodes x 1 ranks" in log and re.search(r"^step +[\d.]+ +100\.0%", log, re.M), log
-    assert (tmp_path / "runs" / "bench" / "metrics.jsonl").is_file()
+    assert record["JobState"] == "COMPLETED", log[-4000:]
+    assert "2 nodes x 1 ranks" in log and "the same bench on one rank first" in log
+    assert len(re.findall(r"^step +[\d.]+ +100\.0%", log, re.M)) == 2, log  # baseline and the 2-rank run
+    assert "figures of each of the 2 student ranks" in log and "scaling efficiency:" in log, log
+    one = json.loads((tmp_path / "runs" / "bench" / "one-rank" / "bench.json").read_text())
+    two = json.loads((tmp_path / "runs" / "bench" / "ranks" / "bench.json").read_text())
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    assert one["pairs_per_step_per_rank"] == two["pairs_per_step_per_rank"] == 1  # equal work per GPU
+    step = two["per_rank"]["step_ms"]
+    assert step["min"] <= step["mean"] <= step["max"]
+    assert two["per_rank"]["comm_share"]["max"] > 0  # ZeRO-2 gradients crossed the nodes
+    assert two["scaling_efficiency"] == pytest.approx(
+        two["image_tokens_per_s_per_gpu"] / one["image_tokens_per_s_per_gpu"])
 
 
 ERASE_WITH_PREEMPTION = """

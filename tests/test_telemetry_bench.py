@@ -29,10 +29,13 @@ def prompt_lengths(concept: str, pairs: int, step: int) -> tuple[int, int, int]:
     return rollout_len, pair_len, target_len
 
 
-@pytest.mark.parametrize("update_mode,target_mode", [("sequence", "hidden"), ("window", "hidden"), ("sequence", "logit")])
-def test_flops_follow_the_passes_of_the_step(tmp_path, update_mode, target_mode):
+@pytest.mark.parametrize("update_mode,target_mode,window_prefix", [
+    ("sequence", "hidden", "recompute"), ("window", "hidden", "recompute"), ("sequence", "logit", "recompute"),
+    ("window", "hidden", "cached")])
+def test_flops_follow_the_passes_of_the_step(tmp_path, update_mode, target_mode, window_prefix):
     # threshold 0 keeps every window, so every student forward is followed by a backward
-    cfg = tiny_cfg(update_mode=update_mode, target_mode=target_mode, window_len=4, loss_threshold=0)
+    cfg = tiny_cfg(update_mode=update_mode, target_mode=target_mode, window_len=4, loss_threshold=0,
+                   window_prefix=window_prefix)
     result = run_erasure_bench(cfg, steps=1, warmup=0, log_dir=tmp_path, echo=lambda *_: None)
     shape = janus_flops_shape(load_janus("tiny").model.config)
     rollout_len, pair_len, target_len = prompt_lengths("church", 2, 0)
@@ -47,6 +50,9 @@ def test_flops_follow_the_passes_of_the_step(tmp_path, update_mode, target_mode)
     else:  # one forward per window of 4 over a growing prefix
         prefixes = [4, 8, 12, 16]
     expected = sum(b * (target_len + p - 1) * train_flops_per_token(shape, target_len + p - 1) for p in prefixes)
+    if window_prefix == "cached":  # the prompt with the first window, then 4 new tokens attending to the cache
+        expected = b * (target_len + 3) * train_flops_per_token(shape, target_len + 3) + sum(
+            b * 4 * train_flops_per_token(shape, target_len + p - 1) for p in prefixes[1:])
     assert counts.flops[STUDENT_FWD_BWD] == expected
     # the partial backward (layers 0-1 of 4 trainable) executes fewer FLOPs than the 6N convention
     assert 0 < counts.executed_flops[STUDENT_FWD_BWD] < expected
@@ -138,3 +144,66 @@ def test_presets_without_tokenizer_run_on_synthetic_prompt_ids(tmp_path, monkeyp
     assert bool((ids[:, 0] == bundle.prompt_format.bos_token_id).all())
     assert bool((ids[:, -1] == bundle.prompt_format.boi_token_id).all())
     assert torch.equal(ids[0], ids[2]) and not torch.equal(ids[0], ids[1])  # seeded by the prompt text
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_bench_on_two_ranks_with_a_dedicated_teacher_scales_against_one_rank(tmp_path):
+    """torchrun, 2 gloo ranks: rank 0 serves the teacher, rank 1 trains; the student rank prints the
+    per-rank table and the scaling against the same bench on one rank (where the teacher is colocated)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    common = ["--steps", "2", "--warmup", "1", "--set", "model.path=tiny", "--set", "erase.window_len=8",
+              "--set", "trainable.first_k_layers=2", "--set", "dist.teacher_placement=dedicated"]
+    one = subprocess.run([sys.executable, "-m", "ear_dist", "bench", "--out", str(tmp_path / "one"), *common],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "one rank: dist.teacher_placement=dedicated runs as colocated" in one.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "-m", "ear_dist", "bench", "--out", str(tmp_path / "two"),
+                          "--baseline", str(tmp_path / "one" / "bench.json"), *common],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert two.stdout.count("figures of each of the 1 student ranks") == 1  # printed once, by the student
+    assert "communication: n/a (no DeepSpeed collectives to time)" in two.stdout
+    result = json.loads((tmp_path / "two" / "bench.json").read_text())
+    baseline = json.loads((tmp_path / "one" / "bench.json").read_text())
+    assert (result["ranks"], result["student_ranks"], baseline["ranks"]) == (2, 1, 1)
+    # two GPUs, one of them training: per GPU is half of what the student rank trains
+    assert result["image_tokens_per_s_per_gpu"] == pytest.approx(result["image_tokens_per_s"] / 2)
+    assert result["scaling_efficiency"] == pytest.approx(
+        result["image_tokens_per_s_per_gpu"] / baseline["image_tokens_per_s_per_gpu"])
+    assert f"scaling efficiency: {100 * result['scaling_efficiency']:.1f}%" in two.stdout
+
+
+def test_a_baseline_that_is_not_a_one_rank_bench_is_a_clear_error(tmp_path):
+    import json
+
+    from ear_dist.bench.scaling import read_baseline, rank_spread
+    from ear_dist.errors import InputError
+
+    with pytest.raises(InputError, match="run `ear-dist bench` on one rank first"):
+        read_baseline(tmp_path / "missing.json")
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"ranks": 4, "image_tokens_per_s_per_gpu": 10.0}))
+    with pytest.raises(InputError, match="measured on 4 ranks; the baseline is the bench on one rank"):
+        read_baseline(path)
+    path.write_text(json.dumps({"ranks": 1}))
+    with pytest.raises(InputError, match="key 'image_tokens_per_s_per_gpu' missing"):
+        read_baseline(path)
+    # one process: the spread of a figure is the figure; a figure no rank has stays unknown
+    spread = rank_spread({"step_ms": 12.5, "power_w": None})
+    assert (spread["step_ms"].mean, spread["step_ms"].min, spread["step_ms"].max) == (12.5, 12.5, 12.5)
+    assert spread["power_w"] is None

@@ -12,7 +12,9 @@ def register(sub) -> None:
         description="Runs warm-up + N erasure steps with the config's model, method and settings, and prints "
         "ms/step, share, image tokens/s and MFU per phase (teacher rollout, teacher targets, student "
         "forward/backward, loss, optimizer, data wait), peak memory and NVML power/energy. The same "
-        "figures go to TensorBoard and metrics.jsonl in --out.",
+        "figures go to TensorBoard, metrics.jsonl and bench.json in --out. Under torchrun, srun or mpirun "
+        "every rank runs it (ZeRO stage and teacher placement from the config) and the per-rank figures are "
+        "shown as mean, min and max over the ranks, with the communication share.",
     )
     add_config_args(p)
     p.add_argument("--steps", type=int, default=5, help="measured steps (default 5)")
@@ -20,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="TensorBoard + metrics.jsonl directory (default <train.out_dir>/bench)")
     p.add_argument("--prompt-len", type=int, default=24,
                    help="prompt length in tokens for presets without a tokenizer (janus-pro-7b)")
+    p.add_argument("--baseline", default=None, metavar="BENCH_JSON",
+                   help="bench.json of the same bench on one rank: print the scaling efficiency against it")
     p.add_argument(
         "--compare", default=None, metavar="KEY=BASELINE,CANDIDATE",
         help="run the benchmark twice, with KEY=BASELINE then KEY=CANDIDATE, and print ratio rows "
@@ -64,6 +68,7 @@ def run_bench(args) -> int:
 
     from ear_dist.config import load_config
     from ear_dist.bench.erase import run_erasure_bench
+    from ear_dist.bench.scaling import read_baseline
     from ear_dist.telemetry.report import ratio_table
 
     def config(extra=()):
@@ -71,19 +76,24 @@ def run_bench(args) -> int:
 
     cfg = config()
     out = Path(args.out) if args.out else Path(cfg.train.out_dir) / "bench"
+    baseline = read_baseline(args.baseline) if args.baseline else None
     if not args.compare:
-        result = run_erasure_bench(cfg, steps=args.steps, warmup=args.warmup, log_dir=out, prompt_len=args.prompt_len)
-        print(result.summary())
+        result = run_erasure_bench(cfg, steps=args.steps, warmup=args.warmup, log_dir=out, prompt_len=args.prompt_len,
+                                   baseline=baseline)
+        if result is not None and result.is_main:  # teacher ranks return None; one rank prints
+            print(result.summary())
         return 0
     key, base_value, cand_value = parse_compare(args.compare)
     results = []
     for value in (base_value, cand_value):
-        print(f"== {key}={value}")
         result = run_erasure_bench(config([f"{key}={value}"]), steps=args.steps, warmup=args.warmup,
-                                   log_dir=out / f"{key}={value}", prompt_len=args.prompt_len)
-        print(result.summary())
+                                   log_dir=out / f"{key}={value}", prompt_len=args.prompt_len, baseline=baseline)
+        if result is not None and result.is_main:
+            print(f"== {key}={value}")
+            print(result.summary())
         results.append(result)
-    title = (f"comparison in one run, {key}: baseline {base_value}, candidate {cand_value} "
-             f"(ratio > 1: the candidate is better)")
-    print(ratio_table(comparison_ratios(results[0], results[1]), title=title))
+    if results[0] is not None and results[0].is_main:
+        title = (f"comparison in one run, {key}: baseline {base_value}, candidate {cand_value} "
+                 f"(ratio > 1: the candidate is better)")
+        print(ratio_table(comparison_ratios(results[0], results[1]), title=title))
     return 0

@@ -1,24 +1,34 @@
 """``ear-dist bench``: the erasure job's own parts, timed per phase; tokens/s, MFU, memory, NVML.
 
 The job is built with the trainer's builders (teacher placement, student and updater,
-step) and observed from outside by :mod:`ear_dist.bench.instruments`; getting the
-batch is ``data_wait``: the training pair stream of ``data.pairs`` when it is set (a
-shard directory streams, as in a run), else built-in template pairs.
+step) and observed from outside by :mod:`ear_dist.bench.instruments`; building the
+batch is ``data_wait``: the training pair stream of ``data.pairs`` when it is set (a shard
+directory streams, as in a run), else built-in template pairs. It runs in one process or on every rank of a launched job
+(torchrun, srun, mpirun): the ZeRO stage and teacher placement come from the config,
+all ranks walk the same stream of global batches, every student rank measures its own
+figures, and :mod:`ear_dist.bench.scaling` reduces them across ranks (mean, min, max),
+with the time inside DeepSpeed's collectives as the communication share and, given the
+same bench's one-rank ``bench.json``, the scaling efficiency.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import shlex
+import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ear_dist.bench.instruments import StepCounts, StudentInstruments, TimedTeacher, TimedUpdater
-from ear_dist.config import Config
-from ear_dist.data.stream import PairBatch, open_pair_stream
+from ear_dist.bench.scaling import BENCH_JSON, rank_spread, scaling_efficiency, spread_table
+from ear_dist.config import Config, ConfigError
+from ear_dist.data.pairs import PromptPair
+from ear_dist.data.stream import PairBatch, PairStream, open_pair_stream
 from ear_dist.models.janus import JanusBundle, load_janus
 from ear_dist.teacher.base import TeacherSettings, build_teacher
 from ear_dist.telemetry.flops import janus_flops_shape, mfu, peak_flops
@@ -26,7 +36,7 @@ from ear_dist.telemetry.memory import MemoryStats, peak_memory, reset_peak_memor
 from ear_dist.telemetry.nvml import NvmlMonitor, NvmlStepStats
 from ear_dist.telemetry.report import device_line, phase_rows, phase_table, resource_lines
 from ear_dist.telemetry.timer import DATA_WAIT, STUDENT_FWD_BWD, PhaseTimers, StepTiming, mean_timing
-from ear_dist.telemetry.writer import MetricsWriter
+from ear_dist.telemetry.writer import MetricsWriter, write_json
 from ear_dist.train.step import ErasureStep
 from ear_dist.train.student import build_student
 from ear_dist.train.trainable import LLM_LAYER, select_trainable_names
@@ -73,6 +83,16 @@ class SyntheticPromptBundle(JanusBundle):
         return ids, torch.ones_like(ids)
 
 
+def with_prompt_ids(bundle: JanusBundle, prompt_len: int = 24) -> JanusBundle:
+    """The bundle itself when it has a tokenizer; else one whose prompts become ``prompt_len`` random ids."""
+    if bundle.tokenizer is not None:
+        return bundle
+    fields = {f.name: getattr(bundle, f.name) for f in dataclasses.fields(JanusBundle)}
+    out = SyntheticPromptBundle(**fields)
+    out.prompt_len = prompt_len
+    return out
+
+
 def bench_pairs(concept: str, n: int, step: int) -> PairBatch:
     """``n`` prompt pairs for one benchmark step, from the built-in templates."""
     targets, surrogates = [], []
@@ -81,6 +101,16 @@ def bench_pairs(concept: str, n: int, step: int) -> PairBatch:
         targets.append(template.format(concept))
         surrogates.append(template.format(SURROGATE_WORD))
     return PairBatch(targets, surrogates, [concept] * n, seeds=[step * n + i for i in range(n)])
+
+
+def bench_stream(concept: str, pairs_per_step: int, steps: int) -> PairStream:
+    """The benchmark's global batches, the same on every rank: step i holds ``bench_pairs(concept, n, i)``."""
+    pairs = []
+    for step in range(steps):
+        batch = bench_pairs(concept, pairs_per_step, step)
+        pairs += [PromptPair(t, s, c, seed=seed) for t, s, c, seed in
+                  zip(batch.target_prompts, batch.surrogate_prompts, batch.concepts, batch.seeds)]
+    return PairStream(pairs, pairs_per_step, shuffle=False)
 
 
 @dataclass
@@ -96,6 +126,26 @@ class BenchResult:
     nvml: NvmlStepStats  # the last measured step
     nvml_unavailable_reason: Optional[str]
     log_dir: Path
+    ranks: int = 1  # every rank of the job (teacher ranks included): the GPUs it holds
+    student_ranks: int = 1
+    is_main: bool = True  # the student rank that prints and writes bench.json
+    comm_s: Optional[float] = None  # per step, inside DeepSpeed's collectives (None: not counted)
+    spread: dict = field(default_factory=dict)  # figure -> Spread over the student ranks
+    baseline: Optional[dict] = None  # the one-rank bench.json scaled against
+
+    @property
+    def global_tokens_per_s(self) -> float:
+        """Image tokens all student ranks train per step over the slowest rank's step time."""
+        slowest = self.spread["step_ms"].max / 1e3 if self.spread.get("step_ms") else self.timing.step_s
+        return self.image_tokens_per_step * self.student_ranks / slowest
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.global_tokens_per_s / self.ranks
+
+    @property
+    def scaling_efficiency(self) -> Optional[float]:
+        return scaling_efficiency(self.tokens_per_s_per_gpu, self.baseline) if self.baseline else None
 
     def student_mfu(self, executed: bool = False) -> Optional[float]:
         flops = (self.counts.executed_flops if executed else self.counts.flops).get(STUDENT_FWD_BWD)
@@ -130,8 +180,57 @@ class BenchResult:
             f"{pct(self.student_mfu(executed=True))} (FLOPs the partial backward executes)"
         )
         lines += resource_lines(self.memory, self.nvml, self.nvml_unavailable_reason)
-        lines.append(f"TensorBoard and metrics.jsonl: {self.log_dir}")
+        if self.ranks > 1:
+            lines.append(spread_table(self.spread, self.student_ranks, RANK_FIGURES))
+            comm = self.spread.get("comm_share")
+            lines.append("communication: n/a (no DeepSpeed collectives to time)" if comm is None else
+                         f"communication: {pct(comm.mean)} of the step on average ({pct(comm.min)} - "
+                         f"{pct(comm.max)} over the ranks): time inside DeepSpeed's collectives, waits for slower "
+                         "ranks included, timed by its comms logger (which synchronises around each one)")
+        lines.append(f"throughput: {self.global_tokens_per_s:,.1f} image tokens/s over {self.ranks} rank(s), "
+                     f"{self.tokens_per_s_per_gpu:,.1f} per GPU")
+        if self.baseline:
+            lines.append(f"scaling efficiency: {pct(self.scaling_efficiency)} of the one-rank bench "
+                         f"({self.baseline['image_tokens_per_s_per_gpu']:,.1f} image tokens/s)")
+        lines.append(f"TensorBoard, metrics.jsonl and {BENCH_JSON}: {self.log_dir}")
         return "\n".join(lines)
+
+    def as_json(self, command: str) -> dict:
+        """What ``bench.json`` holds: the settings, the per-rank spread and the job's throughput."""
+        return {
+            "command": command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": self.device_name, "dtype": str(self.dtype).replace("torch.", ""), "ranks": self.ranks,
+            "student_ranks": self.student_ranks, "pairs_per_step_per_rank": self.pairs_per_step,
+            "image_tokens_per_s": self.global_tokens_per_s, "image_tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
+            "student_mfu": self.student_mfu(), "student_mfu_executed": self.student_mfu(executed=True),
+            "per_rank": {k: v.as_dict() if v is not None else None for k, v in self.spread.items()},
+            "scaling_efficiency": self.scaling_efficiency,
+        }
+
+
+# the figures every student rank reports, and how the spread table prints them
+RANK_FIGURES = {
+    "step_ms": ",.1f", "image_tokens_per_s": ",.1f", "pairs_per_s": ",.3f", "student_mfu": ".3f",
+    "student_mfu_executed": ".3f", "comm_ms": ",.1f", "comm_share": ".3f", "peak_memory_gib": ",.2f",
+    "power_w": ",.0f", "energy_j_per_step": ",.1f",
+}
+
+
+def _rank_figures(result: BenchResult) -> dict:
+    """This rank's figures for the cross-rank spread."""
+    step_s = result.timing.step_s
+    return {
+        "step_ms": step_s * 1e3,
+        "image_tokens_per_s": result.image_tokens_per_step / step_s,
+        "pairs_per_s": result.pairs_per_step / step_s,
+        "student_mfu": result.student_mfu(),
+        "student_mfu_executed": result.student_mfu(executed=True),
+        "comm_ms": None if result.comm_s is None else result.comm_s * 1e3,
+        "comm_share": None if result.comm_s is None else result.comm_s / step_s,
+        "peak_memory_gib": result.memory.peak_gib,
+        "power_w": result.nvml.power_w_mean,
+        "energy_j_per_step": result.nvml.energy_j,
+    }
 
 
 def _step_metrics(timing: StepTiming, counts: StepCounts, image_tokens: int, pairs: int, peak: Optional[float],
@@ -149,31 +248,57 @@ def _step_metrics(timing: StepTiming, counts: StepCounts, image_tokens: int, pai
 
 
 def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len: int = 24,
-                      echo=print) -> BenchResult:
-    """Run ``warmup + steps`` erasure steps on ``cfg.model.path``; return the mean over the last ``steps``."""
+                      echo=print, baseline: Optional[dict] = None,
+                      bundle: Optional[JanusBundle] = None) -> Optional[BenchResult]:
+    """Run ``warmup + steps`` erasure steps on ``cfg.model.path``; return the mean over the last ``steps``.
+
+    On several ranks every rank calls this; student ranks return their result (with the
+    spread over all student ranks), teacher ranks of the dedicated placement serve the
+    students and return None. ``baseline``: the same bench's one-rank ``bench.json``.
+    ``bundle``: an already built model to use instead of loading ``cfg.model.path``.
+    """
     if steps < 1 or warmup < 0:
         from ear_dist.errors import InputError
 
         raise InputError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     from ear_dist.distributed.runtime import init_runtime
+    from launch import discover
 
+    if cfg.dist.teacher_placement == "dedicated" and discover().world_size <= 1:
+        echo("one rank: dist.teacher_placement=dedicated runs as colocated (a single rank holds its own teacher)")
+        cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, teacher_placement="colocated"))
     rt = init_runtime(cfg)
-    bundle = load_janus(cfg.model.path, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    if not rt.is_main:
+        echo = _silent
+    if bundle is None:
+        bundle = load_janus(cfg.model.path, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
     if bundle.tokenizer is None:
-        fields = {f.name: getattr(bundle, f.name) for f in dataclasses.fields(JanusBundle)}
-        bundle = SyntheticPromptBundle(**fields)
-        bundle.prompt_len = prompt_len
+        bundle = with_prompt_ids(bundle, prompt_len)
         echo(f"{cfg.model.path}: no tokenizer, prompts are {prompt_len} random token ids")
     device = bundle.device
     dtype = next(bundle.model.parameters()).dtype
     cfg = _fit_to_model(cfg, bundle, echo)
+    if cfg.train.pairs_per_step % rt.dp_world:
+        raise ConfigError(f"train.pairs_per_step: {cfg.train.pairs_per_step} is not divisible by the "
+                          f"{rt.dp_world} student ranks")
+    count_comms = rt.dp_world > 1 and cfg.dist.deepspeed_config != "none"
+    if count_comms:  # the communication share comes from DeepSpeed's comms logger
+        cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, log_comms=True))
     t = bundle.num_image_tokens
+    if cfg.data.pairs:  # the run's own pair stream (a shard directory streams, as in training)
+        stream, _ = open_pair_stream(cfg, None, rt.dp_world, rt.data_slices(), t, bundle.codebook_size)
+    else:
+        stream = bench_stream(cfg.erase.concept, cfg.train.pairs_per_step, warmup + steps)
 
     # the job's own builders, observed from outside
     shape = janus_flops_shape(bundle.model.config)
     timers = PhaseTimers(device)
     settings = TeacherSettings.from_config(cfg.erase, cfg.rollout)
-    teacher = TimedTeacher(build_teacher(cfg, rt, bundle, settings, steps=warmup + steps), bundle, timers, shape)
+    inner_teacher = build_teacher(cfg, rt, bundle, settings, steps=warmup + steps)
+    if rt.role == "teacher":
+        inner_teacher.serve(stream, 0)
+        return None
+    teacher = TimedTeacher(inner_teacher, bundle, timers, shape)
     trainable = select_trainable_names(bundle.model, cfg.trainable)
     student = build_student(cfg, rt, bundle, trainable, share_frozen=teacher.shares_model)
     layers = [int(m.group(1)) for n in trainable if (m := LLM_LAYER.match(n))]
@@ -181,32 +306,32 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
     lowest = min(layers) if len(layers) == len(trainable) else 0
     instruments = StudentInstruments(student.module, timers, shape, student.num_trainable, lowest)
     step_fn = ErasureStep(student.module, bundle, teacher, cfg.erase, TimedUpdater(student.updater, instruments),
-                          generator=torch.Generator().manual_seed(cfg.train.seed), settings=settings)
+                          generator=torch.Generator().manual_seed(cfg.train.seed + rt.dp_rank), settings=settings)
+    comm_clock = _comm_clock(count_comms)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops(device_name, dtype)
     monitor = NvmlMonitor(interval_s=0.05)
-    pairs = cfg.train.pairs_per_step
-    stream = None
-    if cfg.data.pairs:
-        stream, _ = open_pair_stream(cfg, None, rt.dp_world, rt.data_slices(), t, bundle.codebook_size)
+    pairs = cfg.train.pairs_per_step // rt.dp_world
     measured: list[StepTiming] = []
     counts_sum = StepCounts()
     memory: Optional[MemoryStats] = None  # the highest peak over the measured steps
     nvml_stats = NvmlStepStats()
+    comm_total = 0.0
     try:
-        with MetricsWriter(log_dir, reductions=BENCH_REDUCTIONS) as writer:
+        with MetricsWriter(log_dir, reductions=BENCH_REDUCTIONS, group=rt.student_group) as writer:
             for i in range(warmup + steps):
                 reset_peak_memory(device)
                 monitor.begin_step()
+                comm_start = comm_clock()
                 timers.start_step()
                 with timers.phase(DATA_WAIT):
-                    batch = stream.next().local(rt.dp_rank, rt.dp_world, device) if stream is not None \
-                        else bench_pairs(cfg.erase.concept, pairs, i)
+                    batch = stream.next().local(rt.dp_rank, rt.dp_world, device)
                 result = step_fn(batch)
                 student_counts = instruments.end_step()
                 timing = timers.end_step()
                 nvml_stats = monitor.end_step()
+                comm_s = comm_clock() - comm_start
                 step_memory = peak_memory(device)
                 counts = StepCounts()
                 counts.merge(teacher.counts)
@@ -214,27 +339,50 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
                 teacher.counts = StepCounts()
                 # a student phase handles the step's image tokens once, however many forwards it took
                 counts.tokens[STUDENT_FWD_BWD] = result.image_tokens
-                writer.write(i, _step_metrics(timing, counts, result.image_tokens, pairs, peak, step_memory,
-                                              nvml_stats, result.loss))
+                metrics = _step_metrics(timing, counts, result.image_tokens, pairs, peak, step_memory, nvml_stats,
+                                        result.loss)
+                if count_comms:
+                    metrics["time/comm_ms"] = comm_s * 1e3
+                writer.write(i, metrics)
                 tag = "warm-up" if i < warmup else "step"
                 echo(f"{tag} {i}: {timing.step_s * 1e3:.1f} ms, loss {result.loss:.4g}, "
                      f"windows kept {result.windows_kept}/{result.windows_total}")
                 if i >= warmup:
                     measured.append(timing)
                     counts_sum.merge(counts)
+                    comm_total += comm_s
                     if memory is None or step_memory.peak_bytes > memory.peak_bytes:
                         memory = step_memory
     finally:
         instruments.remove()
         monitor.close()
-        if stream is not None:
+        if hasattr(stream, "close"):
             stream.close()
-    return BenchResult(
+    out = BenchResult(
         timing=mean_timing(measured), counts=counts_sum.scaled(1.0 / steps),
         image_tokens_per_step=pairs * t, pairs_per_step=pairs,
         device_name=device_name, dtype=dtype, peak=peak, memory=memory, nvml=nvml_stats,
         nvml_unavailable_reason=monitor.unavailable_reason, log_dir=Path(log_dir),
+        ranks=rt.world_size, student_ranks=rt.dp_world, is_main=rt.is_main,
+        comm_s=comm_total / steps if count_comms else None, baseline=baseline,
     )
+    out.spread = rank_spread(_rank_figures(out), group=rt.student_group)
+    if out.is_main:
+        write_json(Path(log_dir) / BENCH_JSON, out.as_json(shlex.join(sys.argv)))  # the process's own command
+    return out
+
+
+def _silent(*_args) -> None:
+    """The echo of ranks other than the main one: one rank prints the steps."""
+
+
+def _comm_clock(enabled: bool):
+    """Seconds inside DeepSpeed's collectives so far (a constant 0 when they are not counted)."""
+    if not enabled:
+        return lambda: 0.0
+    from ear_dist.distributed.deepspeed_engine import comm_seconds
+
+    return comm_seconds
 
 
 def _fit_to_model(cfg: Config, bundle: JanusBundle, echo) -> Config:

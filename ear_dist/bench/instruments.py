@@ -132,7 +132,8 @@ class StudentInstruments:
         self.trainable_params = trainable_params
         self.lowest_trainable_layer = lowest_trainable_layer
         self.counts = StepCounts()
-        self._pending: list[tuple[int, int]] = []  # (rows, seq_len) of forwards not yet backpropagated
+        # (rows, tokens, attention length) of forwards not yet backpropagated
+        self._pending: list[tuple[int, int, int]] = []
         lm = student.model.language_model
         head = student.model.generation_head
         self._handles = [
@@ -148,7 +149,10 @@ class StudentInstruments:
         if embeds is None and args:
             embeds = args[0]
         if embeds is not None:
-            self._pending.append((int(embeds.shape[0]), int(embeds.shape[1])))
+            # with a prefix cache (window_prefix=cached) the tokens attend to the cached ones too
+            cache = kwargs.get("past_key_values")
+            cached = int(cache.get_seq_length()) if cache is not None else 0
+            self._pending.append((int(embeds.shape[0]), int(embeds.shape[1]), cached + int(embeds.shape[1])))
         self.switch.switch(STUDENT_FWD_BWD)
 
     def _after_forward(self, module, args, output):
@@ -157,8 +161,8 @@ class StudentInstruments:
     def settle_forwards(self, backward: bool) -> None:
         """Count the pending forwards: with backward FLOPs if a backward followed them."""
         s = self.shape
-        for rows, seq_len in self._pending:
-            tokens = rows * seq_len
+        for rows, length, seq_len in self._pending:
+            tokens = rows * length
             if backward:
                 flops = tokens * train_flops_per_token(s, seq_len)
                 executed = tokens * executed_train_flops_per_token(

@@ -181,6 +181,10 @@ def validate(cfg: Config) -> None:
     if cfg.erase.method == "svare" and cfg.erase.reference_prompt == "unconditional":
         raise ConfigError("erase.reference_prompt: unconditional applies to the guided targets of ear/esd; "
                           "S-VARE trains toward the surrogate's tokens")
+    if cfg.erase.window_prefix == "cached" and cfg.erase.teacher_guidance_weight > 0 and cfg.erase.method == "ear":
+        raise ConfigError("erase.window_prefix: cached keeps the conditional branch's keys and values only; with "
+                          "erase.teacher_guidance_weight > 0 the student's unconditional branch is combined too "
+                          "(use window_prefix=recompute)")
     if cfg.erase.method == "svare" and cfg.erase.rollout_from == "target":
         raise ConfigError("erase.rollout_from: target with erase.method=svare would train the student toward the "
                           "concept's own image tokens; S-VARE needs the surrogate's rollouts (rollout_from=surrogate)")

@@ -58,6 +58,10 @@ class RolloutConfig:
     top_k: int = setting(0, "sample from the k most likely tokens; 0 = full distribution")
     greedy: bool = setting(False, "take the most likely token instead of sampling")
     batch_size: int = setting(8, "prompts per rollout batch")
+    decode: Literal["eager", "compiled", "cuda_graph", "auto"] = setting(
+        "eager", "token loop: eager (Python per token); cuda_graph (one captured static-cache step replayed, CUDA "
+                 "only); compiled (torch.compile of that step); auto = cuda_graph on CUDA, else eager. Greedy tokens "
+                 "are the same in every mode; sampling in the lean modes draws other (equally distributed) noise")
 
 
 @dataclass
@@ -102,6 +106,10 @@ class EraseConfig:
         "sequential", "order the windows are taken in: sequential (generation order) or random")
     update_mode: Literal["window", "sequence"] = setting(
         "window", "window: optimizer step after each kept window (paper); sequence: one step per pair/batch")
+    window_prefix: Literal["recompute", "cached"] = setting(
+        "recompute", "update_mode=window: how a window sees the tokens before it. recompute: the updated student "
+                     "re-runs the whole prefix (exact, ~T/(2L) x the tokens of one pass); cached: the keys/values the "
+                     "student computed when it got there, as generation does (each token computed once)")
     rollout_from: Literal["surrogate", "target"] = setting(
         "surrogate", "which prompt of the pair the teacher samples image tokens from")
     reference_prompt: Literal["surrogate", "unconditional"] = setting(

@@ -98,7 +98,8 @@ def run_build(args) -> int:
         )
         bundle = load_janus(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
         r = cfg.rollout
-        generate, decode = teacher_functions(bundle, r.guidance_weight, r.temperature, r.top_k, r.batch_size)
+        generate, decode = teacher_functions(bundle, r.guidance_weight, r.temperature, r.top_k, r.batch_size,
+                                             r.decode)
         vf = VisualFilter(generate, decode, classifier, d.vf.batch_size, d.vf.store_target_tokens, d.vf.seed)
         pairs = vf.run(pairs, progress=True)
         print(vf.report.summary())

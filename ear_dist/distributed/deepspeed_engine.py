@@ -15,6 +15,7 @@ tree (batch size, bf16 by model dtype), the same convention as transformers' Tra
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -106,6 +107,17 @@ def comm_bytes() -> dict[str, int]:
     return {op: int(sum(size * rec[0] for size, rec in sizes.items())) for op, sizes in logger.comms_dict.items()}
 
 
+def comm_seconds() -> float:
+    """Seconds this rank has spent inside DeepSpeed's collectives so far (its comms logger times each op,
+    synchronising the device around it, so the figure is wall time in communication)."""
+    import deepspeed.comm as dcomm
+
+    logger = getattr(dcomm, "comms_logger", None)
+    if logger is None:
+        return 0.0
+    return sum(sum(rec[1]) for sizes in logger.comms_dict.values() for rec in sizes.values()) / 1e3
+
+
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
@@ -175,6 +187,11 @@ def initialize_engine(student: torch.nn.Module, optimizer: torch.optim.Optimizer
     """Wrap the student and its (client) optimizer in a DeepSpeed engine over the student ranks."""
     import deepspeed
 
+    if not dist.is_initialized():
+        # one process (the one-rank baseline of `ear-dist bench`): DeepSpeed needs a process group all the same
+        backend = "nccl" if rt.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's sanity check reads it
     mpu = StudentMPU(rt) if rt.teacher_ranks else None
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds, mpu=mpu,
                                            dist_init_required=False)

@@ -86,7 +86,7 @@ def run_generate(args) -> int:
         for s in tqdm(range(0, len(prompts), r.batch_size), desc="generating", unit="batch"):
             chunks.append(
                 rollout(bundle, prompts[s : s + r.batch_size], r.guidance_weight, r.temperature, r.top_k, r.greedy,
-                        seeds[s : s + r.batch_size])
+                        seeds[s : s + r.batch_size], decode=r.decode)
             )
         import torch
 

@@ -4,6 +4,10 @@ The batch holds the conditional rows first, then the unconditional rows (the pro
 with every token but BOS and begin-of-image replaced by pad), as transformers' Janus
 ``generate(generation_mode="image")`` and the official code do. Per-sample seeds make
 a prompt's image independent of the batch it was sampled in.
+
+``decode`` picks the token loop: ``eager`` (the loop below), or the lean path of
+``ear_dist.models.decode`` (``compiled``, ``cuda_graph``; ``auto`` = cuda_graph on CUDA,
+eager elsewhere), which gives the same tokens under greedy decoding.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import StaticCache
 
+from ear_dist.models.decode import lean_rollout_ids, resolve_decode, tempered_logits
 from ear_dist.models.janus import JanusBundle, position_ids_from_mask, unconditional_ids
 
 
@@ -26,11 +31,7 @@ def sample_next(
     """Pick one token per row from [R, V] logits (greedy, or temperature/top-k sampling)."""
     if greedy or temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(tempered_logits(logits, temperature, top_k), dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
@@ -48,6 +49,7 @@ def rollout_ids(
     seeds: Optional[Sequence[int]] = None,
     num_image_tokens: Optional[int] = None,
     progress: bool = False,
+    decode: str = "eager",
 ) -> torch.Tensor:
     """Sample image tokens [B, T] for already-encoded prompts (left-padded, ending in BOI)."""
     model = bundle.model
@@ -59,6 +61,10 @@ def rollout_ids(
     guided = guidance_weight != 1.0
     if seeds is not None and len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for {batch} prompts")
+    mode = resolve_decode(decode, device)
+    if mode != "eager":
+        return lean_rollout_ids(bundle, input_ids, attention_mask, mode, guidance_weight, temperature, top_k, greedy,
+                                seeds, num_tokens, progress)
     generators = None
     if seeds is not None and not greedy:
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
@@ -109,6 +115,7 @@ def rollout(
     seeds: Optional[Sequence[int]] = None,
     batch_size: int = 0,
     progress: bool = False,
+    decode: str = "eager",
 ) -> torch.Tensor:
     """Image tokens [N, T] for a list of prompts, in batches of ``batch_size`` (0 = all at once)."""
     prompts = list(prompts)
@@ -128,7 +135,7 @@ def rollout(
         chunks.append(
             rollout_ids(
                 bundle, ids, mask, guidance_weight, temperature, top_k, greedy,
-                seeds[s : s + step] if seeds is not None else None, progress=progress,
+                seeds[s : s + step] if seeds is not None else None, progress=progress, decode=decode,
             )
         )
     return torch.cat(chunks)

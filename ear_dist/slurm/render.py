@@ -119,14 +119,23 @@ def _absolute_eval_paths(cfg: Config, cwd: Path) -> None:
 
 
 def job_config(cfg: Config, template: str, cwd: Optional[Path] = None) -> Config:
-    """The config the job runs: paths absolute; the bench runs one process on one node."""
+    """The config the job runs, with every path absolute."""
     resolved = resolve_paths(cfg, cwd)
     if template == "bench":
-        resolved.slurm.nodes = 1
-        resolved.slurm.tasks_per_node = 1
-        resolved.slurm.gpus_per_node = min(resolved.slurm.gpus_per_node, 1)
-        resolved.slurm.launcher = "srun"
+        taken = {"--out", "--baseline"} & {w.split("=")[0] for w in shlex.split(resolved.slurm.bench_args)}
+        if taken:
+            raise SlurmJobError(f"slurm.bench_args: {', '.join(sorted(taken))} is set by the bench template "
+                                f"(output under <train.out_dir>/bench); remove it")
     return resolved.validate()
+
+
+def baseline_pairs(cfg: Config) -> int:
+    """Pairs per step of the bench's one-rank baseline: one student rank's share of the job's, so the
+    scaling efficiency compares equal work per GPU."""
+    students = cfg.slurm.nodes * ranks_per_node(cfg)
+    if cfg.dist.teacher_placement == "dedicated":
+        students -= cfg.dist.teacher_ranks
+    return max(1, cfg.train.pairs_per_step // max(students, 1))
 
 
 def sbatch_directives(cfg: Config, template: str, workdir: Path) -> list[str]:
@@ -201,6 +210,8 @@ def render_job(cfg: Config, template: str, out: Optional[Path] = None, cwd: Opti
         "setup_lines": "\n".join(s.setup),
         "rank_args": rank_args,
         "bench_args": _quote_args(s.bench_args),
+        "bench_out": shlex.quote(str(Path(job.train.out_dir) / "bench")),
+        "baseline_pairs": str(baseline_pairs(job)),
         "num_concepts": str(len(s.concepts)),
         "concept_names": ", ".join(s.concepts) or "(none)",
     }

@@ -43,6 +43,7 @@ class TeacherSettings:
     temperature: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    decode: str = "eager"
 
     @classmethod
     def from_config(cls, erase, rollout) -> "TeacherSettings":
@@ -53,7 +54,7 @@ class TeacherSettings:
         reference = "surrogate" if erase.method == "svare" else erase.reference_prompt
         return cls(erase.rollout_from, reference, mode, with_uncond,
                    float(erase.teacher_guidance_weight) if with_uncond else 0.0,
-                   float(r.guidance_weight), float(r.temperature), int(r.top_k), bool(r.greedy))
+                   float(r.guidance_weight), float(r.temperature), int(r.top_k), bool(r.greedy), r.decode)
 
     def as_dict(self) -> dict:
         return asdict(self)

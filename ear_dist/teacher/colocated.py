@@ -31,7 +31,7 @@ class ColocatedTeacher(Teacher):
         s = request.settings
         ids, mask = self.bundle.encode_prompts(request.rollout_prompts)
         return rollout_ids(self.bundle, ids, mask, s.sampling_guidance_weight, s.temperature, s.top_k, s.greedy,
-                           request.seeds)
+                           request.seeds, decode=s.decode)
 
     @torch.no_grad()
     def forward_targets(self, request: TeacherRequest, tokens: torch.Tensor) -> TeacherOutputs:

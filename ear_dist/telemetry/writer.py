@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import time
 import zlib
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Iterator, Mapping, Optional, Union
 import torch
 import torch.distributed as dist
 
-__all__ = ["MetricsWriter", "REDUCTIONS", "read_jsonl"]
+__all__ = ["MetricsWriter", "REDUCTIONS", "read_jsonl", "write_json"]
 
 REDUCTIONS = ("mean", "max", "min", "sum")
 JSONL_NAME = "metrics.jsonl"
@@ -206,3 +207,13 @@ def read_jsonl(path: Union[str, Path]) -> Iterator[dict]:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {line_no}: not a JSON object: {e}") from None
+
+
+def write_json(path: Union[str, Path], data) -> Path:
+    """Write ``data`` as JSON under a temporary name, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

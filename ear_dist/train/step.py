@@ -12,7 +12,10 @@ no gradient (TLM). With the Triton backend the target only ever exists in regist
 
 Update modes: ``window`` steps the optimizer after every kept window, in order, each
 window's loss computed by the student as updated by the windows before it (the
-paper); ``sequence`` takes all kept windows of the batch in one step.
+paper); ``sequence`` takes all kept windows of the batch in one step. In ``window``
+mode, ``erase.window_prefix`` says how a window sees the tokens before it: ``recompute``
+re-runs the updated student over the whole prefix, ``cached`` reads the keys/values the
+student computed when it got there (``ear_dist.train.prefix_cache``).
 
 Loss scale: ``sequence`` divides the kept window sums by the number of supervised
 tokens (B*T); ``window`` divides one window's sum by its token count (B*len).
@@ -32,6 +35,7 @@ from ear_dist.losses.windowed import guidance_combine, window_index
 from ear_dist.models.janus import JanusBundle, teacher_forced, unconditional_ids
 from ear_dist.teacher.base import Teacher, TeacherOutputs, TeacherRequest, TeacherSettings
 from ear_dist.train.loss import windowed_loss
+from ear_dist.train.prefix_cache import PrefixCache
 from ear_dist.train.preserve import Preservation
 from ear_dist.train.updater import Updater
 
@@ -139,14 +143,16 @@ class ErasureStep:
         hidden, logits = teacher_forced(self.student, ids, mask, tokens, return_logits=logits_wanted)
         return logits if logits_wanted else hidden
 
-    def _loss(self, ids, mask, teach: TeacherOutputs, windows, threshold, eta, scale=None):
-        """The windowed loss of the student on the first ``windows.shape[1]`` tokens (a causal prefix)."""
-        n = windows.shape[1]
-        student = self._student_out(ids, mask, teach.tokens[:, :n])
-        uncond = teach.uncond[:, :n] if teach.uncond is not None else None
-        return windowed_loss(self.settings.mode, student, teach.on_target[:, :n], teach.on_surrogate[:, :n], windows,
-                             threshold, eta, uncond=uncond, guidance_weight=self.settings.target_guidance_weight,
-                             scale=scale, backend=self.cfg.loss_backend)
+    def _loss(self, ids, mask, teach: TeacherOutputs, windows, threshold, eta, scale=None, start=0, cache=None):
+        """The windowed loss of the student on tokens ``start .. start + windows.shape[1] - 1``: a causal
+        prefix (``start`` 0), or with a ``cache`` of the tokens before ``start``."""
+        n = start + windows.shape[1]
+        student = self._student_out(ids, mask, teach.tokens[:, :n]) if cache is None else cache.outputs(start, n)
+        uncond = teach.uncond[:, start:n] if teach.uncond is not None else None
+        return windowed_loss(self.settings.mode, student, teach.on_target[:, start:n], teach.on_surrogate[:, start:n],
+                             windows, threshold, eta, uncond=uncond,
+                             guidance_weight=self.settings.target_guidance_weight, scale=scale,
+                             backend=self.cfg.loss_backend)
 
     def _apply(self, loss: torch.Tensor, counted: torch.Tensor, any_kept: Optional[bool] = None,
                extras: Optional[dict] = None) -> Optional[int]:
@@ -190,16 +196,20 @@ class ErasureStep:
     def _per_window(self, ids, mask, teach, windows, rows, concepts) -> StepResult:
         total_loss, kept, steps, n_windows = 0.0, 0, 0, 0
         per_concept, extras = {}, {}
+        cache = PrefixCache(self.student, ids, mask, teach.tokens, self.settings.mode == "logit") \
+            if self.cfg.window_prefix == "cached" else None
         for w in range(self.updater.global_max(int(windows.max()) + 1)):
             in_window = windows == w
             # the student sees only the prefix the window needs (causal model); later
             # windows are computed by the student as updated by the earlier ones. A rank
             # without tokens in this window still runs (one token) so that ranks step together.
-            prefix = int(in_window.nonzero()[:, 1].max()) + 1 if bool(in_window.any()) else 1
-            sel = in_window[:, :prefix]
+            positions = in_window.nonzero()[:, 1]
+            prefix = int(positions.max()) + 1 if len(positions) else 1
+            start = cache.span_start(int(positions.min())) if cache is not None and len(positions) else 0
+            sel = in_window[:, start:prefix]
             only_w = torch.where(sel, torch.zeros_like(sel, dtype=torch.long), torch.full_like(sel, -1, dtype=torch.long))
             out = self._loss(ids, mask, teach, only_w, rows.loss_threshold, rows.erase_guidance,
-                             scale=1.0 / max(int(sel.sum()), 1))
+                             scale=1.0 / max(int(sel.sum()), 1), start=start, cache=cache if len(positions) else None)
             n_windows += int(sel.any(1).sum())
             for c, rec in _per_concept(concepts, out.kept, out.window_exists, out.window_loss).items():
                 acc = per_concept.setdefault(c, [0, 0, 0.0])

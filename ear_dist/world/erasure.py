@@ -216,6 +216,7 @@ ABLATIONS: dict[str, list[str]] = {
     "window 1": ["erase.window_len=1"],
     "random order": ["erase.window_order=random"],
     "per-sequence updates": ["erase.update_mode=sequence"],
+    "cached prefix": ["erase.window_prefix=cached"],
     "logit targets": ["erase.target_mode=logit"],
     "S-VARE": ["erase.method=svare"],
     "ESD-style naive": ["erase.method=esd"],

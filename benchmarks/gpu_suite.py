@@ -1,0 +1,481 @@
+"""The GPU suite: every GPU goal of the project, measured by one command within minutes.
+
+    python benchmarks/gpu_suite.py --out runs/gpu_suite            # one H100/H200: 7B shape, bf16, < 8 min
+    OMP_NUM_THREADS=1 python benchmarks/gpu_suite.py --smoke --out runs/gpu_smoke   # CPU, small model (CI)
+
+One model is built and shared by every part: the Janus-Pro-7B shape with random weights
+in bf16, built on the GPU (random initialisation of 7B parameters on a CPU alone takes
+minutes). The parts, in order; each records its time, the device's peak memory and
+NVML's power, energy and memory while it ran:
+
+- rollout: image tokens/s of our eager CFG loop, the lean decode path (the static-cache
+  step captured as a CUDA graph) and transformers' ``generate(generation_mode="image")``,
+  same batch, greedy; the tokens of every loop are compared with the eager loop's.
+- step: the erasure step (stored rollouts: sequence updates, per-window updates exact and
+  from the cached prefix; and sequence updates with the CFG rollout inside) against the
+  official loop's compute pattern and a KV-cached per-token loop. Those two are timed
+  over their first window and scaled to every token: their per-token cost is flat or
+  grows with the cache, so the scaled figure never overstates our speed-up.
+- headline: the time to erase one concept end to end at the paper's settings: 50
+  prompt pairs, their 576-token CFG rollouts (sampled in batches, as the visual filter
+  stores them), then 50 steps of one pair with per-window updates (windows of 48),
+  Adam lr 1e-4, attention of the first 5 layers; exact windows and cached-prefix windows.
+- mfu: ``ear-dist bench``'s instruments on the same model: the student's forward +
+  backward MFU under the 6N convention and from the FLOPs the partial backward executes.
+- loss: the fused windowed loss against the eager reference and its torch.compile, T=576,
+  V=16384, B in 1, 4, 16: time and peak extra memory.
+
+``gpu_suite.json`` is rewritten after every part (under a temp name, then renamed), so a
+run cut short keeps what it measured; ``gpu_suite.md`` holds the table of figures against
+the goals. ``--smoke`` runs every part on the CPU at a small size (the lean path then runs
+its graph's step as is, the Triton kernels under the interpreter): what CI runs so the
+suite never breaks unseen; its figures are not the goals' figures. The exit code is 1 if a
+part failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import Stat, command_line, machine_line, rate_stat, ratio_stat  # noqa: E402
+
+PARTS = ("rollout", "step", "headline", "mfu", "loss")
+GOALS = {
+    "step_vs_official": 100.0, "step_vs_kv_loop": 5.0, "loss_vs_eager": 2.0, "loss_vs_compile": 1.3,
+    "loss_memory_share": 0.25, "student_mfu": 0.45, "rollout_vs_generate": 3.0, "headline_s": 60.0,
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The sizes of one run: the GPU's (``FULL``) or CI's (``SMOKE``)."""
+
+    model: str
+    grid_side: Optional[int]  # a tiny config with this grid (smoke); None: the preset's own shape
+    dtype: torch.dtype
+    lean: str  # the lean decode mode timed
+    rollout_batch: int
+    rollout_repeats: int
+    rollout_warmup_tokens: Optional[int]
+    window_len: int
+    step_repeats: int
+    headline_pairs: int
+    headline_rollout_batch: int
+    mfu_pairs: int
+    mfu_steps: int
+    loss_batches: tuple
+    loss_tokens: int
+    loss_vocab: int
+    loss_repeats: int
+
+
+FULL = Scale("janus-pro-7b", None, torch.bfloat16, "cuda_graph", rollout_batch=16, rollout_repeats=1,
+             rollout_warmup_tokens=8, window_len=48, step_repeats=2, headline_pairs=50, headline_rollout_batch=25,
+             mfu_pairs=8, mfu_steps=2, loss_batches=(1, 4, 16), loss_tokens=576, loss_vocab=16384, loss_repeats=5)
+SMOKE = Scale("tiny", 8, torch.float32, "uncaptured", rollout_batch=2, rollout_repeats=2, rollout_warmup_tokens=None,
+              window_len=16, step_repeats=2, headline_pairs=4, headline_rollout_batch=4, mfu_pairs=2, mfu_steps=1,
+              loss_batches=(1,), loss_tokens=48, loss_vocab=128, loss_repeats=2)
+
+
+def build_model(scale: Scale, device: torch.device):
+    """The suite's one model, built on ``device`` (random weights, seeded), prompts as ids if it has no tokenizer."""
+    from ear_dist.bench.erase import with_prompt_ids
+    from ear_dist.models.janus import build_preset
+    from ear_dist.models.presets import tiny_config
+
+    config = tiny_config(grid_side=scale.grid_side, codebook_size=256) if scale.grid_side else None
+    with torch.device(device):  # construct on the device: initialising 7B parameters on a CPU takes minutes
+        bundle = build_preset(scale.model, seed=0, device=device, dtype=scale.dtype, config=config)
+    return with_prompt_ids(bundle)
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+def part_rollout(bundle, scale: Scale) -> dict:
+    from benchmarks.bench_rollout import EAGER, GENERATE, measure_rollouts, prompt_ids
+
+    ids, mask = prompt_ids(bundle, scale.rollout_batch)
+    bench = measure_rollouts(bundle, ids, mask, 5.0, scale.lean, scale.rollout_repeats,
+                             warmup_tokens=scale.rollout_warmup_tokens)
+    lean = f"ours, lean ({scale.lean})"
+    out = {"batch": scale.rollout_batch, "image_tokens_per_batch": bench.image_tokens, "failed": bench.failed,
+           "image_tokens_per_s": {k: bench.rate(k).as_dict() for k in bench.times}}
+    for loop in (lean, GENERATE):
+        out[f"same_tokens_as_eager: {loop}"] = bench.same_tokens(loop)
+        out[f"token_agreement_with_eager: {loop}"] = bench.agreement(loop)
+    for loop in (lean, EAGER):
+        ratio = bench.ratio(loop)
+        out[f"{loop} / generate"] = ratio.as_dict() if ratio is not None else None
+    out["lean_vs_eager"] = bench.ratio(lean, EAGER).as_dict() if lean in bench.times else None
+    return out
+
+
+def part_step(bundle, scale: Scale, decode: str) -> dict:
+    from benchmarks.bench_erase_step import KV_LOOP, OFFICIAL, speedups, step_bench, time_runs
+    from benchmarks.bench_rollout import sync_of
+
+    bench = step_bench(bundle, scale.window_len, modes=("sequence", "window", "window-cached"), decode=decode,
+                       baseline_tokens=scale.window_len)
+    times = time_runs(bench.runs, scale.step_repeats, sync_of(bundle.device))
+    return {
+        "window_len": scale.window_len, "pairs": 2, "image_tokens": bundle.num_image_tokens,
+        "baseline_tokens_timed": scale.window_len, "decode_in_step": decode,
+        "ms_per_call": {k: Stat.of(v).scaled(1e3).as_dict() for k, v in times.items()},
+        "supervised_tokens_per_s": {k: rate_stat(v, bench.tokens[k]).as_dict() for k, v in times.items()},
+        "speedups": {ours: {"vs_official": r[OFFICIAL].as_dict(), "vs_kv_loop": r[KV_LOOP].as_dict()}
+                     for ours, r in speedups(bench, times).items()},
+        "official_s_per_pair_token": Stat.of([t / bench.tokens[OFFICIAL] for t in times[OFFICIAL]]).as_dict(),
+    }
+
+
+def part_headline(bundle, scale: Scale, decode: str) -> dict:
+    """Erase one concept: the pairs' CFG rollouts in batches, then one step per pair with window updates."""
+    from benchmarks.bench_rollout import sync_of
+    from ear_dist.bench.erase import bench_pairs
+    from ear_dist.config import EraseConfig, OptimConfig, RolloutConfig, TrainableConfig
+    from ear_dist.data.stream import PairBatch
+    from ear_dist.models.rollout import rollout
+    from ear_dist.teacher.base import TeacherSettings
+    from ear_dist.teacher.colocated import ColocatedTeacher
+    from ear_dist.train.step import ErasureStep, Updater
+    from ear_dist.train.student import build_optimizer, make_student
+    from ear_dist.train.trainable import select_trainable_names
+
+    sync = sync_of(bundle.device)
+    pairs = bench_pairs("church", scale.headline_pairs, 0)
+    teacher = ColocatedTeacher(bundle)
+    names = select_trainable_names(bundle.model, TrainableConfig(first_k_layers=5, modules="attention"))
+    out = {"pairs": scale.headline_pairs, "steps": scale.headline_pairs, "window_len": scale.window_len,
+           "rollout_batch": scale.headline_rollout_batch, "decode": decode}
+    for prefix in ("recompute", "cached"):
+        cfg = EraseConfig(window_len=scale.window_len, update_mode="window", window_prefix=prefix)
+        settings = TeacherSettings.from_config(cfg, RolloutConfig(decode=decode))
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            tokens = rollout(bundle, pairs.surrogate_prompts, seeds=pairs.seeds,
+                             batch_size=scale.headline_rollout_batch, decode=decode)
+        sync()
+        t_rollout = time.perf_counter() - t0
+        student = make_student(bundle.model, names)
+        step = ErasureStep(student, bundle, teacher, cfg, Updater(build_optimizer(student.parameters(),
+                                                                                   OptimConfig(lr=1e-4))),
+                           settings=settings)
+        kept = 0
+        for i in range(scale.headline_pairs):
+            one = PairBatch(pairs.target_prompts[i:i + 1], pairs.surrogate_prompts[i:i + 1], ["church"],
+                            pairs.seeds[i:i + 1], tokens[i:i + 1])
+            kept += step(one).windows_kept
+        sync()
+        total = time.perf_counter() - t0
+        out[prefix] = {"total_s": total, "rollouts_s": t_rollout, "training_s": total - t_rollout,
+                       "windows_kept": kept}
+        del student, step
+    return out
+
+
+def part_mfu(bundle, scale: Scale, decode: str, log_dir: Path) -> dict:
+    from ear_dist.bench.erase import run_erasure_bench
+    from ear_dist.config import load_config
+
+    cfg = load_config(overrides=[
+        f"model.path={scale.model}", f"model.device={bundle.device}", f"train.pairs_per_step={scale.mfu_pairs}",
+        "erase.update_mode=sequence", f"erase.window_len={scale.window_len}", f"rollout.decode={decode}",
+        "train.tensorboard=false"])
+    result = run_erasure_bench(cfg, steps=scale.mfu_steps, warmup=1, log_dir=log_dir, echo=print, bundle=bundle)
+    print(result.summary())
+    return {"pairs_per_step": scale.mfu_pairs, "steps": scale.mfu_steps, "decode": decode,
+            "student_mfu": result.student_mfu(),
+            "student_mfu_executed": result.student_mfu(executed=True),
+            "phases_ms": {k: v * 1e3 for k, v in result.timing.phases.items()},
+            "step_ms": result.timing.step_s * 1e3, "peak_flops": result.peak}
+
+
+def part_loss(bundle, scale: Scale) -> dict:
+    from benchmarks.bench_loss_kernel import loss_variants, loss_verdicts, measure_loss
+
+    device = bundle.device
+    variants = loss_variants(device, interpret_triton=device.type != "cuda")
+    rows = measure_loss(device, scale.dtype, variants, ["logit"], scale.loss_batches, scale.loss_tokens,
+                        scale.loss_vocab, hidden=0, window_len=scale.window_len, repeats=scale.loss_repeats)
+    verdicts = loss_verdicts(rows)
+    eager = {r.batch: r for r in rows if r.variant == "eager"}
+    out = {"tokens": scale.loss_tokens, "vocab": scale.loss_vocab, "rows": []}
+    for r in rows:
+        v = verdicts.get((r.mode, r.batch))
+        out["rows"].append({
+            "batch": r.batch, "variant": r.variant, "ms": r.ms.as_dict(), "extra_mib": r.extra_mib,
+            "first_call_s": r.first_call_s, "vs_eager": ratio_stat(eager[r.batch].seconds, r.seconds).as_dict(),
+            "vs_compile": v["vs_compile"].as_dict() if v and v["vs_compile"] and r.variant == "triton" else None,
+            "memory_share": v["memory_share"] if v and r.variant == "triton" else None})
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Suite:
+    """Runs the parts in order within a time limit, records each, and rewrites the JSON after each."""
+
+    def __init__(self, out_dir: Path, scale: Scale, smoke: bool, time_limit_s: float):
+        from ear_dist.telemetry.nvml import NvmlMonitor
+
+        self.out_dir, self.scale, self.smoke, self.time_limit_s = out_dir, scale, smoke, time_limit_s
+        self.t0 = time.perf_counter()
+        self.monitor = NvmlMonitor(interval_s=0.1)
+        self.record: dict = {
+            "suite": "gpu_suite", "mode": "smoke" if smoke else "full",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": command_line(), "machine": machine_line(), "versions": _versions(),
+            "scale": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in dataclasses.asdict(scale).items()},
+            "parts": {}, "complete": False,
+        }
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def decode(self) -> str:
+        """The rollout.decode the later parts use: the lean path unless the rollout part saw it fail (then
+        eager, and the JSON says so); ``uncaptured`` is a check, not a setting."""
+        lean = self.scale.lean
+        if lean == "uncaptured":
+            return "eager"
+        failed = _figure(self.record, "rollout", "failed") or {}
+        if f"ours, lean ({lean})" in failed:
+            self.record["decode_fallback"] = f"later parts use rollout.decode=eager: the {lean} path failed"
+            return "eager"
+        return lean
+
+    def run(self, name: str, fn: Callable[[], dict]) -> None:
+        """Run one part (unless the time limit is reached), record it, write the JSON."""
+        from ear_dist.telemetry.memory import peak_memory, reset_peak_memory
+
+        if self.elapsed() > self.time_limit_s:
+            self.record["parts"][name] = {"status": f"skipped: {self.elapsed():.0f} s > --time-limit-s "
+                                                    f"{self.time_limit_s:.0f}"}
+            print(f"== {name}: skipped (time limit)")
+            self.write()
+            return
+        print(f"== {name} (at {self.elapsed():.0f} s)", flush=True)
+        device = self.record.get("device_type", "cpu")
+        reset_peak_memory(device)
+        self.monitor.begin_step()
+        t = time.perf_counter()
+        entry: dict = {}
+        try:
+            entry["figures"] = fn()
+            entry["status"] = "done"
+        except Exception as e:  # the other parts still run: a rare GPU lease should yield what it can
+            traceback.print_exc()
+            entry["status"] = f"failed: {type(e).__name__}: {e}"
+        entry["seconds"] = time.perf_counter() - t
+        memory = peak_memory(device)
+        entry["peak_memory_gib"] = memory.peak_gib
+        entry["peak_memory_kind"] = memory.kind
+        nvml = self.monitor.end_step()
+        entry["nvml"] = dataclasses.asdict(nvml) if self.monitor.available else \
+            {"unavailable": self.monitor.unavailable_reason}
+        self.record["parts"][name] = entry
+        print(f"== {name}: {entry['status']} in {entry['seconds']:.1f} s", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        from ear_dist.telemetry.writer import write_json
+
+        self.record["seconds"] = self.elapsed()
+        self.record["goals"] = goal_rows(self.record) if not self.smoke else []
+        write_json(self.out_dir / "gpu_suite.json", _finite(self.record))
+        text = markdown(self.record)
+        tmp = self.out_dir / "gpu_suite.md.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.out_dir / "gpu_suite.md")
+
+    def close(self) -> None:
+        self.record["complete"] = True
+        self.write()
+        self.monitor.close()
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "triton"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _finite(value):
+    """JSON-safe: non-finite floats become None."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _figure(record: dict, part: str, *keys):
+    node = record["parts"].get(part, {}).get("figures")
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            return None
+        node = node[k]
+    return node
+
+
+def goal_rows(record: dict) -> list[dict]:
+    """Each goal with the figure measured for it (the median where it has repeats) and whether it is met."""
+    rows = []
+
+    def add(goal: str, figure, target: float, higher_is_better: bool = True, note: str = ""):
+        value = figure["median"] if isinstance(figure, dict) else figure
+        met = None if value is None else (value >= target if higher_is_better else value <= target)
+        rows.append({"goal": goal, "value": value, "measured": figure, "target": target, "met": met, "note": note})
+
+    stored = "ours (stored rollout)"
+    add("step vs the official pattern (stored rollouts)", _figure(record, "step", "speedups", stored, "vs_official"),
+        GOALS["step_vs_official"])
+    add("step vs the KV-cached per-token loop", _figure(record, "step", "speedups", stored, "vs_kv_loop"),
+        GOALS["step_vs_kv_loop"])
+    for row in _figure(record, "loss", "rows") or []:
+        if row["variant"] != "triton":
+            continue
+        b = row["batch"]
+        add(f"fused loss vs eager, B={b}", row["vs_eager"], GOALS["loss_vs_eager"])
+        add(f"fused loss vs torch.compile, B={b}", row["vs_compile"], GOALS["loss_vs_compile"])
+        add(f"fused loss extra memory / eager's, B={b}", row["memory_share"], GOALS["loss_memory_share"], False)
+    add("student MFU (6N convention)", _figure(record, "mfu", "student_mfu"), GOALS["student_mfu"])
+    lean = f"ours, lean ({record['scale']['lean']}) / generate"
+    failed = _figure(record, "rollout", "failed") or {}
+    add("rollout tokens/s vs transformers generate", _figure(record, "rollout", lean), GOALS["rollout_vs_generate"],
+        note=f"generate did not run: {failed['transformers generate']}" if "transformers generate" in failed else "")
+    add("erase one concept end to end (exact windows), s", _figure(record, "headline", "recompute", "total_s"),
+        GOALS["headline_s"], False)
+    return rows
+
+
+def _fmt(value, spec=".2f", unit="") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, dict) and "median" in value:
+        return Stat(value["median"], value["min"], value["max"], value["repeats"]).fmt(spec, unit)
+    return format(value, spec) + unit if isinstance(value, (int, float)) else str(value)
+
+
+def markdown(record: dict) -> str:
+    """The suite as markdown: what ran where, the goals, every part's figures, power and memory."""
+    lines = [f"# GPU suite ({record['mode']})", "",
+             f"- date: {record['date']}", f"- {record['machine']}", f"- command: `{record['command']}`",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}",
+             f"- {'complete' if record['complete'] else 'INCOMPLETE'}, {record['seconds']:.0f} s"]
+    if record.get("decode_fallback"):
+        lines.append(f"- {record['decode_fallback']}")
+    lines.append("")
+    if record["goals"]:
+        lines += ["| goal | measured: median (min-max) | target | met |", "|---|---|---|---|"]
+        for g in record["goals"]:
+            met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
+            note = f" ({g['note']})" if g["note"] else ""
+            lines.append(f"| {g['goal']} | {_fmt(g['measured'])}{note} | {g['target']:g} | {met} |")
+        lines.append("")
+    elif record["mode"] == "smoke":
+        lines += ["Smoke run: CPU and a small model; the figures check that every part runs, they are not the "
+                  "goals' figures.", ""]
+    lines += ["| part | status | s | peak memory GiB | NVML power W mean / max | energy J |", "|---|---|---|---|---|---|"]
+    for name, p in record["parts"].items():
+        nvml = p.get("nvml", {})
+        power = f"{_fmt(nvml.get('power_w_mean'), '.0f')} / {_fmt(nvml.get('power_w_max'), '.0f')}"
+        lines.append(f"| {name} | {p['status']} | {_fmt(p.get('seconds'), '.1f')} | "
+                     f"{_fmt(p.get('peak_memory_gib'))} | {power} | {_fmt(nvml.get('energy_j'), '.0f')} |")
+    lines.append("")
+    step = _figure(record, "step", "speedups") or {}
+    if step:
+        lines += ["| our step (2 pairs) | vs official pattern | vs KV-cached per-token loop |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(v['vs_official'], '.1f', 'x')} | {_fmt(v['vs_kv_loop'], '.1f', 'x')} |"
+                  for k, v in step.items()]
+        lines.append("")
+    rates = _figure(record, "rollout", "image_tokens_per_s") or {}
+    if rates:
+        lines += ["| rollout loop | image tokens/s | tokens equal to the eager loop's |", "|---|---|---|"]
+        for k, v in rates.items():
+            agree = _figure(record, "rollout", f"token_agreement_with_eager: {k}")
+            lines.append(f"| {k} | {_fmt(v, ',.0f')} | {'-' if agree is None else f'{agree:.1%}'} |")
+        for k, error in (_figure(record, "rollout", "failed") or {}).items():
+            lines.append(f"| {k} | did not run: {error} | |")
+        lines.append("")
+    head = record["parts"].get("headline", {}).get("figures")
+    if head:
+        lines += ["| erase one concept | total s | rollouts s | training s |", "|---|---|---|---|"]
+        lines += [f"| window_prefix={k} | {head[k]['total_s']:.1f} | {head[k]['rollouts_s']:.1f} | "
+                  f"{head[k]['training_s']:.1f} |" for k in ("recompute", "cached") if k in head]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/gpu_suite", help="gpu_suite.json, gpu_suite.md and the bench logs")
+    ap.add_argument("--smoke", action="store_true", help="CPU, small model: every part runs, in CI")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    ap.add_argument("--time-limit-s", type=float, default=480.0,
+                    help="parts that would start after this many seconds are skipped and reported (default 480)")
+    args = ap.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        ap.error(f"--parts: {', '.join(unknown)} not in {', '.join(PARTS)}")
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device here; the full suite needs one GPU (use --smoke on a CPU)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels' correctness path; read at kernel import
+    scale = SMOKE if args.smoke else FULL
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suite = Suite(out_dir, scale, args.smoke, args.time_limit_s)
+    suite.record["device_type"] = device.type
+    print(f"gpu_suite ({suite.record['mode']}): {suite.record['machine']}\ncommand: {suite.record['command']}")
+
+    t = time.perf_counter()
+    bundle = build_model(scale, device)
+    n_params = sum(p.numel() for p in bundle.model.parameters())
+    suite.record["model"] = {"name": scale.model, "parameters": n_params, "dtype": str(scale.dtype),
+                             "image_tokens": bundle.num_image_tokens, "build_s": time.perf_counter() - t,
+                             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    print(f"built {scale.model}: {n_params:,} parameters in {suite.record['model']['build_s']:.1f} s")
+    runners = {
+        "rollout": lambda: part_rollout(bundle, scale),
+        "step": lambda: part_step(bundle, scale, suite.decode()),
+        "headline": lambda: part_headline(bundle, scale, suite.decode()),
+        "mfu": lambda: part_mfu(bundle, scale, suite.decode(), out_dir / "bench"),
+        "loss": lambda: part_loss(bundle, scale),
+    }
+    for name in parts:
+        suite.run(name, runners[name])
+    suite.close()
+    print(markdown(suite.record))
+    return 1 if any(p["status"].startswith("failed") for p in suite.record["parts"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

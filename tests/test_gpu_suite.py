@@ -1,0 +1,101 @@
+"""The GPU suite's smoke mode, as CI runs it: every part runs on the CPU, and it needs no package the GPU
+machine lacks (deepspeed and webdataset are blocked here, as they are absent there).
+
+What a user would notice if this broke: the one command that measures every GPU goal failing on the
+rare day a GPU is at hand, or leaving a JSON and a table that do not say what was measured.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the suite run with the packages the GPU machine does not have made unimportable
+RUN_WITHOUT_DEEPSPEED = """
+import runpy, sys
+
+for name in ("deepspeed", "webdataset"):  # import fails, find_spec says absent
+    sys.modules[name] = None
+sys.argv = ["benchmarks/gpu_suite.py"] + sys.argv[1:]
+runpy.run_path("benchmarks/gpu_suite.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_smoke_suite_runs_every_part_and_writes_what_it_measured(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", RUN_WITHOUT_DEEPSPEED, "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    record = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert record["complete"] and record["mode"] == "smoke"
+    assert {name: p["status"] for name, p in record["parts"].items()} == {
+        "rollout": "done", "step": "done", "headline": "done", "mfu": "done", "loss": "done"}
+    assert "gpu_suite.py --smoke" in record["command"] and record["versions"]["torch"]
+
+    rollout = record["parts"]["rollout"]["figures"]
+    assert rollout["same_tokens_as_eager: ours, lean (uncaptured)"] is True
+    assert rollout["same_tokens_as_eager: transformers generate"] is True
+    assert rollout["token_agreement_with_eager: ours, lean (uncaptured)"] == 1.0
+    for rate in rollout["image_tokens_per_s"].values():
+        assert 0 < rate["min"] <= rate["median"] <= rate["max"] and rate["repeats"] == 2
+
+    step = record["parts"]["step"]["figures"]
+    assert set(step["speedups"]) == {"ours (stored rollout)", "ours, window updates (stored rollout)",
+                                     "ours, window-cached updates (stored rollout)", "ours (with CFG rollout)"}
+    assert all(v["vs_official"]["median"] > 0 for v in step["speedups"].values())
+
+    head = record["parts"]["headline"]["figures"]
+    for prefix in ("recompute", "cached"):
+        h = head[prefix]
+        assert h["total_s"] == pytest.approx(h["rollouts_s"] + h["training_s"])
+        assert h["windows_kept"] > 0  # the default threshold keeps windows: the steps trained
+
+    mfu = record["parts"]["mfu"]["figures"]
+    assert mfu["student_mfu"] is None and mfu["phases_ms"]["student_fwd_bwd"] > 0  # no CPU peak: n/a, not made up
+    assert (tmp_path / "bench" / "bench.json").is_file()
+
+    variants = {r["variant"] for r in record["parts"]["loss"]["figures"]["rows"]}
+    assert variants == {"eager", "compile", "triton (interpreter; not a speed figure)"}
+    for part in record["parts"].values():
+        assert part["seconds"] > 0 and part["peak_memory_gib"] > 0 and "unavailable" in part["nvml"]
+
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert "# GPU suite (smoke)" in table and "| headline | done |" in table and "window_prefix=cached" in table
+
+
+def test_goal_rows_read_the_figures_they_judge():
+    """On a GPU run the table compares each goal with the figure measured for it."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_suite import GOALS, goal_rows, markdown
+
+    def stat(x):
+        return {"median": x, "min": x - 1, "max": x + 1, "repeats": 3}
+
+    record = {
+        "mode": "full", "date": "d", "machine": "m", "command": "c", "versions": {"torch": "t"}, "seconds": 1.0,
+        "complete": True, "scale": {"lean": "cuda_graph"},
+        "parts": {
+            "step": {"status": "done", "figures": {"speedups": {"ours (stored rollout)": {
+                "vs_official": stat(150.0), "vs_kv_loop": stat(4.0)}}}},
+            "rollout": {"status": "done", "figures": {"ours, lean (cuda_graph) / generate": stat(3.5), "failed": {}}},
+            "headline": {"status": "done", "figures": {"recompute": {"total_s": 75.0, "rollouts_s": 5.0,
+                                                                      "training_s": 70.0}}},
+            "mfu": {"status": "failed: RuntimeError: x"},
+        },
+    }
+    rows = {r["goal"]: r for r in goal_rows(record)}
+    assert rows["step vs the official pattern (stored rollouts)"]["met"] is True
+    assert rows["step vs the KV-cached per-token loop"]["met"] is False
+    assert rows["rollout tokens/s vs transformers generate"]["value"] == 3.5
+    assert rows["erase one concept end to end (exact windows), s"]["met"] is False
+    assert rows["student MFU (6N convention)"]["met"] is None  # the part failed: no figure, no verdict
+    assert rows["erase one concept end to end (exact windows), s"]["target"] == GOALS["headline_s"]
+    record["goals"] = list(rows.values())
+    table = markdown(record)
+    assert "| step vs the KV-cached per-token loop | 4.00 (3.00-5.00) | 5 | **no** |" in table
