@@ -138,7 +138,7 @@ def validate(cfg: Config) -> None:
     # a config built or changed in Python.
     _validate_choices(cfg, "")
     positives = [
-        "erase.window_len", "train.steps", "train.pairs_per_step", "rollout.batch_size",
+        "erase.window_len", "erase.window_scales", "train.steps", "train.pairs_per_step", "rollout.batch_size",
         "data.ecg.llm_pairs_per_request", "data.vf.batch_size", "data.vf.top_k",
         "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
         "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
@@ -149,6 +149,10 @@ def validate(cfg: Config) -> None:
     for key in positives:
         if get_key(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")
+    if not 0.0 < cfg.erase.svare_bit_error_share <= 1.0:
+        raise ConfigError(f"erase.svare_bit_error_share: must be in (0, 1], got {cfg.erase.svare_bit_error_share}")
+    if cfg.erase.svare_scales < 0:
+        raise ConfigError(f"erase.svare_scales: must be >= 0, got {cfg.erase.svare_scales}")
     if cfg.erase.loss_threshold < 0:
         raise ConfigError(f"erase.loss_threshold: must be >= 0, got {cfg.erase.loss_threshold}")
     if cfg.optim.lr <= 0:

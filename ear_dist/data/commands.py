@@ -97,13 +97,14 @@ def run_build(args) -> int:
         if not pairs:
             return _fail("no pairs: set data.pairs (or --pairs FILE) or data.ecg.source=templates|llm")
         if d.vf.enabled:
-            from ear_dist.models.janus import load_janus
+            from ear_dist.models.family import load_model
 
             classifier = build_classifier(
                 d.vf.classifier, d.vf.classifier_path, d.vf.threshold, d.vf.nudenet_classes or None,
                 d.vf.class_ids, d.vf.labels, d.vf.top_k,
             )
-            bundle = load_janus(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+            bundle = load_model(cfg.model.path, cfg.model.family, device=cfg.model.device, dtype=cfg.model.dtype,
+                                seed=cfg.model.seed)
             r = cfg.rollout
             generate, decode = teacher_functions(bundle, r.guidance_weight, r.temperature, r.top_k, r.batch_size)
             vf = VisualFilter(generate, decode, classifier, d.vf.batch_size, d.vf.store_target_tokens, d.vf.seed)

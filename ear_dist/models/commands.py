@@ -11,7 +11,8 @@ from ear_dist.config import add_config_args, config_from_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="sample images from a Janus model (local path or preset)")
+    p = sub.add_parser("generate", help="sample images from a model (local path or preset; model.family picks "
+                                         "janus or var)")
     p.add_argument("--model", default=None, help="model directory or preset (default: model.path of the config)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
@@ -22,11 +23,13 @@ def register(sub) -> None:
     p.set_defaults(func=run_generate)
 
     m = sub.add_parser("merge", help="apply one or more deltas to a base model and save a full model")
-    m.add_argument("--base", required=True, help="base model directory (or preset) the deltas were trained from")
+    m.add_argument("--base", required=True, help="base model directory (or preset) the deltas were trained from; "
+                                                 "its family (janus or var) is read from it")
     m.add_argument("--delta", action="append", required=True, help="delta file (repeatable)")
     m.add_argument("--weight", action="append", type=float, default=None,
                    help="weight per delta (repeatable, same order; default 1.0 each)")
-    m.add_argument("--out", required=True, help="output directory (loads with from_pretrained)")
+    m.add_argument("--out", required=True, help="output directory (a Janus model loads with from_pretrained, a var "
+                                                "model with ear-dist's loader)")
     m.add_argument("--no-base-check", action="store_true", help="skip the base-model fingerprint check")
     m.add_argument("--conflicts", choices=["warn", "error", "sum"], default="warn",
                    help="two deltas whose changes to shared tensors point in opposite directions (cosine < 0): "
@@ -41,9 +44,8 @@ def _slug(text: str) -> str:
 def run_generate(args) -> int:
     from tqdm import tqdm
 
-    from ear_dist.models.images import decode_tokens, make_grid, save_pngs
-    from ear_dist.models.janus import load_janus
-    from ear_dist.models.rollout import rollout
+    from ear_dist.models.family import load_model
+    from ear_dist.models.images import make_grid, save_pngs
 
     cfg = config_from_args(args)
     prompts = list(args.prompt)
@@ -55,21 +57,22 @@ def run_generate(args) -> int:
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT or --prompts-file FILE")
     prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
-    bundle = load_janus(args.model or cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    bundle = load_model(args.model or cfg.model.path, cfg.model.family, device=cfg.model.device,
+                        dtype=cfg.model.dtype, seed=cfg.model.seed)
     r = cfg.rollout
     seeds = [args.seed + i for i in range(len(prompts))]
     t0 = time.perf_counter()
     chunks = []
     for s in tqdm(range(0, len(prompts), r.batch_size), desc="generating", unit="batch"):
         chunks.append(
-            rollout(bundle, prompts[s : s + r.batch_size], r.guidance_weight, r.temperature, r.top_k, r.greedy,
-                    seeds[s : s + r.batch_size])
+            bundle.sample(prompts[s : s + r.batch_size], r.guidance_weight, r.temperature, r.top_k, r.greedy,
+                          seeds[s : s + r.batch_size])
         )
     import torch
 
     tokens = torch.cat(chunks)
     elapsed = time.perf_counter() - t0
-    images = decode_tokens(bundle.model, tokens)
+    images = bundle.decode(tokens)
     out = Path(args.out)
     names = [f"{i:04d}-{_slug(p)}" for i, p in enumerate(prompts)]
     save_pngs(images, out, names)
@@ -84,10 +87,10 @@ def run_generate(args) -> int:
 
 
 def run_merge_cmd(args) -> int:
-    from ear_dist.models.janus import load_janus, save_janus
     from ear_dist.models.delta import apply_deltas, compare_changes
+    from ear_dist.models.family import detect_family, load_model
 
-    bundle = load_janus(args.base, device="cpu", dtype="float32")
+    bundle = load_model(args.base, detect_family(args.base) or "janus", device="cpu", dtype="float32")
     if len(args.delta) > 1 and args.conflicts != "sum":
         base_state = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
         for pair in compare_changes(base_state, args.delta):
@@ -100,7 +103,7 @@ def run_merge_cmd(args) -> int:
     report = apply_deltas(bundle.model, args.delta, args.weight, check_base=not args.no_base_check)
     for name, owners in report["overlaps"].items():
         print(f"note: {name} is changed by {len(owners)} deltas; their changes are summed")
-    save_janus(bundle, args.out)
+    bundle.save(args.out)
     print(f"merged {len(args.delta)} delta(s) ({report['tensors']} tensors, concepts {report['concepts']}) "
           f"into {args.out}")
     return 0

@@ -18,13 +18,15 @@ def register(sub) -> None:
 
 def run_precompute(args) -> int:
     from ear_dist.data.stream import check_pairs, load_training_pairs
-    from ear_dist.models.janus import load_janus, model_fingerprint
+    from ear_dist.models.family import load_model
+    from ear_dist.models.janus import model_fingerprint
     from ear_dist.teacher.base import TeacherSettings
     from ear_dist.teacher.colocated import ColocatedTeacher
     from ear_dist.teacher.offline import precompute, run_requests
 
     cfg = config_from_args(args)
-    bundle = load_janus(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    bundle = load_model(cfg.model.path, cfg.model.family, device=cfg.model.device, dtype=cfg.model.dtype,
+                        seed=cfg.model.seed)
     pairs = load_training_pairs(cfg)
     check_pairs(pairs, cfg.erase.on_missing_concept, bundle.num_image_tokens)
     settings = TeacherSettings.from_config(cfg.erase, cfg.rollout)

@@ -21,7 +21,8 @@ from ear_dist.config import Config, ConfigError, save_config
 from ear_dist.data.pairs import PromptPair
 from ear_dist.data.stream import PairStream, check_pairs, load_training_pairs
 from ear_dist.models.delta import save_delta
-from ear_dist.models.janus import load_janus, model_fingerprint
+from ear_dist.models.family import load_model
+from ear_dist.models.janus import model_fingerprint
 from ear_dist.teacher.base import TeacherSettings, build_teacher
 from ear_dist.train import checkpoint
 from ear_dist.train.preserve import build_preserving_parts
@@ -54,7 +55,7 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
 
-    bundle = load_janus(cfg.model.path, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    bundle = load_model(cfg.model.path, cfg.model.family, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
     pairs = list(pairs) if pairs is not None else load_training_pairs(cfg)
     check = _check_inputs(cfg, rt, bundle, pairs)
     stream = PairStream(pairs, cfg.train.pairs_per_step, cfg.train.seed, cfg.data.shuffle)
