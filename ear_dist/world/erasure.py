@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ear_dist.data.pairs import PromptPair
-from ear_dist.models.janus import JanusBundle
-from ear_dist.models.rollout import rollout
+from ear_dist.models.family import as_image_model, detect_family, load_model
+from ear_dist.models.interface import ImageModel
 from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.world import World
 
@@ -41,6 +41,21 @@ WORLD_ERASE = [
     "optim.lr=3e-4",
     "train.steps=50",
 ]
+
+
+# The same on the world's tiny next-scale model (4 blocks, scales 1, 2, 4, 8): EAR's windows are
+# whole scales; S-VARE trains what the S-VARE paper trains on Infinity, the cross-attention and
+# FFN of every block.
+VAR_WORLD_ERASE = [
+    "model.family=var",
+    "trainable.first_k_layers=2",
+    "trainable.modules=attention",
+    "erase.window_scales=1",
+    "erase.loss_threshold=1.0",
+    "optim.lr=3e-4",
+    "train.steps=50",
+]
+SVARE_PAPER_MODULES = 'trainable.patterns=["block_chunks.*.ca.*", "block_chunks.*.ffn.*"]'
 
 
 def _unknown_concept(concept: str) -> ValueError:
@@ -103,7 +118,7 @@ class FilterReport:
     dropped_surrogate_with_concept: int = 0
 
 
-def visual_filter(world: World, bundle: JanusBundle, pairs: Sequence[PromptPair], concept: str,
+def visual_filter(world: World, bundle: ImageModel, pairs: Sequence[PromptPair], concept: str,
                   guidance_weight: float = 5.0, batch_size: int = 32) -> tuple[list[PromptPair], FilterReport]:
     """Keep pairs whose target image shows the concept and whose surrogate image does not.
 
@@ -111,8 +126,10 @@ def visual_filter(world: World, bundle: JanusBundle, pairs: Sequence[PromptPair]
     stored on the kept pairs so training reuses them.
     """
     seeds = [p.seed for p in pairs]
-    t_tok = rollout(bundle, [p.target for p in pairs], guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
-    s_tok = rollout(bundle, [p.surrogate for p in pairs], guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
+    bundle = as_image_model(bundle)
+    t_tok = bundle.sample([p.target for p in pairs], guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
+    s_tok = bundle.sample([p.surrogate for p in pairs], guidance_weight=guidance_weight, seeds=seeds,
+                          batch_size=batch_size)
     t_has = world.classify(t_tok)[concept]
     s_has = world.classify(s_tok)[concept]
     report, kept = FilterReport(), []
@@ -150,7 +167,7 @@ def _histogram(tokens: torch.Tensor, codebook: int) -> np.ndarray:
     return h / max(h.sum(), 1.0)
 
 
-def evaluate(world: World, bundle: JanusBundle, concept: str, n: int = 48, guidance_weight: float = 5.0,
+def evaluate(world: World, bundle: ImageModel, concept: str, n: int = 48, guidance_weight: float = 5.0,
              reference_hist: Optional[np.ndarray] = None, batch_size: int = 48) -> tuple[Evaluation, np.ndarray, dict]:
     """Held-out evaluation of one model; returns (evaluation, its unrelated-prompt histogram, samples).
 
@@ -158,10 +175,11 @@ def evaluate(world: World, bundle: JanusBundle, concept: str, n: int = 48, guida
     """
     ev = Evaluation(concept)
     samples: dict = {}
+    bundle = as_image_model(bundle)
 
     def gen(prompts, stream):
         seeds = [stream * 100000 + i for i in range(len(prompts))]
-        return rollout(bundle, prompts, guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
+        return bundle.sample(prompts, guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
 
     if concept in OBJECTS:
         groups = {f"held-out sentences ({w})": dict(objects=[concept], object_words=[w]) for w in OBJECTS[concept]}
@@ -186,6 +204,20 @@ def evaluate(world: World, bundle: JanusBundle, concept: str, n: int = 48, guida
     if reference_hist is not None:
         ev.token_tv_distance = float(0.5 * np.abs(hist - reference_hist).sum())
     return ev, hist, samples
+
+
+def bar_report(rows: dict[str, Evaluation], bar: float = 0.95) -> str:
+    """Per erased model: erasure rate and preservation ratio (mean preservation after / before) against the bar."""
+    before = rows["before"]
+    lines = []
+    for name, ev in rows.items():
+        if name == "before":
+            continue
+        ratio = ev.preservation_mean / max(before.preservation_mean, 1e-9)
+        met = ev.erasure_rate >= bar and ratio >= bar
+        lines.append(f"{name}: erasure {ev.erasure_rate:.3f}, preservation ratio {ratio:.3f} -> the bar "
+                     f"(both >= {bar}) is {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: dict[str, Evaluation], baseline: str = "before") -> str:
@@ -233,13 +265,27 @@ ABLATIONS: dict[str, list[str]] = {
 }
 
 
+# On the VAR family: windows are whole scales (no "window 1"), and S-VARE trains the paper's modules.
+VAR_ABLATIONS: dict[str, list[str]] = {
+    "EAR": [],
+    "TLM off": ["erase.loss_threshold=0"],
+    "two scales per window": ["erase.window_scales=2"],
+    "random order": ["erase.window_order=random"],
+    "per-sequence updates": ["erase.update_mode=sequence"],
+    "logit targets": ["erase.target_mode=logit"],
+    "S-VARE": ["erase.method=svare", SVARE_PAPER_MODULES],
+    "ESD-style naive": ["erase.method=esd"],
+}
+
+
 def before_after_grid(world: World, before: dict, after: dict, groups: Sequence[str]):
     """Rows: the same prompts (and seeds) before and after erasure, as colour images."""
     from ear_dist.models.images import make_grid
     from ear_dist.world.colour import grid_to_image
 
     def rgb(tokens):
-        return np.asarray(grid_to_image(tokens.cpu().numpy(), world.layout, world.config.grid_side).convert("RGB"))
+        return np.asarray(grid_to_image(world.image_grid(tokens[None])[0], world.layout,
+                                        world.config.grid_side).convert("RGB"))
 
     images, labels = [], []
     for g in groups:
@@ -253,19 +299,22 @@ def before_after_grid(world: World, before: dict, after: dict, groups: Sequence[
 
 def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str = "church",
                       ablations: Sequence[str] = ("EAR",), n_pairs: int = 32, n_eval: int = 48,
-                      overrides: Sequence[str] = (), progress: bool = True, log=print, n_anchors: int = 0) -> dict:
+                      overrides: Sequence[str] = (), progress: bool = True, log=print, n_anchors: int = 0,
+                      table: Optional[dict] = None) -> dict:
     """ECG -> VF -> ``run_erase`` per ablation -> held-out evaluation -> report. Returns the rows.
 
     ``n_anchors`` preservation anchors (``make_anchor_pairs``) join the EAR-method runs'
-    pairs; S-VARE and the ESD-style baseline train on the erasure pairs alone.
+    pairs; S-VARE and the ESD-style baseline train on the erasure pairs alone. ``table``:
+    ablation name -> overrides (default ``ABLATIONS``).
     """
+    table = ABLATIONS if table is None else table
     from ear_dist.config import load_config
-    from ear_dist.models.janus import load_janus
     from ear_dist.models.delta import apply_deltas
     from ear_dist.train.trainer import run_erase
 
     out_dir = Path(out_dir)
-    base = load_janus(model_path, device="cpu", dtype="float32")
+    family = detect_family(model_path) or "janus"
+    base = load_model(model_path, family, device="cpu", dtype="float32")
     pairs = make_pairs(world, concept, n_pairs)
     kept, vf = visual_filter(world, base, pairs, concept)
     log(f"ECG: {len(pairs)} template pairs; VF kept {vf.kept} (target without {concept}: "
@@ -281,17 +330,17 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     log(f"before: erasure rate {before.erasure_rate:.3f}, preservation {before.preservation_mean:.3f}")
     grids, summaries = {}, {}
     for name in ablations:
-        if name not in ABLATIONS:
-            raise ValueError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
+        if name not in table:
+            raise ValueError(f"ablation {name!r}: expected one of {', '.join(table)}")
         run_dir = out_dir / "runs" / name.replace(" ", "-").lower()
-        cfg = load_config(overrides=[f"model.path={model_path}", f"train.out_dir={run_dir}",
+        cfg = load_config(overrides=[f"model.path={model_path}", f"model.family={family}", f"train.out_dir={run_dir}",
                                      f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
-                                     *overrides, *ABLATIONS[name]])
+                                     *overrides, *table[name]])
         train_pairs = [PromptPair(**asdict(p)) for p in kept]
         if cfg.erase.method == "ear":
             train_pairs = interleave(train_pairs, anchors)
         summary = run_erase(cfg, train_pairs, progress=progress)
-        after_bundle = load_janus(model_path, device="cpu", dtype="float32")
+        after_bundle = load_model(model_path, family, device="cpu", dtype="float32")
         apply_deltas(after_bundle.model, [summary["delta"]])
         ev, _, samples_after = evaluate(world, after_bundle, concept, n_eval, reference_hist=ref_hist)
         rows[name] = ev
@@ -320,12 +369,12 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     concept), with as many steps as the per-concept runs together.
     """
     from ear_dist.config import load_config
-    from ear_dist.models.janus import load_janus
     from ear_dist.models.delta import apply_deltas
     from ear_dist.train.trainer import run_erase
 
     out_dir = Path(out_dir)
-    base = load_janus(model_path, device="cpu", dtype="float32")
+    family = detect_family(model_path) or "janus"
+    base = load_model(model_path, family, device="cpu", dtype="float32")
     pairs = {}
     for c in concepts:
         kept, vf = visual_filter(world, base, make_pairs(world, c, n_pairs), c)
@@ -335,7 +384,8 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
         log(f"{c}: VF kept {vf.kept} of {n_pairs}")
 
     def cfg_for(name, steps_factor=1):
-        sets = [f"model.path={model_path}", f"train.out_dir={out_dir / 'runs' / name}", "model.device=cpu",
+        sets = [f"model.path={model_path}", f"model.family={family}", f"train.out_dir={out_dir / 'runs' / name}",
+                "model.device=cpu",
                 *overrides]
         cfg = load_config(overrides=sets)
         cfg.train.steps *= steps_factor
@@ -352,7 +402,7 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     models = {"before": [], "composed": deltas, "joint": [joint]}
     table: dict = {}
     for name, ds in models.items():
-        bundle = load_janus(model_path, device="cpu", dtype="float32")
+        bundle = load_model(model_path, family, device="cpu", dtype="float32")
         if ds:
             apply_deltas(bundle.model, ds)
         for c in concepts:

@@ -111,7 +111,7 @@ class VarBundle(ImageModel):
         length = cond.shape[1]
         if length > self.config.text_maxlen:
             raise ValueError(f"prompt states of {length} tokens: more than text_maxlen {self.config.text_maxlen}")
-        return self.model.cfg_uncond[:length].detach().to(cond.dtype).unsqueeze(0).expand(cond.shape[0], -1, -1)
+        return self.model.cfg_uncond[:length].to(cond.dtype).unsqueeze(0).expand(cond.shape[0], -1, -1)
 
     def teacher_forced(self, model, cond, mask, image_tokens, return_logits=True):
         """All positions of whole scales in one pass (block-causal); the logits are the bitwise head's."""
