@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ear_dist.world.erasure import PRESERVING  # noqa: E402
+
 # The preserving method's parts, each a config lever (README: "Erasure that keeps everything else").
 UNCOND_ANCHORED = ["erase.reference_prompt=unconditional", "erase.rollout_from=target", "erase.target_mode=logit"]
 METHODS = {
@@ -35,6 +37,8 @@ METHODS = {
     "uncond-anchored + preservation + null space": (UNCOND_ANCHORED + ["preserve.weight=1.0",
                                                                        "preserve.nullspace=true"], 64),
     "EAR + null space": (["preserve.nullspace=true"], 64),
+    # the project's preserving method, its settings chosen on the validation split (README)
+    "preserving (uncond-anchored + preservation + null space; eta 3; 100 steps)": (PRESERVING, 64),
 }
 
 

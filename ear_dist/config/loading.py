@@ -139,7 +139,8 @@ def validate(cfg: Config) -> None:
     # a config built or changed in Python.
     _validate_choices(cfg, "")
     positives = [
-        "erase.window_len", "train.steps", "train.pairs_per_step", "train.log_every", "rollout.batch_size",
+        "erase.window_len", "erase.window_scales", "train.steps", "train.pairs_per_step", "train.log_every",
+        "rollout.batch_size",
         "data.ecg.llm_pairs_per_request", "data.vf.batch_size", "data.vf.top_k",
         "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
         "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
@@ -149,6 +150,10 @@ def validate(cfg: Config) -> None:
     for key in positives:
         if get_key(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")
+    if not 0.0 < cfg.erase.svare_bit_error_share <= 1.0:
+        raise ConfigError(f"erase.svare_bit_error_share: must be in (0, 1], got {cfg.erase.svare_bit_error_share}")
+    if cfg.erase.svare_scales < 0:
+        raise ConfigError(f"erase.svare_scales: must be >= 0, got {cfg.erase.svare_scales}")
     if cfg.erase.loss_threshold < 0:
         raise ConfigError(f"erase.loss_threshold: must be >= 0, got {cfg.erase.loss_threshold}")
     if cfg.optim.lr <= 0:
@@ -181,6 +186,9 @@ def validate(cfg: Config) -> None:
     if cfg.erase.method == "svare" and cfg.erase.reference_prompt == "unconditional":
         raise ConfigError("erase.reference_prompt: unconditional applies to the guided targets of ear/esd; "
                           "S-VARE trains toward the surrogate's tokens")
+    if cfg.erase.window_prefix == "cached" and cfg.model.family != "janus":
+        raise ConfigError(f"erase.window_prefix: cached is for next-token models (model.family=janus); "
+                          f"a {cfg.model.family} model predicts whole scales (use window_prefix=recompute)")
     if cfg.erase.window_prefix == "cached" and cfg.erase.teacher_guidance_weight > 0 and cfg.erase.method == "ear":
         raise ConfigError("erase.window_prefix: cached keeps the conditional branch's keys and values only; with "
                           "erase.teacher_guidance_weight > 0 the student's unconditional branch is combined too "

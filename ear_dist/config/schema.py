@@ -39,10 +39,13 @@ def field_help(f: dataclasses.Field) -> str:
 
 @dataclass
 class ModelConfig:
-    """The Janus model erased (student) and sampled (teacher)."""
+    """The model erased (student) and sampled (teacher)."""
 
-    path: str = setting("tiny", "a local directory in Hugging Face format, or a preset name: tiny, janus-pro-1b, "
-                                "janus-pro-7b (presets have random weights)")
+    family: Literal["janus", "var"] = setting(
+        "janus", "janus: Janus-Pro (next-token, one codebook); var: Infinity-style next-scale model with bitwise "
+                 "tokens and a T5 text encoder")
+    path: str = setting("tiny", "a local model directory or a preset: tiny, janus-pro-1b, janus-pro-7b (janus); "
+                                "tiny-var, infinity-2b (var); presets have random weights")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "auto = bfloat16 on GPU, float32 on CPU")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
@@ -102,6 +105,7 @@ class EraseConfig:
         1.0, "eta: target = M*(c_s) - eta * (M*(c_t) - M*(c_s)), teacher outputs on surrogate and target prompts")
     loss_threshold: float = setting(0.05, "tau: windows whose loss sum is under it carry no gradient (TLM)")
     window_len: int = setting(48, "image tokens per loss window (WGA)")
+    window_scales: int = setting(1, "model.family=var: whole scales per loss window (window_len is for janus)")
     window_order: Literal["sequential", "random"] = setting(
         "sequential", "order the windows are taken in: sequential (generation order) or random")
     update_mode: Literal["window", "sequence"] = setting(
@@ -118,10 +122,16 @@ class EraseConfig:
     teacher_guidance_weight: float = setting(
         0.0, "logit mode: classifier-free guidance weight applied to the teacher's target and, the same way, to "
              "the student's conditional and unconditional outputs (0 = off)")
-    svare_filter: Literal["prob", "code_distance"] = setting(
-        "prob", "S-VARE token filter on a codebook model: prob: the label's probability under svare_label_prob_max; "
-                "code_distance: the student's likeliest code lies at least svare_code_distance (relative) from the "
-                "label's code in the VQ embedding space (the analog of a quarter of the bits disagreeing)")
+    svare_filter: Literal["auto", "prob", "code_distance", "bits"] = setting(
+        "auto", "S-VARE token filter. auto: bits on a bitwise (var) model, prob on a codebook (janus) model; bits: "
+                "at least svare_bit_error_share of a token's bits get label probability under 1/2 (the paper); "
+                "prob: the label's probability under svare_label_prob_max; code_distance: the student's likeliest "
+                "code lies at least svare_code_distance (relative) from the label's code in the VQ embedding space "
+                "(the codebook analog of a quarter of the bits disagreeing)")
+    svare_bit_error_share: float = setting(
+        0.25, "S-VARE bits filter: share of wrong bits from which a token counts in the cross-entropy")
+    svare_scales: int = setting(
+        0, "S-VARE on a var model: supervise the first k scales (0 = every scale, as the paper trains)")
     svare_code_distance: float = setting(
         0.5, "S-VARE code_distance filter: relative distance |e(pred) - e(label)| / mean code-to-code distance")
     svare_label_prob_max: float = setting(

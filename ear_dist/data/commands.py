@@ -90,13 +90,14 @@ def run_build(args) -> int:
     if not pairs:
         raise InputError("no pairs: set data.pairs (or --pairs FILE) or data.ecg.source=templates|llm")
     if d.vf.enabled:
-        from ear_dist.models.janus import load_janus
+        from ear_dist.models.family import load_model
 
         classifier = build_classifier(
             d.vf.classifier, d.vf.classifier_path, d.vf.threshold, d.vf.nudenet_classes or None,
             d.vf.class_ids, d.vf.labels, d.vf.top_k,
         )
-        bundle = load_janus(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+        bundle = load_model(cfg.model.path, cfg.model.family, device=cfg.model.device, dtype=cfg.model.dtype,
+                            seed=cfg.model.seed)
         r = cfg.rollout
         generate, decode = teacher_functions(bundle, r.guidance_weight, r.temperature, r.top_k, r.batch_size,
                                              r.decode)

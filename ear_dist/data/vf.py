@@ -129,16 +129,17 @@ class VisualFilter:
 
 def teacher_functions(bundle, guidance_weight: float = 5.0, temperature: float = 1.0, top_k: int = 0,
                       batch_size: int = 8, decode_mode: str = "eager") -> tuple[Callable, Callable]:
-    """``generate`` and ``decode`` for ``VisualFilter`` from a loaded Janus bundle (``decode_mode``: rollout.decode)."""
-    from ear_dist.models.images import decode_tokens
-    from ear_dist.models.rollout import rollout
+    """``generate`` and ``decode`` for ``VisualFilter`` from a loaded model of either family (``decode_mode``: rollout.decode)."""
+    from ear_dist.models.family import as_image_model
+
+    bundle = as_image_model(bundle)
 
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            return rollout(bundle, prompts, guidance_weight=guidance_weight, temperature=temperature, top_k=top_k,
-                           seeds=seeds, batch_size=batch_size, decode=decode_mode)
+            return bundle.sample(prompts, guidance_weight=guidance_weight, temperature=temperature, top_k=top_k,
+                                 seeds=seeds, batch_size=batch_size, decode=decode_mode)
 
     def decode(tokens: torch.Tensor) -> np.ndarray:
-        return decode_tokens(bundle.model, tokens, batch_size=batch_size)
+        return bundle.decode(tokens, batch_size=batch_size)
 
     return generate, decode

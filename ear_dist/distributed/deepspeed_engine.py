@@ -4,7 +4,8 @@ DeepSpeed owns the student's gradients and optimizer state; only the trainable
 tensors are given to the optimizer, so frozen layers carry no optimizer state. The
 optimizer is the config's torch optimizer passed as DeepSpeed's client optimizer (no
 op compilation on CPU). For ZeRO-3 the student is built through transformers'
-HfDeepSpeedConfig so that ``from_pretrained`` partitions it as it loads.
+HfDeepSpeedConfig so that ``from_pretrained`` partitions it as it loads (a model that is
+not a transformers class is built under ``deepspeed.zero.Init`` instead).
 
 ``dist.deepspeed_config`` is a JSON file or the name of one shipped in ``ds_configs/``
 beside this module (zero1, zero2, zero3, zero3_offload), so an installed package resolves
@@ -168,6 +169,8 @@ def load_partitioned_model(model_source: str, base_model: torch.nn.Module, ds: d
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    if not hasattr(base_model, "save_pretrained"):
+        return _partitioned_copy(base_model, ds)
     src = Path(model_source)
     tmp = None
     if not src.is_dir():
@@ -181,6 +184,20 @@ def load_partitioned_model(model_source: str, base_model: torch.nn.Module, ds: d
         unset_hf_deepspeed_config()
         if tmp is not None:
             tmp.cleanup()
+
+
+def _partitioned_copy(base_model: torch.nn.Module, ds: dict) -> torch.nn.Module:
+    """A model that is not a transformers class (the VAR family), built partitioned under ``zero.Init`` and
+    filled from ``base_model``, which every rank loaded identically."""
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds, dtype=base_model.dtype):
+        model = type(base_model)(base_model.config)
+    source = dict(base_model.named_parameters())
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(source[name].data)
+    return model
 
 
 def initialize_engine(student: torch.nn.Module, optimizer: torch.optim.Optimizer, ds: dict, rt: Runtime):

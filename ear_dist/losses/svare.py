@@ -1,10 +1,17 @@
-"""S-VARE losses on a single-codebook model (Janus).
+"""S-VARE losses, on a single-codebook model (Janus) and on a bitwise next-scale model (Infinity).
 
 The student, conditioned on the target prompt c_t, is teacher-forced on the image
 tokens the teacher generated for the surrogate prompt c_s. Its cross-entropy toward
-those tokens counts only where it still gets them wrong (probability of the label
-below ``label_prob_max``); a preservation KL keeps the student on c_s close to the
-teacher on c_s.
+those tokens counts only where it still gets them wrong; a preservation KL keeps the
+student on c_s close to the teacher on c_s.
+
+On a bitwise model (what S-VARE was made for) "wrong" is the paper's rule: a bit is
+wrong when the student gives its label a probability under 1/2 (its cross-entropy
+exceeds ln 2), and a token is unsafe when at least a quarter of its bits are wrong. An
+unsafe token's loss is the mean cross-entropy of its bits; the sum over unsafe tokens is
+divided by B * T. The preservation term is the per-bit KL(teacher || student), averaged
+over bits and tokens. On a codebook model the analog is the label's probability under
+``label_prob_max`` (or :func:`code_distance_filter`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import torch
 
 from ear_dist.losses.windowed import per_token_kl
 
-__all__ = ["SVareLoss", "code_distance_filter", "filtered_ce", "preservation_kl", "svare_loss"]
+__all__ = ["SVareLoss", "bit_error_filter", "bitwise_filtered_ce", "bitwise_preservation_kl", "bitwise_svare_loss",
+           "code_distance_filter", "filtered_ce", "preservation_kl", "svare_loss"]
 
 
 def code_distance_filter(student_logits: torch.Tensor, labels: torch.Tensor, codebook: torch.Tensor,
@@ -108,4 +116,59 @@ def svare_loss(
     """Filtered cross-entropy on c_t toward the surrogate tokens + weighted preservation KL on c_s."""
     ce, num_counted = filtered_ce(student_logits_on_target, labels, label_prob_max, ignore_index, unsafe)
     preserve = preservation_kl(student_logits_on_surrogate, teacher_logits_on_surrogate)
+    return SVareLoss(loss=ce + preserve_weight * preserve, ce=ce, preserve=preserve, num_counted=num_counted)
+
+
+def _bit_pairs(logits: torch.Tensor) -> torch.Tensor:
+    """Bitwise head logits [B, T, 2 * bits] -> [B, T, bits, 2] in float32 (bit j's logits at 2j, 2j+1)."""
+    if logits.shape[-1] % 2:
+        raise ValueError(f"bitwise logits {tuple(logits.shape)}: the last dimension must hold two logits per bit")
+    return logits.float().reshape(*logits.shape[:-1], -1, 2)
+
+
+def bit_error_filter(student_logits: torch.Tensor, label_bits: torch.Tensor, min_error_share: float = 0.25
+                     ) -> torch.Tensor:
+    """Unsafe tokens [B, T] (bool): at least ``min_error_share`` of the bits get probability under 1/2 for their label.
+
+    ``student_logits`` [B, T, 2 * bits], ``label_bits`` [B, T, bits] (0/1). A bit with
+    equal logits is not wrong (its cross-entropy is exactly ln 2). No gradient.
+    """
+    with torch.no_grad():
+        pairs = _bit_pairs(student_logits.detach())
+        if tuple(pairs.shape[:-1]) != tuple(label_bits.shape):
+            raise ValueError(f"student_logits {tuple(student_logits.shape)} and label_bits {tuple(label_bits.shape)}: "
+                             "expected [B, T, 2 * bits] and [B, T, bits]")
+        label = pairs.gather(-1, label_bits.long().unsqueeze(-1)).squeeze(-1)
+        other = pairs.gather(-1, (1 - label_bits.long()).unsqueeze(-1)).squeeze(-1)
+        wrong = label < other
+        return wrong.float().mean(-1) >= min_error_share
+
+
+def bitwise_filtered_ce(student_logits: torch.Tensor, label_bits: torch.Tensor, min_error_share: float = 0.25
+                        ) -> tuple[torch.Tensor, int]:
+    """Mean bit cross-entropy of the unsafe tokens (:func:`bit_error_filter`), summed, over ``B * T``.
+
+    Returns ``(loss, num_counted)``; tokens that are not unsafe get an exactly zero gradient.
+    """
+    unsafe = bit_error_filter(student_logits, label_bits, min_error_share)
+    log_q = torch.log_softmax(_bit_pairs(student_logits), dim=-1)
+    bit_nll = -log_q.gather(-1, label_bits.long().unsqueeze(-1)).squeeze(-1)
+    token_loss = bit_nll.mean(-1)
+    loss = torch.where(unsafe, token_loss, torch.zeros_like(token_loss)).sum() / max(unsafe.numel(), 1)
+    return loss, int(unsafe.sum())
+
+
+def bitwise_preservation_kl(student_logits_on_surrogate: torch.Tensor, teacher_logits_on_surrogate: torch.Tensor
+                            ) -> torch.Tensor:
+    """Per-bit KL(teacher || student), averaged over bits, tokens and rows (a scalar)."""
+    pairs_s = _bit_pairs(student_logits_on_surrogate)
+    return per_token_kl(pairs_s, _bit_pairs(teacher_logits_on_surrogate)).mean()
+
+
+def bitwise_svare_loss(student_logits_on_target: torch.Tensor, label_bits: torch.Tensor,
+                       student_logits_on_surrogate: torch.Tensor, teacher_logits_on_surrogate: torch.Tensor,
+                       min_error_share: float = 0.25, preserve_weight: float = 0.5) -> SVareLoss:
+    """S-VARE on a bitwise head: filtered bit cross-entropy on c_t + weighted per-bit preservation KL on c_s."""
+    ce, num_counted = bitwise_filtered_ce(student_logits_on_target, label_bits, min_error_share)
+    preserve = bitwise_preservation_kl(student_logits_on_surrogate, teacher_logits_on_surrogate)
     return SVareLoss(loss=ce + preserve_weight * preserve, ce=ce, preserve=preserve, num_counted=num_counted)

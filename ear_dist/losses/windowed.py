@@ -19,7 +19,7 @@ picks one or the other with the same numbers either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -29,6 +29,7 @@ __all__ = [
     "guided_target",
     "per_token_kl",
     "per_token_mse",
+    "scale_window_index",
     "window_index",
     "token_keep",
     "window_lengths",
@@ -71,14 +72,22 @@ def per_token_mse(student_hidden: torch.Tensor, target_hidden: torch.Tensor) -> 
     return diff.square().mean(dim=-1)
 
 
-def per_token_kl(student_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+def per_token_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """KL(softmax(target) || softmax(student)) per token, ``[B, T, V] -> [B, T]``, in float32.
 
     Both sides go through a stable log-softmax in float32; the target is a constant.
     Codes the target gives probability exactly zero (e.g. logits of -inf) contribute
-    zero, as in the definition of KL.
+    zero, as in the definition of KL. ``groups`` > 1: the V logits are that many
+    independent softmaxes (a bitwise head: two logits per bit) and the token's KL is
+    their sum.
     """
     _check_same_shape(student_logits, target_logits, "student_logits", "target_logits")
+    if groups > 1:
+        if student_logits.shape[-1] % groups:
+            raise ValueError(f"logits of width {student_logits.shape[-1]} do not split into {groups} groups")
+        kl = per_token_kl(student_logits.reshape(*student_logits.shape[:-1], groups, -1),
+                          target_logits.reshape(*target_logits.shape[:-1], groups, -1))
+        return kl.sum(dim=-1)
     log_q = torch.log_softmax(student_logits.float(), dim=-1)
     log_p = torch.log_softmax(target_logits.detach().float(), dim=-1)
     p = log_p.exp()
@@ -135,6 +144,37 @@ def window_index(
     else:
         raise ValueError(f"window order: {order!r} is not one of sequential, random")
     return torch.div(rank, lengths.unsqueeze(1), rounding_mode="floor")
+
+
+def scale_window_index(
+    batch: int,
+    scale_sizes: Sequence[int],
+    scales_per_window: int,
+    order: str = "sequential",
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> torch.Tensor:
+    """Window ids ``[B, T]`` over a next-scale model's tokens: every window is ``scales_per_window`` whole scales.
+
+    ``scale_sizes``: tokens per scale, coarse to fine (T is their sum). ``sequential``:
+    scales in generation order; ``random``: each row's scales in a random order (by
+    ``generator``, a CPU generator) before they are grouped. A scale is predicted in one
+    forward, so windows never split one.
+    """
+    if scales_per_window < 1:
+        raise ValueError(f"erase.window_scales: expected >= 1, got {scales_per_window}")
+    sizes = torch.tensor(list(scale_sizes), dtype=torch.long)
+    num_scales = len(sizes)
+    if order == "sequential":
+        rank = torch.arange(num_scales).expand(batch, num_scales)
+    elif order == "random":
+        perm = torch.rand(batch, num_scales, generator=generator).argsort(dim=1)
+        rank = torch.empty_like(perm).scatter_(1, perm, torch.arange(num_scales).expand(batch, num_scales).contiguous())
+    else:
+        raise ValueError(f"window order: {order!r} is not one of sequential, random")
+    window_of_scale = torch.div(rank, scales_per_window, rounding_mode="floor")
+    scale_of_token = torch.repeat_interleave(torch.arange(num_scales), sizes)
+    return window_of_scale[:, scale_of_token].to(device)
 
 
 @dataclass

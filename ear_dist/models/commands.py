@@ -13,7 +13,8 @@ from ear_dist.errors import InputError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="sample images from a Janus model (local path or preset)")
+    p = sub.add_parser("generate", help="sample images from a model (local path or preset; model.family picks "
+                                         "janus or var)")
     p.add_argument("--model", default=None, help="model directory or preset (default: model.path of the config)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
@@ -26,11 +27,13 @@ def register(sub) -> None:
     p.set_defaults(func=run_generate)
 
     m = sub.add_parser("merge", help="apply one or more deltas to a base model and save a full model")
-    m.add_argument("--base", required=True, help="base model directory (or preset) the deltas were trained from")
+    m.add_argument("--base", required=True, help="base model directory (or preset) the deltas were trained from; "
+                                                 "its family (janus or var) is read from it")
     m.add_argument("--delta", action="append", required=True, help="delta file (repeatable)")
     m.add_argument("--weight", action="append", type=float, default=None,
                    help="weight per delta (repeatable, same order; default 1.0 each)")
-    m.add_argument("--out", required=True, help="output directory (loads with from_pretrained); replaced if it exists")
+    m.add_argument("--out", required=True, help="output directory (a Janus model loads with from_pretrained, a var model with "
+                                                 "ear-dist's loader); replaced if it exists")
     m.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="dtype of the merged weights; auto (default) = the dtype the base checkpoint stores")
     m.add_argument("--eval-report", default=None, metavar="REPORT_JSON",
@@ -62,9 +65,8 @@ def run_generate(args) -> int:
     from tqdm import tqdm
 
     from ear_dist.models.delta import applied_deltas, check_deltas
-    from ear_dist.models.images import decode_tokens, make_grid, save_pngs
-    from ear_dist.models.janus import load_janus
-    from ear_dist.models.rollout import rollout
+    from ear_dist.models.family import load_model
+    from ear_dist.models.images import make_grid, save_pngs
 
     cfg = config_from_args(args)
     prompts = list(args.prompt)
@@ -76,7 +78,8 @@ def run_generate(args) -> int:
     if not prompts:
         raise InputError("no prompts: pass --prompt TEXT or --prompts-file FILE")
     prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
-    bundle = load_janus(args.model or cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    bundle = load_model(args.model or cfg.model.path, cfg.model.family, device=cfg.model.device,
+                        dtype=cfg.model.dtype, seed=cfg.model.seed)
     check_deltas(bundle.model, args.delta)
     r = cfg.rollout
     seeds = [args.seed + i for i in range(len(prompts))]
@@ -85,14 +88,14 @@ def run_generate(args) -> int:
     with applied_deltas(bundle.model, args.delta):
         for s in tqdm(range(0, len(prompts), r.batch_size), desc="generating", unit="batch"):
             chunks.append(
-                rollout(bundle, prompts[s : s + r.batch_size], r.guidance_weight, r.temperature, r.top_k, r.greedy,
-                        seeds[s : s + r.batch_size], decode=r.decode)
+                bundle.sample(prompts[s : s + r.batch_size], r.guidance_weight, r.temperature, r.top_k, r.greedy,
+                              seeds[s : s + r.batch_size], decode=r.decode)
             )
         import torch
 
         tokens = torch.cat(chunks)
         elapsed = time.perf_counter() - t0
-        images = decode_tokens(bundle.model, tokens)
+        images = bundle.decode(tokens)
     out = Path(args.out)
     names = [f"{i:04d}-{_slug(p)}" for i, p in enumerate(prompts)]
     save_pngs(images, out, names)
@@ -107,8 +110,11 @@ def run_generate(args) -> int:
 
 
 def run_merge_cmd(args) -> int:
+    from ear_dist.models.family import detect_family
     from ear_dist.models.merge import merge
 
+    if (detect_family(args.base) or "janus") != "janus":
+        return _merge_var(args)
     result = merge(args.base, args.delta, args.out, weights=args.weight, dtype=args.dtype,
                    check_base=not args.no_base_check, conflicts=args.conflicts, eval_report=args.eval_report,
                    base_model_id=args.base_model_id)
@@ -126,4 +132,28 @@ def run_convert_cmd(args) -> int:
 
     out = convert(args.source, args.out, converter=args.converter)
     print(f"converted {args.source} into {out}; train with --set model.path={out}")
+    return 0
+
+
+def _merge_var(args) -> int:
+    """A next-scale (var) base: deltas applied in float32 and saved in the family's own format."""
+    from ear_dist.models.delta import apply_deltas, compare_changes
+    from ear_dist.models.family import load_model
+
+    bundle = load_model(args.base, "var", device="cpu", dtype="float32")
+    if len(args.delta) > 1 and args.conflicts != "sum":
+        base_state = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+        for pair in compare_changes(base_state, args.delta):
+            if pair.shared_tensors and pair.cosine < 0:
+                msg = (f"{pair.first} and {pair.second} change {pair.shared_tensors} shared tensors in opposite "
+                       f"directions (cosine {pair.cosine:.3f}); their sum erases each concept less than alone")
+                if args.conflicts == "error":
+                    raise InputError(msg + " (use --conflicts warn or sum to merge anyway)")
+                print(f"warning: {msg}")
+    report = apply_deltas(bundle.model, args.delta, args.weight, check_base=not args.no_base_check)
+    for name, owners in report["overlaps"].items():
+        print(f"note: {name} is changed by {len(owners)} deltas; their changes are summed")
+    bundle.save(args.out)
+    print(f"merged {len(args.delta)} delta(s) ({report['tensors']} tensors, concepts {report['concepts']}) "
+          f"into {args.out} (var family: float32, ear-dist's format)")
     return 0

@@ -19,6 +19,7 @@ from transformers import StaticCache
 
 from ear_dist.models.decode import lean_rollout_ids, resolve_decode, tempered_logits
 from ear_dist.models.janus import JanusBundle, position_ids_from_mask, unconditional_ids
+from ear_dist.models.sampling import in_batches
 
 
 def sample_next(
@@ -118,24 +119,7 @@ def rollout(
     decode: str = "eager",
 ) -> torch.Tensor:
     """Image tokens [N, T] for a list of prompts, in batches of ``batch_size`` (0 = all at once)."""
-    prompts = list(prompts)
-    if seeds is not None:
-        seeds = list(seeds)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-    step = batch_size or len(prompts)
-    chunks = []
-    starts = range(0, len(prompts), step)
-    if progress and len(starts) > 1:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="rollout batches", unit="batch")
-    for s in starts:
-        ids, mask = bundle.encode_prompts(prompts[s : s + step])
-        chunks.append(
-            rollout_ids(
-                bundle, ids, mask, guidance_weight, temperature, top_k, greedy,
-                seeds[s : s + step] if seeds is not None else None, progress=progress, decode=decode,
-            )
-        )
-    return torch.cat(chunks)
+    return in_batches(bundle, prompts, seeds, batch_size, progress,
+                      lambda ids, mask, chunk_seeds: rollout_ids(bundle, ids, mask, guidance_weight, temperature,
+                                                                 top_k, greedy, chunk_seeds, progress=progress,
+                                                                  decode=decode))

@@ -98,13 +98,14 @@ def run_slurm_env(args) -> int:
 def run_array_status(args) -> int:
     from ear_dist.slurm.array import collect_concept_deltas
 
-    deltas = collect_concept_deltas(config_from_args(args))
+    cfg = config_from_args(args)
+    deltas = collect_concept_deltas(cfg)
     agreements = []
     if args.base and len(deltas.found) > 1:
-        from ear_dist.models.janus import load_janus
         from ear_dist.models.delta import compare_changes
+        from ear_dist.models.family import load_model
 
-        base = load_janus(args.base, device="cpu", dtype="float32").model.state_dict()
+        base = load_model(args.base, cfg.model.family, device="cpu", dtype="float32").model.state_dict()
         agreements = compare_changes(base, [o.delta for o in deltas.found])
     if args.json:
         print(json.dumps({

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ear_dist.models.janus import JanusBundle, teacher_forced, unconditional_ids
-from ear_dist.models.rollout import rollout_ids
+from ear_dist.models.family import as_image_model
+from ear_dist.models.interface import ImageModel
 from ear_dist.teacher.base import Teacher, TeacherOutputs, TeacherRequest, register_placement
 
 
@@ -19,8 +19,8 @@ class ColocatedTeacher(Teacher):
 
     shares_model = True
 
-    def __init__(self, bundle: JanusBundle):
-        self.bundle = bundle
+    def __init__(self, bundle: ImageModel):
+        self.bundle = bundle = as_image_model(bundle)
         for p in bundle.model.parameters():
             p.requires_grad_(False)
         bundle.model.eval()
@@ -30,8 +30,8 @@ class ColocatedTeacher(Teacher):
         """Image tokens [B, T] sampled with CFG from ``request.rollout_prompts``, one seed per row."""
         s = request.settings
         ids, mask = self.bundle.encode_prompts(request.rollout_prompts)
-        return rollout_ids(self.bundle, ids, mask, s.sampling_guidance_weight, s.temperature, s.top_k, s.greedy,
-                           request.seeds, decode=s.decode)
+        return self.bundle.rollout_ids(ids, mask, s.sampling_guidance_weight, s.temperature, s.top_k, s.greedy,
+                                       request.seeds, decode=s.decode)
 
     @torch.no_grad()
     def forward_targets(self, request: TeacherRequest, tokens: torch.Tensor) -> TeacherOutputs:
@@ -42,11 +42,12 @@ class ColocatedTeacher(Teacher):
         ids, mask = self.bundle.encode_prompts(request.target_prompts if from_uncond
                                                else request.target_prompts + request.surrogate_prompts)
         if from_uncond or s.with_uncond:
-            ids = torch.cat([ids, unconditional_ids(ids[:b], self.bundle.prompt_format)])
+            ids = torch.cat([ids, self.bundle.unconditional(ids[:b])])
             mask = torch.cat([mask, mask[:b]])
         rows_tokens = tokens.repeat(ids.shape[0] // b, 1)
         logits_wanted = s.mode == "logit"
-        hidden, logits = teacher_forced(self.bundle.model, ids, mask, rows_tokens, return_logits=logits_wanted)
+        hidden, logits = self.bundle.teacher_forced(self.bundle.model, ids, mask, rows_tokens,
+                                                    return_logits=logits_wanted)
         out = logits if logits_wanted else hidden
         uncond = out[-b:] if s.with_uncond else None
         return TeacherOutputs(tokens, out[:b], out[b: 2 * b], uncond)

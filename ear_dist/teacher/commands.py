@@ -18,13 +18,15 @@ def register(sub) -> None:
 
 def run_precompute(args) -> int:
     from ear_dist.data.stream import open_pair_stream
-    from ear_dist.models.janus import load_janus, model_fingerprint
+    from ear_dist.models.family import load_model
+    from ear_dist.models.janus import model_fingerprint
     from ear_dist.teacher.base import TeacherSettings
     from ear_dist.teacher.colocated import ColocatedTeacher
     from ear_dist.teacher.offline import precompute, run_requests
 
     cfg = config_from_args(args)
-    bundle = load_janus(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    bundle = load_model(cfg.model.path, cfg.model.family, device=cfg.model.device, dtype=cfg.model.dtype,
+                        seed=cfg.model.seed)
     stream, _ = open_pair_stream(cfg, num_image_tokens=bundle.num_image_tokens, codebook_size=bundle.codebook_size)
     settings = TeacherSettings.from_config(cfg.erase, cfg.rollout)
     requests = run_requests(stream, cfg.train.steps, settings, args.batch_size, bundle.device)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ear_dist.models.family import as_image_model
 from ear_dist.teacher.base import Teacher, TeacherOutputs, TeacherRequest, TeacherSettings, register_placement
 from ear_dist.teacher.colocated import ColocatedTeacher
 
@@ -34,12 +35,11 @@ class Payload:
     dtype: torch.dtype
 
 
-def payload_for(settings: TeacherSettings, model, per_rank_pairs: int) -> Payload:
+def payload_for(settings: TeacherSettings, bundle, per_rank_pairs: int) -> Payload:
     """The message shape both sides derive from the same settings and model config."""
-    mc = model.config
-    width = mc.text_config.hidden_size if settings.mode == "hidden" else mc.vq_config.num_embeddings
-    return Payload(per_rank_pairs, int(mc.vision_config.num_image_tokens), width, 3 if settings.with_uncond else 2,
-                   model.dtype)
+    bundle = as_image_model(bundle)
+    width = bundle.hidden_size if settings.mode == "hidden" else bundle.head_width
+    return Payload(per_rank_pairs, bundle.num_image_tokens, width, 3 if settings.with_uncond else 2, bundle.model.dtype)
 
 
 class DedicatedTeacher(Teacher):
@@ -116,7 +116,7 @@ def _wait(sends: list) -> None:
 @register_placement("dedicated")
 def _build(cfg, runtime, bundle, settings, steps) -> Teacher:
     per_rank = cfg.train.pairs_per_step // runtime.dp_world
-    payload = payload_for(settings, bundle.model, per_rank)
+    payload = payload_for(settings, bundle, per_rank)
     if runtime.role == "teacher":
         served = [runtime.student_ranks[i] for i in runtime.data_slices()]
         dp_index = {s: runtime.student_ranks.index(s) for s in served}

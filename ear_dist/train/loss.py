@@ -76,6 +76,7 @@ def windowed_loss(
     guidance_weight: float = 0.0,
     scale: Optional[float] = None,
     backend: str = "auto",
+    logit_groups: int = 1,
 ) -> WindowedLoss:
     """The EAR loss of one batch: guided target, per-token loss, WGA windows, TLM mask.
 
@@ -88,7 +89,10 @@ def windowed_loss(
     teacher's logits on the unconditional prompt; when given, teacher-side CFG with
     ``guidance_weight`` is applied to both prompts' logits before the guidance. A window
     id of -1 marks a token outside every window (no loss, zero gradient). ``scale``
-    defaults to ``1 / (B * T)``. ``backend``: auto | torch | triton.
+    defaults to ``1 / (B * T)``. ``backend``: auto | torch | triton. ``logit_groups`` > 1: a
+    bitwise head's logits (that many two-way softmaxes; the KL is summed over them), which
+    the PyTorch reference computes (``auto`` picks it; the fused kernels take one softmax
+    per token).
     """
     if mode not in MODES:
         raise ValueError(f"erase.target_mode: {mode!r} is not one of {', '.join(MODES)}")
@@ -102,6 +106,12 @@ def windowed_loss(
     if uncond is not None and mode != "logit":
         raise ValueError("uncond: teacher-side CFG exists only in logit mode")
 
+    if logit_groups > 1 and mode == "logit":
+        if backend == "triton":
+            raise ValueError("erase.loss_backend=triton: the fused kernels take one softmax per token; a bitwise "
+                             "head's logit-mode loss runs on the torch backend (auto or torch)")
+        resolve_backend(backend, student.device)
+        backend = "torch"
     if resolve_backend(backend, student.device) == "triton":
         from ear_dist.kernels.windowed_loss import fused_windowed_loss
 
@@ -111,7 +121,7 @@ def windowed_loss(
         )
     return reference_windowed_loss(
         mode, student, on_target, on_surrogate, window_index, loss_threshold, erase_guidance,
-        uncond=uncond, guidance_weight=guidance_weight, scale=scale,
+        uncond=uncond, guidance_weight=guidance_weight, scale=scale, logit_groups=logit_groups,
     )
 
 
@@ -126,6 +136,7 @@ def reference_windowed_loss(
     uncond: Optional[torch.Tensor] = None,
     guidance_weight: float = 0.0,
     scale: Optional[float] = None,
+    logit_groups: int = 1,
 ) -> WindowedLoss:
     """The plain-PyTorch composition of the reference losses (the ``torch`` backend)."""
     if isinstance(erase_guidance, torch.Tensor) and erase_guidance.numel() > 1:
@@ -137,5 +148,5 @@ def reference_windowed_loss(
     target = guided_target(up(on_target), up(on_surrogate), erase_guidance)
     if uncond is not None:
         target = guidance_combine(target, up(uncond), guidance_weight)
-    per_token = per_token_mse(student, target) if mode == "hidden" else per_token_kl(student, target)
+    per_token = per_token_mse(student, target) if mode == "hidden" else per_token_kl(student, target, logit_groups)
     return windowed_masked_loss(per_token, window_index, loss_threshold, scale=scale)

@@ -24,15 +24,19 @@ from typing import Optional, Sequence
 import torch
 
 from ear_dist.config import ConfigError
-from ear_dist.models.janus import JanusBundle, teacher_forced, unconditional_ids
+from ear_dist.models.family import as_image_model
+from ear_dist.models.interface import ImageModel
 from ear_dist.train.adapters import EditSpec, nullspace_projectors
 
 BRANCHES = ("guided", "uncond", "cond")
 
 
 def branch_log_probs(cond: torch.Tensor, uncond: torch.Tensor, guidance_weight: float,
-                     branches: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Log-probabilities [N, T, V] (float32) of each named branch from conditional and unconditional logits."""
+                     branches: Sequence[str], groups: int = 1) -> dict[str, torch.Tensor]:
+    """Log-probabilities [N, T, V] (float32) of each named branch from conditional and unconditional logits.
+
+    ``groups`` > 1 (a bitwise head): [N, T, groups, V / groups], one softmax per group.
+    """
     out = {}
     for name in branches:
         if name == "guided":
@@ -43,23 +47,27 @@ def branch_log_probs(cond: torch.Tensor, uncond: torch.Tensor, guidance_weight: 
             logits = cond.float()
         else:
             raise ValueError(f"preserve.branches: {name!r} is not one of {', '.join(BRANCHES)}")
+        if groups > 1:
+            logits = logits.reshape(*logits.shape[:-1], groups, -1)
         out[name] = torch.log_softmax(logits, dim=-1)
     return out
 
 
 def kl_per_row(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per row [N], mean over tokens, from log-probabilities [N, T, V]."""
+    """KL(teacher || student) per row [N], mean over tokens, from log-probabilities [N, T, ...] (summed
+    over everything after the token dimension: the codes, or a bitwise head's bits and values)."""
     p = teacher.exp()
-    return (p * (teacher - student)).sum(-1).mean(-1)
+    return (p * (teacher - student)).flatten(2).sum(-1).mean(-1)
 
 
-def student_logits(model, bundle: JanusBundle, prompts: Sequence[str], tokens: torch.Tensor
+def student_logits(model, bundle: ImageModel, prompts: Sequence[str], tokens: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditional and unconditional image logits of ``model`` on ``prompts``, teacher-forced on ``tokens``."""
+    bundle = as_image_model(bundle)
     ids, mask = bundle.encode_prompts(list(prompts))
     b = ids.shape[0]
-    rows = torch.cat([ids, unconditional_ids(ids, bundle.prompt_format)])
-    _, logits = teacher_forced(model, rows, mask.repeat(2, 1), tokens.repeat(2, 1))
+    rows = torch.cat([ids, bundle.unconditional(ids)])
+    _, logits = bundle.teacher_forced(model, rows, mask.repeat(2, 1), tokens.repeat(2, 1))
     return logits[:b], logits[b:]
 
 
@@ -71,36 +79,36 @@ class AnchorSet:
     tokens: torch.Tensor  # [M, T]
     teacher: dict[str, torch.Tensor]  # branch -> [M, T, V] float32 log-probs (on the CPU when the model is on CUDA)
     guidance_weight: float
+    groups: int = 1  # softmaxes per position (a bitwise head's bits)
 
     @classmethod
     @torch.no_grad()
-    def snapshot(cls, bundle: JanusBundle, prompts: Sequence[str], guidance_weight: float, seed: int,
+    def snapshot(cls, bundle: ImageModel, prompts: Sequence[str], guidance_weight: float, seed: int,
                  branches: Sequence[str], batch_size: int = 16) -> "AnchorSet":
         """Sample each prompt with the teacher (CFG, one seed per prompt) and keep its distributions."""
-        from ear_dist.models.rollout import rollout
-
+        bundle = as_image_model(bundle)
         prompts = list(prompts)
         if not prompts:
             raise ValueError("preserve: no anchor prompts")
-        tokens = rollout(bundle, prompts, guidance_weight=guidance_weight,
-                         seeds=[seed * 1_000_003 + i for i in range(len(prompts))], batch_size=batch_size)
+        tokens = bundle.sample(prompts, guidance_weight=guidance_weight,
+                               seeds=[seed * 1_000_003 + i for i in range(len(prompts))], batch_size=batch_size)
         store = torch.device("cpu") if tokens.device.type == "cuda" else tokens.device
         parts: dict[str, list] = {b: [] for b in branches}
         for s in range(0, len(prompts), batch_size):
             cond, uncond = student_logits(bundle.model, bundle, prompts[s: s + batch_size], tokens[s: s + batch_size])
-            for name, lp in branch_log_probs(cond, uncond, guidance_weight, branches).items():
+            for name, lp in branch_log_probs(cond, uncond, guidance_weight, branches, bundle.logit_groups).items():
                 parts[name].append(lp.to(store))
-        return cls(prompts, tokens, {b: torch.cat(v) for b, v in parts.items()}, guidance_weight)
+        return cls(prompts, tokens, {b: torch.cat(v) for b, v in parts.items()}, guidance_weight, bundle.logit_groups)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def kl(self, model, bundle: JanusBundle, index: Sequence[int]) -> dict[str, torch.Tensor]:
+    def kl(self, model, bundle: ImageModel, index: Sequence[int]) -> dict[str, torch.Tensor]:
         """Per branch, KL(teacher || model) per anchor of ``index`` [len(index)] (differentiable in the model)."""
         idx = torch.as_tensor(list(index), dtype=torch.long)
         tokens = self.tokens[idx.to(self.tokens.device)]
         cond, uncond = student_logits(model, bundle, [self.prompts[i] for i in idx.tolist()], tokens)
-        student = branch_log_probs(cond, uncond, self.guidance_weight, list(self.teacher))
+        student = branch_log_probs(cond, uncond, self.guidance_weight, list(self.teacher), self.groups)
         return {name: kl_per_row(self.teacher[name][idx].to(cond.device), student[name]) for name in self.teacher}
 
 
@@ -125,7 +133,7 @@ class Preservation:
         per_rank = self.per_step // self.dp_world
         return chosen[self.dp_rank * per_rank: (self.dp_rank + 1) * per_rank].tolist()
 
-    def maybe_refresh(self, model, bundle: JanusBundle, batch_size: int = 16) -> Optional[torch.Tensor]:
+    def maybe_refresh(self, model, bundle: ImageModel, batch_size: int = 16) -> Optional[torch.Tensor]:
         """Every ``refresh_every`` steps (and first), re-measure every anchor's drift; returns it when measured."""
         due = self.steps % self.refresh_every == 0
         self.steps += 1
@@ -139,7 +147,7 @@ class Preservation:
         self.drift = torch.cat(parts)
         return self.drift
 
-    def loss(self, model, bundle: JanusBundle, index: Sequence[int]) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, bundle: ImageModel, index: Sequence[int]) -> tuple[torch.Tensor, dict]:
         """``weight`` times the mean over this rank's anchors of the summed branch KLs, and its parts."""
         kl = self.anchors.kl(model, bundle, index)
         total = sum(v.mean() for v in kl.values())
@@ -161,7 +169,7 @@ class DriftProbe:
         self.anchors = anchors
 
     @torch.no_grad()
-    def measure(self, model, bundle: JanusBundle, batch_size: int = 16) -> dict[str, float]:
+    def measure(self, model, bundle: ImageModel, batch_size: int = 16) -> dict[str, float]:
         sums: dict[str, float] = {}
         for s in range(0, len(self.anchors), batch_size):
             for name, v in self.anchors.kl(model, bundle, range(s, min(s + batch_size, len(self.anchors)))).items():
@@ -189,7 +197,7 @@ class PreservingParts:
     nullspace_ranks: Optional[dict] = None
 
 
-def build_preserving_parts(cfg, rt, bundle: JanusBundle, trainable: list[str]) -> PreservingParts:
+def build_preserving_parts(cfg, rt, bundle: ImageModel, trainable: list[str]) -> PreservingParts:
     """Anchors and their teacher distributions, null-space projectors, the preservation term and the probe."""
     p = cfg.preserve
     guidance = cfg.rollout.guidance_weight

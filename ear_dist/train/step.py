@@ -30,9 +30,10 @@ import torch
 
 from ear_dist.config import ConfigError, EraseConfig, RolloutConfig
 from ear_dist.data.stream import PairBatch
-from ear_dist.losses.svare import code_distance_filter, svare_loss
-from ear_dist.losses.windowed import guidance_combine, window_index
-from ear_dist.models.janus import JanusBundle, teacher_forced, unconditional_ids
+from ear_dist.losses.svare import bitwise_svare_loss, code_distance_filter, svare_loss
+from ear_dist.losses.windowed import guidance_combine, scale_window_index, window_index
+from ear_dist.models.family import as_image_model
+from ear_dist.models.interface import ImageModel
 from ear_dist.teacher.base import Teacher, TeacherOutputs, TeacherRequest, TeacherSettings
 from ear_dist.train.loss import windowed_loss
 from ear_dist.train.prefix_cache import PrefixCache
@@ -95,10 +96,11 @@ class ErasureStep:
     the default rollout settings; the trainer passes the run's.
     """
 
-    def __init__(self, student: torch.nn.Module, bundle: JanusBundle, teacher: Teacher, cfg: EraseConfig,
+    def __init__(self, student: torch.nn.Module, bundle: ImageModel, teacher: Teacher, cfg: EraseConfig,
                  updater: Updater, generator: Optional[torch.Generator] = None,
                  settings: Optional[TeacherSettings] = None, preservation: Optional[Preservation] = None):
-        self.student, self.bundle, self.teacher, self.cfg, self.updater = student, bundle, teacher, cfg, updater
+        self.student, self.teacher, self.cfg, self.updater = student, teacher, cfg, updater
+        self.bundle = as_image_model(bundle)
         self.settings = settings if settings is not None else TeacherSettings.from_config(cfg, RolloutConfig())
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.preservation = preservation
@@ -116,16 +118,25 @@ class ErasureStep:
         rows = RowSettings.of(self.cfg, batch.concepts, teach.tokens.device)
         if self.cfg.method == "esd":
             return self._esd(ids, mask, teach, rows)
-        b, t = teach.tokens.shape
-        if bool((rows.window_len > t).any()):
-            raise ConfigError(f"erase.window_len: {int(rows.window_len.max())} > the {t} image tokens per image")
-        windows = window_index(b, t, rows.window_len, self.cfg.window_order, generator=self.generator,
-                               device=teach.tokens.device)
+        windows = self._windows(teach.tokens, rows)
         if self.cfg.update_mode == "sequence":
             return self._sequence(ids, mask, teach, windows, rows, batch.concepts)
         return self._per_window(ids, mask, teach, windows, rows, batch.concepts)
 
     # ----------------------------------------------------------------- parts
+    def _windows(self, tokens: torch.Tensor, rows: "RowSettings") -> torch.Tensor:
+        """Window ids [B, T]: runs of ``window_len`` tokens, or on a next-scale model runs of
+        ``window_scales`` whole scales (a scale is predicted in one step, so it is never split)."""
+        b, t = tokens.shape
+        scales = self.bundle.scale_sizes
+        if scales is not None:
+            return scale_window_index(b, scales, self.cfg.window_scales, self.cfg.window_order,
+                                      generator=self.generator, device=tokens.device)
+        if bool((rows.window_len > t).any()):
+            raise ConfigError(f"erase.window_len: {int(rows.window_len.max())} > the {t} image tokens per image")
+        return window_index(b, t, rows.window_len, self.cfg.window_order, generator=self.generator,
+                            device=tokens.device)
+
     def _student_out(self, ids, mask, tokens) -> torch.Tensor:
         """The student on c_t, teacher-forced on ``tokens``: last hidden states or image logits.
 
@@ -136,11 +147,11 @@ class ErasureStep:
         s = self.settings
         if s.with_uncond:
             b = ids.shape[0]
-            rows = torch.cat([ids, unconditional_ids(ids, self.bundle.prompt_format)])
-            _, logits = teacher_forced(self.student, rows, mask.repeat(2, 1), tokens.repeat(2, 1))
+            rows = torch.cat([ids, self.bundle.unconditional(ids)])
+            _, logits = self.bundle.teacher_forced(self.student, rows, mask.repeat(2, 1), tokens.repeat(2, 1))
             return guidance_combine(logits[:b], logits[b:], s.target_guidance_weight)
         logits_wanted = s.mode == "logit"
-        hidden, logits = teacher_forced(self.student, ids, mask, tokens, return_logits=logits_wanted)
+        hidden, logits = self.bundle.teacher_forced(self.student, ids, mask, tokens, return_logits=logits_wanted)
         return logits if logits_wanted else hidden
 
     def _loss(self, ids, mask, teach: TeacherOutputs, windows, threshold, eta, scale=None, start=0, cache=None):
@@ -152,7 +163,7 @@ class ErasureStep:
         return windowed_loss(self.settings.mode, student, teach.on_target[:, start:n], teach.on_surrogate[:, start:n],
                              windows, threshold, eta, uncond=uncond,
                              guidance_weight=self.settings.target_guidance_weight, scale=scale,
-                             backend=self.cfg.loss_backend)
+                             backend=self.cfg.loss_backend, logit_groups=self.bundle.logit_groups)
 
     def _apply(self, loss: torch.Tensor, counted: torch.Tensor, any_kept: Optional[bool] = None,
                extras: Optional[dict] = None) -> Optional[int]:
@@ -241,18 +252,37 @@ class ErasureStep:
         return StepResult(loss, 0, 0, took, teach.tokens.numel(), extras=extras)
 
     def _svare(self, batch: PairBatch, teach: TeacherOutputs) -> StepResult:
-        """S-VARE: filtered CE on c_t toward the rollout tokens + preservation KL on c_s."""
+        """S-VARE: filtered CE on c_t toward the rollout tokens + preservation KL on c_s.
+
+        On a bitwise model the filter is the paper's (a quarter of the bits wrong) and the
+        supervised tokens are those of the first ``erase.svare_scales`` scales (0: all).
+        """
         b = len(batch)
+        bitwise = self.bundle.logit_groups > 1
+        rule = self.cfg.svare_filter if self.cfg.svare_filter != "auto" else ("bits" if bitwise else "prob")
+        if (rule == "bits") != bitwise:
+            raise ValueError(f"erase.svare_filter: {rule!r} does not apply to a {self.bundle.family} model "
+                             f"({'bits or auto' if bitwise else 'prob, code_distance or auto'})")
+        tokens, reference = teach.tokens, teach.on_surrogate
+        if bitwise and self.cfg.svare_scales:
+            n = sum(self.bundle.scale_sizes[: self.cfg.svare_scales])
+            tokens, reference = tokens[:, :n], reference[:, :n]
         ids, mask = self.bundle.encode_prompts(list(batch.target_prompts) + list(batch.surrogate_prompts))
-        _, logits = teacher_forced(self.student, ids, mask, torch.cat([teach.tokens, teach.tokens]))
-        unsafe = None
-        if self.cfg.svare_filter == "code_distance":
-            codebook = self.bundle.model.model.vqmodel.quantize.embedding.weight
-            unsafe = code_distance_filter(logits[:b], teach.tokens, codebook, self.cfg.svare_code_distance)
-        out = svare_loss(logits[:b], teach.tokens, logits[b:], teach.on_surrogate, self.cfg.svare_label_prob_max,
-                         self.cfg.svare_preserve_weight, unsafe=unsafe)
+        _, logits = self.bundle.teacher_forced(self.student, ids, mask, torch.cat([tokens, tokens]))
+        if bitwise:
+            from ear_dist.models.var.bsq import token_bits
+
+            out = bitwise_svare_loss(logits[:b], token_bits(tokens, self.bundle.logit_groups), logits[b:], reference,
+                                     self.cfg.svare_bit_error_share, self.cfg.svare_preserve_weight)
+        else:
+            unsafe = None
+            if rule == "code_distance":
+                codebook = self.bundle.model.model.vqmodel.quantize.embedding.weight
+                unsafe = code_distance_filter(logits[:b], tokens, codebook, self.cfg.svare_code_distance)
+            out = svare_loss(logits[:b], tokens, logits[b:], reference, self.cfg.svare_label_prob_max,
+                             self.cfg.svare_preserve_weight, unsafe=unsafe)
         extras = {"ce": float(out.ce.detach()), "preserve": float(out.preserve.detach()), "counted": out.num_counted,
-                  "counted_share": out.num_counted / max(teach.tokens.numel(), 1)}
+                  "counted_share": out.num_counted / max(tokens.numel(), 1)}
         took = self._apply(out.loss, out.loss.detach().reshape(1), extras=extras)
         loss = float(out.loss.detach())
         if took is None:

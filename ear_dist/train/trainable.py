@@ -13,12 +13,19 @@ LLM_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.(.+)$")
 ATTENTION = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj.")
 
 
+def _janus_layer_of(name: str):
+    m = LLM_LAYER.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def select_trainable_names(model: torch.nn.Module, cfg: TrainableConfig) -> list[str]:
     """Names of the parameters to train.
 
     Default (the paper): every module of the first ``first_k_layers`` LLM layers, or
     only their attention q/k/v/o projections (the official code). Explicit
-    ``patterns`` (fnmatch on parameter names) replace both.
+    ``patterns`` (fnmatch on parameter names) replace both. A model that names its own
+    layers (the VAR family: ``layer_of``, ``num_layers``, ``attention_prefixes``) is read
+    through those; for it ``attention`` means the self-attention of each block.
     """
     names = [n for n, _ in model.named_parameters()]
     if cfg.patterns:
@@ -26,15 +33,18 @@ def select_trainable_names(model: torch.nn.Module, cfg: TrainableConfig) -> list
         if not chosen:
             raise ConfigError(f"trainable.patterns: {cfg.patterns} match no parameter (e.g. {names[0]!r})")
         return chosen
-    n_layers = sum(1 for _ in model.model.language_model.layers)
+    if hasattr(model, "layer_of"):
+        layer_of, n_layers, attention = model.layer_of, model.num_layers, tuple(model.attention_prefixes)
+    else:
+        layer_of, n_layers, attention = _janus_layer_of, sum(1 for _ in model.model.language_model.layers), ATTENTION
     if cfg.first_k_layers > n_layers:
         raise ConfigError(f"trainable.first_k_layers: {cfg.first_k_layers} > the model's {n_layers} LLM layers")
     chosen = []
     for n in names:
-        m = LLM_LAYER.match(n)
-        if not m or int(m.group(1)) >= cfg.first_k_layers:
+        where = layer_of(n)
+        if where is None or where[0] >= cfg.first_k_layers:
             continue
-        if cfg.modules == "attention" and not m.group(2).startswith(ATTENTION):
+        if cfg.modules == "attention" and not where[1].startswith(attention):
             continue
         chosen.append(n)
     if not chosen:

@@ -25,7 +25,8 @@ from ear_dist.data.pairs import PromptPair
 from ear_dist.data.stream import check_source, open_pair_stream, source_digest
 from ear_dist.errors import RunFailure
 from ear_dist.models.delta import save_delta
-from ear_dist.models.janus import load_janus, model_fingerprint
+from ear_dist.models.family import load_model
+from ear_dist.models.janus import model_fingerprint
 from ear_dist.storage import write_text_atomic
 from ear_dist.teacher.base import TeacherSettings, build_teacher
 from ear_dist.telemetry.memory import current_rss_bytes
@@ -64,7 +65,7 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
     rt = init_runtime(cfg)
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.out_dir)
-    bundle = load_janus(cfg.model.path, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    bundle = load_model(cfg.model.path, cfg.model.family, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
     _check_settings(cfg, rt, bundle)
     stream, check = open_pair_stream(cfg, pairs, rt.dp_world, rt.data_slices(), bundle.num_image_tokens,
                                      bundle.codebook_size)
@@ -127,7 +128,7 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
 
 def _check_settings(cfg: Config, rt, bundle) -> None:
     """Settings that only the model and the launch can validate."""
-    if cfg.erase.window_len > bundle.num_image_tokens:
+    if bundle.scale_sizes is None and cfg.erase.window_len > bundle.num_image_tokens:  # next-scale: window_scales
         raise ConfigError(f"erase.window_len: {cfg.erase.window_len} > the model's {bundle.num_image_tokens} "
                           "image tokens")
     if cfg.train.pairs_per_step % rt.dp_world:

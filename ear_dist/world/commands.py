@@ -9,7 +9,8 @@ def register(sub) -> None:
     p = sub.add_parser("world", help="the synthetic world in which erasure quality is measurable on a CPU")
     world_sub = p.add_subparsers(dest="world_command", metavar="WORLD_COMMAND")
     world_sub.required = True
-    b = world_sub.add_parser("build", help="pretrain the world's tiny Janus until it draws every concept (cached)")
+    b = world_sub.add_parser("build", help="pretrain the world's tiny model (model.family: Janus or next-scale) until "
+                                           "it draws every concept (cached)")
     b.add_argument("--force", action="store_true", help="rebuild even if the cache holds this config")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_args(b)
@@ -27,7 +28,8 @@ def run_build(args) -> int:
     from ear_dist.world.pretrain import build_world_model, missed_target_message
 
     cfg = config_from_args(args)
-    path, info = build_world_model(cfg.world, force=args.force, progress=not args.no_progress)
+    path, info = build_world_model(cfg.world, force=args.force, progress=not args.no_progress,
+                                   family=cfg.model.family)
     print(f"world model: {path}")
     print(f"  steps {info['steps']}, {info['seconds'] / 60:.2f} min, {info['torch_threads']} torch threads")
     print("  classifier accuracy on the model's own CFG samples of held-out prompts")

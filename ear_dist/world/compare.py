@@ -38,7 +38,7 @@ from ear_dist.world.world import World
 
 SPLITS = ("validation", "heldout")
 _EVAL_STREAM = {"validation": 41_000, "heldout": 42_000}
-_ANCHOR_STREAM, _PROBE_STREAM = 43_000, 44_000
+_PROBE_STREAM = 44_000  # anchors: erasure.PRESERVE_ANCHOR_STREAM
 CONCEPTS = tuple(OBJECTS) + tuple(STYLES)
 
 
@@ -117,13 +117,6 @@ def training_pairs(world: World, base, concept: str, n_pairs: int) -> list[Promp
     return kept
 
 
-def other_concept_prompts(world: World, erased: Sequence[str], n: int, stream: int) -> list[str]:
-    """Training-template prompts of the concepts not erased (anchors and probes: never evaluation prompts)."""
-    objects = [o for o in OBJECTS if o not in erased]
-    styles = [None] + [s for s in STYLES if s not in erased]
-    return world.sample(n, "train", stream=stream, objects=objects, styles=styles).prompts
-
-
 @dataclass
 class Method:
     """A named erasure method: config overrides on top of the world's erasure settings."""
@@ -144,13 +137,15 @@ def run_method(method: Method, model_path: str, world: World, pairs: dict[str, l
     # a comparison measures afresh: a previous run in out_dir is replaced, not resumed
     sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={out_dir}", "model.device=cpu",
             f"erase.concept={concepts[0]}", f"train.seed={seed}", *base_overrides, *method.overrides]
+    # anchors and probes go in as overrides (a JSON list is YAML), so the config is validated with them
+    if method.anchors:
+        anchors = anchor_prompts(world, concepts, method.anchors)
+        sets.append(f"preserve.prompts={json.dumps(anchors)}")
+    if method.probes:
+        probes = anchor_prompts(world, concepts, method.probes, _PROBE_STREAM)
+        sets += [f"preserve.probe_prompts={json.dumps(probes)}", "preserve.probe_every=10"]
     cfg = load_config(overrides=sets)
     cfg.train.steps *= steps_factor
-    if method.anchors:
-        cfg.preserve.prompts = other_concept_prompts(world, concepts, method.anchors, _ANCHOR_STREAM)
-    if method.probes:
-        cfg.preserve.probe_prompts = other_concept_prompts(world, concepts, method.probes, _PROBE_STREAM)
-        cfg.preserve.probe_every = cfg.preserve.probe_every or 10
     train_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
     summary = run_erase(cfg, train_pairs, progress=progress)
     return summary["delta"], summary["seconds"] / max(cfg.train.steps, 1)
@@ -262,7 +257,8 @@ def write(out_dir: Path, results_by_world: dict[int, dict], info: Optional[dict]
     rows = summarize(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"info": info or {}, "summary": rows, "runs": runs,
-               "base": {ws: res["base"] for ws, res in results_by_world.items()}}
+               "base": {ws: res["base"] for ws, res in results_by_world.items()},
+               "step_seconds": {ws: res.get("step_seconds", {}) for ws, res in results_by_world.items()}}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
     text = markdown(rows) + "\n\nBase model hit rates:\n\n" + base_table(payload["base"]) + "\n"
     (out_dir / "results.md").write_text(text)

@@ -24,8 +24,8 @@ import numpy as np
 
 from ear_dist.data.pairs import PromptPair
 from ear_dist.errors import InputError, RunFailure
-from ear_dist.models.janus import JanusBundle
-from ear_dist.models.rollout import rollout
+from ear_dist.models.family import as_image_model, detect_family, load_model
+from ear_dist.models.interface import ImageModel
 from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.world import World
 
@@ -43,6 +43,50 @@ WORLD_ERASE = [
     "optim.lr=3e-4",
     "train.steps=50",
 ]
+
+
+# The project's preserving method (README: "Erasure that keeps everything else"), with its
+# settings chosen on the training templates and the validation split: targets anchored on the
+# unconditional branch from the target prompt's own rollouts (logit KL), preservation KL on
+# anchor prompts of the other concepts, null-space projected updates, eta 3, 100 steps.
+PRESERVING = ["erase.reference_prompt=unconditional", "erase.rollout_from=target", "erase.target_mode=logit",
+              "preserve.weight=1.0", "preserve.nullspace=true", "erase.erase_guidance=3", "train.steps=100"]
+PRESERVE_ANCHORS, PRESERVE_ANCHOR_STREAM = 64, 43_000
+
+
+def anchor_prompts(world: World, erased: Sequence[str], n: int, stream: int = PRESERVE_ANCHOR_STREAM) -> list[str]:
+    """Training-template prompts of the concepts not erased (anchors and probes: never evaluation prompts)."""
+    objects = [o for o in OBJECTS if o not in erased]
+    styles = [None] + [s for s in STYLES if s not in erased]
+    return world.sample(n, "train", stream=stream, objects=objects, styles=styles).prompts
+
+
+def with_anchor_prompts(world: World, erased: Sequence[str], sets: Sequence[str], n: int = PRESERVE_ANCHORS
+                        ) -> list[str]:
+    """``sets`` plus ``preserve.prompts`` (other concepts' training prompts) when they turn on
+    preservation or null-space updates and name no anchors of their own."""
+    def value(key):
+        found = [x.split("=", 1)[1].strip().lower() for x in sets if x.split("=", 1)[0].strip() == key]
+        return found[-1] if found else ""
+
+    weight = value("preserve.weight")
+    wants = value("preserve.nullspace") == "true" or (weight != "" and float(weight) > 0)
+    if not wants or value("preserve.prompts") or value("preserve.prompts_file"):
+        return list(sets)
+    return [*sets, f"preserve.prompts={json.dumps(anchor_prompts(world, erased, n))}"]
+
+
+VAR_WORLD_ERASE = [
+    "model.family=var",
+    "trainable.first_k_layers=2",
+    "trainable.modules=attention",
+    "erase.window_scales=1",
+    "erase.loss_threshold=1.0",
+    "optim.lr=3e-4",
+    "train.steps=50",
+]
+
+SVARE_PAPER_MODULES = 'trainable.patterns=["block_chunks.*.ca.*", "block_chunks.*.ffn.*"]'
 
 
 def _unknown_concept(concept: str) -> ValueError:
@@ -105,7 +149,7 @@ class FilterReport:
     dropped_surrogate_with_concept: int = 0
 
 
-def visual_filter(world: World, bundle: JanusBundle, pairs: Sequence[PromptPair], concept: str,
+def visual_filter(world: World, bundle: ImageModel, pairs: Sequence[PromptPair], concept: str,
                   guidance_weight: float = 5.0, batch_size: int = 32) -> tuple[list[PromptPair], FilterReport]:
     """Keep pairs whose target image shows the concept and whose surrogate image does not.
 
@@ -113,8 +157,10 @@ def visual_filter(world: World, bundle: JanusBundle, pairs: Sequence[PromptPair]
     stored on the kept pairs so training reuses them.
     """
     seeds = [p.seed for p in pairs]
-    t_tok = rollout(bundle, [p.target for p in pairs], guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
-    s_tok = rollout(bundle, [p.surrogate for p in pairs], guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
+    bundle = as_image_model(bundle)
+    t_tok = bundle.sample([p.target for p in pairs], guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
+    s_tok = bundle.sample([p.surrogate for p in pairs], guidance_weight=guidance_weight, seeds=seeds,
+                          batch_size=batch_size)
     t_has = world.classify(t_tok)[concept]
     s_has = world.classify(s_tok)[concept]
     report, kept = FilterReport(), []
@@ -145,6 +191,50 @@ class Evaluation:
     @property
     def preservation_mean(self) -> float:
         return float(np.mean(list(self.preservation.values())))
+
+
+def _histogram(tokens: torch.Tensor, codebook: int) -> np.ndarray:
+    h = np.bincount(tokens.flatten().cpu().numpy(), minlength=codebook).astype(np.float64)
+    return h / max(h.sum(), 1.0)
+
+
+def evaluate(world: World, bundle: ImageModel, concept: str, n: int = 48, guidance_weight: float = 5.0,
+             reference_hist: Optional[np.ndarray] = None, batch_size: int = 48) -> tuple[Evaluation, np.ndarray, dict]:
+    """Held-out evaluation of one model; returns (evaluation, its unrelated-prompt histogram, samples).
+
+    ``samples`` holds the tokens of the first images of each group for the report grid.
+    """
+    ev = Evaluation(concept)
+    samples: dict = {}
+    bundle = as_image_model(bundle)
+
+    def gen(prompts, stream):
+        seeds = [stream * 100000 + i for i in range(len(prompts))]
+        return bundle.sample(prompts, guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
+
+    if concept in OBJECTS:
+        groups = {f"held-out sentences ({w})": dict(objects=[concept], object_words=[w]) for w in OBJECTS[concept]}
+        others = {o: dict(objects=[o], styles=[None]) for o in OBJECTS if o != concept}
+    else:
+        groups = {"held-out sentences": dict(styles=[concept])}
+        others = {s: dict(styles=[s]) for s in STYLES if s != concept}
+        others.update({o: dict(objects=[o], styles=[None]) for o in list(OBJECTS)[:3]})
+    for g, (name, kw) in enumerate(groups.items()):
+        batch = world.sample(n, split="heldout", stream=EVAL_STREAM + g, **kw)
+        tok = gen(batch.prompts, EVAL_STREAM + g)
+        ev.concept_share[name] = float(world.classify(tok)[concept].mean())
+        samples[name] = (batch.prompts[:4], tok[:4])
+    for g, (other, kw) in enumerate(others.items()):
+        batch = world.sample(n, split="heldout", stream=EVAL_STREAM + 50 + g, **kw)
+        tok = gen(batch.prompts, EVAL_STREAM + 50 + g)
+        ev.preservation[other] = float(world.classify(tok)[other].mean())
+        samples[other] = (batch.prompts[:2], tok[:2])
+    unrelated_kw = dict(objects=[o for o in OBJECTS if o != concept]) if concept in OBJECTS else dict(styles=[None])
+    batch = world.sample(n, split="heldout", stream=EVAL_STREAM + 99, **unrelated_kw)
+    hist = _histogram(gen(batch.prompts, EVAL_STREAM + 99), bundle.codebook_size)
+    if reference_hist is not None:
+        ev.token_tv_distance = float(0.5 * np.abs(hist - reference_hist).sum())
+    return ev, hist, samples
 
 
 def evaluate_world(model_path: str, world: World, concepts: Sequence[str], columns: Sequence, out_dir: Path,
@@ -183,6 +273,20 @@ def evaluation_from_report(report: dict, column: str, suite: str, concept: str) 
     )
 
 
+def bar_report(rows: dict[str, Evaluation], bar: float = 0.95) -> str:
+    """Per erased model: erasure rate and preservation ratio (mean preservation after / before) against the bar."""
+    before = rows["before"]
+    lines = []
+    for name, ev in rows.items():
+        if name == "before":
+            continue
+        ratio = ev.preservation_mean / max(before.preservation_mean, 1e-9)
+        met = ev.erasure_rate >= bar and ratio >= bar
+        lines.append(f"{name}: erasure {ev.erasure_rate:.3f}, preservation ratio {ratio:.3f} -> the bar "
+                     f"(both >= {bar}) is {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: dict[str, Evaluation], baseline: str = "before") -> str:
     """One row per model: erasure rate, per-group concept share, preservation, token distance."""
     first = next(iter(rows.values()))
@@ -209,6 +313,19 @@ def write_report(out_dir: Path, rows: dict[str, Evaluation], extra: dict) -> Non
     (out_dir / "results.md").write_text(markdown_table(rows) + "\n")
 
 
+def write_report_with_grids(out_dir: Path, rows: dict[str, Evaluation], grids: dict, extra: dict) -> dict:
+    """results.json, results.md and before/after PNG grids (token grids as colour images)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"results": to_json(rows), **extra}, indent=2))
+    (out_dir / "results.md").write_text(markdown_table(rows) + "\n")
+    paths = {}
+    for name, image in grids.items():
+        p = out_dir / f"{name}.png"
+        image.save(p)
+        paths[name] = str(p)
+    return paths
+
+
 # The paper's ablations, as config overrides on top of the run's settings.
 ABLATIONS: dict[str, list[str]] = {
     "EAR": [],
@@ -220,17 +337,56 @@ ABLATIONS: dict[str, list[str]] = {
     "logit targets": ["erase.target_mode=logit"],
     "S-VARE": ["erase.method=svare"],
     "ESD-style naive": ["erase.method=esd"],
+    "preserving": PRESERVING,
 }
+
+
+VAR_ABLATIONS: dict[str, list[str]] = {
+    "EAR": [],
+    "TLM off": ["erase.loss_threshold=0"],
+    "two scales per window": ["erase.window_scales=2"],
+    "random order": ["erase.window_order=random"],
+    "per-sequence updates": ["erase.update_mode=sequence"],
+    "logit targets": ["erase.target_mode=logit"],
+    "S-VARE": ["erase.method=svare", SVARE_PAPER_MODULES],
+    "ESD-style naive": ["erase.method=esd"],
+}
+
+
+def before_after_grid(world: World, before: dict, after: dict, groups: Sequence[str]):
+    """Rows: the same prompts (and seeds) before and after erasure, as colour images."""
+    from ear_dist.models.images import make_grid
+    from ear_dist.world.colour import grid_to_image
+
+    def rgb(tokens):
+        return np.asarray(grid_to_image(world.image_grid(tokens[None])[0], world.layout,
+                                        world.config.grid_side).convert("RGB"))
+
+    images, labels = [], []
+    for g in groups:
+        prompts, tok_b = before[g]
+        _, tok_a = after[g]
+        for i, p in enumerate(prompts[:2]):
+            images += [rgb(tok_b[i]), rgb(tok_a[i])]
+            labels += [f"before: {p}", f"after: {p}"]
+    return make_grid(images, cols=4, cell=96, labels=labels)
 
 
 def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str = "church",
                       ablations: Sequence[str] = ("EAR",), n_pairs: int = 32, n_eval: int = 48,
-                      overrides: Sequence[str] = (), progress: bool = True, log=print, n_anchors: int = 0) -> dict:
+                      overrides: Sequence[str] = (), progress: bool = True, log=print, n_anchors: int = 0,
+                      table: Optional[dict] = None) -> dict:
     """ECG -> VF -> ``run_erase`` per ablation -> held-out evaluation -> report. Returns the rows.
 
     ``n_anchors`` preservation anchors (``make_anchor_pairs``) join the EAR-method runs'
-    pairs; S-VARE and the ESD-style baseline train on the erasure pairs alone.
+    pairs; S-VARE and the ESD-style baseline train on the erasure pairs alone. ``table``:
+    ablation name -> overrides (default ``ABLATIONS``). A Janus world model is evaluated
+    through ``ear-dist eval``'s world suite; a next-scale (var) one directly (``evaluate``).
     """
+    if (detect_family(model_path) or "janus") != "janus":
+        return _run_world_erasure_direct(model_path, world, out_dir, concept, ablations, n_pairs, n_eval, overrides,
+                                         progress, log, n_anchors, table)
+    table = ABLATIONS if table is None else table
     from ear_dist.config import load_config
     from ear_dist.models.janus import load_janus
     from ear_dist.train.trainer import run_erase
@@ -249,14 +405,14 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
         log(f"preservation anchors: {len(anchors)} prompts of the other concepts")
     summaries, deltas = {}, []
     for name in ablations:
-        if name not in ABLATIONS:
-            raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
+        if name not in table:
+            raise InputError(f"ablation {name!r}: expected one of {', '.join(table)}")
     for name in ablations:
         run_dir = out_dir / "runs" / name.replace(" ", "-").lower()
         # each call measures afresh (the world model may have been rebuilt): replace, do not resume
-        cfg = load_config(overrides=["train.resume=never", f"model.path={model_path}", f"train.out_dir={run_dir}",
-                                     f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
-                                     *overrides, *ABLATIONS[name]])
+        sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={run_dir}",
+                f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true", *overrides, *table[name]]
+        cfg = load_config(overrides=with_anchor_prompts(world, [concept], sets))
         train_pairs = [PromptPair(**asdict(p)) for p in kept]
         if cfg.erase.method == "ear":
             train_pairs = interleave(train_pairs, anchors)
@@ -290,6 +446,9 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     in memory by ``ear-dist eval``; joint: one run on all concepts' pairs (each pair carries its
     concept), with as many steps as the per-concept runs together.
     """
+    if (detect_family(model_path) or "janus") != "janus":
+        return _run_joint_vs_composed_direct(model_path, world, out_dir, concepts, n_pairs, n_eval, overrides,
+                                             progress, log)
     from ear_dist.config import load_config
     from ear_dist.models.janus import load_janus
     from ear_dist.train.trainer import run_erase
@@ -304,9 +463,133 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
         pairs[c] = kept
         log(f"{c}: VF kept {vf.kept} of {n_pairs}")
 
-    def cfg_for(name, steps_factor=1):
+    def cfg_for(name, erased, steps_factor=1):
         sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={out_dir / 'runs' / name}",
-                "model.device=cpu", *overrides]
+                "model.device=cpu", f"erase.concept={erased[0]}", *overrides]
+        cfg = load_config(overrides=with_anchor_prompts(world, erased, sets))
+        cfg.train.steps *= steps_factor
+        return cfg
+
+    deltas = []
+    for c in concepts:
+        cfg = cfg_for(c.replace(" ", "-"), [c])
+        deltas.append(run_erase(cfg, [PromptPair(**asdict(p)) for p in pairs[c]], progress=progress)["delta"])
+    joint_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
+    joint = run_erase(cfg_for("joint", list(concepts), len(concepts)), joint_pairs, progress=progress)["delta"]
+
+    from ear_dist.eval.generate import Column
+
+    columns = [Column("composed", tuple(deltas)), Column("joint", (joint,))]
+    evaluations, _ = evaluate_world(model_path, world, concepts, columns, out_dir / "eval", n_eval, overrides, log=log)
+    table: dict = {}
+    for name, by_concept in evaluations.items():
+        table[name] = {c: {"erasure_rate": ev.erasure_rate, "preservation": ev.preservation_mean}
+                       for c, ev in by_concept.items()}
+        log(f"{name}: " + ", ".join(f"{c} erasure {v['erasure_rate']:.3f} / preservation {v['preservation']:.3f}"
+                                    for c, v in table[name].items()))
+    lines = ["| model | " + " | ".join(f"{c}: erasure | {c}: preservation" for c in concepts) + " |",
+             "|---|" + "---|---|" * len(concepts)]
+    for name, row in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]['erasure_rate']:.3f} | {row[c]['preservation']:.3f}"
+                                                 for c in concepts) + " |")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "multi_concept.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "multi_concept.json").write_text(json.dumps({"concepts": list(concepts), "results": table}, indent=2))
+    return table
+
+
+# ---------------------------------------------------------------- families without the eval suite
+
+
+def _run_world_erasure_direct(model_path: str, world: World, out_dir: Path, concept: str = "church",
+                              ablations: Sequence[str] = ("EAR",), n_pairs: int = 32, n_eval: int = 48,
+                              overrides: Sequence[str] = (), progress: bool = True, log=print, n_anchors: int = 0,
+                              table: Optional[dict] = None) -> dict:
+    """``run_world_erasure`` for a model family the eval suite does not load (var): each erased
+    model is loaded, its delta applied, and evaluated here (``evaluate``), with the before/after grid."""
+    table = ABLATIONS if table is None else table
+    from ear_dist.config import load_config
+    from ear_dist.models.delta import apply_deltas
+    from ear_dist.train.trainer import run_erase
+
+    out_dir = Path(out_dir)
+    family = detect_family(model_path) or "janus"
+    base = load_model(model_path, family, device="cpu", dtype="float32")
+    pairs = make_pairs(world, concept, n_pairs)
+    kept, vf = visual_filter(world, base, pairs, concept)
+    log(f"ECG: {len(pairs)} template pairs; VF kept {vf.kept} (target without {concept}: "
+        f"{vf.dropped_target_without_concept}, surrogate with {concept}: {vf.dropped_surrogate_with_concept})")
+    if not kept:
+        raise RunFailure(f"the visual filter kept no pair for {concept!r}: the world model does not draw it "
+                         "(build it to the target accuracy: ear-dist world build)")
+    anchors = make_anchor_pairs(world, concept, n_anchors)
+    if anchors:
+        log(f"preservation anchors: {len(anchors)} prompts of the other concepts")
+    before, ref_hist, samples_before = evaluate(world, base, concept, n_eval)
+    rows = {"before": before}
+    log(f"before: erasure rate {before.erasure_rate:.3f}, preservation {before.preservation_mean:.3f}")
+    grids, summaries = {}, {}
+    for name in ablations:
+        if name not in table:
+            raise InputError(f"ablation {name!r}: expected one of {', '.join(table)}")
+        run_dir = out_dir / "runs" / name.replace(" ", "-").lower()
+        cfg = load_config(overrides=["train.resume=never", f"model.path={model_path}", f"model.family={family}",
+                                     f"train.out_dir={run_dir}",
+                                     f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
+                                     *overrides, *table[name]])
+        train_pairs = [PromptPair(**asdict(p)) for p in kept]
+        if cfg.erase.method == "ear":
+            train_pairs = interleave(train_pairs, anchors)
+        summary = run_erase(cfg, train_pairs, progress=progress)
+        after_bundle = load_model(model_path, family, device="cpu", dtype="float32")
+        apply_deltas(after_bundle.model, [summary["delta"]])
+        ev, _, samples_after = evaluate(world, after_bundle, concept, n_eval, reference_hist=ref_hist)
+        rows[name] = ev
+        summaries[name] = {k: summary[k] for k in ("delta", "optimizer_steps", "windows_kept", "windows_total",
+                                                   "seconds")}
+        log(f"{name}: erasure rate {ev.erasure_rate:.3f}, preservation {ev.preservation_mean:.3f}, "
+            f"token TV {ev.token_tv_distance:.3f} ({summary['seconds']:.0f} s)")
+        if name == ablations[0]:
+            groups = list(ev.concept_share) + list(ev.preservation)[:2]
+            grids["before_after"] = before_after_grid(world, samples_before, samples_after, groups)
+    paths = write_report_with_grids(out_dir, rows, grids, {
+        "concept": concept, "pairs": len(pairs), "anchors": len(anchors), "vf": asdict(vf), "runs": summaries,
+        "model": model_path,
+        "world": world.describe() if hasattr(world, "describe") else {}, "overrides": list(overrides)})
+    log(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}" +
+        (f", images: {paths['before_after']}" if "before_after" in paths else ""))
+    return rows
+
+
+def _run_joint_vs_composed_direct(model_path: str, world: World, out_dir: Path, concepts: Sequence[str],
+                                  n_pairs: int = 32, n_eval: int = 48, overrides: Sequence[str] = (),
+                                  progress: bool = False, log=print) -> dict:
+    """Several concepts erased two ways, each concept evaluated on both models.
+
+    composed: one run per concept (as a Slurm job array would), deltas summed onto the base
+    with ``apply_deltas``; joint: one run on all concepts' pairs (each pair carries its
+    concept), with as many steps as the per-concept runs together.
+    """
+    from ear_dist.config import load_config
+    from ear_dist.models.delta import apply_deltas
+    from ear_dist.train.trainer import run_erase
+
+    out_dir = Path(out_dir)
+    family = detect_family(model_path) or "janus"
+    base = load_model(model_path, family, device="cpu", dtype="float32")
+    pairs = {}
+    for c in concepts:
+        kept, vf = visual_filter(world, base, make_pairs(world, c, n_pairs), c)
+        if not kept:
+            raise RunFailure(f"the visual filter kept no pair for {c!r}")
+        pairs[c] = kept
+        log(f"{c}: VF kept {vf.kept} of {n_pairs}")
+
+    def cfg_for(name, steps_factor=1):
+        sets = ["train.resume=never", f"model.path={model_path}", f"model.family={family}",
+                f"train.out_dir={out_dir / 'runs' / name}",
+                "model.device=cpu",
+                *overrides]
         cfg = load_config(overrides=sets)
         cfg.train.steps *= steps_factor
         return cfg
@@ -319,14 +602,15 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     joint_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
     joint = run_erase(cfg_for("joint", len(concepts)), joint_pairs, progress=progress)["delta"]
 
-    from ear_dist.eval.generate import Column
-
-    columns = [Column("composed", tuple(deltas)), Column("joint", (joint,))]
-    evaluations, _ = evaluate_world(model_path, world, concepts, columns, out_dir / "eval", n_eval, overrides, log=log)
+    models = {"before": [], "composed": deltas, "joint": [joint]}
     table: dict = {}
-    for name, by_concept in evaluations.items():
-        table[name] = {c: {"erasure_rate": ev.erasure_rate, "preservation": ev.preservation_mean}
-                       for c, ev in by_concept.items()}
+    for name, ds in models.items():
+        bundle = load_model(model_path, family, device="cpu", dtype="float32")
+        if ds:
+            apply_deltas(bundle.model, ds)
+        for c in concepts:
+            ev, _, _ = evaluate(world, bundle, c, n_eval)
+            table.setdefault(name, {})[c] = {"erasure_rate": ev.erasure_rate, "preservation": ev.preservation_mean}
         log(f"{name}: " + ", ".join(f"{c} erasure {v['erasure_rate']:.3f} / preservation {v['preservation']:.3f}"
                                     for c, v in table[name].items()))
     lines = ["| model | " + " | ".join(f"{c}: erasure | {c}: preservation" for c in concepts) + " |",

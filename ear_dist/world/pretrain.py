@@ -1,9 +1,12 @@
-"""Pretrain a tiny Janus on the world until it draws every concept, and cache it.
+"""Pretrain a tiny model on the world until it draws every concept, and cache it.
 
-The loss is text-to-image cross-entropy: the generation head's logits at every image
-position (``teacher_forced``) against the rendered tokens. A share of the prompts is
-dropped to the unconditional form (every token but BOS and begin-of-image replaced by
-pad, as rollouts do for classifier-free guidance), so CFG sampling works. Every
+The model is a tiny Janus, or for ``model.family=var`` a tiny next-scale model on the
+world's multi-scale bitwise images (``ear_dist.world.var_world``). The loss is
+text-to-image cross-entropy: the head's logits at every image position
+(``teacher_forced``) against the rendered tokens (per bit on a bitwise head). A share of
+the prompts is dropped to the unconditional form (Janus: every token but BOS and
+begin-of-image replaced by pad; VAR: the learned unconditional text states), as rollouts
+do for classifier-free guidance, so CFG sampling works. Every
 ``eval_every`` steps the model samples held-out prompts with CFG (``rollout``) and the
 world's classifier judges them (a progress log). Training runs a fixed ``max_steps``:
 an early stop on the first check at the target made the model depend on the luck of
@@ -15,8 +18,8 @@ its target when every object (each synonym counted on its own) and style reaches
 is reported beside it. Nothing the checks do touches the training's random streams, so
 the weights depend only on the world, the settings and the thread count.
 
-The result is a plain transformers checkpoint (``save_janus``) under
-``<cache>/<build hash>``; the hash covers the world and every pretraining setting, so
+The result is the family's model directory (for Janus a plain transformers checkpoint)
+under ``<cache>/<build hash>``; the hash covers the world and every pretraining setting, so
 a second build with the same config returns the cached model at once.
 """
 
@@ -37,6 +40,7 @@ import torch
 
 from ear_dist.config import WorldConfig
 from ear_dist.world.grammar import OBJECTS, STYLES
+from ear_dist.world.var_world import VarWorld, world_for
 from ear_dist.world.world import World
 
 BUILD_INFO_FILE = "world_build.json"
@@ -87,13 +91,14 @@ def evaluation_batch(world: World, stream: int = _EVAL_STREAMS[0]):
 
 def evaluate_model(world: World, bundle, records, seed: int = 0) -> dict[str, float]:
     """The classifier's balanced accuracy per concept on the model's own CFG samples of ``records``."""
-    from ear_dist.models.rollout import rollout
+    from ear_dist.models.family import as_image_model
 
+    bundle = as_image_model(bundle)
     was_training = bundle.model.training
     bundle.model.eval()
     prompts = [r.prompt for r in records]
-    tokens = rollout(bundle, prompts, guidance_weight=world.config.guidance_weight,
-                     seeds=[seed + i for i in range(len(prompts))], batch_size=64)
+    tokens = bundle.sample(prompts, guidance_weight=world.config.guidance_weight,
+                           seeds=[seed + i for i in range(len(prompts))], batch_size=64)
     bundle.model.train(was_training)
     return world.accuracy(tokens, records)
 
@@ -109,17 +114,35 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int) -> float:
 
 
 def _new_model(world: World):
+    c = world.config
+    if isinstance(world, VarWorld):
+        from ear_dist.models.var.bundle import build_var_preset
+        from ear_dist.models.var.presets import tiny_var_config
+
+        config = tiny_var_config(embed_dim=c.hidden_size, depth=c.num_layers, num_heads=c.num_heads,
+                                 ffn_hidden=c.intermediate_size, bits=world.layout.codebook_size.bit_length() - 1,
+                                 scales=world.scales, block_chunks=2 if c.num_layers % 2 == 0 else 1)
+        return build_var_preset("tiny-var", seed=c.seed, config=config, extra_words=World.vocabulary())
+    from ear_dist.models.family import as_image_model
     from ear_dist.models.janus import build_preset
     from ear_dist.models.presets import tiny_config
 
-    c = world.config
     config = tiny_config(hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
                          intermediate_size=c.intermediate_size, grid_side=c.grid_side, codebook_size=c.codebook_size)
-    return build_preset("tiny", seed=c.seed, config=config, extra_words=World.vocabulary())
+    return as_image_model(build_preset("tiny", seed=c.seed, config=config, extra_words=World.vocabulary()))
+
+
+def image_token_loss(logits: torch.Tensor, tokens: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean cross-entropy of the head toward the tokens: over the codebook, or per bit of a bitwise head."""
+    if groups == 1:
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+    from ear_dist.models.var.bsq import token_bits
+
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, 2), token_bits(tokens, groups).reshape(-1))
 
 
 def pretrain(world: World, progress: bool = True, log: Callable[[str], None] = print):
-    """Train a fresh tiny Janus on the world with ``world.threads`` CPU threads; returns (bundle, info dict)."""
+    """Train a fresh tiny model on the world with ``world.threads`` CPU threads; returns (bundle, info dict)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(world.config.threads)
     try:
@@ -129,8 +152,6 @@ def pretrain(world: World, progress: bool = True, log: Callable[[str], None] = p
 
 
 def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
-    from ear_dist.models.janus import teacher_forced, unconditional_ids
-
     c = world.config
     bundle = _new_model(world)
     model = bundle.model
@@ -153,12 +174,12 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
         steps = bar
     for step in steps:
         batch = world.sample(c.batch_size, "all", stream=_TRAIN_STREAM + step)
-        input_ids, attention_mask = bundle.encode_prompts(batch.prompts)
+        cond, attention_mask = bundle.encode_prompts(batch.prompts)
         dropped = torch.from_numpy(drop_rng.random(len(batch)) < c.uncond_prob)
-        input_ids = torch.where(dropped[:, None], unconditional_ids(input_ids, bundle.prompt_format), input_ids)
+        cond = torch.where(dropped.view(-1, *[1] * (cond.dim() - 1)), bundle.unconditional(cond), cond)
         image_tokens = torch.from_numpy(batch.tokens)
-        _, logits = teacher_forced(model, input_ids, attention_mask, image_tokens)
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), image_tokens.reshape(-1))
+        _, logits = bundle.teacher_forced(model, cond, attention_mask, image_tokens)
+        loss = image_token_loss(logits, image_tokens, bundle.logit_groups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -207,11 +228,9 @@ def judge_build(world: World, bundle) -> dict:
 
 
 def build_world_model(config: WorldConfig, force: bool = False, progress: bool = True,
-                      log: Callable[[str], None] = print) -> tuple[Path, dict]:
-    """The cached world model for this config (built when missing): (checkpoint dir, build info)."""
-    from ear_dist.models.janus import save_janus
-
-    world = World(config)
+                      log: Callable[[str], None] = print, family: str = "janus") -> tuple[Path, dict]:
+    """The cached world model of a family for this config (built when missing): (model dir, build info)."""
+    world = world_for(config, family)
     out = cache_root(config) / build_hash(world)
     info_file = out / BUILD_INFO_FILE
     if info_file.is_file() and not force:
@@ -225,7 +244,7 @@ def build_world_model(config: WorldConfig, force: bool = False, progress: bool =
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_janus(bundle, tmp)
+    bundle.save(tmp)
     (tmp / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -107,11 +107,11 @@ class RenderSettings:
 class Renderer:
     """Draws records as token grids; object motif patterns are fixed by ``pattern_seed``."""
 
-    def __init__(self, settings: RenderSettings, pattern_seed: int):
+    def __init__(self, settings: RenderSettings, pattern_seed: int, layout: Optional[CodeLayout] = None):
         if settings.grid_side < 4:
             raise ValueError(f"world.grid_side={settings.grid_side}: must be >= 4 (an object needs room to move)")
         self.settings = settings
-        self.layout = CodeLayout.build(settings.codebook_size)
+        self.layout = layout if layout is not None else CodeLayout.build(settings.codebook_size)
         lo, hi = settings.motif_size_bounds()
         self.motif_lo, self.motif_hi = lo, hi
         rng = np.random.default_rng(np.random.SeedSequence([pattern_seed, 0x6D6F74]))

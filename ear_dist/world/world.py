@@ -22,7 +22,7 @@ from ear_dist.config import WorldConfig
 from ear_dist.world import grammar as grammar_mod
 from ear_dist.world.classifier import ConceptClassifier
 from ear_dist.world.grammar import SPLITS, Grammar, WorldRecord
-from ear_dist.world.render import Renderer, RenderSettings
+from ear_dist.world.render import CodeLayout, Renderer, RenderSettings
 
 # Bump when the grammar or rendering rule changes meaning, so cached models are rebuilt.
 WORLD_VERSION = 2  # 2: a style leaves the object motif in its own codes
@@ -50,11 +50,11 @@ class WorldBatch:
 class World:
     """The deterministic synthetic world: prompts, images, and a classifier of its concepts."""
 
-    def __init__(self, config: Optional[WorldConfig] = None):
+    def __init__(self, config: Optional[WorldConfig] = None, layout: Optional[CodeLayout] = None):
         self.config = config or WorldConfig()
         self.settings = RenderSettings(grid_side=self.config.grid_side, codebook_size=self.config.codebook_size)
         self.grammar = Grammar()
-        self.renderer = Renderer(self.settings, pattern_seed=self.config.seed)
+        self.renderer = Renderer(self.settings, pattern_seed=self.config.seed, layout=layout)
         self.layout = self.renderer.layout
         self.classifier = ConceptClassifier(self.layout, self.config.grid_side, window=self.renderer.motif_lo)
         calibration = self.sample(self.config.calibration_samples, split="all", stream=_CALIBRATION_STREAM)
@@ -144,6 +144,10 @@ class World:
         return np.stack([self.renderer.render(r, rng) for r in records])
 
     # ------------------------------------------------------------------ judging images
+
+    def image_grid(self, tokens) -> np.ndarray:
+        """The code grid [N, side*side] an image's tokens show (for this world, the tokens themselves)."""
+        return _as_numpy(tokens)
 
     def classify(self, tokens) -> dict[str, np.ndarray]:
         """Per concept, a bool per image (tokens [N, side*side], numpy or torch)."""

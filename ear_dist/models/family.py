@@ -1,0 +1,107 @@
+"""What the rest of ear-dist asks of a text-to-image model, whatever its family.
+
+Two families sit behind one interface, :class:`ImageModel`, chosen by the config key
+``model.family``:
+
+- ``janus``: Janus-Pro (transformers' ``JanusForConditionalGeneration``), one codebook,
+  next-token prediction over a raster of image tokens (``ear_dist.models.janus``);
+- ``var``: Infinity-style next-scale prediction over a multi-scale bitwise token map,
+  text from a T5 encoder (``ear_dist.models.var``).
+
+The interface (:class:`ear_dist.models.interface.ImageModel`) is what the step, the
+teacher and the evaluation call; this module adapts Janus to it and loads either family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ear_dist.models.interface import ImageModel
+from ear_dist.models.images import decode_tokens
+from ear_dist.models.janus import JanusBundle, load_janus, save_janus, teacher_forced, unconditional_ids
+from ear_dist.models.presets import PRESETS
+from ear_dist.models.rollout import rollout_ids
+from ear_dist.models.var.presets import VAR_PRESETS
+from ear_dist.models.var.bundle import is_var_directory, load_var
+
+MODEL_FAMILIES = ("janus", "var")
+
+
+class JanusModel(JanusBundle, ImageModel):
+    """Janus-Pro behind the family interface: every method is the Janus code path as it was."""
+
+    family = "janus"
+
+    @classmethod
+    def of(cls, bundle: JanusBundle) -> "JanusModel":
+        return cls(**{f.name: getattr(bundle, f.name) for f in dataclasses.fields(bundle)})
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def head_width(self) -> int:
+        return int(self.model.config.vq_config.num_embeddings)
+
+    def unconditional(self, cond: torch.Tensor) -> torch.Tensor:
+        return unconditional_ids(cond, self.prompt_format)
+
+    def teacher_forced(self, model, cond, mask, image_tokens, return_logits=True):
+        return teacher_forced(model, cond, mask, image_tokens, return_logits=return_logits)
+
+    def rollout_ids(self, cond, mask, guidance_weight=5.0, temperature=1.0, top_k=0, greedy=False, seeds=None,
+                    progress=False, decode="eager"):
+        return rollout_ids(self, cond, mask, guidance_weight, temperature, top_k, greedy, seeds,
+                           progress=progress, decode=decode)
+
+    def decode(self, image_tokens, batch_size=16):
+        return decode_tokens(self.model, image_tokens, batch_size=batch_size)
+
+    def save(self, path):
+        return save_janus(self, path)
+
+
+def as_image_model(bundle) -> ImageModel:
+    """The family interface of a loaded model (a Janus bundle is wrapped; an ImageModel is returned as is)."""
+    if isinstance(bundle, ImageModel):
+        return bundle
+    if isinstance(bundle, JanusBundle):
+        return JanusModel.of(bundle)
+    raise TypeError(f"not a model of a known family ({', '.join(MODEL_FAMILIES)}): {type(bundle).__name__}")
+
+
+def detect_family(path_or_preset: str) -> Optional[str]:
+    """The family a preset name or a local model directory belongs to; None when it cannot tell."""
+    if path_or_preset in PRESETS:
+        return "janus"
+    if path_or_preset in VAR_PRESETS:
+        return "var"
+    root = Path(path_or_preset)
+    if root.is_dir():
+        if is_var_directory(root):
+            return "var"
+        if (root / "config.json").is_file():
+            return "janus"
+    return None
+
+
+def load_model(path_or_preset: str, family: str = "janus", device: Union[str, torch.device] = "auto",
+               dtype: Union[str, torch.dtype] = "auto", seed: int = 0) -> ImageModel:
+    """Load a model of ``family`` (the config key ``model.family``) from a local directory or a preset.
+
+    A directory or preset of the other family is an error that names ``model.family``.
+    """
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"model.family: {family!r} is not one of {', '.join(MODEL_FAMILIES)}")
+    found = detect_family(path_or_preset)
+    if found is not None and found != family:
+        raise ValueError(f"model.path {path_or_preset!r} is a {found} model but model.family is {family!r}; "
+                         f"set model.family={found}")
+    if family == "var":
+        return load_var(path_or_preset, device=device, dtype=dtype, seed=seed)
+    return JanusModel.of(load_janus(path_or_preset, device=device, dtype=dtype, seed=seed))

@@ -1,0 +1,1 @@
+"""The VAR family: Infinity-style next-scale prediction over multi-scale bitwise (BSQ) tokens."""

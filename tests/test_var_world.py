@@ -1,0 +1,126 @@
+"""The planted-concept world of the VAR family: multi-scale bitwise images, its build, and erasure measured on it."""
+
+import numpy as np
+import pytest
+import torch
+
+from ear_dist.config import WorldConfig, load_config
+from ear_dist.models.family import load_model
+from ear_dist.models.var.bsq import token_bits
+from ear_dist.world import World
+from ear_dist.world.pretrain import BUILD_INFO_FILE, build_hash, build_world_model
+from ear_dist.world.var_world import VarWorld, bit_layout
+
+SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, batch_size=8,
+             eval_prompts_per_word=3, calibration_samples=400)
+
+
+def small_config(tmp_path, **changes) -> WorldConfig:
+    return WorldConfig(cache_dir=str(tmp_path / "cache"), **{**SMALL, **changes})
+
+
+def test_the_finest_scale_is_the_rendered_grid_and_the_classifier_reads_it(tmp_path):
+    world = VarWorld(small_config(tmp_path))
+    batch = world.sample(120, "all", stream=5)
+    grids = world.grids.sample(120, "all", stream=5)
+    assert batch.tokens.shape == (120, 85) and batch.tokens.max() < 256
+    assert np.array_equal(world.image_grid(batch.tokens), grids.tokens)
+    assert batch.prompts == grids.prompts
+    accuracy = world.accuracy(batch.tokens, batch.records)
+    assert min(accuracy.values()) == 1.0, accuracy
+    # a styled image's cells carry the style in their two palette bits; the coarse 1x1 token sees it too
+    styled = [i for i, r in enumerate(batch.records) if r.style == "monet"]
+    palette = token_bits(torch.as_tensor(batch.tokens[styled]), 8)[..., :2]
+    monet = torch.tensor([1, 0])  # palette block 2 of plain, Van Gogh, Monet
+    assert (palette[:, -64:] == monet).all(-1).float().mean() > 0.6  # 90% of the cells outside the motif
+    assert (palette[:, 0] == monet).all()
+
+
+def test_bit_layout_puts_palette_group_and_variant_on_bit_boundaries():
+    layout = bit_layout(256)
+    church = layout.codes("church", 1)
+    assert church.tolist() == [64 + 2 * layout.group_names.index("church"),
+                               64 + 2 * layout.group_names.index("church") + 1]
+    with pytest.raises(ValueError, match="8 bits"):
+        bit_layout(512)
+
+
+def test_the_var_world_has_its_own_cache_key(tmp_path):
+    cfg = small_config(tmp_path)
+    assert build_hash(VarWorld(cfg)) != build_hash(World(cfg))
+    assert build_hash(VarWorld(cfg)) == build_hash(VarWorld(small_config(tmp_path)))
+
+
+def test_build_saves_a_var_model_that_loads_and_is_reused(tmp_path):
+    cfg = small_config(tmp_path, max_steps=3, eval_every=3)
+    path, info = build_world_model(cfg, progress=False, log=lambda _: None, family="var")
+    assert (path / BUILD_INFO_FILE).is_file() and info["steps"] == 3
+    assert info["world"]["family"] == "var" and {"church (chapel)", "monet"} <= set(info["accuracy"])
+    bundle = load_model(str(path), "var", device="cpu", dtype="float32")
+    assert bundle.num_image_tokens == 85 and bundle.codebook_size == 256
+    world = VarWorld(cfg)
+    ids = bundle.tokenizer(world.sample(20, "all", stream=3).prompts)["input_ids"]
+    assert all(bundle.tokenizer.unk_token_id not in row for row in ids), "a world word is missing from the tokenizer"
+    messages = []
+    path2, _ = build_world_model(cfg, progress=False, log=messages.append, family="var")
+    assert path2 == path and "cached" in messages[0]
+
+
+def test_pretraining_lowers_the_bitwise_loss(tmp_path):
+    from ear_dist.world.pretrain import _new_model, image_token_loss, pretrain
+
+    cfg = small_config(tmp_path, max_steps=40, eval_every=40, lr=3e-3, warmup_steps=5)
+    world = VarWorld(cfg)
+    held = world.sample(32, "heldout", stream=77)
+
+    def loss(bundle):
+        cond, mask = bundle.encode_prompts(held.prompts)
+        tokens = torch.from_numpy(held.tokens)
+        with torch.no_grad():
+            _, logits = bundle.teacher_forced(bundle.model, cond, mask, tokens)
+        return image_token_loss(logits, tokens, 8).item()
+
+    initial = loss(_new_model(world))
+    bundle, _ = pretrain(world, progress=False, log=lambda _: None)
+    assert loss(bundle) < initial - 0.2, (initial, loss(bundle))
+
+
+@pytest.fixture(scope="module")
+def default_var_world_model(tmp_path_factory):
+    """The default VAR build, the one `ear-dist demo --family var` uses, made once for the slow tests below."""
+    cfg = load_config(overrides=[f"world.cache_dir={tmp_path_factory.mktemp('var-world-cache')}"]).world
+    path, info = build_world_model(cfg, progress=False, family="var")
+    return cfg, path, info
+
+
+@pytest.mark.slow
+def test_default_var_world_build_draws_every_concept(default_var_world_model):
+    """Every object (each synonym on its own) and style is recognised in the model's own CFG samples of held-out
+    prompts, on the last check and on a second, independent held-out set (bounds as for the Janus world)."""
+    from ear_dist.world.pretrain import required_concepts
+
+    cfg, _, info = default_var_world_model
+    for key, bound in (("accuracy", 0.90), ("confirmation_accuracy", 0.85)):
+        required = required_concepts(info[key])
+        assert {"church (chapel)", "church (cathedral)", "cinema", "windmill", "van gogh", "monet"} <= set(required)
+        assert min(required.values()) >= bound, (key, required)
+
+
+@pytest.mark.slow
+def test_ear_and_svare_on_the_var_world_erase_more_than_they_damage(default_var_world_model, tmp_path):
+    """The demo's path: ECG pairs, the visual filter, run_erase with EAR (windows of scales) and S-VARE (bit filter),
+    held-out evaluation; each method removes church from held-out sentences and synonyms more than it costs."""
+    from ear_dist.world.erasure import VAR_ABLATIONS, VAR_WORLD_ERASE, bar_report, run_world_erasure
+
+    cfg, path, _ = default_var_world_model
+    rows = run_world_erasure(str(path), VarWorld(cfg), tmp_path / "report", "church", ["EAR", "S-VARE"], n_pairs=16,
+                             n_eval=24, overrides=VAR_WORLD_ERASE, progress=False, log=lambda *_: None,
+                             table=VAR_ABLATIONS)
+    before = rows["before"]
+    for name in ("EAR", "S-VARE"):
+        gain = rows[name].erasure_rate - before.erasure_rate
+        damage = before.preservation_mean - rows[name].preservation_mean
+        assert gain > 0.3 and gain > damage, (name, before, rows[name])
+    report = bar_report(rows)
+    assert "EAR: erasure" in report and "S-VARE: erasure" in report and "preservation ratio" in report
+    assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "before_after.png").is_file()
