@@ -14,6 +14,25 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _isolated_launch_state():
+    """Each test leaves the environment and the process group as it found them.
+
+    A one-rank DeepSpeed run in the test process exports RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR, ... and joins a one-process group; left behind, they make every later
+    srun/mpirun/torchrun child look like a one-rank "env" launch.
+    """
+    import torch.distributed as dist
+
+    saved = dict(os.environ)
+    had_group = dist.is_available() and dist.is_initialized()
+    yield
+    if not had_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny random Janus written to disk once per session, loaded back like a user's model."""

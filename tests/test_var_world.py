@@ -94,6 +94,7 @@ def default_var_world_model(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the module's default VAR build is made in the first test's setup
 def test_default_var_world_build_draws_every_concept(default_var_world_model):
     """Every object (each synonym on its own) and style is recognised in the model's own CFG samples of held-out
     prompts, on the last check and on a second, independent held-out set (bounds as for the Janus world)."""
@@ -107,6 +108,7 @@ def test_default_var_world_build_draws_every_concept(default_var_world_model):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_ear_and_svare_on_the_var_world_erase_more_than_they_damage(default_var_world_model, tmp_path):
     """The demo's path: ECG pairs, the visual filter, run_erase with EAR (windows of scales) and S-VARE (bit filter),
     held-out evaluation; each method removes church from held-out sentences and synonyms more than it costs."""

@@ -88,6 +88,7 @@ def test_cli_build_reports_accuracy_and_fails_when_the_target_is_missed(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first to run builds the session's default world
 def test_default_world_build_draws_every_concept(default_world_model):
     """The default build reaches its target: the classifier recognises every object (each synonym on its
     own) and style in the model's own CFG samples of held-out prompts, on two held-out sets pooled
@@ -130,6 +131,7 @@ def test_build_is_reproducible_whatever_the_ambient_thread_count(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first to run builds the session's default world
 def test_small_erasure_on_the_world_erases_more_than_it_damages(default_world_model, tmp_path):
     """The real erase path on the world model: church on held-out sentences and synonyms drops by more
     than preservation of the other objects does."""
@@ -148,6 +150,7 @@ def test_small_erasure_on_the_world_erases_more_than_it_damages(default_world_mo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first to run builds the session's default world
 def test_joint_and_composed_erasure_both_erase_each_concept(default_world_model, tmp_path):
     """Two concepts (an object and a style), erased jointly and as composed per-concept deltas."""
     from ear_dist.world.erasure import WORLD_ERASE

@@ -29,6 +29,7 @@ from ear_dist.bench.scaling import BENCH_JSON, rank_spread, scaling_efficiency, 
 from ear_dist.config import Config, ConfigError
 from ear_dist.data.pairs import PromptPair
 from ear_dist.data.stream import PairBatch, PairStream, open_pair_stream
+from ear_dist.models.family import JanusModel
 from ear_dist.models.janus import JanusBundle, load_janus
 from ear_dist.teacher.base import TeacherSettings, build_teacher
 from ear_dist.telemetry.flops import janus_flops_shape, mfu, peak_flops
@@ -61,8 +62,11 @@ PAIR_TEMPLATES = [
 SURROGATE_WORD = "house"
 
 
-class SyntheticPromptBundle(JanusBundle):
+class SyntheticPromptBundle(JanusModel):
     """A bundle for shape-only presets (no tokenizer): each prompt becomes fixed-length random ids.
+
+    A ``JanusModel`` (the family interface), so the teacher and the step use it as it is
+    rather than wrapping the plain bundle back.
 
     The ids are seeded by the prompt text, start with BOS and end with begin-of-image,
     so the FLOPs and timings are those of real prompts of ``prompt_len`` tokens.

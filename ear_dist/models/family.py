@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import torch
 
+from ear_dist.config import ConfigError
 from ear_dist.models.interface import ImageModel
 from ear_dist.models.images import decode_tokens
 from ear_dist.models.janus import JanusBundle, load_janus, save_janus, teacher_forced, unconditional_ids
@@ -97,10 +98,10 @@ def load_model(path_or_preset: str, family: str = "janus", device: Union[str, to
     A directory or preset of the other family is an error that names ``model.family``.
     """
     if family not in MODEL_FAMILIES:
-        raise ValueError(f"model.family: {family!r} is not one of {', '.join(MODEL_FAMILIES)}")
+        raise ConfigError(f"model.family: {family!r} is not one of {', '.join(MODEL_FAMILIES)}")
     found = detect_family(path_or_preset)
     if found is not None and found != family:
-        raise ValueError(f"model.path {path_or_preset!r} is a {found} model but model.family is {family!r}; "
+        raise ConfigError(f"model.path {path_or_preset!r} is a {found} model but model.family is {family!r}; "
                          f"set model.family={found}")
     if family == "var":
         return load_var(path_or_preset, device=device, dtype=dtype, seed=seed)
