@@ -446,15 +446,12 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     in memory by ``ear-dist eval``; joint: one run on all concepts' pairs (each pair carries its
     concept), with as many steps as the per-concept runs together.
     """
-    if (detect_family(model_path) or "janus") != "janus":
-        return _run_joint_vs_composed_direct(model_path, world, out_dir, concepts, n_pairs, n_eval, overrides,
-                                             progress, log)
     from ear_dist.config import load_config
-    from ear_dist.models.janus import load_janus
     from ear_dist.train.trainer import run_erase
 
     out_dir = Path(out_dir)
-    base = load_janus(model_path, device="cpu", dtype="float32")
+    family = detect_family(model_path) or "janus"
+    base = load_model(model_path, family, device="cpu", dtype="float32")
     pairs = {}
     for c in concepts:
         kept, vf = visual_filter(world, base, make_pairs(world, c, n_pairs), c)
@@ -464,8 +461,8 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
         log(f"{c}: VF kept {vf.kept} of {n_pairs}")
 
     def cfg_for(name, erased, steps_factor=1):
-        sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={out_dir / 'runs' / name}",
-                "model.device=cpu", f"erase.concept={erased[0]}", *overrides]
+        sets = ["train.resume=never", f"model.path={model_path}", f"model.family={family}",
+                f"train.out_dir={out_dir / 'runs' / name}", "model.device=cpu", f"erase.concept={erased[0]}", *overrides]
         cfg = load_config(overrides=with_anchor_prompts(world, erased, sets))
         cfg.train.steps *= steps_factor
         return cfg
@@ -477,10 +474,18 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     joint_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
     joint = run_erase(cfg_for("joint", list(concepts), len(concepts)), joint_pairs, progress=progress)["delta"]
 
-    from ear_dist.eval.generate import Column
+    models = {"composed": deltas, "joint": [joint]}
+    if family == "janus":  # ear-dist eval's world suite, "before" included
+        from ear_dist.eval.generate import Column
 
-    columns = [Column("composed", tuple(deltas)), Column("joint", (joint,))]
-    evaluations, _ = evaluate_world(model_path, world, concepts, columns, out_dir / "eval", n_eval, overrides, log=log)
+        columns = [Column(name, tuple(ds)) for name, ds in models.items()]
+        evaluations, _ = evaluate_world(model_path, world, concepts, columns, out_dir / "eval", n_eval, overrides,
+                                        log=log)
+    else:  # the eval suites load Janus only: each model evaluated here
+        evaluations = {}
+        for name, ds in {"before": [], **models}.items():
+            bundle = _with_deltas(model_path, family, ds)
+            evaluations[name] = {c: evaluate(world, bundle, c, n_eval)[0] for c in concepts}
     table: dict = {}
     for name, by_concept in evaluations.items():
         table[name] = {c: {"erasure_rate": ev.erasure_rate, "preservation": ev.preservation_mean}
@@ -498,6 +503,16 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     return table
 
 
+def _with_deltas(model_path: str, family: str, deltas: Sequence[str]):
+    """The base model with ``deltas`` applied (for families the eval suites do not load)."""
+    from ear_dist.models.delta import apply_deltas
+
+    bundle = load_model(model_path, family, device="cpu", dtype="float32")
+    if deltas:
+        apply_deltas(bundle.model, deltas)
+    return bundle
+
+
 # ---------------------------------------------------------------- families without the eval suite
 
 
@@ -509,7 +524,6 @@ def _run_world_erasure_direct(model_path: str, world: World, out_dir: Path, conc
     model is loaded, its delta applied, and evaluated here (``evaluate``), with the before/after grid."""
     table = ABLATIONS if table is None else table
     from ear_dist.config import load_config
-    from ear_dist.models.delta import apply_deltas
     from ear_dist.train.trainer import run_erase
 
     out_dir = Path(out_dir)
@@ -541,8 +555,7 @@ def _run_world_erasure_direct(model_path: str, world: World, out_dir: Path, conc
         if cfg.erase.method == "ear":
             train_pairs = interleave(train_pairs, anchors)
         summary = run_erase(cfg, train_pairs, progress=progress)
-        after_bundle = load_model(model_path, family, device="cpu", dtype="float32")
-        apply_deltas(after_bundle.model, [summary["delta"]])
+        after_bundle = _with_deltas(model_path, family, [summary["delta"]])
         ev, _, samples_after = evaluate(world, after_bundle, concept, n_eval, reference_hist=ref_hist)
         rows[name] = ev
         summaries[name] = {k: summary[k] for k in ("delta", "optimizer_steps", "windows_kept", "windows_total",
@@ -559,66 +572,3 @@ def _run_world_erasure_direct(model_path: str, world: World, out_dir: Path, conc
     log(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}" +
         (f", images: {paths['before_after']}" if "before_after" in paths else ""))
     return rows
-
-
-def _run_joint_vs_composed_direct(model_path: str, world: World, out_dir: Path, concepts: Sequence[str],
-                                  n_pairs: int = 32, n_eval: int = 48, overrides: Sequence[str] = (),
-                                  progress: bool = False, log=print) -> dict:
-    """Several concepts erased two ways, each concept evaluated on both models.
-
-    composed: one run per concept (as a Slurm job array would), deltas summed onto the base
-    with ``apply_deltas``; joint: one run on all concepts' pairs (each pair carries its
-    concept), with as many steps as the per-concept runs together.
-    """
-    from ear_dist.config import load_config
-    from ear_dist.models.delta import apply_deltas
-    from ear_dist.train.trainer import run_erase
-
-    out_dir = Path(out_dir)
-    family = detect_family(model_path) or "janus"
-    base = load_model(model_path, family, device="cpu", dtype="float32")
-    pairs = {}
-    for c in concepts:
-        kept, vf = visual_filter(world, base, make_pairs(world, c, n_pairs), c)
-        if not kept:
-            raise RunFailure(f"the visual filter kept no pair for {c!r}")
-        pairs[c] = kept
-        log(f"{c}: VF kept {vf.kept} of {n_pairs}")
-
-    def cfg_for(name, steps_factor=1):
-        sets = ["train.resume=never", f"model.path={model_path}", f"model.family={family}",
-                f"train.out_dir={out_dir / 'runs' / name}",
-                "model.device=cpu",
-                *overrides]
-        cfg = load_config(overrides=sets)
-        cfg.train.steps *= steps_factor
-        return cfg
-
-    deltas = []
-    for c in concepts:
-        cfg = cfg_for(c.replace(" ", "-"))
-        cfg.erase.concept = c
-        deltas.append(run_erase(cfg, [PromptPair(**asdict(p)) for p in pairs[c]], progress=progress)["delta"])
-    joint_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
-    joint = run_erase(cfg_for("joint", len(concepts)), joint_pairs, progress=progress)["delta"]
-
-    models = {"before": [], "composed": deltas, "joint": [joint]}
-    table: dict = {}
-    for name, ds in models.items():
-        bundle = load_model(model_path, family, device="cpu", dtype="float32")
-        if ds:
-            apply_deltas(bundle.model, ds)
-        for c in concepts:
-            ev, _, _ = evaluate(world, bundle, c, n_eval)
-            table.setdefault(name, {})[c] = {"erasure_rate": ev.erasure_rate, "preservation": ev.preservation_mean}
-        log(f"{name}: " + ", ".join(f"{c} erasure {v['erasure_rate']:.3f} / preservation {v['preservation']:.3f}"
-                                    for c, v in table[name].items()))
-    lines = ["| model | " + " | ".join(f"{c}: erasure | {c}: preservation" for c in concepts) + " |",
-             "|---|" + "---|---|" * len(concepts)]
-    for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[c]['erasure_rate']:.3f} | {row[c]['preservation']:.3f}"
-                                                 for c in concepts) + " |")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "multi_concept.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "multi_concept.json").write_text(json.dumps({"concepts": list(concepts), "results": table}, indent=2))
-    return table
