@@ -66,6 +66,25 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks_or_workers(shard_di
                        for row in ids)
 
 
+def test_pairs_in_file_order_give_the_batches_of_the_same_pairs_streamed_from_shards(tmp_path):
+    """data.shuffle=false: a pairs file and the same pairs written to shards train on the same global batches,
+    across epochs whose last batch is filled from the epoch's start (30 pairs, 4 per step), and every pair trains."""
+    pairs = church_pairs(30)
+    for i, p in enumerate(pairs):
+        p.id = f"p{i}"
+    write_shards(pairs, tmp_path / "shards", max_samples_per_shard=7)
+    steps = 20
+    cfg = data_cfg(tmp_path / "shards", "data.shuffle=false", "train.pairs_per_step=4")
+    streamed = ShardPairStream(cfg, 1, [0])
+    from_shards = batches(streamed, steps)
+    streamed.close()
+    in_memory, _ = open_pair_stream(cfg, pairs=pairs)
+    from_memory = batches(in_memory, steps)
+    assert from_memory == from_shards
+    assert from_memory[7] == ["p28", "p29", "p0", "p1"] and from_memory[8] == ["p0", "p1", "p2", "p3"]
+    assert {i for row in from_memory[:8] for i in row} == {p.id for p in pairs}
+
+
 def test_an_exact_epoch_shows_every_pair_once_before_any_repeats(shard_dir):
     cfg = data_cfg(shard_dir, "data.shuffle_buffer=5", "train.pairs_per_step=5")
     stream = ShardPairStream(cfg, 1, [0])

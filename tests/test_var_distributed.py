@@ -44,17 +44,10 @@ def world(tmp_path_factory):
     return d, model, pairs
 
 
-# Known failures (README, "The VAR family": open): on this family, window updates under ZeRO-2 and
-# any update under ZeRO-3 give 2 ranks another delta than 1 process (max difference 0.02-0.04),
-# and streamed shards another delta than the same pairs from JSONL. Strict: a fix makes these fail
-# until the marks are removed.
-VAR_RANKS_DIFFER = pytest.mark.xfail(strict=True, reason="VAR family: 2 ranks differ from 1 process (open bug)")
-
-
 @pytest.mark.parametrize("stage, extra", [
     ("2", ["erase.update_mode=sequence"]),
-    pytest.param("2", ["erase.update_mode=window"], marks=VAR_RANKS_DIFFER),
-    pytest.param("3", ["erase.update_mode=sequence"], marks=VAR_RANKS_DIFFER),
+    ("2", ["erase.update_mode=window"]),  # the first window is the 1x1 scale: one key per query
+    ("3", ["erase.update_mode=sequence"]),
     ("2", ["erase.method=svare", "trainable.modules=all"]),
 ])
 def test_two_ranks_under_zero_give_the_one_process_delta(world, stage, extra):
@@ -118,7 +111,6 @@ def test_merge_then_load_then_generate(world, tmp_path, capsys):
     assert "fingerprint" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="VAR family: streamed shards train another delta than the JSONL (open bug)")
 def test_shards_with_stored_rollouts_train_like_the_pairs_file(world, tmp_path):
     """Pairs carrying the teacher's 85-token rollouts, written to WebDataset shards, train the same delta as the
     same pairs read from JSONL; tokens of another length are refused, naming the pair."""

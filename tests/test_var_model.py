@@ -185,3 +185,34 @@ def test_trainable_layers_are_the_blocks(var_bundle):
     everything = select_trainable_names(var_bundle.model, TrainableConfig(first_k_layers=1, modules="all"))
     assert any(".ffn." in n for n in everything) and any(".ca." in n for n in everything)
     assert as_image_model(var_bundle) is var_bundle
+
+
+
+def test_a_query_with_one_key_gets_v_and_exactly_zero_query_and_key_gradients():
+    """The 1x1 scale attends only to itself: the output is v (what the fused kernel gives) and q, k get no
+    rounding residue in their gradients, which Adam would magnify into updates that depend on the batch split."""
+    import torch.nn.functional as F
+
+    from ear_dist.models.var.model import SelfAttention, apply_rope
+
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4)
+    with torch.no_grad():
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+    x = torch.randn(3, 1, 32)
+    angles = torch.rand(1, 4)
+    rope = torch.stack([angles.cos(), angles.sin()])  # [2, L=1, head_dim/2]
+    out = attn(x, rope)
+    out.pow(2).sum().backward()
+    e = 32
+    assert attn.mat_qkv.weight.grad[: 2 * e].abs().max() == 0 and attn.q_bias.grad.abs().max() == 0
+    assert attn.scale_mul_1H11.grad.abs().max() == 0 and attn.mat_qkv.weight.grad[2 * e:].abs().max() > 0
+    # the same value as the fused attention
+    with torch.no_grad():
+        bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+        q, k, v = (attn.mat_qkv(x) + bias).view(3, 1, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        q = apply_rope(F.normalize(q, dim=-1) * attn.scale_mul_1H11.exp(), rope)
+        k = apply_rope(F.normalize(k, dim=-1), rope)
+        ref = attn.proj(F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(3, 1, 32))
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=1e-6)

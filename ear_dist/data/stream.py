@@ -184,10 +184,17 @@ class PairStream:
         self.replaced = 0  # read errors skipped: none in memory
 
     def _generate(self, seed: int, shuffle: bool) -> Iterator[list[PromptPair]]:
+        """Shuffled: each pass a fresh seeded order, its last partial batch dropped. In file order, every
+        pair trains: a pass's last batch is filled from its start, as a shard directory's exact epoch is,
+        so the batches are those of the same pairs written to shards (``data.shuffle=false``)."""
         g = torch.Generator().manual_seed(seed)
         n, k = len(self.pairs), self.pairs_per_step
+        if not shuffle:
+            while True:
+                for s in range(0, -(-n // k) * k, k):
+                    yield [self.pairs[i % n] for i in range(s, s + k)]
         while True:
-            order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
+            order = torch.randperm(n, generator=g).tolist()
             for s in range(0, n - k + 1, k):
                 yield [self.pairs[i] for i in order[s: s + k]]
 

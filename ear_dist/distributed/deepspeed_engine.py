@@ -191,8 +191,14 @@ def _partitioned_copy(base_model: torch.nn.Module, ds: dict) -> torch.nn.Module:
     filled from ``base_model``, which every rank loaded identically."""
     import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=ds, dtype=base_model.dtype):
+    # the dtype comes from the config (bf16 / fp16 set by the model's dtype): given with a config,
+    # zero.Init on a CPU accelerator builds bfloat16 parameters whatever dtype says
+    with deepspeed.zero.Init(config_dict_or_path=ds):
         model = type(base_model)(base_model.config)
+    built = {p.dtype for p in model.parameters()}
+    if built != {base_model.dtype}:
+        raise ConfigError(f"ZeRO-3 built the student's parameters in {sorted(map(str, built))} but the model is "
+                          f"{base_model.dtype}: the DeepSpeed config's bf16/fp16 sections must match model.dtype")
     source = dict(base_model.named_parameters())
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):

@@ -133,6 +133,7 @@ def run_method(method: Method, model_path: str, world: World, pairs: dict[str, l
     """Train ``method`` on the pairs of ``concepts`` (one run, joint when several); returns (delta, seconds per step)."""
     from ear_dist.config import load_config
     from ear_dist.train.trainer import run_erase
+    from ear_dist.world.erasure import anchor_prompts
 
     # a comparison measures afresh: a previous run in out_dir is replaced, not resumed
     sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={out_dir}", "model.device=cpu",

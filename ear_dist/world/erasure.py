@@ -204,6 +204,8 @@ def evaluate(world: World, bundle: ImageModel, concept: str, n: int = 48, guidan
 
     ``samples`` holds the tokens of the first images of each group for the report grid.
     """
+    from ear_dist.world.suite import EVAL_STREAM  # the world suite's prompts, so both families see the same ones
+
     ev = Evaluation(concept)
     samples: dict = {}
     bundle = as_image_model(bundle)

@@ -97,7 +97,18 @@ class SelfAttention(nn.Module):
             if past:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
             past[:] = [k, v]
-        out = F.scaled_dot_product_attention(q, k, v.to(q.dtype), attn_mask=attn_mask, scale=1.0)
+        if k.shape[2] == 1:
+            # one key (the first scale, alone): the output is v and q, k get exactly zero gradient, as the
+            # softmax of one score is written out here. The fused kernel's backward leaves rounding residue
+            # (~1e-8) in their gradients, which Adam divides by its own size into whole-step updates that
+            # differ with how the batch is split over ranks.
+            scores = (q * k).sum(-1, keepdim=True)
+            if attn_mask is not None:
+                scores = scores + attn_mask if attn_mask.dtype != torch.bool else \
+                    scores.masked_fill(~attn_mask, float("-inf"))
+            out = scores.softmax(-1) * v.to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v.to(q.dtype), attn_mask=attn_mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
