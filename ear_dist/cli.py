@@ -115,7 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     except _launch_errors() as e:  # launch/ stands alone, below the package: its errors are launch settings
         _report(e, args.debug)
         return EXIT_BAD_INPUT
+    finally:
+        _release_process_group()
     return int(rc or 0)
+
+
+def _release_process_group() -> None:
+    """Tear down the process group a command joined, while the interpreter is whole: left to exit, the
+    gloo group's threads were sometimes destroyed still joinable, and a finished rank aborted (exit -6)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
