@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,3 +142,28 @@ def test_svare_filter_choices_follow_the_family(var_run):
     counted = [r["counted"] for r in records]
     assert len(counted) == 2 and all(0 <= c <= 5 for c in counted)  # 1 + 4 tokens of the first two scales
     assert summary["optimizer_steps"] == 2
+
+
+def test_ear_dist_eval_evaluates_a_var_model_and_its_delta(var_run, tmp_path):
+    """`ear-dist eval` with model.family=var: images through the family's sampler and BSQ decoder, the delta
+    applied in memory, the before/after images sharing seeds; perplexity is reported as not applicable."""
+    from ear_dist.cli import main
+    from ear_dist.eval.generate import read_png
+    from tests.test_eval import write_suite
+
+    d, model, pairs = var_run
+    delta = _erase(d, model, pairs, "for-eval")["delta"]
+    out = tmp_path / "eval"
+    assert main(["eval", "--no-progress", "--set", f"model.path={model}", "--set", "model.family=var",
+                 "--suite", str(write_suite(tmp_path)), "--delta", f"ear={delta}", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [c["name"] for c in report["columns"]] == ["base", "ear"]
+    assert report["generation"]["ear"] == {"generated": 10, "reused": 0}
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    by_key = {(r["column"], r["prompt"]): r for r in rows}
+    before, after = by_key[("base", "a church at night")], by_key[("ear", "a church at night")]
+    image, tokens = read_png(before["path"])
+    assert tokens.shape == (85,) and image.ndim == 3 and before["seed"] == after["seed"]
+    assert not np.array_equal(tokens, read_png(after["path"])[1])  # the delta changed the image
+    assert "no language-model head" in report["perplexity"]["base"]["concept prompts"]["not_run"]
+    assert 0.0 <= report["results"]["ear"]["church"]["concept_accuracy"] <= 1.0

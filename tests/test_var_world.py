@@ -1,5 +1,6 @@
 """The planted-concept world of the VAR family: multi-scale bitwise images, its build, and erasure measured on it."""
 
+import json
 import os
 
 import numpy as np
@@ -121,3 +122,22 @@ def test_ear_and_svare_on_the_var_world_erase_more_than_they_damage(short_var_wo
     report = bar_report(rows)
     assert "EAR: erasure" in report and "S-VARE: erasure" in report and "preservation ratio" in report
     assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "before_after.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_joint_and_composed_erasure_on_the_var_world_go_through_eval(short_var_world_model, tmp_path):
+    """`ear-dist demo --family var --multi`: per-concept runs composed in memory and one joint run, every column
+    evaluated by `ear-dist eval`'s world suite of the VAR world; both remove church more than the base shows it."""
+    from ear_dist.world.erasure import VAR_WORLD_ERASE, run_joint_vs_composed
+
+    cfg, path, _ = short_var_world_model
+    table = run_joint_vs_composed(str(path), VarWorld(cfg), tmp_path / "multi", ["church", "van gogh"], n_pairs=12,
+                                  n_eval=12, overrides=VAR_WORLD_ERASE, log=lambda *_: None)
+    assert set(table) == {"before", "composed", "joint"}
+    report = json.loads((tmp_path / "multi" / "eval" / "report.json").read_text())
+    assert [c["name"] for c in report["columns"]] == ["base", "composed", "joint"]
+    assert len(report["columns"][1]["deltas"]) == 2
+    for name in ("composed", "joint"):
+        assert table[name]["church"]["erasure_rate"] > table["before"]["church"]["erasure_rate"] + 0.2, table
+    assert (tmp_path / "multi" / "multi_concept.md").is_file()

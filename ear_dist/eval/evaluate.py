@@ -99,7 +99,8 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
 
     from ear_dist.distributed.runtime import init_runtime
     from ear_dist.models.delta import check_deltas
-    from ear_dist.models.janus import load_janus, model_fingerprint
+    from ear_dist.models.family import load_model
+    from ear_dist.models.janus import model_fingerprint
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -110,7 +111,8 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
         torch.cuda.set_device(rt.device)  # object collectives under NCCL use the current device
     main = rt.rank == 0
     log = log if main else (lambda *_: None)
-    bundle = load_janus(cfg.model.path, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    bundle = load_model(cfg.model.path, cfg.model.family, device=rt.device, dtype=cfg.model.dtype,
+                        seed=cfg.model.seed)
     check_deltas(bundle.model, [d for c in columns for d in c.deltas])
     entries = plan(suites, columns, cfg, model_fingerprint(bundle.model), out_dir)
     tools = build_tools(suites, cfg, str(rt.device)) if main else Tools()

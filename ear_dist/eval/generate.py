@@ -29,9 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 from ear_dist.config import Config
 from ear_dist.eval.suites import Suite
 from ear_dist.models.delta import applied_deltas, file_digest
-from ear_dist.models.images import decode_tokens
-from ear_dist.models.janus import JanusBundle
-from ear_dist.models.rollout import rollout
+from ear_dist.models.interface import ImageModel
 from ear_dist.errors import InputError
 
 TOKENS_KEY = "ear_dist_tokens"
@@ -136,7 +134,7 @@ def read_png(path: str) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(im.convert("RGB")), np.array([int(t) for t in text.split(",")], dtype=np.int64)
 
 
-def generate_column(bundle: JanusBundle, column: Column, share: Sequence[Entry], renders: dict[str, Callable],
+def generate_column(bundle: ImageModel, column: Column, share: Sequence[Entry], renders: dict[str, Callable],
                     cfg: Config, progress: Optional[Callable[[int], None]] = None) -> GenerationStats:
     """Generate this rank's missing images of one column (deltas applied in memory for the duration).
 
@@ -160,10 +158,10 @@ def generate_column(bundle: JanusBundle, column: Column, share: Sequence[Entry],
             for s in range(0, len(entries), r.batch_size):
                 batch = entries[s : s + r.batch_size]
                 with torch.no_grad():
-                    tokens = rollout(bundle, [e.prompt for e in batch], r.guidance_weight, r.temperature, r.top_k,
-                                     r.greedy, [e.seed for e in batch])
+                    tokens = bundle.sample([e.prompt for e in batch], r.guidance_weight, r.temperature, r.top_k,
+                                           r.greedy, [e.seed for e in batch])
                 tokens_np = tokens.cpu().numpy()
-                images = render(tokens_np) if render is not None else decode_tokens(bundle.model, tokens)
+                images = render(tokens_np) if render is not None else bundle.decode(tokens)
                 for e, img, tok in zip(batch, images, tokens_np):
                     save_png(Path(e.path), img, tok, e.prompt, e.seed)
                 stats.generated += len(batch)

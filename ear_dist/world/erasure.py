@@ -193,52 +193,6 @@ class Evaluation:
         return float(np.mean(list(self.preservation.values())))
 
 
-def _histogram(tokens: torch.Tensor, codebook: int) -> np.ndarray:
-    h = np.bincount(tokens.flatten().cpu().numpy(), minlength=codebook).astype(np.float64)
-    return h / max(h.sum(), 1.0)
-
-
-def evaluate(world: World, bundle: ImageModel, concept: str, n: int = 48, guidance_weight: float = 5.0,
-             reference_hist: Optional[np.ndarray] = None, batch_size: int = 48) -> tuple[Evaluation, np.ndarray, dict]:
-    """Held-out evaluation of one model; returns (evaluation, its unrelated-prompt histogram, samples).
-
-    ``samples`` holds the tokens of the first images of each group for the report grid.
-    """
-    from ear_dist.world.suite import EVAL_STREAM  # the world suite's prompts, so both families see the same ones
-
-    ev = Evaluation(concept)
-    samples: dict = {}
-    bundle = as_image_model(bundle)
-
-    def gen(prompts, stream):
-        seeds = [stream * 100000 + i for i in range(len(prompts))]
-        return bundle.sample(prompts, guidance_weight=guidance_weight, seeds=seeds, batch_size=batch_size)
-
-    if concept in OBJECTS:
-        groups = {f"held-out sentences ({w})": dict(objects=[concept], object_words=[w]) for w in OBJECTS[concept]}
-        others = {o: dict(objects=[o], styles=[None]) for o in OBJECTS if o != concept}
-    else:
-        groups = {"held-out sentences": dict(styles=[concept])}
-        others = {s: dict(styles=[s]) for s in STYLES if s != concept}
-        others.update({o: dict(objects=[o], styles=[None]) for o in list(OBJECTS)[:3]})
-    for g, (name, kw) in enumerate(groups.items()):
-        batch = world.sample(n, split="heldout", stream=EVAL_STREAM + g, **kw)
-        tok = gen(batch.prompts, EVAL_STREAM + g)
-        ev.concept_share[name] = float(world.classify(tok)[concept].mean())
-        samples[name] = (batch.prompts[:4], tok[:4])
-    for g, (other, kw) in enumerate(others.items()):
-        batch = world.sample(n, split="heldout", stream=EVAL_STREAM + 50 + g, **kw)
-        tok = gen(batch.prompts, EVAL_STREAM + 50 + g)
-        ev.preservation[other] = float(world.classify(tok)[other].mean())
-        samples[other] = (batch.prompts[:2], tok[:2])
-    unrelated_kw = dict(objects=[o for o in OBJECTS if o != concept]) if concept in OBJECTS else dict(styles=[None])
-    batch = world.sample(n, split="heldout", stream=EVAL_STREAM + 99, **unrelated_kw)
-    hist = _histogram(gen(batch.prompts, EVAL_STREAM + 99), bundle.codebook_size)
-    if reference_hist is not None:
-        ev.token_tv_distance = float(0.5 * np.abs(hist - reference_hist).sum())
-    return ev, hist, samples
-
-
 def evaluate_world(model_path: str, world: World, concepts: Sequence[str], columns: Sequence, out_dir: Path,
                    n_eval: int = 48, overrides: Sequence[str] = (), progress: bool = False,
                    log=print) -> tuple[dict[str, dict[str, Evaluation]], dict]:
@@ -251,8 +205,9 @@ def evaluate_world(model_path: str, world: World, concepts: Sequence[str], colum
     from ear_dist.eval.evaluate import BASE, run_eval
     from ear_dist.world.suite import world_suite
 
-    cfg = load_config(overrides=[*overrides, f"model.path={model_path}", "model.device=cpu",
-                                 f"eval.world_prompts={n_eval}"])
+    family = detect_family(model_path) or "janus"
+    cfg = load_config(overrides=[*overrides, f"model.path={model_path}", f"model.family={family}",
+                                 "model.device=cpu", f"eval.world_prompts={n_eval}"])
     cfg.world = world.config
     suites = [world_suite(cfg, c, world) for c in concepts]
     report = run_eval(cfg, suites, list(columns), out_dir, progress=progress, log=log)
@@ -315,19 +270,6 @@ def write_report(out_dir: Path, rows: dict[str, Evaluation], extra: dict) -> Non
     (out_dir / "results.md").write_text(markdown_table(rows) + "\n")
 
 
-def write_report_with_grids(out_dir: Path, rows: dict[str, Evaluation], grids: dict, extra: dict) -> dict:
-    """results.json, results.md and before/after PNG grids (token grids as colour images)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"results": to_json(rows), **extra}, indent=2))
-    (out_dir / "results.md").write_text(markdown_table(rows) + "\n")
-    paths = {}
-    for name, image in grids.items():
-        p = out_dir / f"{name}.png"
-        image.save(p)
-        paths[name] = str(p)
-    return paths
-
-
 # The paper's ablations, as config overrides on top of the run's settings.
 ABLATIONS: dict[str, list[str]] = {
     "EAR": [],
@@ -355,25 +297,6 @@ VAR_ABLATIONS: dict[str, list[str]] = {
 }
 
 
-def before_after_grid(world: World, before: dict, after: dict, groups: Sequence[str]):
-    """Rows: the same prompts (and seeds) before and after erasure, as colour images."""
-    from ear_dist.models.images import make_grid
-    from ear_dist.world.colour import grid_to_image
-
-    def rgb(tokens):
-        return np.asarray(grid_to_image(world.image_grid(tokens[None])[0], world.layout,
-                                        world.config.grid_side).convert("RGB"))
-
-    images, labels = [], []
-    for g in groups:
-        prompts, tok_b = before[g]
-        _, tok_a = after[g]
-        for i, p in enumerate(prompts[:2]):
-            images += [rgb(tok_b[i]), rgb(tok_a[i])]
-            labels += [f"before: {p}", f"after: {p}"]
-    return make_grid(images, cols=4, cell=96, labels=labels)
-
-
 def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str = "church",
                       ablations: Sequence[str] = ("EAR",), n_pairs: int = 32, n_eval: int = 48,
                       overrides: Sequence[str] = (), progress: bool = True, log=print, n_anchors: int = 0,
@@ -383,18 +306,15 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     ``n_anchors`` preservation anchors (``make_anchor_pairs``) join the EAR-method runs'
     pairs; S-VARE and the ESD-style baseline train on the erasure pairs alone. ``table``:
     ablation name -> overrides (default ``ABLATIONS``). A Janus world model is evaluated
-    through ``ear-dist eval``'s world suite; a next-scale (var) one directly (``evaluate``).
+    through ``ear-dist eval``'s world suite, whatever its family.
     """
-    if (detect_family(model_path) or "janus") != "janus":
-        return _run_world_erasure_direct(model_path, world, out_dir, concept, ablations, n_pairs, n_eval, overrides,
-                                         progress, log, n_anchors, table)
     table = ABLATIONS if table is None else table
     from ear_dist.config import load_config
-    from ear_dist.models.janus import load_janus
     from ear_dist.train.trainer import run_erase
 
     out_dir = Path(out_dir)
-    base = load_janus(model_path, device="cpu", dtype="float32")
+    family = detect_family(model_path) or "janus"
+    base = load_model(model_path, family, device="cpu", dtype="float32")
     pairs = make_pairs(world, concept, n_pairs)
     kept, vf = visual_filter(world, base, pairs, concept)
     log(f"ECG: {len(pairs)} template pairs; VF kept {vf.kept} (target without {concept}: "
@@ -412,7 +332,7 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     for name in ablations:
         run_dir = out_dir / "runs" / name.replace(" ", "-").lower()
         # each call measures afresh (the world model may have been rebuilt): replace, do not resume
-        sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={run_dir}",
+        sets = ["train.resume=never", f"model.path={model_path}", f"model.family={family}", f"train.out_dir={run_dir}",
                 f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true", *overrides, *table[name]]
         cfg = load_config(overrides=with_anchor_prompts(world, [concept], sets))
         train_pairs = [PromptPair(**asdict(p)) for p in kept]
@@ -476,18 +396,11 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     joint_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
     joint = run_erase(cfg_for("joint", list(concepts), len(concepts)), joint_pairs, progress=progress)["delta"]
 
-    models = {"composed": deltas, "joint": [joint]}
-    if family == "janus":  # ear-dist eval's world suite, "before" included
-        from ear_dist.eval.generate import Column
+    # ear-dist eval's world suite, "before" included; the composed column sums the deltas in memory
+    from ear_dist.eval.generate import Column
 
-        columns = [Column(name, tuple(ds)) for name, ds in models.items()]
-        evaluations, _ = evaluate_world(model_path, world, concepts, columns, out_dir / "eval", n_eval, overrides,
-                                        log=log)
-    else:  # the eval suites load Janus only: each model evaluated here
-        evaluations = {}
-        for name, ds in {"before": [], **models}.items():
-            bundle = _with_deltas(model_path, family, ds)
-            evaluations[name] = {c: evaluate(world, bundle, c, n_eval)[0] for c in concepts}
+    columns = [Column("composed", tuple(deltas)), Column("joint", (joint,))]
+    evaluations, _ = evaluate_world(model_path, world, concepts, columns, out_dir / "eval", n_eval, overrides, log=log)
     table: dict = {}
     for name, by_concept in evaluations.items():
         table[name] = {c: {"erasure_rate": ev.erasure_rate, "preservation": ev.preservation_mean}
@@ -503,74 +416,3 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     (out_dir / "multi_concept.md").write_text("\n".join(lines) + "\n")
     (out_dir / "multi_concept.json").write_text(json.dumps({"concepts": list(concepts), "results": table}, indent=2))
     return table
-
-
-def _with_deltas(model_path: str, family: str, deltas: Sequence[str]):
-    """The base model with ``deltas`` applied (for families the eval suites do not load)."""
-    from ear_dist.models.delta import apply_deltas
-
-    bundle = load_model(model_path, family, device="cpu", dtype="float32")
-    if deltas:
-        apply_deltas(bundle.model, deltas)
-    return bundle
-
-
-# ---------------------------------------------------------------- families without the eval suite
-
-
-def _run_world_erasure_direct(model_path: str, world: World, out_dir: Path, concept: str = "church",
-                              ablations: Sequence[str] = ("EAR",), n_pairs: int = 32, n_eval: int = 48,
-                              overrides: Sequence[str] = (), progress: bool = True, log=print, n_anchors: int = 0,
-                              table: Optional[dict] = None) -> dict:
-    """``run_world_erasure`` for a model family the eval suite does not load (var): each erased
-    model is loaded, its delta applied, and evaluated here (``evaluate``), with the before/after grid."""
-    table = ABLATIONS if table is None else table
-    from ear_dist.config import load_config
-    from ear_dist.train.trainer import run_erase
-
-    out_dir = Path(out_dir)
-    family = detect_family(model_path) or "janus"
-    base = load_model(model_path, family, device="cpu", dtype="float32")
-    pairs = make_pairs(world, concept, n_pairs)
-    kept, vf = visual_filter(world, base, pairs, concept)
-    log(f"ECG: {len(pairs)} template pairs; VF kept {vf.kept} (target without {concept}: "
-        f"{vf.dropped_target_without_concept}, surrogate with {concept}: {vf.dropped_surrogate_with_concept})")
-    if not kept:
-        raise RunFailure(f"the visual filter kept no pair for {concept!r}: the world model does not draw it "
-                         "(build it to the target accuracy: ear-dist world build)")
-    anchors = make_anchor_pairs(world, concept, n_anchors)
-    if anchors:
-        log(f"preservation anchors: {len(anchors)} prompts of the other concepts")
-    before, ref_hist, samples_before = evaluate(world, base, concept, n_eval)
-    rows = {"before": before}
-    log(f"before: erasure rate {before.erasure_rate:.3f}, preservation {before.preservation_mean:.3f}")
-    grids, summaries = {}, {}
-    for name in ablations:
-        if name not in table:
-            raise InputError(f"ablation {name!r}: expected one of {', '.join(table)}")
-        run_dir = out_dir / "runs" / name.replace(" ", "-").lower()
-        cfg = load_config(overrides=["train.resume=never", f"model.path={model_path}", f"model.family={family}",
-                                     f"train.out_dir={run_dir}",
-                                     f"erase.concept={concept}", "model.device=cpu", "train.tensorboard=true",
-                                     *overrides, *table[name]])
-        train_pairs = [PromptPair(**asdict(p)) for p in kept]
-        if cfg.erase.method == "ear":
-            train_pairs = interleave(train_pairs, anchors)
-        summary = run_erase(cfg, train_pairs, progress=progress)
-        after_bundle = _with_deltas(model_path, family, [summary["delta"]])
-        ev, _, samples_after = evaluate(world, after_bundle, concept, n_eval, reference_hist=ref_hist)
-        rows[name] = ev
-        summaries[name] = {k: summary[k] for k in ("delta", "optimizer_steps", "windows_kept", "windows_total",
-                                                   "seconds")}
-        log(f"{name}: erasure rate {ev.erasure_rate:.3f}, preservation {ev.preservation_mean:.3f}, "
-            f"token TV {ev.token_tv_distance:.3f} ({summary['seconds']:.0f} s)")
-        if name == ablations[0]:
-            groups = list(ev.concept_share) + list(ev.preservation)[:2]
-            grids["before_after"] = before_after_grid(world, samples_before, samples_after, groups)
-    paths = write_report_with_grids(out_dir, rows, grids, {
-        "concept": concept, "pairs": len(pairs), "anchors": len(anchors), "vf": asdict(vf), "runs": summaries,
-        "model": model_path,
-        "world": world.describe() if hasattr(world, "describe") else {}, "overrides": list(overrides)})
-    log(f"report: {out_dir / 'results.md'}, {out_dir / 'results.json'}" +
-        (f", images: {paths['before_after']}" if "before_after" in paths else ""))
-    return rows

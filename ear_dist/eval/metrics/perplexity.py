@@ -32,6 +32,9 @@ def read_text_lines(path: str) -> list[str]:
 @torch.no_grad()
 def perplexity(bundle: JanusBundle, texts: Sequence[str], batch_size: int = 8) -> dict:
     """exp(mean next-token negative log-likelihood) over every predicted token of ``texts``."""
+    if getattr(bundle, "family", "janus") != "janus":
+        raise MetricUnavailable(f"perplexity: the {bundle.family} family has no language-model head (its prompts "
+                                "go through a text encoder)")
     if bundle.tokenizer is None:
         raise MetricUnavailable(f"perplexity: model {bundle.name} has no tokenizer")
     tok = bundle.tokenizer
