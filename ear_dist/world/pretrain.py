@@ -120,7 +120,7 @@ def _new_model(world: World):
         from ear_dist.models.var.presets import tiny_var_config
 
         config = tiny_var_config(embed_dim=c.hidden_size, depth=c.num_layers, num_heads=c.num_heads,
-                                 ffn_hidden=c.intermediate_size, bits=world.layout.codebook_size.bit_length() - 1,
+                                 ffn_hidden=c.intermediate_size, bits=world.token_bits,
                                  scales=world.scales, block_chunks=2 if c.num_layers % 2 == 0 else 1)
         return build_var_preset("tiny-var", seed=c.seed, config=config, extra_words=World.vocabulary())
     from ear_dist.models.family import as_image_model
