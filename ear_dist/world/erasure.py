@@ -87,6 +87,10 @@ VAR_WORLD_ERASE = [
 ]
 
 SVARE_PAPER_MODULES = 'trainable.patterns=["block_chunks.*.ca.*", "block_chunks.*.ffn.*"]'
+# S-VARE's unsafe-token rule on the VAR world's 12-bit field codes: a church cell and its surrogate's cell differ
+# in 1-2 bits (the object field, a flag), so the paper's share (1/4 of Infinity's 32 bits) marked 0-1 tokens a
+# training step unsafe; one bit of 12 marks 38-51 (the filter's count on the training pairs, metrics.jsonl).
+SVARE_WORLD_BIT_SHARE = "erase.svare_bit_error_share=0.08"
 
 
 def _unknown_concept(concept: str) -> ValueError:
@@ -292,7 +296,7 @@ VAR_ABLATIONS: dict[str, list[str]] = {
     "random order": ["erase.window_order=random"],
     "per-sequence updates": ["erase.update_mode=sequence"],
     "logit targets": ["erase.target_mode=logit"],
-    "S-VARE": ["erase.method=svare", SVARE_PAPER_MODULES],
+    "S-VARE": ["erase.method=svare", SVARE_PAPER_MODULES, SVARE_WORLD_BIT_SHARE],
     "ESD-style naive": ["erase.method=esd"],
 }
 
