@@ -19,18 +19,23 @@ tokens (they compute the same number).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ear_dist.config import EraseConfig, TrainableConfig
-from ear_dist.models.var.bsq import scale_bounds, teacher_forcing_inputs
-from ear_dist.models.var.bundle import VarBundle, build_var_preset
-from ear_dist.models.var.presets import tiny_var_config
-from ear_dist.teacher.colocated import ColocatedTeacher
-from ear_dist.train.step import ErasureStep, PairBatch, Updater
-from ear_dist.train.student import make_student
-from ear_dist.train.trainable import select_trainable_names
+import torch  # noqa: E402
+
+from benchmarks.common import Stat, rate_stat, ratio_stat, run_header  # noqa: E402
+from ear_dist.config import EraseConfig, TrainableConfig  # noqa: E402
+from ear_dist.models.var.bsq import scale_bounds, teacher_forcing_inputs  # noqa: E402
+from ear_dist.models.var.bundle import VarBundle, build_var_preset  # noqa: E402
+from ear_dist.models.var.presets import tiny_var_config  # noqa: E402
+from ear_dist.teacher.colocated import ColocatedTeacher  # noqa: E402
+from ear_dist.train.step import ErasureStep, PairBatch, Updater  # noqa: E402
+from ear_dist.train.student import make_student  # noqa: E402
+from ear_dist.train.trainable import select_trainable_names  # noqa: E402
 
 TARGETS = ["a photo of a church in a field", "a church at night by the sea", "a small church", "an old church"]
 SURROGATES = ["a photo of a barn in a field", "a castle at night by the sea", "a small barn", "an old castle"]
@@ -89,6 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
+    print("\n".join(run_header("bench_var_step")))
     dtype = getattr(torch, args.dtype)
     config = None
     if args.preset == "tiny-var":
@@ -135,7 +141,7 @@ def main() -> None:
     }
     for fn in runs.values():
         fn()  # warm-up
-    best = {k: float("inf") for k in runs}
+    times: dict[str, list[float]] = {k: [] for k in runs}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for _ in range(args.repeats):  # interleaved: machine noise hits all alike
         for k, fn in runs.items():
@@ -143,16 +149,17 @@ def main() -> None:
             t0 = time.perf_counter()
             fn()
             sync()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            times[k].append(time.perf_counter() - t0)
     cfg = bundle.config
     print(f"{args.preset}: width {cfg.embed_dim}, {cfg.depth} blocks, scales {[s[0] for s in cfg.scales]} "
           f"({t} tokens of {cfg.bits} bits), batch {b}, {args.device} {args.dtype}, first {args.first_k_layers} "
-          "blocks' self-attention trained")
-    print(f"{'step':<28}{'ms/step':>10}{'sup. tok/s':>12}")
-    for k, s in best.items():
-        print(f"{k:<28}{s * 1e3:>10.1f}{b * t / s:>12.0f}")
-    ratio = best["per-scale loop + KV cache"] / best["ours (stored rollout)"]
-    print(f"ours (stored rollout): {ratio:.2f}x the per-scale loop")
+          f"blocks' self-attention trained; median (min-max) of {args.repeats} interleaved repeats")
+    print(f"{'step':<28}{'ms/step':>26}{'sup. tok/s':>26}")
+    for k, ts in times.items():
+        print(f"{k:<28}{Stat.of(ts).scaled(1e3).fmt('.1f'):>26}{rate_stat(ts, b * t).fmt(',.0f'):>26}")
+    for k in ("ours (stored rollout)", "ours, S-VARE (stored)"):
+        ratio = ratio_stat(times["per-scale loop + KV cache"], times[k])
+        print(f"{k}: {ratio.fmt()}x the per-scale loop")
     if args.device.startswith("cuda"):
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

@@ -50,7 +50,8 @@ def tiny_bundle(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def default_world_model(tmp_path_factory):
-    """The default world build, the one the demo uses, made once per session for the slow tests (~6 min on 2 cores).
+    """The default world build, the one the demo uses, made once per session for the slow tests (the longest
+    part of the suite: tens of minutes on a 2-core machine, 36 min when it shared the cores with another build).
 
     EAR_DIST_TEST_WORLD_CACHE names a cache directory to build into (or reuse a build from)
     across test sessions; unset, every session builds afresh.
