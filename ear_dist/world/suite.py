@@ -23,7 +23,7 @@ from ear_dist.config import Config
 from ear_dist.eval.suites import EvalPrompt, Suite, SuiteError
 from ear_dist.world.colour import grid_to_image
 from ear_dist.world.grammar import OBJECTS, STYLES
-from ear_dist.world.var_world import VarWorld, world_for
+from ear_dist.world.var_world import world_for
 from ear_dist.world.world import World
 
 EVAL_STREAM = 101
@@ -70,13 +70,11 @@ def world_suite(cfg: Config, concept: str = "", world: Optional[World] = None) -
         return [bool(shown[c][i]) for i, c in enumerate(concepts)]
 
     def render(tokens: np.ndarray) -> np.ndarray:
-        grids = world.image_grid(tokens) if isinstance(world, VarWorld) else tokens  # a VAR image: its finest scale
         return np.stack([np.asarray(grid_to_image(t, world.layout, world.config.grid_side).convert("RGB"))
-                         for t in grids])
+                         for t in world.image_grid(tokens)])
 
-    classifier = world.grids.classifier if isinstance(world, VarWorld) else world.classifier
     info = {"classifier": "world", "model": f"calibrated token-grid classifier of world {world.config_hash}",
-            "thresholds": {c: round(t, 4) for c, t in classifier.thresholds.items()}}
+            "thresholds": {c: round(t, 4) for c, t in world.classifier.thresholds.items()}}
     return Suite(f"world-{concept.replace(' ', '-')}", prompts, f"world {world.config_hash}", concept,
                  classify_tokens=classify_tokens, render=render, render_id=f"world-colours:{world.config_hash}",
                  classifier_info=info)

@@ -114,9 +114,9 @@ class FieldCodec:
         field out of range gives the unused code."""
         codes = np.asarray(codes, dtype=np.int64)
         palette, obj, scene = self._field(codes, "palette"), self._field(codes, "object"), self._field(codes, "scene")
-        objects = np.array(self.objects + [-1] * (8 - len(self.objects)))
-        traces = np.array(self.traces + [-1] * (8 - len(self.traces)))
-        backgrounds = np.array(self.backgrounds + [-1] * (8 - len(self.backgrounds)))
+        slots = 1 << self.shifts["object"][1]  # -1: an index no object or background has
+        objects, traces, backgrounds = (np.array(ids + [-1] * (slots - len(ids)))
+                                        for ids in (self.objects, self.traces, self.backgrounds))
         group = np.where(self._field(codes, "noise") == 1, self.noise,
                          np.where(self._field(codes, "motif") == 1, objects[obj],
                                   np.where(self._field(codes, "traces") == 1, traces[obj], backgrounds[scene])))
@@ -159,6 +159,11 @@ class VarWorld:
     @property
     def grammar(self):
         return self.grids.grammar
+
+    @property
+    def classifier(self):
+        """The Janus world's classifier: it reads ``image_grid``'s decoded codes."""
+        return self.grids.classifier
 
     @property
     def token_bits(self) -> int:
