@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ear_dist.config import load_config
 from ear_dist.losses.svare import bit_error_filter, bitwise_filtered_ce, bitwise_svare_loss
 from ear_dist.losses.windowed import per_token_kl, scale_window_index
+from ear_dist.models.delta import apply_deltas
 from ear_dist.models.var.bundle import save_tiny_var_checkpoint
 from ear_dist.train.trainer import run_erase
 
@@ -167,3 +168,55 @@ def test_ear_dist_eval_evaluates_a_var_model_and_its_delta(var_run, tmp_path):
     assert not np.array_equal(tokens, read_png(after["path"])[1])  # the delta changed the image
     assert "no language-model head" in report["perplexity"]["base"]["concept prompts"]["not_run"]
     assert 0.0 <= report["results"]["ear"]["church"]["concept_accuracy"] <= 1.0
+
+
+def test_a_null_space_run_keeps_the_var_blocks_outputs_on_the_anchors(tmp_path):
+    """preserve.nullspace on the VAR family: only linear weights train (the blocks' free q/v biases and attention
+    scales cannot be projected and stay frozen, with a warning naming them), and the first block's attention output
+    on the anchors moves a thousand times less than in a plain run while its weights move comparably."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from ear_dist.models.var.bundle import load_var
+    from ear_dist.train.preserve import AnchorSet, student_logits
+
+    # wide enough that the anchor's inputs (cond and uncond rows, 85 tokens each) leave a null space
+    model = save_tiny_var_checkpoint(tmp_path / "model", seed=0, embed_dim=256)
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps(PAIRS))
+    anchors = ["a barn in snow"]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("ear_dist").addHandler(handler)
+    try:
+        ns = _erase(tmp_path, model, pairs, "ns", "preserve.nullspace=true", "preserve.nullspace_energy=0.999999",
+                    f"preserve.prompts={json.dumps(anchors)}")["delta"]
+    finally:
+        logging.getLogger("ear_dist").removeHandler(handler)
+    plain = _erase(tmp_path, model, pairs, "plain")["delta"]
+    warned = " ".join(r.getMessage() for r in records)
+    assert "stay frozen" in warned and "sa.q_bias" in warned and "sa.scale_mul_1H11" in warned
+    assert set(load_file(ns)) == {f"block_chunks.0.module.{i}.sa.{w}.weight" for i in (0, 1)
+                                  for w in ("mat_qkv", "proj")}
+    assert any(k.endswith("q_bias") for k in load_file(plain))
+
+    base = load_var(str(model), device="cpu", dtype="float32")
+    snapshot = AnchorSet.snapshot(base, anchors, 5.0, seed=0, branches=["cond"])
+    block = "block_chunks.0.module.0.sa"
+
+    def block_out(delta):
+        bundle = load_var(str(model), device="cpu", dtype="float32")
+        if delta:
+            apply_deltas(bundle.model, [delta])
+        seen = []
+        h = bundle.model.get_submodule(block).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+        with torch.no_grad():
+            student_logits(bundle.model, bundle, anchors, snapshot.tokens)
+        h.remove()
+        return torch.cat(seen), bundle.model.get_submodule(block + ".mat_qkv").weight.detach()
+
+    (out0, w0), (out_ns, w_ns), (out_plain, w_plain) = block_out(None), block_out(ns), block_out(plain)
+    assert (w_ns - w0).norm() > 0.2 * (w_plain - w0).norm()
+    assert (out_ns - out0).abs().max() < 1e-3 * (out_plain - out0).abs().max()

@@ -31,6 +31,7 @@ from ear_dist.storage import write_text_atomic
 from ear_dist.teacher.base import TeacherSettings, build_teacher
 from ear_dist.telemetry.memory import current_rss_bytes
 from ear_dist.train import checkpoint, run_state
+from ear_dist.train.adapters import projectable_names
 from ear_dist.train.preserve import build_preserving_parts
 from ear_dist.train.step import ErasureStep, StepResult
 from ear_dist.train.student import build_student
@@ -91,6 +92,8 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
         finally:
             stream.close()
     trainable = select_trainable_names(bundle.model, cfg.trainable)
+    if cfg.preserve.nullspace:
+        trainable = _projectable(bundle.model, trainable, rt.is_main)
     keep = build_preserving_parts(cfg, rt, bundle, trainable)  # from the base model, before any update
     student = build_student(cfg, rt, bundle, trainable, share_frozen=teacher.shares_model, edits=keep.edits)
     _announce(cfg, rt, bundle, student, keep)
@@ -161,6 +164,20 @@ def _barrier(rt) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _projectable(model: torch.nn.Module, trainable: list[str], announce: bool) -> list[str]:
+    """The linear weights among ``trainable``: what a null-space run trains (the rest cannot be projected)."""
+    linear, dropped = projectable_names(model, trainable)
+    if not linear:
+        raise ConfigError(f"preserve.nullspace: none of the {len(trainable)} selected tensors is a linear layer's "
+                          f"weight (e.g. {trainable[:3]}); select linear weights with trainable.modules or "
+                          "trainable.patterns")
+    if dropped and announce:
+        log.warning("preserve.nullspace: %d selected tensors are not linear weights and stay frozen, since their "
+                    "updates cannot be projected off the anchors' inputs: %s", len(dropped),
+                    ", ".join(dropped[:6]) + (" ..." if len(dropped) > 6 else ""))
+    return linear
 
 
 def _announce(cfg: Config, rt, bundle, student, keep) -> None:
