@@ -10,6 +10,8 @@ with the base models' own hit rates.
     python benchmarks/bench_preservation.py --split heldout --world-seeds 0,1 --seeds 0,1,2 --out runs/preservation
     python benchmarks/bench_preservation.py --split validation --world-seeds 0 --seeds 0 --methods "EAR (paper)" \\
         --set optim.lr=1e-4 --out runs/explore        # choosing settings: the validation split only
+    python benchmarks/bench_preservation.py --family var --methods "EAR (paper),S-VARE" --out runs/var
+                                                      # the VAR world, its erasure settings (VAR_WORLD_ERASE)
 
 Each world build is made once and cached (``ear-dist world build``, ~5 min on 2 cores).
 """
@@ -26,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ear_dist.world.erasure import PRESERVING  # noqa: E402
+from ear_dist.world.erasure import (NULLSPACE_EAR, SVARE_PAPER_MODULES, SVARE_WORLD_BIT_SHARE,  # noqa: E402
+                                    UNCOND_ANCHORED_PRESERVING, VAR_NULLSPACE_EAR)
 
 # The preserving method's parts, each a config lever (README: "Erasure that keeps everything else").
 UNCOND_ANCHORED = ["erase.reference_prompt=unconditional", "erase.rollout_from=target", "erase.target_mode=logit"]
@@ -37,21 +40,31 @@ METHODS = {
     "uncond-anchored + preservation + null space": (UNCOND_ANCHORED + ["preserve.weight=1.0",
                                                                        "preserve.nullspace=true"], 64),
     "EAR + null space": (["preserve.nullspace=true"], 64),
-    # the project's preserving method, its settings chosen on the validation split (README)
-    "preserving (uncond-anchored + preservation + null space; eta 3; 100 steps)": (PRESERVING, 64),
+    # the first preserving method, its settings chosen on the validation split (README)
+    "preserving (uncond-anchored + preservation + null space; eta 3; 100 steps)": (UNCOND_ANCHORED_PRESERVING, 64),
+    # S-VARE; on the VAR world with the paper's trained modules and the world's one-bit unsafe share (README)
+    "S-VARE": (["erase.method=svare"], 0),
+    # the project's preserving method (the demo's "preserving"): the paper's EAR with every layer's linear updates
+    # projected off the anchors' inputs, plus their KL (README)
+    "null-space EAR": (NULLSPACE_EAR, 64),
 }
+VAR_METHODS = {"S-VARE": ["erase.method=svare", SVARE_PAPER_MODULES, SVARE_WORLD_BIT_SHARE],
+               "null-space EAR": VAR_NULLSPACE_EAR}
 
 
 def main() -> None:
     from ear_dist.config import load_config
     from ear_dist.world.compare import Method, compare, write
-    from ear_dist.world.erasure import WORLD_ERASE
+    from ear_dist.world.erasure import VAR_WORLD_ERASE, WORLD_ERASE
     from ear_dist.world.pretrain import build_world_model, missed_target_message
-    from ear_dist.world.world import World
+    from ear_dist.world.var_world import world_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     ap.add_argument("--split", default="validation", choices=["validation", "heldout"])
+    ap.add_argument("--family", default="janus", choices=["janus", "var"], help="the model family and its world")
+    ap.add_argument("--world-set", action="append", default=[], dest="world_overrides",
+                    help="a world.* override for the builds (e.g. world.max_steps=600)")
     ap.add_argument("--world-seeds", default="0")
     ap.add_argument("--seeds", default="0", help="erasure seeds (train.seed)")
     ap.add_argument("--concepts", default="church,van gogh", help="concepts erased alone")
@@ -67,8 +80,12 @@ def main() -> None:
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         ap.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
-    methods = [Method(n, METHODS[n][0], args.anchors if args.anchors is not None and METHODS[n][1] else METHODS[n][1])
-               for n in names]
+    family_overrides = VAR_METHODS if args.family == "var" else {}
+    methods = [Method(n, family_overrides.get(n, METHODS[n][0]),
+                      args.anchors if args.anchors is not None and METHODS[n][1] else METHODS[n][1]) for n in names]
+    bad = [w for w in args.world_overrides if not w.startswith("world.")]
+    if bad:
+        ap.error(f"--world-set: expected world.KEY=VALUE, got {bad}")
     singles = [c.strip() for c in args.concepts.split(",") if c.strip()]
     multi = [c.strip() for c in args.multi.split(",") if c.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -76,16 +93,18 @@ def main() -> None:
     t0 = time.perf_counter()
     by_world, builds = {}, {}
     for ws in [int(s) for s in args.world_seeds.split(",")]:
-        wcfg = load_config(overrides=[f"world.seed={ws}"]).world
-        path, info = build_world_model(wcfg, progress=True)
+        wcfg = load_config(overrides=[*args.world_overrides, f"world.seed={ws}"]).world
+        path, info = build_world_model(wcfg, progress=True, family=args.family)
         builds[ws] = {"path": str(path), "steps": info["steps"], "reached_target": info["reached_target"]}
         if missed_target_message(info):
             print(missed_target_message(info))
-        by_world[ws] = compare(str(path), World(wcfg), methods, out / f"world{ws}", singles, multi, seeds, args.split,
-                               args.pairs, args.eval_prompts, base_overrides=WORLD_ERASE + list(args.overrides))
+        erase_settings = VAR_WORLD_ERASE if args.family == "var" else WORLD_ERASE
+        by_world[ws] = compare(str(path), world_for(wcfg, args.family), methods, out / f"world{ws}", singles, multi,
+                               seeds, args.split, args.pairs, args.eval_prompts,
+                               base_overrides=erase_settings + list(args.overrides))
     info = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(), "machine": platform.node(),
             "cpus": __import__("os").cpu_count(), "seconds": round(time.perf_counter() - t0), "builds": builds,
-            "split": args.split, "methods": {m.name: m.overrides for m in methods}, "overrides": args.overrides}
+            "split": args.split, "family": args.family, "world_overrides": args.world_overrides, "methods": {m.name: m.overrides for m in methods}, "overrides": args.overrides}
     payload = write(out, by_world, info)
     print((out / "results.md").read_text())
     print(f"{len(payload['runs'])} evaluations in {info['seconds']} s; {out / 'results.json'}")

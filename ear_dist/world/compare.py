@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from ear_dist.data.pairs import PromptPair
 from ear_dist.errors import InputError, RunFailure
@@ -57,17 +58,19 @@ def concept_groups(concept: str, split: str) -> dict[str, dict]:
 
 def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, batch_size: int = 64
               ) -> dict[str, float]:
-    """Per concept group, the share of the model's own CFG samples in which the classifier finds the concept."""
-    from ear_dist.models.rollout import rollout
+    """Per concept group, the share of the model's own CFG samples in which the classifier finds the concept.
 
+    ``world`` is the world of ``bundle``'s family (``world_for``): it judges the family's image tokens.
+    """
     world_split = "heldout" if split == "heldout" else "train"
     out = {}
     for c_index, concept in enumerate(CONCEPTS):
         for g_index, (name, filters) in enumerate(concept_groups(concept, split).items()):
             stream = _EVAL_STREAM[split] + 16 * c_index + g_index
             batch = world.sample(n, world_split, stream=stream, **filters)
-            tokens = rollout(bundle, batch.prompts, guidance_weight=guidance_weight,
-                             seeds=[stream * 1000 + i for i in range(n)], batch_size=batch_size)
+            with torch.no_grad():
+                tokens = bundle.sample(batch.prompts, guidance_weight=guidance_weight,
+                                       seeds=[stream * 1000 + i for i in range(n)], batch_size=batch_size)
             out[name] = float(world.classify(tokens)[concept].mean())
     return out
 
@@ -155,13 +158,21 @@ def run_method(method: Method, model_path: str, world: World, pairs: dict[str, l
 def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: Path, singles: Sequence[str],
             multi: Sequence[str], seeds: Sequence[int], split: str, n_pairs: int = 32, n_eval: int = 48,
             base_overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
-    """Every method on every single concept, on ``multi`` jointly and composed, for each erasure seed."""
+    """Every method on every single concept, on ``multi`` jointly and composed, for each erasure seed.
+
+    ``world`` is the world of the model's family (``world_for``); ``base_overrides`` select the
+    family's erasure settings (``model.family=var`` for a VAR world model).
+    """
     from ear_dist.models.delta import apply_deltas
-    from ear_dist.models.janus import load_janus
+    from ear_dist.models.family import detect_family, load_model
 
     out_dir = Path(out_dir)
     g = world.config.guidance_weight
-    base = load_janus(model_path, device="cpu", dtype="float32")
+    family = detect_family(model_path) or "janus"
+    if getattr(world, "family", "janus") != family:
+        raise InputError(f"{model_path}: a {family} model cannot be judged on a {getattr(world, 'family', 'janus')} "
+                         "world (world_for(config, family) gives the family's world)")
+    base = load_model(model_path, family, device="cpu", dtype="float32")
     base_hits = hit_rates(world, base, split, n_eval, g)
     log(f"base: {json.dumps({k: round(v, 3) for k, v in base_hits.items()})}")
     every = list(dict.fromkeys(list(singles) + list(multi)))
@@ -169,7 +180,7 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
     results: dict = {"base": base_hits, "split": split, "runs": []}
 
     def judge(deltas: list[str]) -> dict[str, float]:
-        bundle = load_janus(model_path, device="cpu", dtype="float32")
+        bundle = load_model(model_path, family, device="cpu", dtype="float32")
         apply_deltas(bundle.model, deltas)
         return hit_rates(world, bundle, split, n_eval, g)
 
