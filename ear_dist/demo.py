@@ -21,12 +21,14 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory for the report")
     p.add_argument("--concept", default="church", help="church, or a style: 'van gogh'")
     p.add_argument("--family", choices=["janus", "var"], default=None,
-                   help="the world model's family, i.e. model.family (default janus); var: EAR and S-VARE by default")
+                   help="the world model's family, i.e. model.family (default janus); var: EAR, S-VARE and the "
+                        "preserving method by default")
     p.add_argument("--ablations", default=None,
                    help="comma-separated: EAR, TLM off, window 1, random order, per-sequence updates, cached prefix, "
                         "logit targets, S-VARE, ESD-style naive (var: 'two scales per window' instead of 'window 1', "
-                        "no 'cached prefix'), preserving (the project's preserving method); or 'all'. Default: "
-                        "EAR,preserving (janus), EAR,S-VARE (var)")
+                        "no 'cached prefix'), preserving (the project's preserving method, null-space EAR), "
+                        "uncond-anchored preserving (janus); or 'all'. Default: EAR,preserving (janus), "
+                        "EAR,S-VARE,preserving (var)")
     p.add_argument("--pairs", type=int, default=32, help="ECG template pairs before the visual filter")
     p.add_argument("--anchors", type=int, default=0,
                    help="preservation anchors: prompts of the other concepts trained as their own surrogates (EAR runs)")
@@ -49,7 +51,7 @@ def run_demo(args) -> int:
     cfg = config_from_args(args)
     family = cfg.model.family
     table, settings = (VAR_ABLATIONS, VAR_WORLD_ERASE) if family == "var" else (ABLATIONS, WORLD_ERASE)
-    chosen = args.ablations or ("EAR,S-VARE" if family == "var" else "EAR,preserving")
+    chosen = args.ablations or ("EAR,S-VARE,preserving" if family == "var" else "EAR,preserving")
     ablations = list(table) if chosen == "all" else [a.strip() for a in chosen.split(",")]
     for a in ablations:
         if a not in table:

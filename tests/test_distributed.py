@@ -229,6 +229,10 @@ PRESERVING = {
                                   "erase.reference_prompt=unconditional", "erase.rollout_from=target",
                                   "erase.target_mode=logit"],
     "lora": ["trainable.adapter=lora", "trainable.lora_rank=4"],
+    # the world's preserving method: every linear weight of the layers (norm weights selected but frozen)
+    "null-space EAR": ["preserve.prompts=[a photo of a barn, a castle at night, a red windmill, a house]",
+                       "trainable.modules=all", "preserve.nullspace=true", "preserve.nullspace_energy=0.9999",
+                       "preserve.weight=1.0", "preserve.per_step=2", "erase.loss_threshold=0"],
 }
 
 

@@ -46,12 +46,13 @@ def test_eval_world_suite_reproduces_the_demo(default_world_model, tmp_path, cap
     cfg, path, _ = default_world_model
     world_sets = ["--set", f"world.cache_dir={cfg.cache_dir}"]
     demo_out = tmp_path / "demo"
-    # the default demo: the paper's EAR and the preserving method side by side (the latter keeps its 100 steps)
+    # the default demo: the paper's EAR and the preserving method (null-space EAR) side by side
     assert main(["demo", "--out", str(demo_out), "--pairs", "16", "--eval-prompts", "16",
                  "--set", "train.steps=10", *world_sets]) == 0
     demo_rows = _table_rows(capsys.readouterr().out)
     assert set(demo_rows) == {"before", "EAR", "preserving"}
-    assert json.loads((demo_out / "runs" / "preserving" / "summary.json").read_text())["steps"] == 100
+    preserving = (demo_out / "runs" / "preserving" / "config.yaml").read_text()
+    assert "nullspace: true" in preserving and "loss_threshold: 0.0" in preserving
     delta = demo_out / "runs" / "ear" / "delta.safetensors"
     eval_out = tmp_path / "eval"  # a fresh directory: every image is sampled again
     assert main(["eval", "--no-progress", "--suite", "world:church", "--delta", f"EAR={delta}",
