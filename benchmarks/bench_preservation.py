@@ -47,6 +47,10 @@ METHODS = {
     # the project's preserving method (the demo's "preserving"): the paper's EAR with every layer's linear updates
     # projected off the anchors' inputs, plus their KL (README)
     "null-space EAR": (NULLSPACE_EAR, 64),
+    # the paper's ablations, to check its claims across builds and seeds (README)
+    "TLM off": (["erase.loss_threshold=0"], 0),
+    "window 1": (["erase.window_len=1"], 0),
+    "random order": (["erase.window_order=random"], 0),
 }
 VAR_METHODS = {"S-VARE": ["erase.method=svare", SVARE_PAPER_MODULES, SVARE_WORLD_BIT_SHARE],
                "null-space EAR": VAR_NULLSPACE_EAR}
@@ -104,7 +108,8 @@ def main() -> None:
                                base_overrides=erase_settings + list(args.overrides))
     info = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(), "machine": platform.node(),
             "cpus": __import__("os").cpu_count(), "seconds": round(time.perf_counter() - t0), "builds": builds,
-            "split": args.split, "family": args.family, "world_overrides": args.world_overrides, "methods": {m.name: m.overrides for m in methods}, "overrides": args.overrides}
+            "split": args.split, "family": args.family, "world_overrides": args.world_overrides,
+            "methods": {m.name: m.overrides for m in methods}, "overrides": args.overrides}
     payload = write(out, by_world, info)
     print((out / "results.md").read_text())
     print(f"{len(payload['runs'])} evaluations in {info['seconds']} s; {out / 'results.json'}")
