@@ -28,8 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ear_dist.world.erasure import (NULLSPACE_EAR, SVARE_PAPER_MODULES, SVARE_WORLD_BIT_SHARE,  # noqa: E402
-                                    UNCOND_ANCHORED_PRESERVING, VAR_NULLSPACE_EAR)
+from ear_dist.world.erasure import ABLATIONS, UNCOND_ANCHORED_PRESERVING, VAR_ABLATIONS  # noqa: E402
 
 # The preserving method's parts, each a config lever (README: "Erasure that keeps everything else").
 UNCOND_ANCHORED = ["erase.reference_prompt=unconditional", "erase.rollout_from=target", "erase.target_mode=logit"]
@@ -43,17 +42,14 @@ METHODS = {
     # the first preserving method, its settings chosen on the validation split (README)
     "preserving (uncond-anchored + preservation + null space; eta 3; 100 steps)": (UNCOND_ANCHORED_PRESERVING, 64),
     # S-VARE; on the VAR world with the paper's trained modules and the world's one-bit unsafe share (README)
-    "S-VARE": (["erase.method=svare"], 0),
+    "S-VARE": (ABLATIONS["S-VARE"], 0),
     # the project's preserving method (the demo's "preserving"): the paper's EAR with every layer's linear updates
     # projected off the anchors' inputs, plus their KL (README)
-    "null-space EAR": (NULLSPACE_EAR, 64),
+    "null-space EAR": (ABLATIONS["preserving"], 64),
     # the paper's ablations, to check its claims across builds and seeds (README)
-    "TLM off": (["erase.loss_threshold=0"], 0),
-    "window 1": (["erase.window_len=1"], 0),
-    "random order": (["erase.window_order=random"], 0),
+    **{name: (ABLATIONS[name], 0) for name in ("TLM off", "window 1", "random order")},
 }
-VAR_METHODS = {"S-VARE": ["erase.method=svare", SVARE_PAPER_MODULES, SVARE_WORLD_BIT_SHARE],
-               "null-space EAR": VAR_NULLSPACE_EAR}
+VAR_METHODS = {"S-VARE": VAR_ABLATIONS["S-VARE"], "null-space EAR": VAR_ABLATIONS["preserving"]}
 
 
 def main() -> None:

@@ -93,18 +93,6 @@ def linear_weights(model: torch.nn.Module, names: list[str]) -> list[str]:
     return out
 
 
-def projectable_names(model: torch.nn.Module, names: list[str]) -> tuple[list[str], list[str]]:
-    """``names`` split into (linear weights, the rest) for null-space updates.
-
-    A projector constrains a linear weight's update on the preserved inputs; a bias, a norm
-    weight or a free scale or bias parameter (the VAR family's ``q_bias``, ``v_bias``,
-    ``scale_mul_1H11``) has no input to project against, and training it would move the
-    outputs on the preserved prompts anyway. Null-space runs train the first list only.
-    """
-    linear = linear_weights(model, names)
-    return linear, [n for n in names if n not in set(linear)]
-
-
 def install(model: torch.nn.Module, weight_names: list[str], spec: EditSpec, seed: int = 0) -> dict[str, EditedLinear]:
     """Replace the linear layers among ``weight_names`` by edited ones; only their edit parameters train.
 

@@ -31,7 +31,7 @@ from ear_dist.storage import write_text_atomic
 from ear_dist.teacher.base import TeacherSettings, build_teacher
 from ear_dist.telemetry.memory import current_rss_bytes
 from ear_dist.train import checkpoint, run_state
-from ear_dist.train.adapters import projectable_names
+from ear_dist.train.adapters import linear_weights
 from ear_dist.train.preserve import build_preserving_parts
 from ear_dist.train.step import ErasureStep, StepResult
 from ear_dist.train.student import build_student
@@ -167,8 +167,14 @@ def _barrier(rt) -> None:
 
 
 def _projectable(model: torch.nn.Module, trainable: list[str], announce: bool) -> list[str]:
-    """The linear weights among ``trainable``: what a null-space run trains (the rest cannot be projected)."""
-    linear, dropped = projectable_names(model, trainable)
+    """The linear weights among ``trainable``: what a null-space run trains.
+
+    A projector constrains a linear weight's update on the preserved inputs; a bias, a norm weight
+    or a free scale or bias parameter (the VAR blocks' ``q_bias``, ``v_bias``, ``scale_mul_1H11``)
+    has no input to project against, and training it would move the outputs there anyway.
+    """
+    linear = linear_weights(model, trainable)
+    dropped = [n for n in trainable if n not in set(linear)]
     if not linear:
         raise ConfigError(f"preserve.nullspace: none of the {len(trainable)} selected tensors is a linear layer's "
                           f"weight (e.g. {trainable[:3]}); select linear weights with trainable.modules or "

@@ -169,9 +169,9 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
     out_dir = Path(out_dir)
     g = world.config.guidance_weight
     family = detect_family(model_path) or "janus"
-    if getattr(world, "family", "janus") != family:
-        raise InputError(f"{model_path}: a {family} model cannot be judged on a {getattr(world, 'family', 'janus')} "
-                         "world (world_for(config, family) gives the family's world)")
+    if world.family != family:
+        raise InputError(f"{model_path}: a {family} model cannot be judged on a {world.family} world "
+                         "(world_for(config, family) gives the family's world)")
     base = load_model(model_path, family, device="cpu", dtype="float32")
     base_hits = hit_rates(world, base, split, n_eval, g)
     log(f"base: {json.dumps({k: round(v, 3) for k, v in base_hits.items()})}")

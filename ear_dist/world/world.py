@@ -50,6 +50,8 @@ class WorldBatch:
 class World:
     """The deterministic synthetic world: prompts, images, and a classifier of its concepts."""
 
+    family = "janus"  # the model family whose images it holds (VarWorld: "var")
+
     def __init__(self, config: Optional[WorldConfig] = None, layout: Optional[CodeLayout] = None):
         self.config = config or WorldConfig()
         self.settings = RenderSettings(grid_side=self.config.grid_side, codebook_size=self.config.codebook_size)
