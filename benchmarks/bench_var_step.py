@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,43 +81,47 @@ def per_scale_loss(bundle, student, cond, mask, tokens) -> torch.Tensor:
     return total / tokens.numel()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny-var", choices=["tiny-var", "infinity-2b"])
-    ap.add_argument("--hidden", type=int, default=128, help="tiny-var: width")
-    ap.add_argument("--layers", type=int, default=4, help="tiny-var: blocks")
-    ap.add_argument("--side", type=int, default=16, help="tiny-var: last scale's side (scales 1, 2, 4, ... side)")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--first-k-layers", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(1)
-    print("\n".join(run_header("bench_var_step")))
-    dtype = getattr(torch, args.dtype)
-    config = None
-    if args.preset == "tiny-var":
-        from ear_dist.world.var_world import var_scales
+@dataclass
+class VarStepBench:
+    """One measurement: seconds per call of each loop, the tokens each supervises, and the loss check."""
 
-        config = tiny_var_config(embed_dim=args.hidden, depth=args.layers, ffn_hidden=2 * args.hidden,
-                                 scales=var_scales(args.side))
-    built = build_var_preset(args.preset, config=config, device=args.device, dtype=dtype,
+    times: dict
+    tokens: int
+    step_loss: float
+    loop_loss: float
+    shape: str
+
+    def ratios(self) -> dict:
+        base = self.times[PER_SCALE]
+        return {k: ratio_stat(base, self.times[k]) for k in (STORED, SVARE)}
+
+
+STORED, FRESH, SVARE, PER_SCALE = ("ours (stored rollout)", "ours (with CFG rollout)", "ours, S-VARE (stored)",
+                                   "per-scale loop + KV cache")
+
+
+def build_bench_bundle(preset: str, device, dtype, config=None):
+    """The preset's model with seeded random weights, built on ``device``; a shape-only preset gets synthetic
+    text states (it has no tokenizer)."""
+    built = build_var_preset(preset, config=config, device=device, dtype=dtype,
                              extra_words=" ".join(TARGETS + SURROGATES).split())
-    bundle = built if built.tokenizer is not None else SyntheticText(built.model, built.text_encoder, None,
-                                                                     built.decoder, built.name)
-    names = select_trainable_names(bundle.model, TrainableConfig(first_k_layers=args.first_k_layers,
+    if built.tokenizer is not None:
+        return built
+    return SyntheticText(built.model, built.text_encoder, None, built.decoder, built.name)
+
+
+def measure_var_step(bundle, batch: int, first_k_layers: int, repeats: int, sync=lambda: None) -> VarStepBench:
+    """Time the step (EAR stored / with rollout, S-VARE) against the per-scale loop, interleaved repeats."""
+    names = select_trainable_names(bundle.model, TrainableConfig(first_k_layers=first_k_layers,
                                                                  modules="attention"))
     teacher = ColocatedTeacher(bundle)
     student = make_student(bundle.model, names)
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     ear = ErasureStep(student, bundle, teacher, EraseConfig(update_mode="sequence", loss_threshold=0.0), Updater(opt))
     svare = ErasureStep(student, bundle, teacher, EraseConfig(method="svare"), Updater(opt))
-    b = args.batch
+    b = batch
     targets, surrogates = TARGETS[:b], SURROGATES[:b]
     tokens = teacher.rollout(_request(ear, targets, surrogates))
-    t = tokens.shape[1]
     stored = PairBatch(targets, surrogates, ["church"] * b, list(range(b)), tokens)
     fresh = PairBatch(targets, surrogates, ["church"] * b, list(range(b)))
     cond, mask = bundle.encode_prompts(targets + surrogates)
@@ -132,18 +137,11 @@ def main() -> None:
         ours = ear._loss(cond[:b], mask[:b], targets_out, ear._windows(tokens, _rows(ear, b, tokens.device)),
                          0.0, 1.0).loss
         theirs = per_scale_loss(bundle, student, cond, mask, tokens)
-    print(f"same objective: step loss {ours.item():.6f}, per-scale loop loss {theirs.item():.6f}")
-    runs = {
-        "ours (stored rollout)": lambda: ear(stored),
-        "ours (with CFG rollout)": lambda: ear(fresh),
-        "ours, S-VARE (stored)": lambda: svare(stored),
-        "per-scale loop + KV cache": loop,
-    }
+    runs = {STORED: lambda: ear(stored), FRESH: lambda: ear(fresh), SVARE: lambda: svare(stored), PER_SCALE: loop}
     for fn in runs.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runs}
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for _ in range(args.repeats):  # interleaved: machine noise hits all alike
+    for _ in range(repeats):  # interleaved: machine noise hits all alike
         for k, fn in runs.items():
             sync()
             t0 = time.perf_counter()
@@ -151,14 +149,43 @@ def main() -> None:
             sync()
             times[k].append(time.perf_counter() - t0)
     cfg = bundle.config
-    print(f"{args.preset}: width {cfg.embed_dim}, {cfg.depth} blocks, scales {[s[0] for s in cfg.scales]} "
-          f"({t} tokens of {cfg.bits} bits), batch {b}, {args.device} {args.dtype}, first {args.first_k_layers} "
-          f"blocks' self-attention trained; median (min-max) of {args.repeats} interleaved repeats")
+    shape = (f"width {cfg.embed_dim}, {cfg.depth} blocks, scales {[s[0] for s in cfg.scales]} "
+             f"({tokens.shape[1]} tokens of {cfg.bits} bits), batch {b}, first {first_k_layers} blocks' "
+             f"self-attention trained")
+    return VarStepBench(times, b * tokens.shape[1], ours.item(), theirs.item(), shape)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny-var", choices=["tiny-var", "infinity-2b"])
+    ap.add_argument("--hidden", type=int, default=128, help="tiny-var: width")
+    ap.add_argument("--layers", type=int, default=4, help="tiny-var: blocks")
+    ap.add_argument("--side", type=int, default=16, help="tiny-var: last scale's side (scales 1, 2, 4, ... side)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--first-k-layers", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    print("\n".join(run_header("bench_var_step")))
+    config = None
+    if args.preset == "tiny-var":
+        from ear_dist.world.var_world import var_scales
+
+        config = tiny_var_config(embed_dim=args.hidden, depth=args.layers, ffn_hidden=2 * args.hidden,
+                                 scales=var_scales(args.side))
+    bundle = build_bench_bundle(args.preset, args.device, getattr(torch, args.dtype), config)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    bench = measure_var_step(bundle, args.batch, args.first_k_layers, args.repeats, sync)
+    print(f"same objective: step loss {bench.step_loss:.6f}, per-scale loop loss {bench.loop_loss:.6f}")
+    print(f"{args.preset}: {bench.shape}, {args.device} {args.dtype}; median (min-max) of {args.repeats} "
+          f"interleaved repeats")
     print(f"{'step':<28}{'ms/step':>26}{'sup. tok/s':>26}")
-    for k, ts in times.items():
-        print(f"{k:<28}{Stat.of(ts).scaled(1e3).fmt('.1f'):>26}{rate_stat(ts, b * t).fmt(',.0f'):>26}")
-    for k in ("ours (stored rollout)", "ours, S-VARE (stored)"):
-        ratio = ratio_stat(times["per-scale loop + KV cache"], times[k])
+    for k, ts in bench.times.items():
+        print(f"{k:<28}{Stat.of(ts).scaled(1e3).fmt('.1f'):>26}{rate_stat(ts, bench.tokens).fmt(',.0f'):>26}")
+    for k, ratio in bench.ratios().items():
         print(f"{k}: {ratio.fmt()}x the per-scale loop")
     if args.device.startswith("cuda"):
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

@@ -1,6 +1,6 @@
 """The GPU suite: every GPU goal of the project, measured by one command within minutes.
 
-    python benchmarks/gpu_suite.py --out runs/gpu_suite            # one H100/H200: 7B shape, bf16, < 8 min
+    python benchmarks/gpu_suite.py --out runs/gpu_suite            # one H100/H200: 7B shape, bf16, about 9 min
     OMP_NUM_THREADS=1 python benchmarks/gpu_suite.py --smoke --out runs/gpu_smoke   # CPU, small model (CI)
 
 One model is built and shared by every part: the Janus-Pro-7B shape with random weights
@@ -24,6 +24,15 @@ NVML's power, energy and memory while it ran:
   backward MFU under the 6N convention and from the FLOPs the partial backward executes.
 - loss: the fused windowed loss against the eager reference and its torch.compile, T=576,
   V=16384, B in 1, 4, 16: time and peak extra memory.
+- exact: the lean path's greedy tokens against the eager loop's at the 7B shape in float32
+  with TF32 off, 4 rows, one untimed call each (its own model, after the 7B one is freed).
+  The rollout part's bf16 comparison cannot tell a bug from rounding: random weights leave
+  near-ties between codes, so one rounding difference changes a token and every later one.
+- var: the VAR family's erasure step at the Infinity-2B shape (random weights, bf16, 13
+  scales = 10,521 positions, batch 1, the first 2 blocks' attention trained): EAR with
+  stored rollouts and with the CFG rollout inside, S-VARE, against a per-scale loop with KV
+  caches computing the same loss (checked equal). It builds its own model (on the CPU,
+  then moved), after the 7B one is freed.
 
 ``gpu_suite.json`` is rewritten after every part (under a temp name, then renamed), so a
 run cut short keeps what it measured; ``gpu_suite.md`` holds the table of figures against
@@ -38,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import os
 import sys
 import time
@@ -52,7 +62,8 @@ import torch  # noqa: E402
 
 from benchmarks.common import Stat, command_line, machine_line, rate_stat, ratio_stat  # noqa: E402
 
-PARTS = ("rollout", "step", "headline", "mfu", "loss")
+PARTS = ("rollout", "step", "headline", "mfu", "loss", "exact", "var")
+OWN_MODEL = ("exact", "var")  # parts that build their own model, after the shared one is freed
 GOALS = {
     "step_vs_official": 100.0, "step_vs_kv_loop": 5.0, "loss_vs_eager": 2.0, "loss_vs_compile": 1.3,
     "loss_memory_share": 0.25, "student_mfu": 0.45, "rollout_vs_generate": 3.0, "headline_s": 60.0,
@@ -80,14 +91,20 @@ class Scale:
     loss_tokens: int
     loss_vocab: int
     loss_repeats: int
+    var_preset: str  # the VAR family's step: its preset (the 2B shape on a GPU)
+    var_batch: int
+    var_repeats: int
+    exact_batch: int  # rows of the float32 lean-vs-eager token check
 
 
 FULL = Scale("janus-pro-7b", None, torch.bfloat16, "cuda_graph", rollout_batch=16, rollout_repeats=1,
              rollout_warmup_tokens=8, window_len=48, step_repeats=2, headline_pairs=50, headline_rollout_batch=25,
-             mfu_pairs=8, mfu_steps=2, loss_batches=(1, 4, 16), loss_tokens=576, loss_vocab=16384, loss_repeats=5)
+             mfu_pairs=8, mfu_steps=2, loss_batches=(1, 4, 16), loss_tokens=576, loss_vocab=16384, loss_repeats=5,
+             var_preset="infinity-2b", var_batch=1, var_repeats=2, exact_batch=4)
 SMOKE = Scale("tiny", 8, torch.float32, "uncaptured", rollout_batch=2, rollout_repeats=2, rollout_warmup_tokens=None,
               window_len=16, step_repeats=2, headline_pairs=4, headline_rollout_batch=4, mfu_pairs=2, mfu_steps=1,
-              loss_batches=(1,), loss_tokens=48, loss_vocab=128, loss_repeats=2)
+              loss_batches=(1,), loss_tokens=48, loss_vocab=128, loss_repeats=2,
+              var_preset="tiny-var", var_batch=2, var_repeats=1, exact_batch=2)
 
 
 def build_model(scale: Scale, device: torch.device):
@@ -225,6 +242,53 @@ def part_loss(bundle, scale: Scale) -> dict:
     return out
 
 
+def part_var(scale: Scale, device: torch.device) -> dict:
+    """The VAR family's erasure step at the preset's shape (the 2B shape on a GPU) against a per-scale loop."""
+    from benchmarks.bench_rollout import sync_of
+    from benchmarks.bench_var_step import PER_SCALE, build_bench_bundle, measure_var_step
+
+    t = time.perf_counter()
+    bundle = build_bench_bundle(scale.var_preset, device, scale.dtype)
+    build_s = time.perf_counter() - t
+    try:
+        bench = measure_var_step(bundle, scale.var_batch, first_k_layers=2, repeats=scale.var_repeats,
+                                 sync=sync_of(device))
+    finally:
+        n_params = sum(p.numel() for p in bundle.model.parameters())
+        del bundle
+    return {"preset": scale.var_preset, "transformer_parameters": n_params, "build_s": build_s,
+            "shape": bench.shape, "supervised_tokens": bench.tokens,
+            "same_objective": {"step_loss": bench.step_loss, "per_scale_loop_loss": bench.loop_loss},
+            "ms_per_call": {k: Stat.of(v).scaled(1e3).as_dict() for k, v in bench.times.items()},
+            "supervised_tokens_per_s": {k: rate_stat(v, bench.tokens).as_dict() for k, v in bench.times.items()},
+            f"vs {PER_SCALE}": {k: r.as_dict() for k, r in bench.ratios().items()}}
+
+
+def part_exact(scale: Scale, device: torch.device) -> dict:
+    """The lean decode path's greedy tokens against the eager loop's, in float32 with TF32 off, at the suite's
+    shape. In bf16 (the rollout part) random weights leave near-ties between codes, so one rounding difference
+    changes a token and every later one: there a low share of equal tokens cannot tell a bug from rounding;
+    here the two loops must agree on every token."""
+    from benchmarks.bench_rollout import EAGER, measure_rollouts, prompt_ids
+
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        bundle = build_model(dataclasses.replace(scale, dtype=torch.float32), device)
+        ids, mask = prompt_ids(bundle, scale.exact_batch)
+        bench = measure_rollouts(bundle, ids, mask, 5.0, scale.lean, repeats=0, with_generate=False)  # untimed
+        del bundle
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    lean = f"ours, lean ({scale.lean})"
+    if lean not in bench.tokens:
+        raise RuntimeError(f"the lean path did not run: {bench.failed}")
+    differ = (bench.tokens[lean].cpu() != bench.tokens[EAGER].cpu())
+    return {"dtype": "float32 (TF32 off)", "rows": scale.exact_batch, "image_tokens": int(differ.shape[1]),
+            "lean": scale.lean, "token_agreement": float((~differ).float().mean()),
+            "first_differing_token_per_row": [int(r.nonzero()[0]) if r.any() else None for r in differ]}
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -273,6 +337,7 @@ class Suite:
         print(f"== {name} (at {self.elapsed():.0f} s)", flush=True)
         device = self.record.get("device_type", "cpu")
         reset_peak_memory(device)
+        at_start = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
         self.monitor.begin_step()
         t = time.perf_counter()
         entry: dict = {}
@@ -286,6 +351,7 @@ class Suite:
         memory = peak_memory(device)
         entry["peak_memory_gib"] = memory.peak_gib
         entry["peak_memory_kind"] = memory.kind
+        entry["allocated_at_start_gib"] = at_start  # what earlier parts left (the shared model): inside the peak
         nvml = self.monitor.end_step()
         entry["nvml"] = dataclasses.asdict(nvml) if self.monitor.available else \
             {"unavailable": self.monitor.unavailable_reason}
@@ -368,6 +434,8 @@ def goal_rows(record: dict) -> list[dict]:
     failed = _figure(record, "rollout", "failed") or {}
     add("rollout tokens/s vs transformers generate", _figure(record, "rollout", lean), GOALS["rollout_vs_generate"],
         note=f"generate did not run: {failed['transformers generate']}" if "transformers generate" in failed else "")
+    add("lean rollout's greedy tokens equal to the eager loop's, float32 (share)",
+        _figure(record, "exact", "token_agreement"), 1.0)
     add("erase one concept end to end (exact windows), s", _figure(record, "headline", "recompute", "total_s"),
         GOALS["headline_s"], False)
     return rows
@@ -422,6 +490,13 @@ def markdown(record: dict) -> str:
         for k, error in (_figure(record, "rollout", "failed") or {}).items():
             lines.append(f"| {k} | did not run: {error} | |")
         lines.append("")
+    var = record["parts"].get("var", {}).get("figures")
+    if var:
+        lines += [f"VAR family, {var['preset']}: {var['shape']}", "",
+                  "| VAR step | ms per call | supervised tokens/s |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(v, '.1f')} | {_fmt(var['supervised_tokens_per_s'][k], ',.0f')} |"
+                  for k, v in var["ms_per_call"].items()]
+        lines.append("")
     head = record["parts"].get("headline", {}).get("figures")
     if head:
         lines += ["| erase one concept | total s | rollouts s | training s |", "|---|---|---|---|"]
@@ -456,21 +531,32 @@ def main(argv=None) -> int:
     suite.record["device_type"] = device.type
     print(f"gpu_suite ({suite.record['mode']}): {suite.record['machine']}\ncommand: {suite.record['command']}")
 
-    t = time.perf_counter()
-    bundle = build_model(scale, device)
-    n_params = sum(p.numel() for p in bundle.model.parameters())
-    suite.record["model"] = {"name": scale.model, "parameters": n_params, "dtype": str(scale.dtype),
-                             "image_tokens": bundle.num_image_tokens, "build_s": time.perf_counter() - t,
-                             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    print(f"built {scale.model}: {n_params:,} parameters in {suite.record['model']['build_s']:.1f} s")
+    shared = [p for p in parts if p not in OWN_MODEL]
+    bundle = None
+    if shared:
+        t = time.perf_counter()
+        bundle = build_model(scale, device)
+        n_params = sum(p.numel() for p in bundle.model.parameters())
+        suite.record["model"] = {"name": scale.model, "parameters": n_params, "dtype": str(scale.dtype),
+                                 "image_tokens": bundle.num_image_tokens, "build_s": time.perf_counter() - t,
+                                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        print(f"built {scale.model}: {n_params:,} parameters in {suite.record['model']['build_s']:.1f} s")
     runners = {
         "rollout": lambda: part_rollout(bundle, scale),
         "step": lambda: part_step(bundle, scale, suite.decode()),
         "headline": lambda: part_headline(bundle, scale, suite.decode()),
         "mfu": lambda: part_mfu(bundle, scale, suite.decode(), out_dir / "bench"),
         "loss": lambda: part_loss(bundle, scale),
+        "var": lambda: part_var(scale, device),
+        "exact": lambda: part_exact(scale, device),
     }
-    for name in parts:
+    for name in shared:
+        suite.run(name, runners[name])
+    bundle = None  # the parts below build their own model, with the shared one freed: their peak memory is theirs
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for name in (p for p in parts if p in OWN_MODEL):
         suite.run(name, runners[name])
     suite.close()
     print(markdown(suite.record))

@@ -35,7 +35,8 @@ def test_smoke_suite_runs_every_part_and_writes_what_it_measured(tmp_path):
     record = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert record["complete"] and record["mode"] == "smoke"
     assert {name: p["status"] for name, p in record["parts"].items()} == {
-        "rollout": "done", "step": "done", "headline": "done", "mfu": "done", "loss": "done"}
+        "rollout": "done", "step": "done", "headline": "done", "mfu": "done", "loss": "done", "var": "done",
+        "exact": "done"}
     assert "gpu_suite.py --smoke" in record["command"] and record["versions"]["torch"]
 
     rollout = record["parts"]["rollout"]["figures"]
@@ -55,6 +56,16 @@ def test_smoke_suite_runs_every_part_and_writes_what_it_measured(tmp_path):
         h = head[prefix]
         assert h["total_s"] == pytest.approx(h["rollouts_s"] + h["training_s"])
         assert h["windows_kept"] > 0  # the default threshold keeps windows: the steps trained
+
+    var = record["parts"]["var"]["figures"]  # the VAR family's step, its tiny preset here
+    assert var["preset"] == "tiny-var" and var["supervised_tokens"] == 2 * 85
+    assert var["same_objective"]["step_loss"] == pytest.approx(var["same_objective"]["per_scale_loop_loss"],
+                                                               rel=1e-4)
+    assert set(var["ms_per_call"]) == {"ours (stored rollout)", "ours (with CFG rollout)", "ours, S-VARE (stored)",
+                                       "per-scale loop + KV cache"}
+
+    exact = record["parts"]["exact"]["figures"]  # float32: the lean path's tokens are the eager loop's
+    assert exact["token_agreement"] == 1.0 and exact["first_differing_token_per_row"] == [None, None]
 
     mfu = record["parts"]["mfu"]["figures"]
     assert mfu["student_mfu"] is None and mfu["phases_ms"]["student_fwd_bwd"] > 0  # no CPU peak: n/a, not made up
