@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ear_dist.world.compare import SPLITS  # noqa: E402
 from ear_dist.world.erasure import ABLATIONS, UNCOND_ANCHORED_PRESERVING, VAR_ABLATIONS  # noqa: E402
 
 # The preserving method's parts, each a config lever (README: "Erasure that keeps everything else").
@@ -52,16 +53,26 @@ METHODS = {
 VAR_METHODS = {"S-VARE": VAR_ABLATIONS["S-VARE"], "null-space EAR": VAR_ABLATIONS["preserving"]}
 
 
+def build_methods(names, family: str, overrides=(), anchors=None) -> list:
+    """The named methods with their settings for ``family``; ``overrides`` (``--set``) come last, so they win
+    over a method's own settings as well as the world's."""
+    from ear_dist.world.compare import Method
+
+    family_overrides = VAR_METHODS if family == "var" else {}
+    return [Method(n, [*family_overrides.get(n, METHODS[n][0]), *overrides],
+                   anchors if anchors is not None and METHODS[n][1] else METHODS[n][1]) for n in names]
+
+
 def main() -> None:
     from ear_dist.config import load_config
-    from ear_dist.world.compare import Method, compare, write
+    from ear_dist.world.compare import compare, write
     from ear_dist.world.erasure import VAR_WORLD_ERASE, WORLD_ERASE
     from ear_dist.world.pretrain import build_world_model, missed_target_message
     from ear_dist.world.var_world import world_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
-    ap.add_argument("--split", default="validation", choices=["validation", "heldout"])
+    ap.add_argument("--split", default="validation", choices=list(SPLITS))
     ap.add_argument("--family", default="janus", choices=["janus", "var"], help="the model family and its world")
     ap.add_argument("--world-set", action="append", default=[], dest="world_overrides",
                     help="a world.* override for the builds (e.g. world.max_steps=600)")
@@ -72,7 +83,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=32, help="ECG template pairs per concept before the visual filter")
     ap.add_argument("--eval-prompts", type=int, default=48, help="prompts per evaluated group")
     ap.add_argument("--anchors", type=int, default=None, help="anchor prompts for methods that use them")
-    ap.add_argument("--set", action="append", default=[], dest="overrides", help="an override for every method")
+    ap.add_argument("--set", action="append", default=[], dest="overrides",
+                    help="an override for every method, applied after the method's own settings")
     ap.add_argument("--out", default="runs/preservation")
     args = ap.parse_args()
 
@@ -80,9 +92,7 @@ def main() -> None:
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         ap.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
-    family_overrides = VAR_METHODS if args.family == "var" else {}
-    methods = [Method(n, family_overrides.get(n, METHODS[n][0]),
-                      args.anchors if args.anchors is not None and METHODS[n][1] else METHODS[n][1]) for n in names]
+    methods = build_methods(names, args.family, args.overrides, args.anchors)
     bad = [w for w in args.world_overrides if not w.startswith("world.")]
     if bad:
         ap.error(f"--world-set: expected world.KEY=VALUE, got {bad}")
@@ -101,7 +111,7 @@ def main() -> None:
         erase_settings = VAR_WORLD_ERASE if args.family == "var" else WORLD_ERASE
         by_world[ws] = compare(str(path), world_for(wcfg, args.family), methods, out / f"world{ws}", singles, multi,
                                seeds, args.split, args.pairs, args.eval_prompts,
-                               base_overrides=erase_settings + list(args.overrides))
+                               base_overrides=erase_settings)
     info = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(), "machine": platform.node(),
             "cpus": __import__("os").cpu_count(), "seconds": round(time.perf_counter() - t0), "builds": builds,
             "split": args.split, "family": args.family, "world_overrides": args.world_overrides,

@@ -2,13 +2,14 @@
 
 import json
 
+import torch
 import yaml
 
 from ear_dist.config import WorldConfig
 from ear_dist.world import World
-from ear_dist.world.compare import Method, run_method
+from ear_dist.world.compare import Method, hit_rates, run_method
 from ear_dist.world.erasure import WORLD_ERASE, make_pairs
-from ear_dist.world.grammar import OBJECTS
+from ear_dist.world.grammar import OBJECTS, matching_templates
 from ear_dist.world.pretrain import build_world_model
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, batch_size=8,
@@ -29,3 +30,46 @@ def test_a_method_with_anchors_and_probes_trains_with_the_other_concepts_prompts
     assert len(anchors) == 6 and len(probes) == 3 and set(anchors).isdisjoint(probes)
     church_words = [w for w in OBJECTS["church"]]
     assert not [p for p in anchors + probes if any(w in p.lower() for w in church_words)], json.dumps(anchors)
+
+
+def test_the_synonym_validation_split_judges_chapel_on_training_templates_and_never_cathedral(tmp_path):
+    """Settings are chosen on validation splits: the synonym one shows the first synonym on the training
+    templates, so a choice can see erasure reach an untrained word while the second stays out of every choice."""
+    world = World(WorldConfig(cache_dir=str(tmp_path / "cache"), **SMALL))
+    seen: dict[str, list[str]] = {}
+
+    class Recorder:  # the model's side of hit_rates: records what it is asked to draw
+        def __init__(self, split):
+            self.split = split
+
+        def sample(self, prompts, guidance_weight, seeds, batch_size):
+            seen.setdefault(self.split, []).extend(prompts)
+            return torch.as_tensor(world.sample(len(prompts), "all", stream=9).tokens)
+
+    for split in ("validation", "synonym-validation", "heldout"):
+        hits = hit_rates(world, Recorder(split), split, 4, 5.0)
+        assert {"church", "barn", "van gogh"} <= set(hits)
+        assert ("church (chapel)" in hits) == (split != "validation")
+        assert ("church (cathedral)" in hits) == (split == "heldout")
+    for split in ("validation", "synonym-validation"):
+        assert all(any(t.startswith("train/") for t in matching_templates(p)) for p in seen[split]), split
+        assert not any("cathedral" in p for p in seen[split])
+    assert any("chapel" in p for p in seen["synonym-validation"])
+    assert not set(seen["synonym-validation"]) & set(seen["heldout"])
+
+
+def test_bench_preservation_set_wins_over_a_methods_own_settings():
+    """A sweep with --set must change what it names, even a setting the method itself fixes (the null-space
+    energy of null-space EAR); before, the method's own value silently won."""
+    from benchmarks.bench_preservation import build_methods
+    from ear_dist.config import load_config
+    from ear_dist.world.erasure import VAR_WORLD_ERASE, WORLD_ERASE
+
+    for family, world_erase in (("janus", WORLD_ERASE), ("var", VAR_WORLD_ERASE)):
+        (method,) = build_methods(["null-space EAR"], family, ["preserve.nullspace_energy=0.999", "optim.lr=6e-4"])
+        anchors = ['preserve.prompts=["a barn"]']  # run_method adds the world's anchors the same way
+        cfg = load_config(overrides=[*world_erase, *method.overrides, *anchors])
+        assert cfg.preserve.nullspace_energy == 0.999 and cfg.optim.lr == 6e-4 and cfg.preserve.nullspace
+        assert method.anchors == 64
+        (plain,) = build_methods(["null-space EAR"], family)
+        assert load_config(overrides=[*world_erase, *plain.overrides, *anchors]).preserve.nullspace_energy == 0.9999

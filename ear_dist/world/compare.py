@@ -12,11 +12,15 @@ Every model is then judged by the world's classifier on its own CFG samples:
 
 - erasure rate of an erased concept: 1 - its hit rate on its prompts (``heldout``: the
   held-out sentence templates with every synonym; ``validation``: the training
-  templates, canonical word, prompts and seeds no training pair used);
+  templates, canonical word, prompts and seeds no training pair used;
+  ``synonym-validation``: the training templates with the canonical word and, apart, the
+  first synonym ("chapel"), so a choice can see whether erasure reaches words training
+  never used while the second synonym ("cathedral") stays out of every choice);
 - preservation ratio of every other object and style: its hit rate after / before,
   the mean and the worst one.
 
-Settings are chosen on ``validation``; ``heldout`` is for the figures reported.
+Settings are chosen on ``validation`` or ``synonym-validation``; ``heldout`` is for the figures
+reported.
 Preservation anchors and drift probes come from the training templates of the other
 concepts, never from the evaluation prompts.
 """
@@ -37,8 +41,9 @@ from ear_dist.errors import InputError, RunFailure
 from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.world import World
 
-SPLITS = ("validation", "heldout")
-_EVAL_STREAM = {"validation": 41_000, "heldout": 42_000}
+SPLITS = ("validation", "synonym-validation", "heldout")
+_EVAL_STREAM = {"validation": 41_000, "heldout": 42_000, "synonym-validation": 43_000}
+_VALIDATION_WORDS = {"validation": 1, "synonym-validation": 2}  # how many of a concept's words, canonical first
 _PROBE_STREAM = 44_000  # anchors: erasure.PRESERVE_ANCHOR_STREAM
 CONCEPTS = tuple(OBJECTS) + tuple(STYLES)
 
@@ -48,7 +53,7 @@ def concept_groups(concept: str, split: str) -> dict[str, dict]:
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if concept in OBJECTS:
-        words = OBJECTS[concept] if split == "heldout" else OBJECTS[concept][:1]
+        words = OBJECTS[concept] if split == "heldout" else OBJECTS[concept][:_VALIDATION_WORDS[split]]
         return {f"{concept} ({w})" if w != concept else concept: dict(objects=[concept], object_words=[w],
                                                                      styles=[None]) for w in words}
     if concept in STYLES:
