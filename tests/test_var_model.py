@@ -148,6 +148,24 @@ def test_infinity_2b_shape_has_the_released_names_and_size():
     assert tuple(decoder["up.1.upsample.conv.weight"].shape) == (256, 256, 3, 3)
 
 
+def test_the_model_builds_under_a_device_context_with_the_same_unconditional_embedding():
+    """Built under ``with torch.device(...)`` (how a GPU benchmark avoids initialising billions of parameters on
+    the CPU), the seeded unconditional text embedding lands on that device and keeps the CPU build's values. On
+    an H100 a CPU generator filling a CUDA tensor failed here ("Expected a 'cuda' device type for generator");
+    a CPU machine can check the placement (meta) and the values, not that CUDA error."""
+    from ear_dist.models.var.model import VarTransformer
+    from ear_dist.models.var.presets import tiny_var_config
+
+    cfg = tiny_var_config()
+    on_cpu = VarTransformer(cfg).cfg_uncond
+    with torch.device("meta"):
+        elsewhere = VarTransformer(cfg).cfg_uncond
+    assert on_cpu.device.type == "cpu" and elsewhere.device.type == "meta"
+    drawn = torch.empty(cfg.text_maxlen, cfg.text_channels)
+    torch.nn.init.trunc_normal_(drawn, std=1.2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(on_cpu.detach(), drawn / cfg.text_channels ** 0.5)
+
+
 def test_loading_names_the_file_and_the_problem(tmp_path, var_checkpoint):
     with pytest.raises(ValueError, match="set model.family=var"):
         load_model(str(var_checkpoint), "janus")

@@ -224,9 +224,11 @@ class VarTransformer(nn.Module):
         self.config = cfg
         c, text_c = cfg.embed_dim, cfg.text_channels
         init_std = math.sqrt(1 / c / 3)
-        uncond = torch.empty(cfg.text_maxlen, text_c)
+        # drawn on the CPU with its own seed (the same values wherever the model is built), then placed on the
+        # default device: a CPU generator cannot fill a tensor built under a CUDA device context
+        uncond = torch.empty(cfg.text_maxlen, text_c, device="cpu")
         nn.init.trunc_normal_(uncond, std=1.2, generator=torch.Generator().manual_seed(0))
-        self.cfg_uncond = nn.Parameter(uncond / text_c ** 0.5)
+        self.cfg_uncond = nn.Parameter((uncond / text_c ** 0.5).to(torch.get_default_device()))
         self.text_norm = FastRMSNorm(text_c, cfg.norm_eps)
         self.text_proj_for_sos = TextAttentivePool(text_c, c, cfg.pool_heads)
         self.text_proj_for_ca = nn.Sequential(nn.Linear(text_c, c), nn.GELU(approximate="tanh"), nn.Linear(c, c))
