@@ -102,16 +102,15 @@ def main() -> None:
     out = Path(args.out)
     t0 = time.perf_counter()
     by_world, builds = {}, {}
+    erase_settings = VAR_WORLD_ERASE if args.family == "var" else WORLD_ERASE
     for ws in [int(s) for s in args.world_seeds.split(",")]:
         wcfg = load_config(overrides=[*args.world_overrides, f"world.seed={ws}"]).world
         path, info = build_world_model(wcfg, progress=True, family=args.family)
         builds[ws] = {"path": str(path), "steps": info["steps"], "reached_target": info["reached_target"]}
         if missed_target_message(info):
             print(missed_target_message(info))
-        erase_settings = VAR_WORLD_ERASE if args.family == "var" else WORLD_ERASE
         by_world[ws] = compare(str(path), world_for(wcfg, args.family), methods, out / f"world{ws}", singles, multi,
-                               seeds, args.split, args.pairs, args.eval_prompts,
-                               base_overrides=erase_settings)
+                               seeds, args.split, args.pairs, args.eval_prompts, base_overrides=erase_settings)
     info = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(), "machine": platform.node(),
             "cpus": __import__("os").cpu_count(), "seconds": round(time.perf_counter() - t0), "builds": builds,
             "split": args.split, "family": args.family, "world_overrides": args.world_overrides,

@@ -250,12 +250,9 @@ def part_var(scale: Scale, device: torch.device) -> dict:
     t = time.perf_counter()
     bundle = build_bench_bundle(scale.var_preset, device, scale.dtype)
     build_s = time.perf_counter() - t
-    try:
-        bench = measure_var_step(bundle, scale.var_batch, first_k_layers=2, repeats=scale.var_repeats,
-                                 sync=sync_of(device))
-    finally:
-        n_params = sum(p.numel() for p in bundle.model.parameters())
-        del bundle
+    n_params = sum(p.numel() for p in bundle.model.parameters())
+    bench = measure_var_step(bundle, scale.var_batch, first_k_layers=2, repeats=scale.var_repeats,
+                             sync=sync_of(device))
     return {"preset": scale.var_preset, "transformer_parameters": n_params, "build_s": build_s,
             "shape": bench.shape, "supervised_tokens": bench.tokens,
             "same_objective": {"step_loss": bench.step_loss, "per_scale_loop_loss": bench.loop_loss},
@@ -277,7 +274,6 @@ def part_exact(scale: Scale, device: torch.device) -> dict:
         bundle = build_model(dataclasses.replace(scale, dtype=torch.float32), device)
         ids, mask = prompt_ids(bundle, scale.exact_batch)
         bench = measure_rollouts(bundle, ids, mask, 5.0, scale.lean, repeats=0, with_generate=False)  # untimed
-        del bundle
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     lean = f"ours, lean ({scale.lean})"

@@ -43,7 +43,7 @@ from ear_dist.world.world import World
 
 SPLITS = ("validation", "synonym-validation", "heldout")
 _EVAL_STREAM = {"validation": 41_000, "heldout": 42_000, "synonym-validation": 43_000}
-_VALIDATION_WORDS = {"validation": 1, "synonym-validation": 2}  # how many of a concept's words, canonical first
+_WORDS = {"validation": 1, "synonym-validation": 2, "heldout": None}  # how many of a concept's words, canonical first
 _PROBE_STREAM = 44_000  # anchors: erasure.PRESERVE_ANCHOR_STREAM
 CONCEPTS = tuple(OBJECTS) + tuple(STYLES)
 
@@ -53,7 +53,7 @@ def concept_groups(concept: str, split: str) -> dict[str, dict]:
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if concept in OBJECTS:
-        words = OBJECTS[concept] if split == "heldout" else OBJECTS[concept][:_VALIDATION_WORDS[split]]
+        words = OBJECTS[concept][:_WORDS[split]]
         return {f"{concept} ({w})" if w != concept else concept: dict(objects=[concept], object_words=[w],
                                                                      styles=[None]) for w in words}
     if concept in STYLES:
