@@ -44,9 +44,11 @@ METHODS = {
     "preserving (uncond-anchored + preservation + null space; eta 3; 100 steps)": (UNCOND_ANCHORED_PRESERVING, 64),
     # S-VARE; on the VAR world with the paper's trained modules and the world's one-bit unsafe share (README)
     "S-VARE": (ABLATIONS["S-VARE"], 0),
-    # the project's preserving method (the demo's "preserving"): the paper's EAR with every layer's linear updates
-    # projected off the anchors' inputs, plus their KL (README)
-    "null-space EAR": (ABLATIONS["preserving"], 64),
+    # the paper's EAR with every layer's linear updates projected off the anchors' inputs, plus their KL (README)
+    "null-space EAR": (ABLATIONS["null-space EAR"], 64),
+    # the project's preserving method (the demo's "preserving"): the same with the first layer frozen, so the update
+    # reaches the synonyms (README: "Synonyms: the first layer frozen")
+    "later-layer null-space EAR": (ABLATIONS["preserving"], 64),
     # the paper's ablations, to check its claims across builds and seeds (README)
     **{name: (ABLATIONS[name], 0) for name in ("TLM off", "window 1", "random order")},
 }

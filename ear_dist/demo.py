@@ -26,10 +26,13 @@ def register(sub) -> None:
     p.add_argument("--ablations", default=None,
                    help="comma-separated: EAR, TLM off, window 1, random order, per-sequence updates, cached prefix, "
                         "logit targets, S-VARE, ESD-style naive (var: 'two scales per window' instead of 'window 1', "
-                        "no 'cached prefix'), preserving (the project's preserving method, null-space EAR), "
-                        "uncond-anchored preserving (janus); or 'all'. Default: EAR,preserving (janus), "
+                        "no 'cached prefix'), preserving (the project's preserving method: janus, null-space EAR with "
+                        "the first layer frozen; var, null-space EAR), null-space EAR, uncond-anchored preserving "
+                        "(janus); or 'all'. Default: EAR,preserving (janus), "
                         "EAR,S-VARE,preserving (var)")
-    p.add_argument("--pairs", type=int, default=32, help="ECG template pairs before the visual filter")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="ECG template pairs before the visual filter (default: 16 on the janus world, the preserving "
+                        "method's choice on the synonym validation split; 32 on the var world)")
     p.add_argument("--anchors", type=int, default=0,
                    help="preservation anchors: prompts of the other concepts trained as their own surrogates (EAR runs)")
     p.add_argument("--eval-prompts", type=int, default=48, help="held-out prompts per group")
@@ -58,6 +61,8 @@ def run_demo(args) -> int:
             from ear_dist.errors import InputError
 
             raise InputError(f"--ablations: {a!r} is not one of {', '.join(table)}")
+    if args.pairs is None:
+        args.pairs = 32 if family == "var" else 16
     print(f"1/3 world model ({family}; built once, then cached)")
     model_path, _ = build_world_model(cfg.world, progress=True, family=family)
     world = world_for(cfg.world, family)

@@ -84,6 +84,19 @@ def test_trainable_selection_by_name(tiny_bundle):
         select_trainable_names(m, TrainableConfig(patterns=["nothing.*"]))
     with pytest.raises(ConfigError, match="first_k_layers: 9 > the model's 6"):
         select_trainable_names(m, TrainableConfig(first_k_layers=9))
+    # skip_first_layers: layers 1-4 of the first five, every module; layer 0 (the embeddings' reader) frozen
+    later = select_trainable_names(m, TrainableConfig(first_k_layers=5, modules="all", skip_first_layers=1))
+    assert set(later) == {n for n in full if ".layers.0." not in n} and len(later) < len(full)
+    assert not any(".layers.0." in n for n in later) and any(".layers.4.mlp" in n for n in later)
+
+
+def test_skip_first_layers_is_validated_against_first_k_layers():
+    from ear_dist.config import load_config
+
+    assert load_config(overrides=["trainable.skip_first_layers=4"]).trainable.skip_first_layers == 4
+    for bad in ("5", "-1"):
+        with pytest.raises(ConfigError, match=r"trainable.skip_first_layers: must be in \[0, first_k_layers\)"):
+            load_config(overrides=[f"trainable.skip_first_layers={bad}"])
 
 
 def test_student_shares_frozen_tensors_and_owns_trained_ones(tiny_bundle):

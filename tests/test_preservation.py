@@ -144,6 +144,18 @@ def test_a_null_space_run_leaves_the_first_layer_outputs_on_anchors_unchanged(tm
     assert (out_ns - out0).abs().max() < 1e-3 * (out_plain - out0).abs().max()
 
 
+def test_a_later_layer_null_space_run_leaves_the_first_layer_as_it_was(tmp_path, tiny_checkpoint):
+    """trainable.skip_first_layers=1 with null-space updates (the world's later-layer preserving method): the delta
+    holds layer 1's projected linear weights, moved, and nothing of layer 0."""
+    summary = _run(tmp_path, tiny_checkpoint, "later", ANCHOR_SETS, "preserve.nullspace=true",
+                   "trainable.modules=all", "trainable.skip_first_layers=1")
+    tensors, _ = load_delta(summary["delta"])
+    base = dict(load_janus(str(tiny_checkpoint), device="cpu", dtype="float32").model.named_parameters())
+    assert tensors and not any(".layers.0." in n for n in tensors), sorted(tensors)
+    assert {n.split(".layers.1.")[1] for n in tensors} >= {"self_attn.q_proj.weight", "mlp.down_proj.weight"}
+    assert all((tensors[n] - base[n].detach()).abs().max() > 0 for n in tensors if n.endswith("proj.weight"))
+
+
 def test_lora_run_writes_a_merged_delta_and_resumes(tmp_path, tiny_checkpoint):
     summary = _run(tmp_path, tiny_checkpoint, "lora", "trainable.adapter=lora", "trainable.lora_rank=2")
     tensors, _ = load_delta(summary["delta"])

@@ -160,6 +160,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
     if cfg.trainable.first_k_layers < 0:
         raise ConfigError("trainable.first_k_layers: must be >= 0")
+    if not 0 <= cfg.trainable.skip_first_layers < max(cfg.trainable.first_k_layers, 1):
+        raise ConfigError(f"trainable.skip_first_layers: must be in [0, first_k_layers) = [0, "
+                          f"{cfg.trainable.first_k_layers}), got {cfg.trainable.skip_first_layers}")
     if not 0.0 < cfg.erase.esd_patch_fraction <= 1.0:
         raise ConfigError("erase.esd_patch_fraction: must be in (0, 1]")
     if cfg.world.grid_side < 4:

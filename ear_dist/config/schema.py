@@ -72,6 +72,9 @@ class TrainableConfig:
     """Which student parameters the erasure trains."""
 
     first_k_layers: int = setting(5, "train the first k layers of the language model")
+    skip_first_layers: int = setting(
+        0, "of those k, leave the first n frozen: the first layer reads the token embeddings, so an update there "
+           "acts on the trained words only, not on their synonyms (which the later layers share)")
     modules: Literal["all", "attention"] = setting(
         "attention", "all: every module of the first k layers; attention: q/k/v/o projections only")
     patterns: list[str] = setting(

@@ -22,7 +22,8 @@ def select_trainable_names(model: torch.nn.Module, cfg: TrainableConfig) -> list
     """Names of the parameters to train.
 
     Default (the paper): every module of the first ``first_k_layers`` LLM layers, or
-    only their attention q/k/v/o projections (the official code). Explicit
+    only their attention q/k/v/o projections (the official code), less the first
+    ``skip_first_layers`` of them. Explicit
     ``patterns`` (fnmatch on parameter names) replace both. A model that names its own
     layers (the VAR family: ``layer_of``, ``num_layers``, ``attention_prefixes``) is read
     through those; for it ``attention`` means the self-attention of each block.
@@ -42,7 +43,7 @@ def select_trainable_names(model: torch.nn.Module, cfg: TrainableConfig) -> list
     chosen = []
     for n in names:
         where = layer_of(n)
-        if where is None or where[0] >= cfg.first_k_layers:
+        if where is None or not cfg.skip_first_layers <= where[0] < cfg.first_k_layers:
             continue
         if cfg.modules == "attention" and not where[1].startswith(attention):
             continue

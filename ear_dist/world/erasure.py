@@ -62,8 +62,17 @@ PRESERVE_ANCHORS, PRESERVE_ANCHOR_STREAM = 64, 43_000
 # validation.
 NULLSPACE_EAR = ["erase.loss_threshold=0", "trainable.first_k_layers=4", "trainable.modules=all",
                  "preserve.nullspace=true", "preserve.nullspace_energy=0.9999", "preserve.weight=1.0"]
-VAR_NULLSPACE_EAR = [*NULLSPACE_EAR, "preserve.weight=3.0"]
-PRESERVING = NULLSPACE_EAR  # the project's preserving method: what the demo shows beside the paper's EAR
+VAR_NULLSPACE_EAR = [*NULLSPACE_EAR, "preserve.weight=3.0"]  # the VAR blocks read the text through cross-attention
+# Later-layer null-space EAR (README: "Synonyms: the first layer frozen"): the same, with the first layer frozen.
+# That layer reads the token embeddings, so its update erased the trained word only; the later layers see church,
+# chapel and cathedral nearly alike. Their inputs leave the update less room outside the anchors' span, hence the
+# wider room (99.9% of the energy), the higher lr and the anchors' KL at weight 3. Chosen on the synonym
+# validation split of world seeds 0 and 1 (church, erasure seeds 0 and 1, 16 pairs).
+NULLSPACE_EAR_LATER = [*NULLSPACE_EAR, "trainable.skip_first_layers=1", "preserve.nullspace_energy=0.999",
+                       "optim.lr=1.5e-3", "preserve.weight=3.0"]
+# the project's preserving method on the Janus world: what the demo shows beside the paper's EAR (held out, it erases
+# the synonyms that null-space EAR missed: README)
+PRESERVING = NULLSPACE_EAR_LATER
 
 
 def anchor_prompts(world: World, erased: Sequence[str], n: int, stream: int = PRESERVE_ANCHOR_STREAM) -> list[str]:
@@ -299,6 +308,7 @@ ABLATIONS: dict[str, list[str]] = {
     "ESD-style naive": ["erase.method=esd"],
     "preserving": PRESERVING,
     "uncond-anchored preserving": UNCOND_ANCHORED_PRESERVING,
+    "null-space EAR": NULLSPACE_EAR,
 }
 
 
