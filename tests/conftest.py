@@ -1,4 +1,7 @@
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 # Tests share 2 cores with other processes; one intra-op thread keeps them predictable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -48,21 +51,53 @@ def tiny_bundle(tiny_checkpoint):
     return load_janus(str(tiny_checkpoint), device="cpu", dtype="float32")
 
 
+def _world_model(request, name: str, tmp_path_factory):
+    """A shared world build: EAR_DIST_TEST_WORLD_CACHE names a cache directory to build into (or reuse a build
+    from) across sessions; unset, the session's background process builds it (``tests/world_builds.py``)."""
+    from tests.world_builds import build
+
+    cache = os.environ.get("EAR_DIST_TEST_WORLD_CACHE")
+    background = getattr(request.config, "_ear_dist_world_builds", None)
+    if not cache and background is not None and name in background.names:
+        background.wait(name)
+        cache = background.cache(name)
+    return build(name, Path(cache) if cache else tmp_path_factory.mktemp(name))
+
+
 @pytest.fixture(scope="session")
-def default_world_model(tmp_path_factory):
-    """The default world build, the one the demo uses, made once per session for the slow tests (the longest
-    part of the suite: tens of minutes on a 2-core machine, 36 min when it shared the cores with another build).
+def default_world_model(request, tmp_path_factory):
+    """The default world build, the one the demo uses, for the slow tests (the longest part of the suite: ~13 min
+    on a 2-core machine, made in the background while the other tests run)."""
+    return _world_model(request, "default_world_model", tmp_path_factory)
 
-    EAR_DIST_TEST_WORLD_CACHE names a cache directory to build into (or reuse a build from)
-    across test sessions; unset, every session builds afresh.
-    """
-    from ear_dist.config import load_config
-    from ear_dist.world.pretrain import build_world_model
 
-    cache = os.environ.get("EAR_DIST_TEST_WORLD_CACHE") or tmp_path_factory.mktemp("world-cache")
-    cfg = load_config(overrides=[f"world.cache_dir={cache}"]).world
-    path, info = build_world_model(cfg, progress=False)
-    return cfg, path, info
+@pytest.fixture(scope="session")
+def short_var_world_model(request, tmp_path_factory):
+    """A 600-step VAR world build (the field layout reaches its target already: README, "The VAR family")."""
+    return _world_model(request, "short_var_world_model", tmp_path_factory)
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that need a shared world build run last, in build order; the builds start now, in the background."""
+    from tests.world_builds import BUILDS, BackgroundBuilds
+
+    def needs(item):
+        names = getattr(item, "fixturenames", ())
+        return next((i for i, name in enumerate(BUILDS) if name in names), -1)
+
+    order = sorted(range(len(items)), key=lambda i: (needs(items[i]), i))
+    items[:] = [items[i] for i in order]
+    wanted = [name for i, name in enumerate(BUILDS) if any(needs(item) == i for item in items)]
+    if wanted and not os.environ.get("EAR_DIST_TEST_WORLD_CACHE") and not config.option.collectonly:
+        config._ear_dist_world_builds = BackgroundBuilds(wanted, Path(tempfile.mkdtemp(prefix="ear-dist-worlds-")))
+
+
+def pytest_unconfigure(config):
+    background = getattr(config, "_ear_dist_world_builds", None)
+    if background is not None:
+        background.stop()
+        shutil.rmtree(background.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ def test_world_suite_runs_on_a_small_world_build(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # the first to run builds the session's default world
+@pytest.mark.timeout(2400)  # the first to run waits for the session's default world build
 def test_eval_world_suite_reproduces_the_demo(default_world_model, tmp_path, capsys):
     cfg, path, _ = default_world_model
     world_sets = ["--set", f"world.cache_dir={cfg.cache_dir}"]

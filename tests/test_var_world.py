@@ -1,13 +1,12 @@
 """The planted-concept world of the VAR family: multi-scale bitwise images, its build, and erasure measured on it."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from ear_dist.config import WorldConfig, load_config
+from ear_dist.config import WorldConfig
 from ear_dist.models.family import load_model
 from ear_dist.models.var.bsq import token_bits
 from ear_dist.world import World
@@ -114,22 +113,10 @@ def test_pretraining_lowers_the_bitwise_loss(tmp_path):
     assert loss(bundle) < initial - 0.2, (initial, loss(bundle))
 
 
-# The tests below share a 600-step build of the default VAR world (a fifth of the default 3,200 steps): with
-# the field layout it reaches the pretraining target already (README, "The VAR family").
-SHORT_BUILD = ["world.max_steps=600", "world.decay_steps=600", "world.eval_every=600"]
-
-
-@pytest.fixture(scope="module")
-def short_var_world_model(tmp_path_factory):
-    """Built once per module; EAR_DIST_TEST_WORLD_CACHE names a cache to reuse across sessions (as for Janus)."""
-    cache = os.environ.get("EAR_DIST_TEST_WORLD_CACHE") or tmp_path_factory.mktemp("var-world-cache")
-    cfg = load_config(overrides=[f"world.cache_dir={cache}", *SHORT_BUILD]).world
-    path, info = build_world_model(cfg, progress=False, family="var")
-    return cfg, path, info
-
-
+# The tests below share a 600-step build of the default VAR world (a fifth of the default 3,200 steps), the
+# session's ``short_var_world_model`` (tests/conftest.py, tests/world_builds.py).
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the module's VAR build is made in this test's setup
+@pytest.mark.timeout(1800)  # waits for the session's VAR build when it is not finished
 def test_a_600_step_var_world_build_draws_every_concept(short_var_world_model):
     """Every object (each synonym on its own) and style is recognised in the model's own CFG samples of held-out
     prompts: the build's target (every concept >= 0.90, mean >= 0.95 on two pooled sets), and >= 0.85 on a third."""

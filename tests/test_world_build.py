@@ -88,7 +88,7 @@ def test_cli_build_reports_accuracy_and_fails_when_the_target_is_missed(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # the first to run builds the session's default world
+@pytest.mark.timeout(2400)  # the first to run waits for the session's default world build
 def test_default_world_build_draws_every_concept(default_world_model):
     """The default build reaches its target: the classifier recognises every object (each synonym on its
     own) and style in the model's own CFG samples of held-out prompts, on two held-out sets pooled
@@ -131,7 +131,7 @@ def test_build_is_reproducible_whatever_the_ambient_thread_count(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # the first to run builds the session's default world
+@pytest.mark.timeout(2400)  # the first to run waits for the session's default world build
 def test_small_erasure_on_the_world_erases_more_than_it_damages(default_world_model, tmp_path):
     """The real erase path on the world model: church on held-out sentences and synonyms drops by more
     than preservation of the other objects does."""
@@ -150,7 +150,7 @@ def test_small_erasure_on_the_world_erases_more_than_it_damages(default_world_mo
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # the first to run builds the session's default world
+@pytest.mark.timeout(2400)  # the first to run waits for the session's default world build
 def test_null_space_ear_on_the_world_erases_church_and_keeps_the_rest(default_world_model, tmp_path):
     """null-space EAR on the default build: the trained word leaves held-out sentences, the other objects are kept
     (>= 0.9 of their hit rate, where the paper's EAR keeps less), church goes from the held-out groups (synonyms
@@ -168,7 +168,7 @@ def test_null_space_ear_on_the_world_erases_church_and_keeps_the_rest(default_wo
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # the first to run builds the session's default world
+@pytest.mark.timeout(2400)  # the first to run waits for the session's default world build
 def test_joint_and_composed_erasure_both_erase_each_concept(default_world_model, tmp_path):
     """Two concepts (an object and a style), erased jointly and as composed per-concept deltas."""
     from ear_dist.world.erasure import WORLD_ERASE

@@ -1,0 +1,72 @@
+"""The world models the slow tests share, built in one background process while the other tests run.
+
+The default Janus world build and the 600-step VAR build are about a third of the suite's time
+on a 2-core machine, and the tests that need them are few. When collection finds such tests,
+``conftest.py`` starts ``python -m tests.world_builds DIR NAME ...`` (one build after the other,
+each marked done in DIR) and moves those tests to the end of the session, so the builds
+overlap everything else on the second core. A fixture waits for its build's marker (or for the
+process to end) and then calls ``build_world_model`` itself: it returns the cached model, or,
+if the background build did not finish, builds it in the test process as before. The models
+are the same either way: pretraining fixes its own thread count (``world.threads``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# fixture name -> (model family, config overrides); the VAR field layout reaches its target in 600 steps
+SHORT_VAR_BUILD = ["world.max_steps=600", "world.decay_steps=600", "world.eval_every=600"]
+BUILDS: dict[str, tuple[str, list[str]]] = {
+    "default_world_model": ("janus", []),
+    "short_var_world_model": ("var", SHORT_VAR_BUILD),
+}
+
+
+def build(name: str, cache: Path):
+    """(world config, model dir, build info) of the named build, cached under ``cache``."""
+    from ear_dist.config import load_config
+    from ear_dist.world.pretrain import build_world_model
+
+    family, overrides = BUILDS[name]
+    cfg = load_config(overrides=[f"world.cache_dir={cache}", *overrides]).world
+    path, info = build_world_model(cfg, progress=False, family=family)
+    return cfg, path, info
+
+
+class BackgroundBuilds:
+    """One background process making the named builds in order, under ``root/<name>``."""
+
+    def __init__(self, names: list[str], root: Path):
+        self.names, self.root = list(names), Path(root)
+        self.log = self.root / "builds.log"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "tests.world_builds", str(self.root), *self.names],
+                                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def cache(self, name: str) -> Path:
+        return self.root / name
+
+    def wait(self, name: str) -> None:
+        """Until ``name`` is built or the process has ended (finished, failed or killed)."""
+        while not (self.root / f"{name}.done").exists() and self.proc.poll() is None:
+            time.sleep(2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    for build_name in sys.argv[2:]:
+        _, model_dir, _ = build(build_name, out / build_name)
+        (out / f"{build_name}.done").write_text(str(model_dir))
+        print(f"{build_name}: {model_dir}", flush=True)
