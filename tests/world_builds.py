@@ -12,7 +12,6 @@ are the same either way: pretraining fixes its own thread count (``world.threads
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -45,10 +44,9 @@ class BackgroundBuilds:
     def __init__(self, names: list[str], root: Path):
         self.names, self.root = list(names), Path(root)
         self.log = self.root / "builds.log"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        with open(self.log, "wb") as log:
+        with open(self.log, "wb") as log:  # -m from the repository root finds tests.world_builds
             self.proc = subprocess.Popen([sys.executable, "-m", "tests.world_builds", str(self.root), *self.names],
-                                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def cache(self, name: str) -> Path:
         return self.root / name
