@@ -46,9 +46,12 @@ METHODS = {
     "S-VARE": (ABLATIONS["S-VARE"], 0),
     # the paper's EAR with every layer's linear updates projected off the anchors' inputs, plus their KL (README)
     "null-space EAR": (ABLATIONS["null-space EAR"], 64),
-    # the project's preserving method (the demo's "preserving"): the same with the first layer frozen, so the update
-    # reaches the synonyms (README: "Synonyms: the first layer frozen")
-    "later-layer null-space EAR": (ABLATIONS["preserving"], 64),
+    # the same with the first layer frozen, so the update reaches the synonyms (README: "Synonyms: the first layer
+    # frozen")
+    "later-layer null-space EAR": (ABLATIONS["later-layer null-space EAR"], 64),
+    # the project's preserving method (the demo's "preserving"): the same with the training pairs' surrogates among
+    # the anchors (README: "Surrogate anchors")
+    "surrogate-anchored null-space EAR": (ABLATIONS["preserving"], 64),
     # the paper's ablations, to check its claims across builds and seeds (README)
     **{name: (ABLATIONS[name], 0) for name in ("TLM off", "window 1", "random order")},
 }

@@ -27,9 +27,9 @@ def register(sub) -> None:
                    help="comma-separated: EAR, TLM off, window 1, random order, per-sequence updates, cached prefix, "
                         "logit targets, S-VARE, ESD-style naive (var: 'two scales per window' instead of 'window 1', "
                         "no 'cached prefix'), preserving (the project's preserving method: janus, null-space EAR with "
-                        "the first layer frozen; var, null-space EAR), null-space EAR, uncond-anchored preserving "
-                        "(janus); or 'all'. Default: EAR,preserving (janus), "
-                        "EAR,S-VARE,preserving (var)")
+                        "the first layer frozen and the pairs' surrogates among the anchors; var, null-space EAR), "
+                        "null-space EAR, later-layer null-space EAR, uncond-anchored preserving (janus); or 'all'. "
+                        "Default: EAR,preserving (janus), EAR,S-VARE,preserving (var)")
     p.add_argument("--pairs", type=int, default=None,
                    help="ECG template pairs before the visual filter (default: 16 on the janus world, the preserving "
                         "method's choice on the synonym validation split; 32 on the var world)")

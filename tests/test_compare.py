@@ -32,6 +32,32 @@ def test_a_method_with_anchors_and_probes_trains_with_the_other_concepts_prompts
     assert not [p for p in anchors + probes if any(w in p.lower() for w in church_words)], json.dumps(anchors)
 
 
+def test_composed_runs_with_surrogate_anchors_are_trained_as_array_tasks(tmp_path, monkeypatch):
+    """A job array's task knows the array's concepts (slurm.concepts), so its surrogate anchors leave the other
+    erased concepts out; the comparison's composed setting trains its per-concept runs the same way, apart from
+    the concept-alone runs, which know no array."""
+    from ear_dist.world import compare as compare_module
+    from ear_dist.world.compare import compare
+
+    # a 2-step model draws no church for the visual filter to keep: the pairs go in unfiltered
+    monkeypatch.setattr(compare_module, "training_pairs", lambda world, base, c, n: make_pairs(world, c, n))
+    cfg = WorldConfig(cache_dir=str(tmp_path / "cache"), **SMALL)
+    path, _ = build_world_model(cfg, progress=False, log=lambda _: None)
+    method = Method("surrogates", ["preserve.nullspace=true", "preserve.surrogates=8"], anchors=4)
+    res = compare(str(path), World(cfg), [method], tmp_path / "cmp", ["church"], ["church", "barn"], [0], "validation",
+                  n_pairs=4, n_eval=2, base_overrides=[*WORLD_ERASE, "train.steps=1"], log=lambda _: None)
+    assert [r["setting"] for r in res["runs"]] == ["church", "joint: church, barn", "composed: church, barn"]
+    runs = tmp_path / "cmp" / "runs" / "surrogates" / "seed0"
+
+    def saved(run):
+        return yaml.safe_load((runs / run / "config.yaml").read_text())
+
+    assert saved("church")["slurm"]["concepts"] == [] and saved("joint")["slurm"]["concepts"] == []
+    for concept in ("church", "barn"):
+        assert saved(f"array/{concept}")["slurm"]["concepts"] == ["church", "barn"]
+    assert not (runs / "barn").exists()  # barn is erased only in the array
+
+
 def test_the_synonym_validation_split_judges_chapel_on_training_templates_and_never_cathedral(tmp_path):
     """Settings are chosen on validation splits: the synonym one shows the first synonym on the training
     templates, so a choice can see erasure reach an untrained word while the second stays out of every choice."""
@@ -56,6 +82,30 @@ def test_the_synonym_validation_split_judges_chapel_on_training_templates_and_ne
         assert not any("cathedral" in p for p in seen[split])
     assert any("chapel" in p for p in seen["synonym-validation"])
     assert not set(seen["synonym-validation"]) & set(seen["heldout"])
+
+
+def test_another_draw_judges_the_same_prompts_with_other_sampling_seeds(tmp_path):
+    """benchmarks/eval_noise.py judges the base against itself with hit_rates(draw=k): the prompts stay, the
+    sampling seeds change, and draw 0 is what every comparison uses."""
+    world = World(WorldConfig(cache_dir=str(tmp_path / "cache"), **SMALL))
+    asked: dict[int, list] = {}
+
+    class Recorder:
+        def __init__(self, draw):
+            self.draw = draw
+
+        def sample(self, prompts, guidance_weight, seeds, batch_size):
+            asked.setdefault(self.draw, []).append((list(prompts), list(seeds)))
+            return torch.as_tensor(world.sample(len(prompts), "all", stream=9).tokens)
+
+    for draw in (0, 1, 2):
+        hit_rates(world, Recorder(draw), "heldout", 3, 5.0, draw=draw)
+    first = asked[0][0]
+    assert first[1] == [(42_000 + 0) * 1000 + i for i in range(3)]  # the first group's seeds, as before draws
+    for draw in (1, 2):
+        assert [p for p, _ in asked[draw]] == [p for p, _ in asked[0]]
+        seeds = [s for _, ss in asked[draw] for s in ss]
+        assert not set(seeds) & {s for k in asked if k != draw for _, ss in asked[k] for s in ss}
 
 
 def test_bench_preservation_set_wins_over_a_methods_own_settings():

@@ -233,6 +233,11 @@ PRESERVING = {
     "null-space EAR": ["preserve.prompts=[a photo of a barn, a castle at night, a red windmill, a house]",
                        "trainable.modules=all", "preserve.nullspace=true", "preserve.nullspace_energy=0.9999",
                        "preserve.weight=1.0", "preserve.per_step=2", "erase.loss_threshold=0"],
+    # the Janus world's preserving method: anchors also from the pairs' own surrogates, each rank reading the file
+    "null space on the surrogates": ["preserve.prompts=[a red windmill, a house]", "preserve.surrogates=8",
+                                     "trainable.modules=all", "trainable.skip_first_layers=1",
+                                     "preserve.nullspace=true", "preserve.nullspace_energy=0.999",
+                                     "preserve.weight=3.0", "preserve.per_step=2", "erase.loss_threshold=0"],
 }
 
 

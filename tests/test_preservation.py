@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ear_dist.config import EraseConfig, RolloutConfig, load_config
+from ear_dist.config import ConfigError, EraseConfig, RolloutConfig, load_config
 from ear_dist.data.pairs import PromptPair
 from ear_dist.losses.windowed import per_token_kl
 from ear_dist.models.delta import apply_deltas, load_delta
@@ -12,7 +12,7 @@ from ear_dist.teacher.base import TeacherRequest, TeacherSettings
 from ear_dist.teacher.colocated import ColocatedTeacher
 from ear_dist.train.adapters import EditedLinear, null_space_projector
 from ear_dist.train.loss import windowed_loss
-from ear_dist.train.preserve import AnchorSet, Preservation
+from ear_dist.train.preserve import AnchorSet, Preservation, anchor_prompts
 from ear_dist.train.trainer import run_erase
 
 TARGETS = ["a photo of a church", "a church at night"]
@@ -116,15 +116,20 @@ def _run(tmp_path, model, name, *extra):
 ANCHOR_SETS = f"preserve.prompts=[{', '.join(ANCHORS)}]"
 
 
-def test_a_null_space_run_leaves_the_first_layer_outputs_on_anchors_unchanged(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("anchor_sets, anchor_prompts", [([ANCHOR_SETS], ANCHORS),
+                                                          (["preserve.surrogates=8"], SURROGATES)],
+                         ids=["prompts", "surrogates"])
+def test_a_null_space_run_leaves_the_first_layer_outputs_on_anchors_unchanged(tmp_path, tiny_checkpoint,
+                                                                              anchor_sets, anchor_prompts):
     """The whole job with preserve.nullspace: the delta moves layer 0's attention projections as much as a plain
-    run does, yet their outputs on the anchors (prompt and image positions) move a thousand times less."""
-    projected = _run(tmp_path, tiny_checkpoint, "ns", ANCHOR_SETS, "preserve.nullspace=true",
+    run does, yet their outputs on the anchors (prompt and image positions) move a thousand times less. The
+    anchors are given (preserve.prompts) or are the training pairs' own surrogates (preserve.surrogates)."""
+    projected = _run(tmp_path, tiny_checkpoint, "ns", *anchor_sets, "preserve.nullspace=true",
                      "preserve.nullspace_energy=0.999999")["delta"]
     plain = _run(tmp_path, tiny_checkpoint, "plain")["delta"]
     base = load_janus(str(tiny_checkpoint), device="cpu", dtype="float32")
-    anchors = AnchorSet.snapshot(base, ANCHORS, 5.0, seed=0, branches=["cond"])
-    ids, mask = base.encode_prompts(ANCHORS)
+    anchors = AnchorSet.snapshot(base, anchor_prompts, 5.0, seed=0, branches=["cond"])
+    ids, mask = base.encode_prompts(anchor_prompts)
     layer0 = "model.language_model.layers.0.self_attn.q_proj"
 
     def layer0_out(delta):
@@ -142,6 +147,41 @@ def test_a_null_space_run_leaves_the_first_layer_outputs_on_anchors_unchanged(tm
     (out0, w0), (out_ns, w_ns), (out_plain, w_plain) = layer0_out(None), layer0_out(projected), layer0_out(plain)
     assert (w_ns - w0).norm() > 0.2 * (w_plain - w0).norm()  # the projected update is not small
     assert (out_ns - out0).abs().max() < 1e-3 * (out_plain - out0).abs().max()
+
+
+def test_surrogate_anchors_follow_the_given_ones_distinct_and_capped():
+    from types import SimpleNamespace
+
+    pairs = [PromptPair("a church", "a barn"), PromptPair("an old church", "a castle"),
+             PromptPair("a small church", "a barn"), PromptPair("a church at night", "a red windmill in snow"),
+             PromptPair("a church by the sea", "a house by the sea")]
+    cfg = SimpleNamespace(prompts=["a red windmill in snow"], prompts_file="", surrogates=2)
+    assert anchor_prompts(cfg, pairs=pairs) == ["a red windmill in snow", "a barn", "a castle"]
+    cfg.surrogates = 10  # the repeated barn and the surrogate already an anchor come once
+    assert anchor_prompts(cfg, pairs=pairs) == ["a red windmill in snow", "a barn", "a castle", "a house by the sea"]
+    cfg.surrogates = 0
+    assert anchor_prompts(cfg, pairs=pairs) == ["a red windmill in snow"]
+    # a joint run erases church and barn: church -> barn sentences, and a style pair's sentence with a church in it,
+    # would protect what the run removes, so they stay out
+    joint = [PromptPair("an old church", "an old barn", "church"),
+             PromptPair("a church at night", "a castle at night", "church"),
+             PromptPair("a big barn", "a big Windmill", "barn"),
+             PromptPair("a church, by Monet", "a church", "monet")]
+    cfg.surrogates = 10
+    assert anchor_prompts(cfg, pairs=joint) == ["a red windmill in snow", "a castle at night", "a big Windmill"]
+    # an array task of a job erasing church and windmill (slurm.concepts): the other task's concept stays out too
+    assert anchor_prompts(cfg, pairs=joint[:2], erased=["church", "windmill"]) == ["a red windmill in snow",
+                                                                                   "an old barn", "a castle at night"]
+
+
+def test_surrogate_anchors_are_validated_with_the_levers_that_use_them():
+    assert load_config(overrides=["preserve.nullspace=true", "preserve.surrogates=16"]).preserve.surrogates == 16
+    with pytest.raises(ConfigError, match="preserve.surrogates: must be >= 0"):
+        load_config(overrides=["preserve.nullspace=true", "preserve.surrogates=-1"])
+    with pytest.raises(ConfigError, match="preserve.surrogates: anchors are used only by"):
+        load_config(overrides=["preserve.surrogates=16"])
+    with pytest.raises(ConfigError, match="needs anchor prompts"):
+        load_config(overrides=["preserve.weight=1.0"])
 
 
 def test_a_later_layer_null_space_run_leaves_the_first_layer_as_it_was(tmp_path, tiny_checkpoint):

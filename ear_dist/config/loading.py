@@ -179,9 +179,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("preserve.weight, preserve.probe_every and preserve.drift_power must be >= 0")
     if not 0.0 < cfg.preserve.nullspace_energy < 1.0:
         raise ConfigError(f"preserve.nullspace_energy: must be in (0, 1), got {cfg.preserve.nullspace_energy}")
-    if (cfg.preserve.weight > 0 or cfg.preserve.nullspace) and not (cfg.preserve.prompts or cfg.preserve.prompts_file):
+    if cfg.preserve.surrogates < 0:
+        raise ConfigError(f"preserve.surrogates: must be >= 0, got {cfg.preserve.surrogates}")
+    if cfg.preserve.surrogates and not (cfg.preserve.weight > 0 or cfg.preserve.nullspace):
+        raise ConfigError("preserve.surrogates: anchors are used only by preserve.weight > 0 or preserve.nullspace; "
+                          "turn one on or leave preserve.surrogates at 0")
+    if (cfg.preserve.weight > 0 or cfg.preserve.nullspace) and not (
+            cfg.preserve.prompts or cfg.preserve.prompts_file or cfg.preserve.surrogates):
         raise ConfigError("preserve.prompts: preserve.weight > 0 or preserve.nullspace needs anchor prompts "
-                          "(preserve.prompts or preserve.prompts_file)")
+                          "(preserve.prompts, preserve.prompts_file or preserve.surrogates)")
     if cfg.preserve.probe_every and not cfg.preserve.probe_prompts:
         raise ConfigError("preserve.probe_prompts: preserve.probe_every > 0 needs probe prompts")
     if not cfg.preserve.branches:

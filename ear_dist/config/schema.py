@@ -253,6 +253,10 @@ class PreserveConfig:
     prompts: list[str] = setting(
         factory=list, help="anchor prompts of other concepts (preservation and null space); joined with prompts_file")
     prompts_file: str = setting("", "a file of anchor prompts (any pairs/prompt format; the target field is used)")
+    surrogates: int = setting(
+        0, "the training pairs' surrogate prompts join the anchors, up to this many distinct ones in pair order "
+           "(0 = none): the same sentences with the concept swapped out, so the update is held to what the concept "
+           "itself changes")
     weight: float = setting(
         0.0, "weight of KL(teacher || student) on the anchors' next-token distributions (0 = off)")
     branches: list[Literal["guided", "uncond", "cond"]] = setting(

@@ -179,7 +179,8 @@ def extract_json(content: str) -> object:
         raise
 
 
-def _mentions(text: str, concept: str) -> bool:
+def mentions(text: str, concept: str) -> bool:
+    """Whether ``text`` names ``concept`` as a word (case-insensitive)."""
     return re.search(r"(?<!\w)" + re.escape(concept.lower()) + r"(?!\w)", text.lower()) is not None
 
 
@@ -197,9 +198,9 @@ def validate_pair(item: object, concept: str, require_concept_word: bool = True)
     clean["surrogate_concept"] = surrogate_concept.strip() if isinstance(surrogate_concept, str) else ""
     if normalize_prompt(clean["target"]) == normalize_prompt(clean["surrogate"]):
         return None, "target equals surrogate"
-    if require_concept_word and not _mentions(clean["target"], concept):
+    if require_concept_word and not mentions(clean["target"], concept):
         return None, "target does not mention the concept"
-    if _mentions(clean["surrogate"], concept):
+    if mentions(clean["surrogate"], concept):
         return None, "surrogate still mentions the concept"
     return clean, ""
 

@@ -177,13 +177,29 @@ class DriftProbe:
         return {f"probe_kl/{k}": v / len(self.anchors) for k, v in sums.items()}
 
 
-def anchor_prompts(preserve_cfg, on_error: str = "fail") -> list[str]:
-    """``preserve.prompts`` plus the prompts of ``preserve.prompts_file`` (its target field)."""
+def anchor_prompts(preserve_cfg, on_error: str = "fail", pairs: Sequence = (), erased: Sequence[str] = ()
+                   ) -> list[str]:
+    """``preserve.prompts``, the prompts of ``preserve.prompts_file`` (its target field), then the first
+    ``preserve.surrogates`` distinct surrogate prompts of the training ``pairs`` that are not anchors already and
+    name none of the pairs' concepts nor of ``erased`` (a job array's other concepts, ``slurm.concepts``)."""
     prompts = list(preserve_cfg.prompts)
     if preserve_cfg.prompts_file:
         from ear_dist.data.readers import ReadReport, read_pairs
 
         prompts += [p.target for p in read_pairs(preserve_cfg.prompts_file, "auto", on_error, "", ReadReport())]
+    if preserve_cfg.surrogates:
+        from ear_dist.data.ecg import mentions
+
+        # a surrogate that shows a concept the run erases (a joint run's church -> barn while barn is erased too,
+        # or a style pair's sentence that names church) would protect what the run must remove
+        erased = {p.concept for p in pairs if p.concept} | {c for c in erased if c}
+        seen, extra = set(prompts), []
+        for p in pairs:
+            if len(extra) < preserve_cfg.surrogates and p.surrogate and p.surrogate not in seen and not any(
+                    mentions(p.surrogate, c) for c in erased):
+                seen.add(p.surrogate)
+                extra.append(p.surrogate)
+        prompts += extra
     return prompts
 
 
@@ -197,13 +213,19 @@ class PreservingParts:
     nullspace_ranks: Optional[dict] = None
 
 
-def build_preserving_parts(cfg, rt, bundle: ImageModel, trainable: list[str]) -> PreservingParts:
-    """Anchors and their teacher distributions, null-space projectors, the preservation term and the probe."""
+def build_preserving_parts(cfg, rt, bundle: ImageModel, trainable: list[str], pairs: Sequence = ()
+                           ) -> PreservingParts:
+    """Anchors and their teacher distributions, null-space projectors, the preservation term and the probe.
+
+    ``pairs``: the training pairs, whose surrogates join the anchors when ``preserve.surrogates`` > 0 (save
+    those naming a concept of the pairs or of the job array, ``slurm.concepts``).
+    """
     p = cfg.preserve
     guidance = cfg.rollout.guidance_weight
     anchors = None
     if p.weight > 0 or p.nullspace:
-        anchors = AnchorSet.snapshot(bundle, anchor_prompts(p), guidance, p.seed, p.branches)
+        prompts = anchor_prompts(p, pairs=pairs, erased=cfg.slurm.concepts)
+        anchors = AnchorSet.snapshot(bundle, prompts, guidance, p.seed, p.branches)
     projectors, ranks = {}, None
     if p.nullspace:
         def feed(batch_size: int = 16) -> None:  # anchors at prompt and image positions, and their uncond prompt

@@ -6,7 +6,9 @@ For one world build and one erasure seed, a method is run the way a user runs it
   templates, kept by the visual filter);
 - ``joint``: one run on several concepts' pairs (as many steps as the single runs together);
 - ``composed``: the single runs' deltas summed onto the base (what a Slurm job array
-  gives, composed by ``ear-dist merge``).
+  gives, composed by ``ear-dist merge``); for a method with surrogate anchors each
+  per-concept run is trained as an array task would be, knowing the array's concepts
+  (``slurm.concepts``), so its anchors leave the other erased concepts out.
 
 Every model is then judged by the world's classifier on its own CFG samples:
 
@@ -61,11 +63,13 @@ def concept_groups(concept: str, split: str) -> dict[str, dict]:
     raise InputError(f"concept {concept!r}: the world's concepts are {', '.join(CONCEPTS)}")
 
 
-def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, batch_size: int = 64
-              ) -> dict[str, float]:
+def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, batch_size: int = 64,
+              draw: int = 0) -> dict[str, float]:
     """Per concept group, the share of the model's own CFG samples in which the classifier finds the concept.
 
     ``world`` is the world of ``bundle``'s family (``world_for``): it judges the family's image tokens.
+    The prompts of a group are fixed by the split; ``draw`` picks another set of sampling seeds for
+    them (0: the seeds every comparison uses), which measures the judge's own sampling noise.
     """
     world_split = "heldout" if split == "heldout" else "train"
     out = {}
@@ -75,7 +79,8 @@ def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, 
             batch = world.sample(n, world_split, stream=stream, **filters)
             with torch.no_grad():
                 tokens = bundle.sample(batch.prompts, guidance_weight=guidance_weight,
-                                       seeds=[stream * 1000 + i for i in range(n)], batch_size=batch_size)
+                                       seeds=[stream * 1000 + i + draw * 10**8 for i in range(n)],
+                                       batch_size=batch_size)
             out[name] = float(world.classify(tokens)[concept].mean())
     return out
 
@@ -137,15 +142,17 @@ class Method:
 
 def run_method(method: Method, model_path: str, world: World, pairs: dict[str, list[PromptPair]],
                concepts: Sequence[str], out_dir: Path, seed: int, base_overrides: Sequence[str],
-               steps_factor: int = 1, progress: bool = False) -> tuple[str, float]:
-    """Train ``method`` on the pairs of ``concepts`` (one run, joint when several); returns (delta, seconds per step)."""
+               steps_factor: int = 1, progress: bool = False, extra: Sequence[str] = ()) -> tuple[str, float]:
+    """Train ``method`` on the pairs of ``concepts`` (one run, joint when several); returns (delta, seconds per step).
+
+    ``extra``: overrides after the method's (the composed runs' ``slurm.concepts``)."""
     from ear_dist.config import load_config
     from ear_dist.train.trainer import run_erase
     from ear_dist.world.erasure import anchor_prompts
 
     # a comparison measures afresh: a previous run in out_dir is replaced, not resumed
     sets = ["train.resume=never", f"model.path={model_path}", f"train.out_dir={out_dir}", "model.device=cpu",
-            f"erase.concept={concepts[0]}", f"train.seed={seed}", *base_overrides, *method.overrides]
+            f"erase.concept={concepts[0]}", f"train.seed={seed}", *base_overrides, *method.overrides, *extra]
     # anchors and probes go in as overrides (a JSON list is YAML), so the config is validated with them
     if method.anchors:
         anchors = anchor_prompts(world, concepts, method.anchors)
@@ -190,9 +197,13 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
         return hit_rates(world, bundle, split, n_eval, g)
 
     for method in methods:
+        # a job array's task knows the array's concepts (slurm.concepts); only surrogate anchors read them
+        array = [f"slurm.concepts={json.dumps(list(multi))}"] if _uses_surrogates(method.overrides) else []
         for seed in seeds:
             singles_done: dict[str, str] = {}
             for concept in every:
+                if concept not in singles and array:
+                    continue  # trained below, as an array task
                 run_dir = out_dir / "runs" / _slug(method.name) / f"seed{seed}" / _slug(concept)
                 singles_done[concept], step_s = run_method(method, model_path, world, pairs, [concept], run_dir,
                                                            seed, base_overrides)
@@ -202,8 +213,12 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
                 joint_dir = out_dir / "runs" / _slug(method.name) / f"seed{seed}" / "joint"
                 joint, _ = run_method(method, model_path, world, pairs, list(multi), joint_dir, seed, base_overrides,
                                       steps_factor=len(multi))
+                composed = [singles_done[c] for c in multi] if not array else [
+                    run_method(method, model_path, world, pairs, [c], out_dir / "runs" / _slug(method.name) /
+                               f"seed{seed}" / "array" / _slug(c), seed, base_overrides, extra=array)[0]
+                    for c in multi]
                 settings += [("joint: " + ", ".join(multi), list(multi), [joint]),
-                             ("composed: " + ", ".join(multi), list(multi), [singles_done[c] for c in multi])]
+                             ("composed: " + ", ".join(multi), list(multi), composed)]
             for setting, erased, deltas in settings:
                 res = outcome(base_hits, judge(deltas), erased)
                 results["runs"].append({"method": method.name, "seed": seed, "setting": setting,
@@ -213,6 +228,12 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
                 log(f"{method.name} | seed {seed} | {setting}: erasure min {res.erasure_min:.3f}, preservation "
                     f"mean {res.preservation_mean:.3f}, worst {worst[1]:.3f} ({worst[0]})")
     return results
+
+
+def _uses_surrogates(overrides: Sequence[str]) -> bool:
+    """Whether the last ``preserve.surrogates`` among ``overrides`` turns surrogate anchors on."""
+    values = [o.split("=", 1)[1].strip() for o in overrides if o.startswith("preserve.surrogates=")]
+    return bool(values) and values[-1] not in ("0", "")
 
 
 def _slug(text: str) -> str:
