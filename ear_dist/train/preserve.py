@@ -179,28 +179,34 @@ class DriftProbe:
 
 def anchor_prompts(preserve_cfg, on_error: str = "fail", pairs: Sequence = (), erased: Sequence[str] = ()
                    ) -> list[str]:
-    """``preserve.prompts``, the prompts of ``preserve.prompts_file`` (its target field), then the first
-    ``preserve.surrogates`` distinct surrogate prompts of the training ``pairs`` that are not anchors already and
-    name none of the pairs' concepts nor of ``erased`` (a job array's other concepts, ``slurm.concepts``)."""
+    """``preserve.prompts``, the prompts of ``preserve.prompts_file`` (its target field), then
+    ``surrogate_anchors`` of the training ``pairs``."""
     prompts = list(preserve_cfg.prompts)
     if preserve_cfg.prompts_file:
         from ear_dist.data.readers import ReadReport, read_pairs
 
         prompts += [p.target for p in read_pairs(preserve_cfg.prompts_file, "auto", on_error, "", ReadReport())]
-    if preserve_cfg.surrogates:
-        from ear_dist.data.ecg import mentions
+    return prompts + surrogate_anchors(preserve_cfg, pairs, erased, prompts)
 
-        # a surrogate that shows a concept the run erases (a joint run's church -> barn while barn is erased too,
-        # or a style pair's sentence that names church) would protect what the run must remove
-        erased = {p.concept for p in pairs if p.concept} | {c for c in erased if c}
-        seen, extra = set(prompts), []
-        for p in pairs:
-            if len(extra) < preserve_cfg.surrogates and p.surrogate and p.surrogate not in seen and not any(
-                    mentions(p.surrogate, c) for c in erased):
-                seen.add(p.surrogate)
-                extra.append(p.surrogate)
-        prompts += extra
-    return prompts
+
+def surrogate_anchors(preserve_cfg, pairs: Sequence, erased: Sequence[str] = (), given: Sequence[str] = ()
+                      ) -> list[str]:
+    """The first ``preserve.surrogates`` distinct surrogate prompts of ``pairs`` that are not ``given`` anchors
+    and name none of the pairs' concepts nor of ``erased`` (a job array's other concepts, ``slurm.concepts``)."""
+    if not preserve_cfg.surrogates:
+        return []
+    from ear_dist.data.ecg import mentions
+
+    # a surrogate that shows a concept the run erases (a joint run's church -> barn while barn is erased too,
+    # or a style pair's sentence that names church) would protect what the run must remove
+    erased = {p.concept for p in pairs if p.concept} | {c for c in erased if c}
+    seen, extra = set(given), []
+    for p in pairs:
+        if len(extra) < preserve_cfg.surrogates and p.surrogate and p.surrogate not in seen and not any(
+                mentions(p.surrogate, c) for c in erased):
+            seen.add(p.surrogate)
+            extra.append(p.surrogate)
+    return extra
 
 
 @dataclass
@@ -211,6 +217,8 @@ class PreservingParts:
     preservation: Optional[Preservation] = None
     probe: Optional[DriftProbe] = None
     nullspace_ranks: Optional[dict] = None
+    anchors: int = 0  # anchor prompts in all
+    surrogate_anchors: int = 0  # of which the training pairs' surrogates (preserve.surrogates)
 
 
 def build_preserving_parts(cfg, rt, bundle: ImageModel, trainable: list[str], pairs: Sequence = ()
@@ -224,8 +232,9 @@ def build_preserving_parts(cfg, rt, bundle: ImageModel, trainable: list[str], pa
     guidance = cfg.rollout.guidance_weight
     anchors = None
     if p.weight > 0 or p.nullspace:
-        prompts = anchor_prompts(p, pairs=pairs, erased=cfg.slurm.concepts)
-        anchors = AnchorSet.snapshot(bundle, prompts, guidance, p.seed, p.branches)
+        given = anchor_prompts(p)
+        surrogates = surrogate_anchors(p, pairs, cfg.slurm.concepts, given)
+        anchors = AnchorSet.snapshot(bundle, given + surrogates, guidance, p.seed, p.branches)
     projectors, ranks = {}, None
     if p.nullspace:
         def feed(batch_size: int = 16) -> None:  # anchors at prompt and image positions, and their uncond prompt
@@ -242,4 +251,5 @@ def build_preserving_parts(cfg, rt, bundle: ImageModel, trainable: list[str], pa
     probe = None
     if p.probe_every:
         probe = DriftProbe(AnchorSet.snapshot(bundle, p.probe_prompts, guidance, p.seed + 1, BRANCHES))
-    return PreservingParts(edits, preservation, probe, ranks)
+    n = len(anchors) if anchors is not None else 0
+    return PreservingParts(edits, preservation, probe, ranks, n, len(surrogates) if anchors is not None else 0)

@@ -196,6 +196,9 @@ def _announce(cfg: Config, rt, bundle, student, keep) -> None:
     log.info("trainable parameters: %s in %d tensors (%.2f%% of %s); student ranks %d, teacher %s, ZeRO %s",
              f"{student.num_trainable:,}", len(student.trainable), 100 * student.num_trainable / n_total,
              f"{n_total:,}", rt.dp_world, cfg.dist.teacher_placement, stage)
+    if keep.anchors:
+        log.info("anchors: %d prompts (%d of them the training pairs' surrogates, preserve.surrogates=%d)",
+                 keep.anchors, keep.surrogate_anchors, cfg.preserve.surrogates)
     if keep.nullspace_ranks:
         spans = sorted(set(keep.nullspace_ranks.values()))
         log.info("null-space updates: %d layers, preserved input span of rank %s (%g%% of the anchors' input "
