@@ -12,7 +12,7 @@ from ear_dist.teacher.base import TeacherRequest, TeacherSettings
 from ear_dist.teacher.colocated import ColocatedTeacher
 from ear_dist.train.adapters import EditedLinear, null_space_projector
 from ear_dist.train.loss import windowed_loss
-from ear_dist.train.preserve import AnchorSet, Preservation, anchor_prompts
+from ear_dist.train.preserve import AnchorSet, Preservation, anchor_prompts, surrogate_anchors
 from ear_dist.train.trainer import run_erase
 
 TARGETS = ["a photo of a church", "a church at night"]
@@ -152,15 +152,19 @@ def test_a_null_space_run_leaves_the_first_layer_outputs_on_anchors_unchanged(tm
 def test_surrogate_anchors_follow_the_given_ones_distinct_and_capped():
     from types import SimpleNamespace
 
+    def anchors(cfg, pairs, erased=()):  # as build_preserving_parts composes them
+        given = anchor_prompts(cfg)
+        return given + surrogate_anchors(cfg, pairs, erased, given)
+
     pairs = [PromptPair("a church", "a barn"), PromptPair("an old church", "a castle"),
              PromptPair("a small church", "a barn"), PromptPair("a church at night", "a red windmill in snow"),
              PromptPair("a church by the sea", "a house by the sea")]
     cfg = SimpleNamespace(prompts=["a red windmill in snow"], prompts_file="", surrogates=2)
-    assert anchor_prompts(cfg, pairs=pairs) == ["a red windmill in snow", "a barn", "a castle"]
+    assert anchors(cfg, pairs) == ["a red windmill in snow", "a barn", "a castle"]
     cfg.surrogates = 10  # the repeated barn and the surrogate already an anchor come once
-    assert anchor_prompts(cfg, pairs=pairs) == ["a red windmill in snow", "a barn", "a castle", "a house by the sea"]
+    assert anchors(cfg, pairs) == ["a red windmill in snow", "a barn", "a castle", "a house by the sea"]
     cfg.surrogates = 0
-    assert anchor_prompts(cfg, pairs=pairs) == ["a red windmill in snow"]
+    assert anchors(cfg, pairs) == ["a red windmill in snow"]
     # a joint run erases church and barn: church -> barn sentences, and a style pair's sentence with a church in it,
     # would protect what the run removes, so they stay out
     joint = [PromptPair("an old church", "an old barn", "church"),
@@ -168,9 +172,9 @@ def test_surrogate_anchors_follow_the_given_ones_distinct_and_capped():
              PromptPair("a big barn", "a big Windmill", "barn"),
              PromptPair("a church, by Monet", "a church", "monet")]
     cfg.surrogates = 10
-    assert anchor_prompts(cfg, pairs=joint) == ["a red windmill in snow", "a castle at night", "a big Windmill"]
+    assert anchors(cfg, joint) == ["a red windmill in snow", "a castle at night", "a big Windmill"]
     # an array task of a job erasing church and windmill (slurm.concepts): the other task's concept stays out too
-    assert anchor_prompts(cfg, pairs=joint[:2], erased=["church", "windmill"]) == ["a red windmill in snow",
+    assert anchors(cfg, joint[:2], erased=["church", "windmill"]) == ["a red windmill in snow",
                                                                                    "an old barn", "a castle at night"]
 
 

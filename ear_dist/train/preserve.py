@@ -177,16 +177,14 @@ class DriftProbe:
         return {f"probe_kl/{k}": v / len(self.anchors) for k, v in sums.items()}
 
 
-def anchor_prompts(preserve_cfg, on_error: str = "fail", pairs: Sequence = (), erased: Sequence[str] = ()
-                   ) -> list[str]:
-    """``preserve.prompts``, the prompts of ``preserve.prompts_file`` (its target field), then
-    ``surrogate_anchors`` of the training ``pairs``."""
+def anchor_prompts(preserve_cfg, on_error: str = "fail") -> list[str]:
+    """``preserve.prompts`` plus the prompts of ``preserve.prompts_file`` (its target field)."""
     prompts = list(preserve_cfg.prompts)
     if preserve_cfg.prompts_file:
         from ear_dist.data.readers import ReadReport, read_pairs
 
         prompts += [p.target for p in read_pairs(preserve_cfg.prompts_file, "auto", on_error, "", ReadReport())]
-    return prompts + surrogate_anchors(preserve_cfg, pairs, erased, prompts)
+    return prompts
 
 
 def surrogate_anchors(preserve_cfg, pairs: Sequence, erased: Sequence[str] = (), given: Sequence[str] = ()
@@ -199,11 +197,11 @@ def surrogate_anchors(preserve_cfg, pairs: Sequence, erased: Sequence[str] = (),
 
     # a surrogate that shows a concept the run erases (a joint run's church -> barn while barn is erased too,
     # or a style pair's sentence that names church) would protect what the run must remove
-    erased = {p.concept for p in pairs if p.concept} | {c for c in erased if c}
+    concepts = {p.concept for p in pairs if p.concept} | {c for c in erased if c}
     seen, extra = set(given), []
     for p in pairs:
         if len(extra) < preserve_cfg.surrogates and p.surrogate and p.surrogate not in seen and not any(
-                mentions(p.surrogate, c) for c in erased):
+                mentions(p.surrogate, c) for c in concepts):
             seen.add(p.surrogate)
             extra.append(p.surrogate)
     return extra
@@ -230,7 +228,7 @@ def build_preserving_parts(cfg, rt, bundle: ImageModel, trainable: list[str], pa
     """
     p = cfg.preserve
     guidance = cfg.rollout.guidance_weight
-    anchors = None
+    anchors, surrogates = None, []
     if p.weight > 0 or p.nullspace:
         given = anchor_prompts(p)
         surrogates = surrogate_anchors(p, pairs, cfg.slurm.concepts, given)
@@ -251,5 +249,5 @@ def build_preserving_parts(cfg, rt, bundle: ImageModel, trainable: list[str], pa
     probe = None
     if p.probe_every:
         probe = DriftProbe(AnchorSet.snapshot(bundle, p.probe_prompts, guidance, p.seed + 1, BRANCHES))
-    n = len(anchors) if anchors is not None else 0
-    return PreservingParts(edits, preservation, probe, ranks, n, len(surrogates) if anchors is not None else 0)
+    return PreservingParts(edits, preservation, probe, ranks, len(anchors) if anchors is not None else 0,
+                           len(surrogates))

@@ -22,7 +22,7 @@ import torch
 
 from ear_dist.config import Config, ConfigError, config_yaml
 from ear_dist.data.pairs import PromptPair
-from ear_dist.data.stream import check_source, load_training_pairs, open_pair_stream, source_digest
+from ear_dist.data.stream import PairStream, check_source, load_training_pairs, open_pair_stream, source_digest
 from ear_dist.errors import RunFailure
 from ear_dist.models.delta import save_delta
 from ear_dist.models.family import load_model
@@ -94,8 +94,10 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
     trainable = select_trainable_names(bundle.model, cfg.trainable)
     if cfg.preserve.nullspace:
         trainable = _projectable(bundle.model, trainable, rt.is_main)
-    # anchors from the pairs' surrogates: every rank reads the whole source, so every rank holds the same anchors
-    surrogate_source = () if not cfg.preserve.surrogates else pairs if pairs is not None else load_training_pairs(cfg)
+    # anchors from the pairs' surrogates: every rank holds all pairs (in memory, or a shard directory read whole
+    # once more), so every rank holds the same anchors
+    surrogate_source = () if not cfg.preserve.surrogates else stream.pairs if isinstance(stream, PairStream) \
+        else load_training_pairs(cfg)
     keep = build_preserving_parts(cfg, rt, bundle, trainable, surrogate_source)  # from the base model, before updates
     student = build_student(cfg, rt, bundle, trainable, share_frozen=teacher.shares_model, edits=keep.edits)
     _announce(cfg, rt, bundle, student, keep)
