@@ -25,8 +25,9 @@ system-deps:
 demo: install
 	$(VENV)/bin/ear-dist demo
 
+# The fast tier first (fail fast), then the slow tier; the world builds start at once in the background.
 test: install system-deps
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	PY=$(PY) scripts/run_tests.sh
 
 test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"

@@ -56,9 +56,13 @@ def _world_model(request, name: str, tmp_path_factory):
     from) across sessions; unset, the session's background process builds it (``tests/world_builds.py``)."""
     from tests.world_builds import build
 
+    from tests.world_builds import wait_for_runner_build
+
     cache = os.environ.get("EAR_DIST_TEST_WORLD_CACHE")
     background = getattr(request.config, "_ear_dist_world_builds", None)
-    if not cache and background is not None and name in background.names:
+    if not cache and os.environ.get("EAR_DIST_TEST_WORLD_BUILDS"):
+        cache = wait_for_runner_build(Path(os.environ["EAR_DIST_TEST_WORLD_BUILDS"]), name)
+    elif not cache and background is not None and name in background.names:
         background.wait(name)
         cache = background.cache(name)
     return build(name, Path(cache) if cache else tmp_path_factory.mktemp(name))
@@ -89,7 +93,8 @@ def pytest_collection_modifyitems(session, config, items):
     order = sorted(range(len(items)), key=lambda i: (needs(items[i]), i))
     items[:] = [items[i] for i in order]
     wanted = [name for i, name in enumerate(BUILDS) if any(needs(item) == i for item in items)]
-    if wanted and not os.environ.get("EAR_DIST_TEST_WORLD_CACHE") and not config.option.collectonly:
+    started_by_runner = os.environ.get("EAR_DIST_TEST_WORLD_CACHE") or os.environ.get("EAR_DIST_TEST_WORLD_BUILDS")
+    if wanted and not started_by_runner and not config.option.collectonly:
         config._ear_dist_world_builds = BackgroundBuilds(wanted, Path(tempfile.mkdtemp(prefix="ear-dist-worlds-")))
 
 

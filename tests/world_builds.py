@@ -12,6 +12,7 @@ are the same either way: pretraining fixes its own thread count (``world.threads
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -60,6 +61,25 @@ class BackgroundBuilds:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def wait_for_runner_build(root: Path, name: str) -> Path:
+    """The cache of ``name`` that the test runner's background process (``scripts/run_tests.sh``) builds under
+    ``root``: waits until it is marked done or the process (its pid in ``root/pid``) has ended; the fixture then
+    builds whatever is missing itself."""
+    pid_file = root / "pid"
+    while not (root / f"{name}.done").exists() and pid_file.exists() and _alive(int(pid_file.read_text())):
+        time.sleep(2)
+    return root / name
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited child its parent has not reaped yet counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 if __name__ == "__main__":
