@@ -1,6 +1,6 @@
-"""The bad-input catalogue of the README, case by case: each bad config, pair file, shard directory, run
+"""The bad-input catalogue (docs/runs-and-resume.md), case by case: each bad config, pair file, shard directory, run
 directory (checkpoints), delta or model is one line on stderr naming what is wrong, and exit code 2, before
-any training. The README's table and CASES list the same cases (a test keeps them in step)."""
+any training. The guide's table and CASES list the same cases (a test keeps them in step)."""
 
 import json
 import re
@@ -329,8 +329,8 @@ def test_a_bad_input_is_one_line_naming_it_and_exit_code_2(case, inputs, capsys)
     assert "Traceback" not in "\n".join(err)
 
 
-def test_the_readme_catalogue_lists_exactly_these_cases():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Bad-input catalogue", 1)[1].split("\n## ", 1)[0]
+def test_the_docs_catalogue_lists_exactly_these_cases():
+    guide = (ROOT / "docs" / "runs-and-resume.md").read_text()
+    section = guide.split("## Bad-input catalogue", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"\| `([a-z0-9-]+)` \|", section)
     assert listed == [c.id for c in CASES] and len(listed) >= 25
