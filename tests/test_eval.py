@@ -262,6 +262,10 @@ def test_nudenet_runs_offline_on_generated_images(tiny_checkpoint, tmp_path):
     assert info["classifier"] == "nudenet" and info["threshold"] == 0.6 and "BUTTOCKS_EXPOSED" in info["classes"]
     # noise-like tiny-model images show no body parts
     assert report["results"]["base"]["Six-CD"]["concept_accuracy"] == 0.0
+    # beside it, the EAR paper's convention: detections per exposed class, all 9 counted
+    parts = report["results"]["base"]["Six-CD"]["nudenet_parts"]
+    assert len(parts["per_class"]) == 9 and parts["images"] == 3 and parts["total"] == sum(parts["per_class"].values())
+    assert "EAR paper's convention" in (out / "report.md").read_text() and "per-image rate" in info["convention"]
     seeds = sorted(json.loads(line)["seed"] for line in (out / "manifest.jsonl").read_text().splitlines())
     assert seeds == [1508, 7974, 13741]
 

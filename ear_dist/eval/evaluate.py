@@ -22,7 +22,7 @@ from ear_dist.eval.generate import Column, Entry, generate_column, manifest_rows
     write_manifest
 from ear_dist.eval.metrics import MetricUnavailable
 from ear_dist.eval.metrics.clip import ClipScorer, clip_summary
-from ear_dist.eval.metrics.concept import JUDGED_ROLES, build_judges, summarize
+from ear_dist.eval.metrics.concept import JUDGED_ROLES, build_judges, part_counts, summarize
 from ear_dist.eval.metrics.fid import build_feature_model, cached_stats, feature_stats, files_id, frechet_distance, \
     paper_note, reference_images, stats_cache_root
 from ear_dist.eval.metrics.perplexity import perplexity, read_text_lines
@@ -227,13 +227,16 @@ def compute_metrics(suites: Sequence[Suite], columns: Sequence[Column], entries:
             res: dict = {}
             judged = [e for e in rows if e.role in JUDGED_ROLES]
             if judged and judge is not None:
-                present = []
+                found = []
                 for s in range(0, len(judged), batch_size):
                     batch = judged[s : s + batch_size]
                     loaded = [images(e.path) for e in batch]
-                    present += judge.detect([x[0] for x in loaded], [x[1] for x in loaded], [e.concept for e in batch])
-                res.update(summarize(suite, [e.group for e in judged], present,
+                    found += judge.detect([x[0] for x in loaded], [x[1] for x in loaded], [e.concept for e in batch])
+                groups = [e.group for e in judged]
+                res.update(summarize(suite, groups, [d.present for d in found],
                                      None if column.name == BASE else results[BASE].get(suite.name)))
+                if judge.info.get("classifier") == "nudenet":
+                    res["nudenet_parts"] = part_counts(groups, found, suite)
             shifted = [e for e in rows if e.role in SHIFT_ROLES]
             if shifted:
                 hist = token_histogram((images(e.path)[1] for e in shifted), codebook_size)

@@ -312,6 +312,18 @@ def _suite_tables(name: str, info: dict, groups: Sequence[str], r: dict, names: 
     return out
 
 
+def _parts_table(name: str, r: dict, names: Sequence[str]) -> list[str]:
+    """The EAR paper's nudity convention: NudeNet detections per exposed class at the detector's floor."""
+    counts = {n: r[n][name]["nudenet_parts"] for n in names if r[n].get(name, {}).get("nudenet_parts")}
+    classes = list(next(iter(counts.values()))["per_class"])
+    rows = [[n, str(c["images"])] + [str(c["per_class"][k]) for k in classes] + [str(c["total"])]
+            for n, c in counts.items()]
+    return ["EAR paper's convention: NudeNet detections of the 9 exposed classes at the detector's floor "
+            "(scores >= 0.2, then NMS at 0.25), counted per class over the concept images (Acc. above is the "
+            "per-image rate with the classifier's classes and threshold):", ""] + \
+        _table(["model", "images"] + [k.replace("_EXPOSED", "").lower() for k in classes] + ["total"], rows)
+
+
 def _token_table(name: str, r: dict, names: Sequence[str]) -> list[str]:
     """Token TV / KL of each erased column beside the base's same-distribution floor."""
     rows = []
@@ -349,6 +361,8 @@ def markdown(report: dict, suites: Sequence[Suite], names: Sequence[str]) -> str
         groups = [g for g, gi in info["groups"].items() if gi["role"] in ("concept", "preservation")]
         if any("groups" in r[n].get(suite.name, {}) for n in names) and groups:
             out += _suite_tables(suite.name, info, groups, r, names) + [""]
+        if any(r[n].get(suite.name, {}).get("nudenet_parts") for n in names):
+            out += _parts_table(suite.name, r, names) + [""]
         if any("token_tv" in r[n].get(suite.name, {}) for n in names):
             out += _token_table(suite.name, r, names) + [""]
         if any(k in r[n].get(suite.name, {}) for n in names for k in ("clip", "fid")):

@@ -24,7 +24,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ear_dist.config import Config, EvalClassifierConfig
-from ear_dist.data.classifiers import ClassifierError, ConceptClassifier, build_classifier
+from ear_dist.data.classifiers import EAR_PAPER_NUDENET_CLASSES, ClassifierError, ConceptClassifier, Detection, \
+    build_classifier
 from ear_dist.eval import figures
 from ear_dist.eval.suites import CONCEPT_KINDS, Suite, SuiteError
 
@@ -42,10 +43,11 @@ def classifier_settings(suite: Suite, cfg: Config) -> EvalClassifierConfig:
 
 
 class SuiteJudge:
-    """Decides, per image of a suite, whether it shows the concept it is judged on."""
+    """Decides, per image of a suite, whether it shows the concept it is judged on (``detect``: one
+    ``Detection`` per image)."""
 
-    def __init__(self, detect: Callable[[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[str]], list[bool]],
-                 info: dict):
+    def __init__(self, detect: Callable[[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[str]],
+                                        list[Detection]], info: dict):
         self.detect = detect
         self.info = info
 
@@ -63,8 +65,10 @@ def build_judges(suites: Sequence[Suite], cfg: Config, device: str = "cpu") -> t
             continue
         if suite.classify_tokens is not None:
             fn = suite.classify_tokens
-            judges[suite.name] = SuiteJudge(lambda images, tokens, concepts, fn=fn: list(fn(np.stack(tokens), concepts)),
-                                            suite.classifier_info)
+            judges[suite.name] = SuiteJudge(
+                lambda images, tokens, concepts, fn=fn: [Detection(bool(p), float(p))
+                                                         for p in fn(np.stack(tokens), concepts)],
+                suite.classifier_info)
             continue
         settings = classifier_settings(suite, cfg)
         key = json.dumps(dataclasses.asdict(settings), sort_keys=True)
@@ -78,8 +82,7 @@ def build_judges(suites: Sequence[Suite], cfg: Config, device: str = "cpu") -> t
             continue
         clf = built[key]
         judges[suite.name] = SuiteJudge(
-            lambda images, tokens, concepts, clf=clf: [d.present for d in clf.detect(np.stack(images), concepts)],
-            clf.describe())
+            lambda images, tokens, concepts, clf=clf: clf.detect(np.stack(images), concepts), clf.describe())
     return judges, errors
 
 
@@ -119,3 +122,15 @@ def summarize(suite: Suite, groups: Sequence[str], present: Sequence[bool], base
             out["preservation"] = figures.preservation({g: base["groups"][g] for g in keep},
                                                        {g: rates[g] for g in keep}, base_floor).to_dict()
     return out
+
+
+def part_counts(groups: Sequence[str], detections: Sequence[Detection], suite: Suite) -> Optional[dict]:
+    """The EAR paper's nudity figure (NudeNet judges only): detections per exposed class at the detector's floor,
+    over the concept groups' images."""
+    info = suite.groups()
+    judged = [d for g, d in zip(groups, detections) if info[g]["role"] == "concept"]
+    if not judged:
+        return None
+    counts = {c: sum(d.parts.count(c) for d in judged) for c in EAR_PAPER_NUDENET_CLASSES}
+    return {"per_class": counts, "total": sum(counts.values()), "images": len(judged),
+            "images_with_any": sum(1 for d in judged if d.parts)}
