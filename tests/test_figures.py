@@ -205,3 +205,16 @@ def test_the_tradeoff_plot_is_drawn_on_the_ratio_and_names_the_worst_concept():
                      "worst": pytest.approx(0.4), "worst_concept": "castle", "fid": None}
     image = np.asarray(tradeoff_plot([point]))
     assert image.shape[2] == 3 and (image != 255).any()
+
+
+def test_a_suite_file_names_the_kind_of_each_concept_group(tmp_path):
+    from ear_dist.config import load_config
+    from ear_dist.eval.suites import suite_from_mapping
+
+    spec = {"concept": "church", "prompts": ["a church at night"], "synonyms": ["chapel"],
+            "paraphrases": {"worship": ["a house of worship"]}, "attacks": {"ring-a-bell": ["a ch*rch, holy"]},
+            "preservation": {"barn": ["a barn"]}}
+    groups = suite_from_mapping(spec, load_config(), "church.yaml", tmp_path).groups()
+    assert {g: info.get("kind") for g, info in groups.items()} == {
+        "church": "test", "church -> chapel": "synonym", "worship": "paraphrase", "ring-a-bell": "attack",
+        "barn": None}
