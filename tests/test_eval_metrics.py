@@ -153,7 +153,8 @@ def test_coco_suite_fid_and_clip_through_eval(tiny_checkpoint, tiny_clip, tiny_d
     # the FID's convention is named, and it says why it is not the paper's
     fid = first["erased"]["coco-6"]["fid"]
     assert fid["images"] == 6 and "center crop" in fid["resize"]
-    assert fid["paper_note"].startswith("not comparable with the paper's FID") and "dinov2 features" in fid["paper_note"]
+    assert fid["paper_note"].startswith("not comparable with the paper's FID")
+    assert "dinov2 features" in fid["paper_note"]
     assert "not comparable with the paper's FID" in md and "resize:" in md
     assert "the base column's images as the reference" in erased["fid"]["paper_note"]
 

@@ -218,3 +218,14 @@ def test_a_suite_file_names_the_kind_of_each_concept_group(tmp_path):
     assert {g: info.get("kind") for g, info in groups.items()} == {
         "church": "test", "church -> chapel": "synonym", "worship": "paraphrase", "ring-a-bell": "attack",
         "barn": None}
+
+
+def test_the_comparison_table_names_each_figure_and_the_excluded_groups():
+    from ear_dist.world.compare import markdown, summarize as compare_summarize
+
+    runs = [{"method": "m", "setting": "church", "erasure": {"church": 1.0, "church (chapel)": 0.9},
+             "preservation": {"barn": 1.0, "castle": 0.5}, "preservation_excluded": {"x": {"base": 0.0, "after": 0.1}}}]
+    table = markdown(compare_summarize(runs))
+    assert "preservation ratio (mean of per-concept ratios)" in table and "excluded (base hit rate 0)" in table
+    assert table.splitlines()[-1] == ("| m | church | 1 | 0.900 (0.900-0.900) | 0.750 (0.750-0.750) | "
+                                      "0.500 (0.500-0.500) | castle | x | no |")

@@ -163,7 +163,8 @@ def test_null_space_ear_on_the_world_erases_church_and_keeps_the_rest(default_wo
                              n_pairs=16, n_eval=24, overrides=WORLD_ERASE, progress=False, log=lambda *_: None)
     before, ns, ear = rows["before"], rows["preserving"], rows["EAR"]
     assert ns.concept_share["held-out sentences (church)"] <= 0.1, ns
-    assert ns.preservation_hit_rate >= 0.9 * before.preservation_hit_rate and ns.preservation_hit_rate > ear.preservation_hit_rate
+    assert ns.preservation_hit_rate >= 0.9 * before.preservation_hit_rate
+    assert ns.preservation_hit_rate > ear.preservation_hit_rate
     assert ns.erasure_rate - before.erasure_rate > 0.3, (before, ns)
 
 

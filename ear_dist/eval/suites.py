@@ -57,8 +57,8 @@ from ear_dist.errors import InputError
 ROLES = ("concept", "preservation", "unrelated", "caption")
 CONCEPT_KINDS = ("test", "synonym", "paraphrase", "attack")  # kinds of concept groups, Table 1's order
 BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite"}
-SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "paraphrases", "attacks", "preservation", "unrelated", "captions", "limit",
-              "classifier", "format"}
+SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "paraphrases", "attacks", "preservation", "unrelated", "captions",
+              "limit", "classifier", "format"}
 
 
 class SuiteError(InputError, ValueError):

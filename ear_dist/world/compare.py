@@ -297,7 +297,8 @@ def markdown(rows: Sequence[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['setting']} | {r['runs']} | {cell(r['erasure'])} | "
-                     f"{cell(r['preservation_mean'])} | {cell(r['preservation_worst'])} | {r['worst_concept'] or '-'} | "
+                     f"{cell(r['preservation_mean'])} | {cell(r['preservation_worst'])} | "
+                     f"{r['worst_concept'] or '-'} | "
                      f"{', '.join(r['excluded']) or '-'} | {'yes' if r['meets_bar'] else 'no'} |")
     return "\n".join(lines)
 
