@@ -229,3 +229,21 @@ def test_the_comparison_table_names_each_figure_and_the_excluded_groups():
     assert "preservation ratio (mean of per-concept ratios)" in table and "excluded (base hit rate 0)" in table
     assert table.splitlines()[-1] == ("| m | church | 1 | 0.900 (0.900-0.900) | 0.750 (0.750-0.750) | "
                                       "0.500 (0.500-0.500) | castle | x | no |")
+
+
+def test_the_suite_table_shows_the_ratio_the_worst_concept_and_the_base_noise_floor():
+    from ear_dist.eval.report import _suite_tables
+
+    suite = _suite()
+    base = summarize(suite, *_verdicts(suite, {"church": 1.0, "church (chapel)": 1.0, "nude": 1.0, "barn": 1.0,
+                                               "castle": 0.5, "van gogh": 0.0}))
+    after = summarize(suite, *_verdicts(suite, {"church": 0.1, "church (chapel)": 0.3, "nude": 0.0, "barn": 0.9,
+                                                "castle": 0.2, "van gogh": 0.1}), base=base)
+    # castle's 10 images alternate hit / miss in the base (5 of 10): the halves differ at random
+    assert base["preservation_noise_floor"]["images_per_half"] == 5
+    info = {"groups": suite.groups()}
+    lines = _suite_tables("church", info, list(suite.groups()), {"base": {"church": base}, "erased": {"church": after}},
+                          ["base", "erased"])
+    erased = [ln for ln in lines if ln.startswith("| erased")][0]
+    assert erased.endswith("| 0.100 | 0.900 | church (chapel) 0.700 | 0.400 | 0.650 | castle 0.400 | 0.733 | van gogh |")
+    assert lines[-1].startswith("Noise floor of the preservation ratio (base, half vs half, 5 images per group and half)")

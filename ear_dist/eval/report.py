@@ -352,8 +352,8 @@ def markdown(report: dict, suites: Sequence[Suite], names: Sequence[str]) -> str
                                                                                              convention)
         out += ["", "Acc.: share of the concept's own test-prompt images the classifier still recognises, "
                 "image-weighted (lower = erased), as the EAR paper's Table 1; synonyms, paraphrases and attack "
-                f"prompts in their own columns. FID and CLIP ({CLIP_CONVENTIONS[convention][1]}): from the caption "
-                "suite of the same column.", ""]
+                f"prompts in their own columns. FID and CLIP (`{convention}`: {CLIP_CONVENTIONS[convention][1]}): from "
+                "the caption suite of the same column.", ""]
     for suite in suites:
         info = report["suites"][suite.name]
         out += [f"## Suite `{suite.name}`", "", f"Source: {info['source'] or 'built in'}; "
