@@ -247,3 +247,10 @@ def test_the_suite_table_shows_the_ratio_the_worst_concept_and_the_base_noise_fl
     erased = [ln for ln in lines if ln.startswith("| erased")][0]
     assert erased.endswith("| 0.100 | 0.900 | church (chapel) 0.700 | 0.400 | 0.650 | castle 0.400 | 0.733 | van gogh |")
     assert lines[-1].startswith("Noise floor of the preservation ratio (base, half vs half, 5 images per group and half)")
+
+
+def test_the_demo_keeps_the_erasure_over_every_group_apart_from_the_erasure_rate():
+    from ear_dist.world.erasure import Evaluation
+
+    ev = Evaluation("church", {"church": 0.0, "chapel": 0.3, "cathedral": 0.6}, {"barn": 1.0}, test_groups=["church"])
+    assert ev.erasure_rate == 1.0 and ev.erasure_all_groups == pytest.approx(0.7)

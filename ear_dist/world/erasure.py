@@ -229,6 +229,12 @@ class Evaluation:
         return self.erasure.rate
 
     @property
+    def erasure_all_groups(self) -> float:
+        """1 - the hit rate over every held-out concept group, sentences and synonyms alike (groups of equal size:
+        their plain mean); what the demo called its erasure rate before Acc. was the test prompts' alone."""
+        return 1.0 - figures.accuracy(self.concept_share)
+
+    @property
     def synonym_share(self) -> Optional[float]:
         return figures.accuracy(self.concept_share, groups=[g for g in self.concept_share if g not in self.test_groups]
                                 ) if self.test_groups else None
