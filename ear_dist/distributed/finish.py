@@ -81,7 +81,7 @@ def _agree_finished(dist) -> int:
     try:
         dist.monitored_barrier(group=_finish_group, timeout=_finish_wait, wait_all_ranks=True)
     except RuntimeError as e:
-        report_error(RunFailure(f"this rank finished, but another did not reach the end of the job: "
-                                f"{str(e).splitlines()[0][:300]}"))
+        report_error(RunFailure(f"this rank finished, but another rank failed or did not reach the end of the job "
+                                f"within {_finish_wait.total_seconds():.0f} s: {str(e).splitlines()[0][:300]}"))
         return EXIT_RUN_FAILURE
     return 0
