@@ -22,10 +22,13 @@ import os
 import sys
 from datetime import timedelta
 
+from ear_dist.errors import EXIT_PREEMPTED, EXIT_RUN_FAILURE, RunFailure, report_error
+
 # How long a rank waits at the end for the others: the main rank may still be writing a
 # delta, or an eval report, after the last collective (dist.timeout_s bounds collectives).
 FINISH_WAIT_S = 3600
 
+ENDED_AS_MEANT = (0, EXIT_PREEMPTED)  # done, or preempted after a checkpoint (every rank, at the same step)
 _finish_group = None  # a gloo group for the final barrier when the job's own backend is not gloo
 _finish_wait = timedelta(seconds=FINISH_WAIT_S)
 
@@ -47,20 +50,21 @@ def prepare_finish(timeout_s: float) -> None:
 def finish_job(code: int, leave_process: bool) -> int:
     """End a command with exit code ``code`` on this rank; returns the code, or leaves the process.
 
-    If a process group was joined: when ``code`` is 0 and there are several ranks, wait
-    until every rank finished (a barrier; one that fails turns ``code`` into 1, with
-    its line on stderr), then destroy the process group. With ``leave_process`` (the
-    ``ear-dist`` program, not a caller of ``cli.main``), flush the logs, stdout and
-    stderr and leave with ``os._exit(code)``. A rank that failed skips the barrier and
-    the destroy (an NCCL group that lost a rank can hang in it) when it leaves the process.
+    If a process group was joined: when ``code`` says the command ended as meant (0, or
+    75: preempted after a checkpoint) and there are several ranks, wait until every rank
+    got there (a barrier; one that fails turns ``code`` into 1, with its line on stderr),
+    then destroy the process group. With ``leave_process`` (the ``ear-dist`` program, not
+    a caller of ``cli.main``), flush the logs, stdout and stderr and leave with
+    ``os._exit(code)``. A rank that failed skips the barrier, and the destroy (an NCCL
+    group that lost a rank can hang in it) when it leaves the process.
     """
     global _finish_group
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return code
-    if code == 0 and dist.get_world_size() > 1:
-        code = _agree_finished(dist)
-    if code == 0 or not leave_process:
+    if code in ENDED_AS_MEANT and dist.get_world_size() > 1 and not _every_rank_got_here(dist):
+        code = EXIT_RUN_FAILURE
+    if code in ENDED_AS_MEANT or not leave_process:
         dist.destroy_process_group()
         _finish_group = None
     if not leave_process:
@@ -74,14 +78,12 @@ def finish_job(code: int, leave_process: bool) -> int:
     os._exit(code)
 
 
-def _agree_finished(dist) -> int:
-    """0 once every rank reached the end; 1 (its line printed) when another rank failed or did not come."""
-    from ear_dist.errors import EXIT_RUN_FAILURE, RunFailure, report_error
-
+def _every_rank_got_here(dist) -> bool:
+    """True once every rank reached the end; False (its line printed) when another rank failed or did not come."""
     try:
         dist.monitored_barrier(group=_finish_group, timeout=_finish_wait, wait_all_ranks=True)
     except RuntimeError as e:
         report_error(RunFailure(f"this rank finished, but another rank failed or did not reach the end of the job "
                                 f"within {_finish_wait.total_seconds():.0f} s: {str(e).splitlines()[0][:300]}"))
-        return EXIT_RUN_FAILURE
-    return 0
+        return False
+    return True
