@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [{"original_prompt": "a photo of a church", "modified_prompt": "a photo of a barn", "concept": "church"},
          {"original_prompt": "a church at night", "modified_prompt": "a castle at night", "concept": "church"}]
 STEPS = 3
+WATCHED = ROOT / "tests" / "dist_scripts" / "erase_and_watch_exit.py"  # the ear-dist program, watched
 
 
 def _env(**extra):
@@ -95,10 +96,10 @@ def _launch(world, name, program, *extra, env=None):
 @pytest.mark.dist
 @pytest.mark.parametrize("stage,dtype", [("zero2", "bfloat16"), ("zero3", "float32")])
 def test_a_finished_two_rank_run_exits_0_with_its_outputs_whole(world, stage, dtype):
-    res, out = _launch(world, f"done-{stage}", ["-m", "ear_dist"], f"dist.deepspeed_config={stage}",
-                       f"model.dtype={dtype}")
+    res, out = _launch(world, f"done-{stage}", [str(WATCHED)], f"dist.deepspeed_config={stage}", f"model.dtype={dtype}")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "terminate called" not in res.stderr
+    # no rank went through interpreter teardown, where gloo threads could abort it
+    assert "interpreter teardown ran" not in res.stderr and "terminate called" not in res.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads(res.stdout[res.stdout.index("{"):]) == summary  # the printed summary reached stdout whole
     assert json.loads((out / "run.json").read_text())["finished_step"] == STEPS
@@ -114,8 +115,7 @@ def test_a_finished_two_rank_run_exits_0_with_its_outputs_whole(world, stage, dt
     ("bug", "ZeroDivisionError: injected bug on rank 1 after the last step"),
 ])
 def test_a_rank_that_fails_after_the_last_step_fails_the_job_with_its_message(world, fail_with, line):
-    script = ROOT / "tests" / "dist_scripts" / "fail_after_last_step.py"
-    res, out = _launch(world, f"fail-{fail_with}", [str(script)], "dist.deepspeed_config=zero2",
+    res, out = _launch(world, f"fail-{fail_with}", [str(WATCHED)], "dist.deepspeed_config=zero2",
                        env={"FAIL_WITH": fail_with})
     assert res.returncode != 0, res.stderr[-3000:]
     assert line in res.stderr, res.stderr[-3000:]
