@@ -2,12 +2,13 @@
 
 Interpreter exit is not safe for a rank. ``destroy_process_group`` drops the registry's
 groups, but the group objects DeepSpeed and the runtime still reference live on, with
-their gloo threads (``pt_gloo_runloop``, ``gloo_tcp_loop``: two and four of them on
-each rank of a 2-rank ZeRO run after the command returned); interpreter teardown then
-destroys them in whatever order it reaches them, and now and then a ``std::thread`` is
-destroyed still joinable: the rank aborts (SIGABRT, "terminate called without an active
-exception") after the job finished, and the launcher fails the job. So the command line
-ends such a process with ``finish_job``, which runs no C++ destructor at all.
+their gloo threads (four ``pt_gloo_runloop`` and two ``gloo_tcp_loop`` on each rank of a
+2-rank ZeRO run, counted after the command returned and the group was destroyed).
+Interpreter teardown then destroys them in whatever order it reaches them, and now and
+then a ``std::thread`` is destroyed still joinable: the rank aborts (SIGABRT, "terminate
+called without an active exception") after the job finished, and the launcher fails the
+job. So the command line ends such a process with ``finish_job``, which runs no C++
+destructor at all.
 
 What it waits for first: the command returned, so its outputs are written (deltas,
 summaries and run records are fsynced before their rename; metrics writers are closed).
