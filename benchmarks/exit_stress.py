@@ -105,7 +105,7 @@ def run_cell(cell: str, codes: dict[str, Path], launches: int, work: Path, model
                 results[name].append(r)
                 if records:
                     with open(records, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"cell": cell, "code": name, "launch": i, **r}) + "\n")
+                        f.write(json.dumps({"cell": cell, "tree": name, "launch": i, **r}) + "\n")
                 if r["code"] != 0 or not r["complete"]:
                     print(f"{name} {cell} launch {i}: exit {r['code']}, outputs complete: {r['complete']}\n"
                           f"{r['stderr_tail']}", file=sys.stderr, flush=True)
