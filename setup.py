@@ -36,5 +36,5 @@ setup(
         "eval": ["nudenet==3.4.2"],
         "test": ["pytest>=8", "pytest-timeout>=2"],
     },
-    entry_points={"console_scripts": ["ear-dist=ear_dist.cli:main"]},
+    entry_points={"console_scripts": ["ear-dist=ear_dist.cli:run"]},
 )

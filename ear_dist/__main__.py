@@ -1,5 +1,3 @@
-import sys
+from ear_dist.cli import run
 
-from ear_dist.cli import main
-
-sys.exit(main())
+run()

@@ -9,7 +9,10 @@ module imports this one back.
 Failures: a project error (``ear_dist.errors``) is one line on stderr and its exit
 code (2 bad config or input, 1 the run failed; 75 is a preempted run that checkpointed);
 ``--debug`` adds its traceback. Any other exception is a bug and keeps its traceback.
-Logging is configured here, once (``ear_dist.telemetry.logs``).
+Logging is configured here, once (``ear_dist.telemetry.logs``). A process that joined a
+process group (every rank of a launched job) ends through ``finish_job``
+(``ear_dist.distributed.finish``): the ranks agree the job finished, then each leaves
+with its code without the interpreter teardown that could abort it.
 """
 
 from __future__ import annotations
@@ -17,12 +20,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
 import traceback
 
-from ear_dist.config import ConfigError
-from ear_dist.errors import EXIT_BAD_INPUT, EarDistError
+from ear_dist.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILURE, EarDistError, report_error
 
 # Each module exposes register(subparsers) -> None.
 COMMAND_MODULES = [
@@ -87,19 +88,14 @@ def _launch_errors() -> tuple:
     return LaunchError, HostlistError
 
 
-def _report(error: BaseException, debug: bool) -> None:
-    """One line on stderr (the traceback first with ``--debug``), naming the rank in a multi-rank job."""
-    if debug:
-        traceback.print_exception(error)
-    kind = "config error" if isinstance(error, ConfigError) else "error"
-    world = os.environ.get("WORLD_SIZE", "1")
-    where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world.isdigit() and int(world) > 1 else ""
-    text = re.sub(r"\s*\n\s*", " ", str(error).strip())  # one line, whatever a library's message looked like
-    print(f"ear-dist: {kind}{where}: {text}", file=sys.stderr, flush=True)
+def main(argv: list[str] | None = None, leave_process: bool = False) -> int:
+    """Run one command; returns its exit code (see the module docstring).
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit code (see the module docstring)."""
+    ``leave_process`` (the ``ear-dist`` program, ``run``): a command that joined a process
+    group ends the process itself (``finish_job``), and a bug's traceback is printed
+    here instead of raised. Called from Python, ``main`` returns, and raises a bug.
+    """
+    from ear_dist.distributed.finish import finish_job
     from ear_dist.telemetry.logs import configure_logging
 
     parser = build_parser()
@@ -107,26 +103,28 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(debug=args.debug)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    code = EXIT_RUN_FAILURE
     try:
-        rc = args.func(args)
+        code = int(args.func(args) or 0)
     except EarDistError as e:
-        _report(e, args.debug)
-        return e.exit_code
+        report_error(e, args.debug)
+        code = e.exit_code
     except _launch_errors() as e:  # launch/ stands alone, below the package: its errors are launch settings
-        _report(e, args.debug)
-        return EXIT_BAD_INPUT
+        report_error(e, args.debug)
+        code = EXIT_BAD_INPUT
+    except Exception:
+        if not leave_process:
+            raise
+        traceback.print_exc()  # a bug keeps its traceback
     finally:
-        _release_process_group()
-    return int(rc or 0)
+        code = finish_job(code, leave_process)
+    return code
 
 
-def _release_process_group() -> None:
-    """Tear down the process group a command joined, while the interpreter is whole: left to exit, the
-    gloo group's threads were sometimes destroyed still joinable, and a finished rank aborted (exit -6)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def run() -> None:
+    """The ``ear-dist`` program (console script and ``python -m ear_dist``): run the command, exit with its code."""
+    sys.exit(main(leave_process=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

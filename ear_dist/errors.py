@@ -18,6 +18,9 @@ code that raises them and also derive from the builtin they always were
 from __future__ import annotations
 
 import os
+import re
+import sys
+import traceback
 
 EXIT_RUN_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -28,6 +31,7 @@ class EarDistError(Exception):
     """An error whose message alone tells the user what went wrong and where."""
 
     exit_code = EXIT_RUN_FAILURE
+    kind = "error"  # the word after "ear-dist: " on stderr
 
 
 class InputError(EarDistError):
@@ -63,3 +67,14 @@ def storage_error(path, error: Exception, what: str = "write") -> StorageError:
     hint = " (disk full or a file size limit)" if number in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
     return StorageError(f"{path}: cannot {what}: {reason}{f' [{code}]' if code else ''}{hint}; "
                         "nothing was left half-written")
+
+
+def report_error(error: BaseException, debug: bool = False) -> None:
+    """One line on stderr (the traceback first with ``debug``), naming the rank in a multi-rank job."""
+    if debug:
+        traceback.print_exception(error)
+    kind = getattr(error, "kind", "error")
+    world = os.environ.get("WORLD_SIZE", "1")
+    where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world.isdigit() and int(world) > 1 else ""
+    text = re.sub(r"\s*\n\s*", " ", str(error).strip())  # one line, whatever a library's message looked like
+    print(f"ear-dist: {kind}{where}: {text}", file=sys.stderr, flush=True)

@@ -23,6 +23,8 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 class ConfigError(InputError, ValueError):
     """A config value that cannot be used; the message names the dotted key."""
 
+    kind = "config error"
+
 
 # --------------------------------------------------------------------------- types
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ear_dist.config import Config, ConfigError
+from ear_dist.distributed.finish import prepare_finish
 
 
 @dataclass
@@ -74,6 +75,7 @@ def init_runtime(cfg: Config) -> Runtime:
     export_env(env)
     if not dist.is_initialized():
         init_process_group(env, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
+    prepare_finish(cfg.dist.timeout_s)
     world = list(range(env.world_size))
     teachers: list[int] = []
     if cfg.dist.teacher_placement == "dedicated":

@@ -140,8 +140,7 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     gathered = [mine]
     if rt.distributed:
         gathered = [None] * rt.world_size
-        dist.all_gather_object(gathered, mine)
-        dist.destroy_process_group()
+        dist.all_gather_object(gathered, mine)  # the last collective: rank 0 goes on alone (finish_job waits for it)
     if not main:
         return None
     made_by = _check_gathered(entries, columns, gathered)

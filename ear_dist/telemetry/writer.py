@@ -164,10 +164,13 @@ class MetricsWriter:
         return reduced
 
     def close(self) -> None:
+        """Flush TensorBoard and ``metrics.jsonl`` to disk and close them (a rank may then leave with ``os._exit``)."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
         if self._jsonl is not None:
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
             self._jsonl.close()
             self._jsonl = None
 
