@@ -14,6 +14,8 @@ import json
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal, Optional
 
+from ear_dist.config.checks import validate
+
 # Named where code outside the config checks the same values (readers, loss dispatch).
 PairsFormat = Literal["auto", "ear-json", "ear-csv", "copro-json", "copro-csv", "sixcd", "coco", "hf", "jsonl",
                       "shards"]
@@ -447,8 +449,6 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def validate(self) -> "Config":
-        """Check the values (see ``ear_dist.config.validate``); return self."""
-        from ear_dist.config.loading import validate
-
+        """Check the values (see ``ear_dist.config.checks.validate``); return self."""
         validate(self)
         return self
