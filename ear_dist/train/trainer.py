@@ -26,7 +26,7 @@ from ear_dist.data.stream import PairStream, check_source, load_training_pairs, 
 from ear_dist.errors import RunFailure
 from ear_dist.models.delta import save_delta
 from ear_dist.models.family import load_model
-from ear_dist.models.janus import model_fingerprint
+from ear_dist.models.fingerprint import model_fingerprint
 from ear_dist.storage import write_text_atomic
 from ear_dist.teacher.base import TeacherSettings, build_teacher
 from ear_dist.telemetry.memory import current_rss_bytes
