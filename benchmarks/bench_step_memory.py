@@ -44,7 +44,7 @@ def _one(variant: str, pairs: int, codebook: int, grid: int, teacher_guidance: f
     from ear_dist.config import EraseConfig
     from ear_dist.losses.windowed import guidance_combine, guided_target
     from ear_dist.models.janus import build_preset
-    from ear_dist.models.presets import tiny_config
+    from ear_dist.models.janus.presets import tiny_config
     from ear_dist.teacher.colocated import ColocatedTeacher
     from ear_dist.train.loss import windowed_loss
     from ear_dist.train.step import ErasureStep, PairBatch, Updater

@@ -370,7 +370,7 @@ def test_the_teacher_samples_from_the_prompt_the_config_names(tiny_bundle, rollo
     assert request.rollout_prompts == (SURROGATES if rollout_from == "surrogate" else TARGETS)
     want = teacher.rollout(request)
     ids, mask = tiny_bundle.encode_prompts(request.rollout_prompts)
-    from ear_dist.models.rollout import rollout_ids
+    from ear_dist.models.janus.rollout import rollout_ids
 
     torch.testing.assert_close(want, rollout_ids(tiny_bundle, ids, mask, 5.0, greedy=True, seeds=[0, 1]))
     assert not torch.equal(want, teacher.rollout(TeacherRequest(

@@ -161,7 +161,7 @@ def check_partition(cfg: Config, run: Callable[[list[str]], Optional[str]] = run
 def check_inputs_exist(cfg: Config) -> None:
     """The model (a directory or a preset name) and the DeepSpeed config the job loads exist."""
     if not Path(cfg.model.path).exists():
-        from ear_dist.models.presets import PRESETS
+        from ear_dist.models.janus.presets import PRESETS
 
         if cfg.model.path not in PRESETS:
             raise SlurmJobError(f"model.path: {cfg.model.path} does not exist and is not a preset "

@@ -125,7 +125,7 @@ def _new_model(world: World):
         return build_var_preset("tiny-var", seed=c.seed, config=config, extra_words=World.vocabulary())
     from ear_dist.models.family import as_image_model
     from ear_dist.models.janus import build_preset
-    from ear_dist.models.presets import tiny_config
+    from ear_dist.models.janus.presets import tiny_config
 
     config = tiny_config(hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
                          intermediate_size=c.intermediate_size, grid_side=c.grid_side, codebook_size=c.codebook_size)

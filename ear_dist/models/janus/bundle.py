@@ -18,7 +18,7 @@ import torch
 from transformers import JanusConfig, JanusForConditionalGeneration
 
 from ear_dist.errors import InputError
-from ear_dist.models.presets import (
+from ear_dist.models.janus.presets import (
     JANUS_PRO_TEMPLATE,
     PRESETS,
     PromptFormat,
@@ -144,7 +144,7 @@ def save_janus(bundle: JanusBundle, path: Union[str, Path]) -> Path:
 
 def save_tiny_checkpoint(path: Union[str, Path], seed: int = 0, **config_overrides) -> Path:
     """Build a tiny random Janus (optionally resized) and save it: tests load it back like a user would."""
-    from ear_dist.models.presets import tiny_config
+    from ear_dist.models.janus.presets import tiny_config
 
     extra_words = config_overrides.pop("extra_words", None)
     cfg = tiny_config(**config_overrides)
