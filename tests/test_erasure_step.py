@@ -8,12 +8,12 @@ from transformers import DynamicCache, JanusForConditionalGeneration
 
 from ear_dist.config import ConfigError, EraseConfig, RolloutConfig, TrainableConfig, load_config
 from ear_dist.data.pairs import PromptPair
-from ear_dist.losses.windowed import per_token_kl, per_token_mse
+from ear_dist.losses.windowed_reference import per_token_kl, per_token_mse
 from ear_dist.models.delta import DeltaError, apply_deltas, load_delta
 from ear_dist.models.janus import load_janus, position_ids_from_mask, teacher_forced
 from ear_dist.teacher.base import TeacherRequest, TeacherSettings
 from ear_dist.teacher.colocated import ColocatedTeacher
-from ear_dist.train.loss import windowed_loss
+from ear_dist.train.step_loss import windowed_loss
 from ear_dist.train.step import ErasureStep, PairBatch, Updater
 from ear_dist.train.student import make_student
 from ear_dist.train.trainable import select_trainable_names
