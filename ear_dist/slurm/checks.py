@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from ear_dist.config import Config, ConfigError, load_config
 from ear_dist.errors import InputError
-from launch.env import run_command
+from ear_dist.launch.env import run_command
 
 
 class SlurmJobError(InputError, ValueError):

@@ -1,7 +1,7 @@
 """The erasure job: load, build the parts, loop over steps, write the delta.
 
 The same function runs in one process or on every rank of a launched job
-(torchrun, srun, mpirun, deepspeed): ``launch.discover`` finds the rank, the runtime
+(torchrun, srun, mpirun, deepspeed): ``ear_dist.launch.discover`` finds the rank, the runtime
 assigns roles, and the parts are built without the job knowing where the teacher
 runs or which ZeRO stage holds the student. Before anything is trained the run
 decides what to do with its ``train.out_dir`` (``run_state``: resume, refuse, or start
