@@ -99,10 +99,6 @@ class Outcome:
         return min(self.erasure.values())
 
     @property
-    def erasure_mean(self) -> float:
-        return float(np.mean(list(self.erasure.values())))
-
-    @property
     def preservation_mean(self) -> float:
         return float(np.mean(list(self.preservation.values())))
 
