@@ -7,7 +7,7 @@ setup(
     name="ear-dist",
     version="0.1.0",
     description="Distributed concept erasure for autoregressive text-to-image models",
-    packages=find_packages(include=["ear_dist", "ear_dist.*", "launch", "launch.*"]),
+    packages=find_packages(include=["ear_dist", "ear_dist.*"]),
     # data files a non-editable install needs: the example configs (`--config church`), the
     # DeepSpeed configs (`dist.deepspeed_config=zero2`) and the sbatch templates (`ear-dist submit`)
     package_data={

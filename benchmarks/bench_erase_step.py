@@ -36,7 +36,7 @@ from transformers import DynamicCache  # noqa: E402
 from benchmarks.common import Stat, rate_stat, ratio_stat, run_header  # noqa: E402
 from ear_dist.config import EraseConfig, RolloutConfig, TrainableConfig  # noqa: E402
 from ear_dist.models.janus import build_preset, position_ids_from_mask, unconditional_ids  # noqa: E402
-from ear_dist.models.presets import tiny_config  # noqa: E402
+from ear_dist.models.janus.presets import tiny_config  # noqa: E402
 from ear_dist.teacher.base import TeacherRequest, TeacherSettings  # noqa: E402
 from ear_dist.teacher.colocated import ColocatedTeacher  # noqa: E402
 from ear_dist.train.step import ErasureStep, PairBatch, Updater  # noqa: E402

@@ -1,9 +1,9 @@
 """Forward + backward time and peak extra memory of the windowed, threshold-masked loss.
 
 Compares, on the same inputs and in one run:
-  eager    the plain-PyTorch reference (ear_dist.train.loss.reference_windowed_loss)
+  eager    the plain-PyTorch reference (ear_dist.train.step_loss.reference_windowed_loss)
   compile  torch.compile of that reference
-  triton   the fused kernels (ear_dist.kernels.windowed_loss)
+  triton   the fused kernels (ear_dist.kernels.windowed_fused)
 
 GPU (the project's measurement; Janus-Pro-7B shapes are the defaults):
   python benchmarks/bench_loss_kernel.py --device cuda
@@ -108,7 +108,7 @@ def loss_variants(device, block_size=None, compile_reference=True, interpret_tri
     """eager (the reference), its torch.compile, and the fused Triton kernels where they can run."""
     import torch
 
-    from ear_dist.train.loss import reference_windowed_loss, triton_available
+    from ear_dist.train.step_loss import reference_windowed_loss, triton_available
 
     # the reference reads the number of windows from the data (a graph break under
     # torch.compile, by design); keep the log to this one line instead of dynamo's warning
@@ -118,7 +118,7 @@ def loss_variants(device, block_size=None, compile_reference=True, interpret_tri
         variants["compile"] = torch.compile(reference_windowed_loss)
     gpu = torch.device(device).type == "cuda"
     if (gpu and triton_available()) or interpret_triton:
-        from ear_dist.kernels.windowed_loss import fused_windowed_loss
+        from ear_dist.kernels.windowed_fused import fused_windowed_loss
 
         label = TRITON if gpu else TRITON_INTERPRETED
         variants[label] = functools.partial(fused_windowed_loss, block_size=block_size)
@@ -131,8 +131,8 @@ def measure_loss(device, dtype, variants: dict, modes, batch_sizes, tokens: int,
     """Forward + backward of every variant on the same inputs, repeats interleaved across variants."""
     import torch
 
-    from ear_dist.losses.windowed import window_index
-    from ear_dist.train.loss import reference_windowed_loss
+    from ear_dist.losses.windowed_reference import window_index
+    from ear_dist.train.step_loss import reference_windowed_loss
 
     device = torch.device(device)
     gpu = device.type == "cuda"
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ear_dist.train.loss import triton_available
+    from ear_dist.train.step_loss import triton_available
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

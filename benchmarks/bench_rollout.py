@@ -24,7 +24,7 @@ from transformers import GenerationConfig  # noqa: E402
 
 from benchmarks.common import Stat, rate_stat, ratio_stat, run_header  # noqa: E402
 from ear_dist.models.janus import load_janus  # noqa: E402
-from ear_dist.models.rollout import rollout_ids  # noqa: E402
+from ear_dist.models.janus.rollout import rollout_ids  # noqa: E402
 
 EAGER, GENERATE = "ours, eager loop", "transformers generate"
 
@@ -114,7 +114,7 @@ def measure_rollouts(bundle, ids, mask, guidance_weight: float = 5.0, lean: Opti
                                                           generation_config=short)
     if lean is not None:
         if lean == "uncaptured":
-            from ear_dist.models.decode import lean_rollout_ids
+            from ear_dist.models.janus.decode import lean_rollout_ids
 
             loops[f"ours, lean ({lean})"] = lambda: lean_rollout_ids(
                 bundle, ids, mask, lean, guidance_weight, 1.0, 0, True, None, bundle.num_image_tokens)

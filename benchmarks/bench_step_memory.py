@@ -42,11 +42,11 @@ def _one(variant: str, pairs: int, codebook: int, grid: int, teacher_guidance: f
     import torch
 
     from ear_dist.config import EraseConfig
-    from ear_dist.losses.windowed import guidance_combine, guided_target
+    from ear_dist.losses.windowed_reference import guidance_combine, guided_target
     from ear_dist.models.janus import build_preset
-    from ear_dist.models.presets import tiny_config
+    from ear_dist.models.janus.presets import tiny_config
     from ear_dist.teacher.colocated import ColocatedTeacher
-    from ear_dist.train.loss import windowed_loss
+    from ear_dist.train.step_loss import windowed_loss
     from ear_dist.train.step import ErasureStep, PairBatch, Updater
     from ear_dist.train.student import make_student
     from ear_dist.train.trainable import select_trainable_names

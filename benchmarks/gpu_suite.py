@@ -111,7 +111,7 @@ def build_model(scale: Scale, device: torch.device):
     """The suite's one model, built on ``device`` (random weights, seeded), prompts as ids if it has no tokenizer."""
     from ear_dist.bench.erase import with_prompt_ids
     from ear_dist.models.janus import build_preset
-    from ear_dist.models.presets import tiny_config
+    from ear_dist.models.janus.presets import tiny_config
 
     config = tiny_config(grid_side=scale.grid_side, codebook_size=256) if scale.grid_side else None
     with torch.device(device):  # construct on the device: initialising 7B parameters on a CPU takes minutes
@@ -165,7 +165,7 @@ def part_headline(bundle, scale: Scale, decode: str) -> dict:
     from ear_dist.bench.erase import bench_pairs
     from ear_dist.config import EraseConfig, OptimConfig, RolloutConfig, TrainableConfig
     from ear_dist.data.stream import PairBatch
-    from ear_dist.models.rollout import rollout
+    from ear_dist.models.janus.rollout import rollout
     from ear_dist.teacher.base import TeacherSettings
     from ear_dist.teacher.colocated import ColocatedTeacher
     from ear_dist.train.step import ErasureStep, Updater

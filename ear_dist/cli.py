@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _launch_errors() -> tuple:
-    from launch import HostlistError, LaunchError
+    from ear_dist.launch import HostlistError, LaunchError
 
     return LaunchError, HostlistError
 

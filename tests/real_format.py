@@ -73,7 +73,7 @@ def save_real_format_checkpoint(path, seed: int = 0, **config_overrides) -> Path
     from transformers import GenerationConfig, JanusForConditionalGeneration, JanusProcessor, PreTrainedTokenizerFast
     from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-    from ear_dist.models.presets import tiny_config
+    from ear_dist.models.janus.presets import tiny_config
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

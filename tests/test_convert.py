@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ear_dist.cli import main
-from ear_dist.models.convert import ConvertError, convert, find_converter
+from ear_dist.models.janus.convert import ConvertError, convert, find_converter
 from ear_dist.models.janus import load_janus
 
 STAND_IN = textwrap.dedent('''

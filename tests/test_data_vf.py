@@ -184,7 +184,7 @@ def test_hf_plugin_from_a_local_tiny_model(tiny_style_model):
 
 def test_filter_with_the_tiny_teacher():
     from ear_dist.models.janus import load_janus
-    from ear_dist.models.rollout import rollout
+    from ear_dist.models.janus.rollout import rollout
 
     bundle = load_janus("tiny", device="cpu", dtype="float32")
     generate, decode = teacher_functions(bundle, guidance_weight=5.0, batch_size=4)

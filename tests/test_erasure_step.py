@@ -8,12 +8,12 @@ from transformers import DynamicCache, JanusForConditionalGeneration
 
 from ear_dist.config import ConfigError, EraseConfig, RolloutConfig, TrainableConfig, load_config
 from ear_dist.data.pairs import PromptPair
-from ear_dist.losses.windowed import per_token_kl, per_token_mse
+from ear_dist.losses.windowed_reference import per_token_kl, per_token_mse
 from ear_dist.models.delta import DeltaError, apply_deltas, load_delta
 from ear_dist.models.janus import load_janus, position_ids_from_mask, teacher_forced
 from ear_dist.teacher.base import TeacherRequest, TeacherSettings
 from ear_dist.teacher.colocated import ColocatedTeacher
-from ear_dist.train.loss import windowed_loss
+from ear_dist.train.step_loss import windowed_loss
 from ear_dist.train.step import ErasureStep, PairBatch, Updater
 from ear_dist.train.student import make_student
 from ear_dist.train.trainable import select_trainable_names
@@ -370,7 +370,7 @@ def test_the_teacher_samples_from_the_prompt_the_config_names(tiny_bundle, rollo
     assert request.rollout_prompts == (SURROGATES if rollout_from == "surrogate" else TARGETS)
     want = teacher.rollout(request)
     ids, mask = tiny_bundle.encode_prompts(request.rollout_prompts)
-    from ear_dist.models.rollout import rollout_ids
+    from ear_dist.models.janus.rollout import rollout_ids
 
     torch.testing.assert_close(want, rollout_ids(tiny_bundle, ids, mask, 5.0, greedy=True, seeds=[0, 1]))
     assert not torch.equal(want, teacher.rollout(TeacherRequest(

@@ -25,7 +25,8 @@ HEAD = "model.generation_head.vision_head.weight"
 def make_delta(model_dir, out, scale=3.0, seed=1, tensor=HEAD):
     """A delta of the tiny model that changes what it draws (a random push on the image head)."""
     from ear_dist.models.delta import save_delta
-    from ear_dist.models.janus import load_janus, model_fingerprint
+    from ear_dist.models.fingerprint import model_fingerprint
+    from ear_dist.models.janus import load_janus
 
     bundle = load_janus(str(model_dir), device="cpu", dtype="float32")
     p = dict(bundle.model.named_parameters())[tensor].detach()

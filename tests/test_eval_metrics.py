@@ -55,7 +55,7 @@ def tiny_clip(tmp_path_factory):
     """A tiny random CLIP with a word tokenizer and an image processor, saved like a user's directory."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from ear_dist.models.presets import build_word_tokenizer
+    from ear_dist.models.janus.presets import build_word_tokenizer
 
     path = tmp_path_factory.mktemp("clip") / "clip"
     tok = build_word_tokenizer()

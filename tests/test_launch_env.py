@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from launch.env import (
+from ear_dist.launch.env import (
     DistEnv,
     LaunchError,
     discover,
@@ -26,7 +26,7 @@ from launch.env import (
     port_from_job_id,
     threads_per_rank,
 )
-from launch.hostlist import HostlistError, expand_hostlist, parse_tasks_per_node
+from ear_dist.launch.hostlist import HostlistError, expand_hostlist, parse_tasks_per_node
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPI_HINT = "mpirun not found: install Open MPI with `bash scripts/install_system_deps.sh`"
@@ -368,10 +368,10 @@ def test_init_process_group_single_rank():
 @pytest.mark.slow
 def test_missing_rank_fails_rendezvous_with_address():
     proc = run_python("""
-        from launch.env import discover, init_process_group
+        from ear_dist.launch.env import discover, init_process_group
         init_process_group(discover(), timeout_s=3)
     """, {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-          "MASTER_PORT": str(__import__("launch.env", fromlist=["x"])._free_port())})
+          "MASTER_PORT": str(__import__("ear_dist.launch.env", fromlist=["x"])._free_port())})
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert "LaunchError: rank 0 of 2" in stderr and "could not join the gloo process group" in stderr
@@ -379,7 +379,7 @@ def test_missing_rank_fails_rendezvous_with_address():
 
 DEAD_RANK_SCRIPT = """
     import os, time, torch, torch.distributed as dist
-    from launch.env import discover, init_process_group
+    from ear_dist.launch.env import discover, init_process_group
     env = discover()
     init_process_group(env, timeout_s=5)
     if env.rank == 1:
@@ -400,7 +400,7 @@ DEAD_RANK_SCRIPT = """
 @pytest.mark.slow
 @pytest.mark.parametrize("failure", ["exit", "stuck"])
 def test_dead_rank_gives_an_error_not_a_hang(failure):
-    from launch.env import _free_port
+    from ear_dist.launch.env import _free_port
 
     common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
               "FAILURE": failure}
@@ -428,7 +428,7 @@ def test_torchrun_two_processes_all_reduce():
     # `python -m torch.distributed.run` is torchrun; --standalone picks a free port.
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "launch.print_env", "--all-reduce", "--timeout-s=30"],
+         "-m", "ear_dist.launch.print_env", "--all-reduce", "--timeout-s=30"],
         cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -447,7 +447,7 @@ def test_mpirun_two_processes_all_reduce():
     result = subprocess.run(
         ["timeout", "90", mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2",
          "-x", "OMP_NUM_THREADS=1", "-x", "OMPI_MCA_btl=self,tcp", "-x", "PYTHONPATH=" + REPO_ROOT,
-         sys.executable, "-m", "launch.print_env", "--all-reduce", "--timeout-s=30"],
+         sys.executable, "-m", "ear_dist.launch.print_env", "--all-reduce", "--timeout-s=30"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (time.monotonic() - start, result.stdout, result.stderr[-3000:])
     reports = read_reports(result.stdout)

@@ -14,9 +14,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import ear_dist.kernels.windowed_loss as kernels  # noqa: E402
-from ear_dist.train.loss import resolve_backend, windowed_loss  # noqa: E402
-from ear_dist.losses.windowed import (  # noqa: E402
+import ear_dist.kernels.windowed_fused as kernels  # noqa: E402
+from ear_dist.train.step_loss import resolve_backend, windowed_loss  # noqa: E402
+from ear_dist.losses.windowed_reference import (  # noqa: E402
     guidance_combine,
     guided_target,
     per_token_kl,
@@ -287,7 +287,7 @@ _COMPILE_FOR_HOPPER = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import ear_dist.kernels.windowed_loss as K
+import ear_dist.kernels.windowed_fused as K
 
 target = GPUTarget("cuda", 90, 32)
 ptr, f32 = "*bf16", "*fp32"

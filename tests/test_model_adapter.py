@@ -16,7 +16,7 @@ from ear_dist.models.janus import (
     teacher_forced,
     unconditional_ids,
 )
-from ear_dist.models.rollout import rollout, rollout_ids
+from ear_dist.models.janus.rollout import rollout, rollout_ids
 
 PROMPTS = ["a photo of a church", "a red barn in a snowy field at night", "castle"]
 

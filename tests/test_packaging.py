@@ -62,7 +62,7 @@ def installed(tmp_path_factory):
 @pytest.mark.slow
 def test_the_wheel_carries_templates_deepspeed_configs_examples_and_launch(installed, tmp_path):
     python, _, venv, env = installed
-    code = ("import ear_dist, launch, json;"
+    code = ("import ear_dist, ear_dist.launch as launch, json;"
             "from ear_dist.distributed.deepspeed_engine import resolve_ds_config;"
             "from ear_dist.slurm.render import template_path;"
             "from ear_dist.config.loading import example_configs;"
@@ -90,6 +90,6 @@ def test_an_installed_ear_dist_renders_a_job_outside_the_checkout(installed, tmp
     assert "deepspeed_config: zero2" in config.read_text()
     # the job's own first commands, as the node runs them: the installed interpreter, no checkout on the path
     _run([str(python), "-m", "ear_dist", "slurm-env", "--config", str(config), "--check-gpus"], cwd=tmp_path, env=env)
-    _run([str(python), "-m", "launch.print_env", "--shell"], cwd=tmp_path, env=env)
+    _run([str(python), "-m", "ear_dist.launch.print_env", "--shell"], cwd=tmp_path, env=env)
     shown = _run([str(ear_dist), "config", "show", "--config", "church"], cwd=tmp_path, env=env).stdout
     assert "window_len: 48" in shown

@@ -5,13 +5,13 @@ import torch
 
 from ear_dist.config import ConfigError, EraseConfig, RolloutConfig, load_config
 from ear_dist.data.pairs import PromptPair
-from ear_dist.losses.windowed import per_token_kl
+from ear_dist.losses.windowed_reference import per_token_kl
 from ear_dist.models.delta import apply_deltas, load_delta
 from ear_dist.models.janus import load_janus, teacher_forced, unconditional_ids
 from ear_dist.teacher.base import TeacherRequest, TeacherSettings
 from ear_dist.teacher.colocated import ColocatedTeacher
 from ear_dist.train.adapters import EditedLinear, null_space_projector
-from ear_dist.train.loss import windowed_loss
+from ear_dist.train.step_loss import windowed_loss
 from ear_dist.train.preserve import AnchorSet, Preservation, anchor_prompts, surrogate_anchors
 from ear_dist.train.trainer import run_erase
 

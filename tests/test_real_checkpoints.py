@@ -15,7 +15,8 @@ from transformers import JanusForConditionalGeneration, JanusProcessor
 
 from ear_dist.cli import main
 from ear_dist.models.delta import DeltaError, apply_deltas
-from ear_dist.models.janus import ModelLoadError, load_janus, model_fingerprint, save_tiny_checkpoint
+from ear_dist.models.fingerprint import model_fingerprint
+from ear_dist.models.janus import ModelLoadError, load_janus, save_tiny_checkpoint
 from tests.real_format import BOI, break_tokenizer_like_sentencepiece, save_real_format_checkpoint
 
 PAIRS = [

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from ear_dist.config import load_config
-from ear_dist.models.decode import _DECODERS, counter_uniform, gumbel_sample, lean_rollout_ids, resolve_decode
+from ear_dist.models.janus.decode import _DECODERS, counter_uniform, gumbel_sample, lean_rollout_ids, resolve_decode
 from ear_dist.models.janus import build_preset
-from ear_dist.models.presets import tiny_config
-from ear_dist.models.rollout import rollout_ids
+from ear_dist.models.janus.presets import tiny_config
+from ear_dist.models.janus.rollout import rollout_ids
 from ear_dist.teacher.base import TeacherRequest, TeacherSettings
 from ear_dist.teacher.colocated import ColocatedTeacher
 

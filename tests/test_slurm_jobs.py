@@ -91,9 +91,9 @@ def test_rank_args_default_to_erase_with_the_resolved_config(tmp_path):
     cfg = _array_cfg(tmp_path)
     job = render_job(cfg, "erase_multinode", cwd=tmp_path)
     assert f"RANK_ARGS=(-m ear_dist erase --no-progress --config {job.config})" in job.text
-    print_env = load_config(base=cfg.to_dict(), overrides=["slurm.rank_args=-m launch.print_env --all-reduce"])
+    print_env = load_config(base=cfg.to_dict(), overrides=["slurm.rank_args=-m ear_dist.launch.print_env --all-reduce"])
     swapped = render_job(print_env, "erase_multinode", cwd=tmp_path)
-    assert "RANK_ARGS=(-m launch.print_env --all-reduce)" in swapped.text
+    assert "RANK_ARGS=(-m ear_dist.launch.print_env --all-reduce)" in swapped.text
 
 
 def test_a_misspelt_placeholder_is_named(tmp_path):

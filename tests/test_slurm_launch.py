@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from launch.env import port_from_job_id
-from launch.hostlist import expand_hostlist
+from ear_dist.launch.env import port_from_job_id
+from ear_dist.launch.hostlist import expand_hostlist
 from tests.slurm_cluster import parse_exit_code
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -54,7 +54,7 @@ def test_sbatch_job_runs_and_keeps_exit_code(slurm_cluster, tmp_path):
 
 
 def test_srun_two_tasks_on_two_nodes_agree_on_master(slurm_cluster):
-    result = slurm_cluster.run(["srun", "--nodes=2", "--ntasks=2", PYTHON, "-m", "launch.print_env"],
+    result = slurm_cluster.run(["srun", "--nodes=2", "--ntasks=2", PYTHON, "-m", "ear_dist.launch.print_env"],
                                extra_env=TASK_ENV, timeout=60)
     reports = reports_of(result.stdout)
     assert [(r["rank"], r["node_rank"], r["slurm_node"]) for r in reports] == \
@@ -72,9 +72,9 @@ def test_batch_script_exports_the_master_its_tasks_derive(slurm_cluster, tmp_pat
     script = (
         "#!/bin/bash\n"
         f"export PYTHONPATH={REPO_ROOT}\n"
-        f"eval \"$({PYTHON} -m launch.print_env --shell)\"\n"
+        f"eval \"$({PYTHON} -m ear_dist.launch.print_env --shell)\"\n"
         "echo \"batch $MASTER_ADDR $MASTER_PORT\"\n"
-        f"srun {PYTHON} -m launch.print_env\n"
+        f"srun {PYTHON} -m ear_dist.launch.print_env\n"
     )
     job_id = slurm_cluster.sbatch(script, ["--nodes=2", "--ntasks=2", f"--output={out}"])
     [record] = slurm_cluster.wait_job(job_id)
@@ -91,7 +91,7 @@ def test_job_array_of_three_tasks(slurm_cluster, tmp_path):
     script = (
         "#!/bin/bash\n"
         f"export PYTHONPATH={REPO_ROOT}\n"
-        f"{PYTHON} -m launch.print_env --shell > {tmp_path}/task_$SLURM_ARRAY_TASK_ID.txt\n"
+        f"{PYTHON} -m ear_dist.launch.print_env --shell > {tmp_path}/task_$SLURM_ARRAY_TASK_ID.txt\n"
         f"echo \"array $SLURM_ARRAY_JOB_ID $SLURM_ARRAY_TASK_ID $SLURM_JOB_ID\" >> {tmp_path}/task_$SLURM_ARRAY_TASK_ID.txt\n"
     )
     array_id = slurm_cluster.sbatch(script, ["--array=0-2", "--output=/dev/null"])
@@ -125,7 +125,7 @@ def test_srun_pmix_mpi4py_discovery_all_reduce(slurm_cluster):
     # between the emulated nodes (one machine): TCP only, and a TMPDIR per node.
     # timeout: a broken MPI setup hangs instead of failing.
     per_task = (f"export TMPDIR={slurm_cluster.tmpfs_root}/$SLURMD_NODENAME && "
-                f"exec {PYTHON} -m launch.print_env --all-reduce --timeout-s=30")
+                f"exec {PYTHON} -m ear_dist.launch.print_env --all-reduce --timeout-s=30")
     result = slurm_cluster.run(
         ["timeout", "90", "srun", "--mpi=pmix", "--nodes=2", "--ntasks=2", "bash", "-c", per_task],
         extra_env={**TASK_ENV, "OMPI_MCA_btl": "self,tcp"}, timeout=120, check=False)
@@ -143,10 +143,10 @@ def test_srun_torchrun_two_nodes_by_two_ranks(slurm_cluster):
     # One srun task per node runs torchrun; the c10d rendezvous sits at the
     # address and port every task derives from the job.
     per_node = (
-        f"eval \"$({PYTHON} -m launch.print_env --shell)\" && "
+        f"eval \"$({PYTHON} -m ear_dist.launch.print_env --shell)\" && "
         f"exec {PYTHON} -m torch.distributed.run --nnodes=2 --nproc_per_node=2 "
         "--rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv_id=$SLURM_JOB_ID "
-        "-m launch.print_env --all-reduce --timeout-s=30"
+        "-m ear_dist.launch.print_env --all-reduce --timeout-s=30"
     )
     result = slurm_cluster.run(
         ["timeout", "110", "srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2",

@@ -147,7 +147,7 @@ def test_more_gpus_than_the_allocation_fails_at_submit_and_in_the_job(slurm_clus
 
 
 # The command every rank runs; the erase entry point replaces it once the distributed engine lands.
-ALL_REDUCE = "-m launch.print_env --all-reduce --timeout-s=30"
+ALL_REDUCE = "-m ear_dist.launch.print_env --all-reduce --timeout-s=30"
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "srun", "mpi"])
@@ -171,7 +171,7 @@ def test_multinode_template_forms_two_by_two_ranks(slurm_cluster, tmp_path, laun
     for r in reports:
         by_node.setdefault(r["slurm_node"], []).append(r["local_rank"])
     assert {node: sorted(ranks) for node, ranks in by_node.items()} == {"node1": [0, 1], "node2": [0, 1]}
-    from launch.env import port_from_job_id
+    from ear_dist.launch.env import port_from_job_id
     assert f"rendezvous at 127.0.0.1:{port_from_job_id(job_id)}" in log
 
 

@@ -109,7 +109,7 @@ def test_janus_pro_7b_shape_on_meta_device():
     # aligner 8*4096+4096 + 4096^2+4096 = 16,818,176; head 4096^2+4096 + 4096*16384+16384 = 83,906,560
     assert shape.n_params == 6_071_504_896 + 16_818_176 + 83_906_560 == 6_172_229_632
     # the project's janus-pro-7b preset (untied text lm_head, outside N) has the same N
-    from ear_dist.models.presets import preset_config
+    from ear_dist.models.janus.presets import preset_config
 
     assert janus_flops_shape(preset_config("janus-pro-7b")).n_params == 6_172_229_632
     # a student step on a 600-token sequence: 6N + 12*30*4096*600

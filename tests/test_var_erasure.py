@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ear_dist.config import load_config
 from ear_dist.losses.svare import bit_error_filter, bitwise_filtered_ce, bitwise_svare_loss
-from ear_dist.losses.windowed import per_token_kl, scale_window_index
+from ear_dist.losses.windowed_reference import per_token_kl, scale_window_index
 from ear_dist.models.delta import apply_deltas
 from ear_dist.models.var.bundle import save_tiny_var_checkpoint
 from ear_dist.train.trainer import run_erase

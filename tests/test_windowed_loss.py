@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ear_dist.losses.svare import filtered_ce, preservation_kl, svare_loss
-from ear_dist.losses.windowed import (
+from ear_dist.losses.windowed_reference import (
     guidance_combine,
     guided_target,
     per_token_kl,

@@ -9,7 +9,8 @@ from ear_dist.cli import main
 from ear_dist.config import WorldConfig
 from ear_dist.models.janus import load_janus
 from ear_dist.world import World
-from ear_dist.world.pretrain import BUILD_INFO_FILE, build_hash, build_world_model, cache_root
+from ear_dist.world.pretrain import (BUILD_INFO_FILE, build_hash, build_world_model, cache_root,
+                                     pretraining_thread_count)
 
 # a model small enough to train a few steps in seconds on one core
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, batch_size=8,
@@ -106,12 +107,12 @@ def test_default_world_build_draws_every_concept(default_world_model):
         assert {"church (chapel)", "church (cathedral)", "cinema", "windmill", "van gogh", "monet"} <= set(required)
         assert min(required.values()) >= bound, (key, required)
     assert info["reached_target"], info["mean_accuracy"]
-    assert info["torch_threads"] == cfg.threads
+    assert info["torch_threads"] == pretraining_thread_count(cfg)
 
 
 def test_build_is_reproducible_whatever_the_ambient_thread_count(tmp_path):
     """Pretraining runs with world.threads threads, so the weights do not depend on the caller's setting."""
-    from ear_dist.world.pretrain import pretrain
+    from ear_dist.world.pretrain import pretrain, pretraining_thread_count
 
     # wide enough that matmuls split their sums over threads (at hidden 32 they do not)
     cfg = small_config(tmp_path, max_steps=4, eval_every=4, hidden_size=128, intermediate_size=256, batch_size=32)
@@ -121,13 +122,54 @@ def test_build_is_reproducible_whatever_the_ambient_thread_count(tmp_path):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             bundle, info = pretrain(World(cfg), progress=False, log=lambda _: None)
-            assert info["torch_threads"] == cfg.threads and torch.get_num_threads() == threads
+            assert info["torch_threads"] == pretraining_thread_count(cfg) and torch.get_num_threads() == threads
             weights.append({k: v.clone() for k, v in bundle.model.state_dict().items()})
     finally:
         torch.set_num_threads(ambient)
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_pretraining_threads_come_from_the_config_capped_at_the_cpus_given(tmp_path, monkeypatch):
+    """The caller's OMP_NUM_THREADS does not change the build; a process given fewer CPUs than world.threads
+    builds on as many threads as it has (another model, under its own cache key) instead of oversubscribing."""
+    cfg = small_config(tmp_path, threads=2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")  # no container CPU limit
+    monkeypatch.setattr("ear_dist.world.pretrain.CGROUP_CPU_MAX", quota)
+    assert pretraining_thread_count(cfg) == 2
+    wide = build_hash(World(cfg))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert pretraining_thread_count(cfg) == 1 and build_hash(World(cfg)) != wide
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    quota.write_text("150000 100000\n")  # a container limited to 1.5 CPUs
+    assert pretraining_thread_count(cfg) == 2
+    quota.write_text("100000 100000\n")
+    assert pretraining_thread_count(cfg) == 1
+    quota.write_text("max 100000\n")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert pretraining_thread_count(small_config(tmp_path, threads=4)) == 2
+
+
+def test_ear_dist_makes_idle_openmp_threads_sleep_unless_the_user_chose(tmp_path):
+    """Importing ear_dist (before torch, as the CLI does) sets OMP_WAIT_POLICY=PASSIVE; a user's value wins."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = "import os, ear_dist; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = root
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
 
 
 @pytest.mark.slow

@@ -266,7 +266,7 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
 
         raise InputError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     from ear_dist.distributed.runtime import init_runtime
-    from launch import discover
+    from ear_dist.launch import discover
 
     if cfg.dist.teacher_placement == "dedicated" and discover().world_size <= 1:
         echo("one rank: dist.teacher_placement=dedicated runs as colocated (a single rank holds its own teacher)")

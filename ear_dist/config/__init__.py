@@ -2,22 +2,21 @@
 
 The CLI, YAML/JSON files and the Slurm templates all fill the same dataclasses
 (``schema``); there is no second way to set a value. ``loading`` merges files, then
-``--set section.key=value`` overrides, and checks the result; ``args`` holds the
+``--set section.key=value`` overrides, and checks the result with ``checks`` (ranges and
+relations between keys); ``args`` holds the
 command-line flags every job command shares; ``commands`` is ``ear-dist config``.
 """
 
 from ear_dist.config.args import add_config_args, config_from_args
+from ear_dist.config.checks import ConfigError, get_key, validate
 from ear_dist.config.loading import (
-    ConfigError,
     config_yaml,
     example_configs,
     from_dict,
-    get_key,
     load_config,
     parse_override,
     read_file,
     save_config,
-    validate,
 )
 from ear_dist.config.schema import (
     ConceptOverride,

@@ -14,6 +14,8 @@ import json
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal, Optional
 
+from ear_dist.config.checks import validate
+
 # Named where code outside the config checks the same values (readers, loss dispatch).
 PairsFormat = Literal["auto", "ear-json", "ear-csv", "copro-json", "copro-csv", "sixcd", "coco", "hf", "jsonl",
                       "shards"]
@@ -371,9 +373,10 @@ class WorldConfig:
         0.95, "the built model's mean accuracy over every object, synonym and style must reach it")
     min_accuracy: float = setting(0.90, "... and every one of them must reach this")
     guidance_weight: float = setting(5.0, "classifier-free guidance weight of the pretraining checks' samples")
-    # Float sums depend on how work is split over threads, so a count fixed whatever the
-    # machine or OMP_NUM_THREADS say makes builds reproducible.
-    threads: int = setting(2, "CPU threads for pretraining")
+    # Float sums depend on how work is split over threads, so the count is part of the build,
+    # fixed whatever the caller's OMP_NUM_THREADS says (ear_dist.world.pretrain.pretraining_thread_count).
+    threads: int = setting(2, "CPU threads for pretraining, at most the CPUs the process may run on (the count is "
+                              "part of the build: another count builds other weights)")
 
 
 @dataclass
@@ -450,8 +453,6 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def validate(self) -> "Config":
-        """Check the values (see ``ear_dist.config.validate``); return self."""
-        from ear_dist.config.loading import validate
-
+        """Check the values (see ``ear_dist.config.checks.validate``); return self."""
         validate(self)
         return self

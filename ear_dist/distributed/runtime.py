@@ -59,7 +59,7 @@ class Runtime:
 
 def init_runtime(cfg: Config) -> Runtime:
     """Discover the launcher, join the process group (if several ranks) and assign roles."""
-    from launch import discover, export_env, init_process_group
+    from ear_dist.launch import discover, export_env, init_process_group
 
     env = discover()
     if env.world_size <= 1:

@@ -100,7 +100,7 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     from ear_dist.distributed.runtime import init_runtime
     from ear_dist.models.delta import check_deltas
     from ear_dist.models.family import load_model
-    from ear_dist.models.janus import model_fingerprint
+    from ear_dist.models.fingerprint import model_fingerprint
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

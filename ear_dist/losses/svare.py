@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ear_dist.losses.windowed import per_token_kl
+from ear_dist.losses.windowed_reference import per_token_kl
 
 __all__ = ["SVareLoss", "bit_error_filter", "bitwise_filtered_ce", "bitwise_preservation_kl", "bitwise_svare_loss",
            "code_distance_filter", "filtered_ce", "preservation_kl", "svare_loss"]

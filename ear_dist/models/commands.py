@@ -128,7 +128,7 @@ def run_merge_cmd(args) -> int:
 
 
 def run_convert_cmd(args) -> int:
-    from ear_dist.models.convert import convert
+    from ear_dist.models.janus.convert import convert
 
     out = convert(args.source, args.out, converter=args.converter)
     print(f"converted {args.source} into {out}; train with --set model.path={out}")

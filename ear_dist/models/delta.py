@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from ear_dist.errors import InputError
-from ear_dist.models.janus import model_fingerprint
+from ear_dist.models.fingerprint import model_fingerprint
 from ear_dist.storage import save_safetensors
 
 FORMAT = "ear-dist-delta/1"

@@ -24,8 +24,8 @@ from ear_dist.config import ConfigError
 from ear_dist.models.interface import ImageModel
 from ear_dist.models.images import decode_tokens
 from ear_dist.models.janus import JanusBundle, load_janus, save_janus, teacher_forced, unconditional_ids
-from ear_dist.models.presets import PRESETS
-from ear_dist.models.rollout import rollout_ids
+from ear_dist.models.janus.presets import PRESETS
+from ear_dist.models.janus.rollout import rollout_ids
 from ear_dist.models.var.presets import VAR_PRESETS
 from ear_dist.models.var.bundle import is_var_directory, load_var
 

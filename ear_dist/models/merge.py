@@ -21,7 +21,8 @@ import torch
 
 from ear_dist.errors import InputError
 from ear_dist.models.delta import apply_deltas, compare_changes, delta_metadata
-from ear_dist.models.janus import JanusBundle, load_janus, model_fingerprint, save_janus
+from ear_dist.models.fingerprint import model_fingerprint
+from ear_dist.models.janus import JanusBundle, load_janus, save_janus
 
 # Files the merge writes itself (weights, config) or replaces (the model card); every
 # other file of the base directory is copied as it is.

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from ear_dist.config import Config, ConfigError, load_config
 from ear_dist.errors import InputError
-from launch.env import run_command
+from ear_dist.launch.env import run_command
 
 
 class SlurmJobError(InputError, ValueError):
@@ -161,7 +161,7 @@ def check_partition(cfg: Config, run: Callable[[list[str]], Optional[str]] = run
 def check_inputs_exist(cfg: Config) -> None:
     """The model (a directory or a preset name) and the DeepSpeed config the job loads exist."""
     if not Path(cfg.model.path).exists():
-        from ear_dist.models.presets import PRESETS
+        from ear_dist.models.janus.presets import PRESETS
 
         if cfg.model.path not in PRESETS:
             raise SlurmJobError(f"model.path: {cfg.model.path} does not exist and is not a preset "

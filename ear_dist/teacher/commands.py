@@ -19,7 +19,7 @@ def register(sub) -> None:
 def run_precompute(args) -> int:
     from ear_dist.data.stream import open_pair_stream
     from ear_dist.models.family import load_model
-    from ear_dist.models.janus import model_fingerprint
+    from ear_dist.models.fingerprint import model_fingerprint
     from ear_dist.teacher.base import TeacherSettings
     from ear_dist.teacher.colocated import ColocatedTeacher
     from ear_dist.teacher.offline import precompute, run_requests

@@ -164,7 +164,7 @@ class OfflineTeacher(Teacher):
 @register_placement("offline")
 def _build(cfg, runtime, bundle, settings, steps) -> OfflineTeacher:
     from ear_dist.config import ConfigError
-    from ear_dist.models.janus import model_fingerprint
+    from ear_dist.models.fingerprint import model_fingerprint
 
     if not cfg.dist.teacher_dir:
         raise ConfigError("dist.teacher_dir: the offline placement needs the directory written by "

@@ -76,10 +76,6 @@ class MetricsWriter:
                 self._tb = SummaryWriter(log_dir=str(self.log_dir))
             self._jsonl = open(self.log_dir / JSONL_NAME, "a", encoding="utf-8")
 
-    @property
-    def jsonl_path(self) -> Path:
-        return self.log_dir / JSONL_NAME
-
     def declare(self, name: str, reduction: str) -> None:
         """Set how metric ``name`` (or an fnmatch pattern) is reduced over ranks."""
         self._reductions[name] = _check_reduction(name, reduction)

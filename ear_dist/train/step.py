@@ -4,7 +4,7 @@ EAR (the default): the teacher answers one :class:`TeacherRequest` with image to
 (sampled from the surrogate prompt unless the pair brings its own, or from the target
 prompt with ``erase.rollout_from=target``) and its raw teacher-forced outputs on both
 prompts. The student is teacher-forced on c_t over all positions at once. The loss
-(``ear_dist.train.loss``) builds the guided target
+(``ear_dist.train.step_loss``) builds the guided target
 ``M*(c_s) - eta * (M*(c_t) - M*(c_s))`` from those raw outputs (``hidden``: last hidden
 state, MSE; ``logit``: generation-head logits, KL), sums per-token losses over windows
 of ``window_len`` tokens (WGA), and windows whose sum is under ``loss_threshold`` carry
@@ -31,11 +31,11 @@ import torch
 from ear_dist.config import ConfigError, EraseConfig, RolloutConfig
 from ear_dist.data.stream import PairBatch
 from ear_dist.losses.svare import bitwise_svare_loss, code_distance_filter, svare_loss
-from ear_dist.losses.windowed import guidance_combine, scale_window_index, window_index
+from ear_dist.losses.windowed_reference import guidance_combine, scale_window_index, window_index
 from ear_dist.models.family import as_image_model
 from ear_dist.models.interface import ImageModel
 from ear_dist.teacher.base import Teacher, TeacherOutputs, TeacherRequest, TeacherSettings
-from ear_dist.train.loss import windowed_loss
+from ear_dist.train.step_loss import windowed_loss
 from ear_dist.train.prefix_cache import PrefixCache
 from ear_dist.train.preserve import Preservation
 from ear_dist.train.updater import Updater

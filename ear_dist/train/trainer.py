@@ -1,7 +1,7 @@
 """The erasure job: load, build the parts, loop over steps, write the delta.
 
 The same function runs in one process or on every rank of a launched job
-(torchrun, srun, mpirun, deepspeed): ``launch.discover`` finds the rank, the runtime
+(torchrun, srun, mpirun, deepspeed): ``ear_dist.launch.discover`` finds the rank, the runtime
 assigns roles, and the parts are built without the job knowing where the teacher
 runs or which ZeRO stage holds the student. Before anything is trained the run
 decides what to do with its ``train.out_dir`` (``run_state``: resume, refuse, or start
@@ -26,7 +26,7 @@ from ear_dist.data.stream import PairStream, check_source, load_training_pairs, 
 from ear_dist.errors import RunFailure
 from ear_dist.models.delta import save_delta
 from ear_dist.models.family import load_model
-from ear_dist.models.janus import model_fingerprint
+from ear_dist.models.fingerprint import model_fingerprint
 from ear_dist.storage import write_text_atomic
 from ear_dist.teacher.base import TeacherSettings, build_teacher
 from ear_dist.telemetry.memory import current_rss_bytes

@@ -106,10 +106,6 @@ class Outcome:
         return self.erasure_figures.worst
 
     @property
-    def erasure_mean(self) -> float:
-        return float(np.mean(list(self.erasure.values())))
-
-    @property
     def preservation_mean(self) -> Optional[float]:
         """The preservation ratio: mean of the per-concept ratios."""
         return self.preservation_figures.mean

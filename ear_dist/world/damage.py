@@ -26,7 +26,7 @@ OBJECTS_SHOWN = ("barn", "theater", "castle", "church")
 
 def _draws(world, bundle, n: int) -> dict:
     """Per object: how many of its n prompts' images show each object, and the hit rate."""
-    from ear_dist.models.rollout import rollout
+    from ear_dist.models.janus.rollout import rollout
     from ear_dist.world.grammar import OBJECTS
 
     out = {}
@@ -42,7 +42,7 @@ def _draws(world, bundle, n: int) -> dict:
 
 def _kl(world, base, erased, n: int) -> dict:
     from ear_dist.models.janus import teacher_forced, unconditional_ids
-    from ear_dist.models.rollout import rollout
+    from ear_dist.models.janus.rollout import rollout
 
     w = world.config.guidance_weight
     out = {}

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,6 +48,7 @@ BUILD_INFO_FILE = "world_build.json"
 _TRAIN_STREAM = 1_000_000  # world.sample stream of training step s is _TRAIN_STREAM + s
 _EVAL_STREAMS = (0xE7A1, 0xE7A2)  # progress checks alternate between these held-out sets; the target pools both
 _CONFIRM_STREAM = 0xC0F1  # a third held-out set, drawn once after training
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" of a container's CPU limit, or "max ..."
 
 # The fields of WorldConfig that shape the model or its training (the rest shape the data).
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "batch_size", "lr",
@@ -63,8 +65,10 @@ def cache_root(config: WorldConfig) -> Path:
 
 
 def build_hash(world: World) -> str:
-    """Hash of the world plus every model and pretraining setting: the cache key."""
+    """Hash of the world plus every model and pretraining setting (the thread count as the build
+    runs it): the cache key."""
     settings = {k: getattr(world.config, k) for k in MODEL_FIELDS}
+    settings["threads"] = pretraining_thread_count(world.config)  # the count the build runs on
     text = json.dumps({"world": world.config_hash, "model": settings}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -125,7 +129,7 @@ def _new_model(world: World):
         return build_var_preset("tiny-var", seed=c.seed, config=config, extra_words=World.vocabulary())
     from ear_dist.models.family import as_image_model
     from ear_dist.models.janus import build_preset
-    from ear_dist.models.presets import tiny_config
+    from ear_dist.models.janus.presets import tiny_config
 
     config = tiny_config(hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
                          intermediate_size=c.intermediate_size, grid_side=c.grid_side, codebook_size=c.codebook_size)
@@ -141,14 +145,83 @@ def image_token_loss(logits: torch.Tensor, tokens: torch.Tensor, groups: int) ->
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, 2), token_bits(tokens, groups).reshape(-1))
 
 
+def cpus_given() -> int:
+    """The CPUs this process may run on: its affinity (taskset, Slurm's binding), lowered by a
+    cgroup CPU quota (a container's ``--cpus``) when one is set."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        count = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+def pretraining_thread_count(config: WorldConfig) -> int:
+    """``world.threads``, capped at the CPUs this process may run on.
+
+    The count is part of the build (float sums depend on how work is split over threads), so
+    it comes from the config, never from the caller's thread setting (``OMP_NUM_THREADS``,
+    ``torch.set_num_threads``): the same config gives the same weights whatever the caller
+    set. More threads than CPUs only spin against each other, so a process given fewer CPUs
+    builds with that many: another model, cached under its own hash.
+    """
+    return max(1, min(config.threads, cpus_given()))
+
+
+@contextmanager
+def pretraining_threads(config: WorldConfig):
+    """Run the block on ``pretraining_thread_count(config)`` intra-op threads, then give the
+    caller's count back; yields the count."""
+    ambient = torch.get_num_threads()
+    threads = pretraining_thread_count(config)
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(ambient)
+
+
 def pretrain(world: World, progress: bool = True, log: Callable[[str], None] = print):
     """Train a fresh tiny model on the world with ``world.threads`` CPU threads; returns (bundle, info dict)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(world.config.threads)
-    try:
+    with pretraining_threads(world.config):
         return _pretrain(world, progress, log)
-    finally:
-        torch.set_num_threads(threads)
+
+
+class PretrainingStep:
+    """One optimizer step of world pretraining (step ``s`` draws training batch ``s``); called by
+    ``pretrain`` and timed as it is by ``benchmarks/bench_world_threads.py``."""
+
+    def __init__(self, world: World, bundle):
+        c = world.config
+        self.world, self.bundle, self.batch_size, self.uncond_prob = world, bundle, c.batch_size, c.uncond_prob
+        # the VQ image decoder and the understanding tower take no part in text-to-image training
+        self.params = [p for n, p in bundle.model.named_parameters()
+                       if not n.startswith(("model.vqmodel", "model.vision_model", "model.aligner", "lm_head"))]
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=0.0)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, c.warmup_steps, c.decay_steps))
+        self.drop_rng = np.random.default_rng(np.random.SeedSequence([c.seed, 0xD409]))
+
+    def __call__(self, step: int) -> torch.Tensor:
+        bundle = self.bundle
+        batch = self.world.sample(self.batch_size, "all", stream=_TRAIN_STREAM + step)
+        cond, attention_mask = bundle.encode_prompts(batch.prompts)
+        dropped = torch.from_numpy(self.drop_rng.random(len(batch)) < self.uncond_prob)
+        cond = torch.where(dropped.view(-1, *[1] * (cond.dim() - 1)), bundle.unconditional(cond), cond)
+        image_tokens = torch.from_numpy(batch.tokens)
+        _, logits = bundle.teacher_forced(bundle.model, cond, attention_mask, image_tokens)
+        loss = image_token_loss(logits, image_tokens, bundle.logit_groups)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.schedule.step()
+        return loss.detach()
 
 
 def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
@@ -156,12 +229,7 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
     bundle = _new_model(world)
     model = bundle.model
     model.train()
-    # the VQ image decoder and the understanding tower take no part in text-to-image training
-    params = [p for n, p in model.named_parameters() if not n.startswith(("model.vqmodel", "model.vision_model",
-                                                                             "model.aligner", "lm_head"))]
-    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, c.warmup_steps, c.decay_steps))
-    drop_rng = np.random.default_rng(np.random.SeedSequence([c.seed, 0xD409]))
+    train_step = PretrainingStep(world, bundle)
     eval_sets = [evaluation_batch(world, stream)[0] for stream in _EVAL_STREAMS]
     history = []
     started = time.perf_counter()
@@ -173,18 +241,7 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
         bar = tqdm(steps, desc="world pretraining", unit="step")
         steps = bar
     for step in steps:
-        batch = world.sample(c.batch_size, "all", stream=_TRAIN_STREAM + step)
-        cond, attention_mask = bundle.encode_prompts(batch.prompts)
-        dropped = torch.from_numpy(drop_rng.random(len(batch)) < c.uncond_prob)
-        cond = torch.where(dropped.view(-1, *[1] * (cond.dim() - 1)), bundle.unconditional(cond), cond)
-        image_tokens = torch.from_numpy(batch.tokens)
-        _, logits = bundle.teacher_forced(model, cond, attention_mask, image_tokens)
-        loss = image_token_loss(logits, image_tokens, bundle.logit_groups)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        loss = train_step(step)
         if bar is not None:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % c.eval_every == 0 and step < c.max_steps:
@@ -238,6 +295,10 @@ def build_world_model(config: WorldConfig, force: bool = False, progress: bool =
         log(f"world model: cached at {out} (built in {info['seconds']:.0f} s, {info['steps']} steps)")
         _warn_if_short(info, log)
         return out, info
+    threads = pretraining_thread_count(config)
+    if threads < config.threads:
+        log(f"world model: world.threads={config.threads} but this process may run on {threads} CPU(s): pretraining "
+            f"on {threads} thread(s), which builds another model than {config.threads} threads do (cached apart)")
     bundle, info = pretrain(world, progress=progress, log=log)
     _warn_if_short(info, log)
     # write beside the final directory and rename, so a crash never leaves a half model in the cache

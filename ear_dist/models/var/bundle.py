@@ -24,7 +24,7 @@ import torch
 
 from ear_dist.models.interface import ImageModel
 from ear_dist.models.janus import ModelLoadError, resolve_device, resolve_dtype
-from ear_dist.models.presets import build_word_tokenizer
+from ear_dist.models.janus.presets import build_word_tokenizer
 from ear_dist.models.var.bsq import (BsqDecoder, check_tokens, normalise_decoder_keys, summed_codes,
                                      teacher_forcing_inputs)
 from ear_dist.models.var.config import VarConfig

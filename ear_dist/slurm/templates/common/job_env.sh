@@ -47,6 +47,6 @@ echo "$EAR_CONFIG_SHA256  $EAR_CONFIG" | sha256sum --check --status || {
 
 # Rendezvous: the first host of the allocation (its NodeAddr when the name does not
 # resolve) and a port derived from the job id; every srun task derives the same values.
-launch_env=$("$PYTHON" -m launch.print_env --shell) || exit $?
+launch_env=$("$PYTHON" -m ear_dist.launch.print_env --shell) || exit $?
 eval "$launch_env"
 echo "ear-dist: rendezvous at $MASTER_ADDR:$MASTER_PORT"

@@ -22,7 +22,7 @@ kept alive until backward: only one gradient buffer in the student's dtype. Back
 multiplies it in place by the incoming scalar gradient (a no-op kernel when that is 1).
 
 The guided target and all arithmetic are float32 whatever the input dtype. The
-plain-PyTorch definition is ``ear_dist.losses.windowed``; the tests compare the two.
+plain-PyTorch definition is ``ear_dist.losses.windowed_reference``; the tests compare the two.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ear_dist.losses.windowed import WindowedLoss, thresholds, token_keep, window_sums
+from ear_dist.losses.windowed_reference import WindowedLoss, thresholds, token_keep, window_sums
 
 __all__ = ["fused_windowed_loss"]
 
@@ -310,7 +310,7 @@ def fused_windowed_loss(
 ) -> WindowedLoss:
     """The windowed, threshold-masked loss through the Triton kernels.
 
-    Same contract and numbers as ``ear_dist.train.loss.windowed_loss`` with
+    Same contract and numbers as ``ear_dist.train.step_loss.windowed_loss`` with
     ``backend="torch"``; see there for the arguments. ``block_size`` (a power of two)
     sets the chunk over the last dimension; by default the whole width up to 4096.
     """

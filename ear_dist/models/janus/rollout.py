@@ -6,7 +6,7 @@ with every token but BOS and begin-of-image replaced by pad), as transformers' J
 a prompt's image independent of the batch it was sampled in.
 
 ``decode`` picks the token loop: ``eager`` (the loop below), or the lean path of
-``ear_dist.models.decode`` (``compiled``, ``cuda_graph``; ``auto`` = cuda_graph on CUDA,
+``ear_dist.models.janus.decode`` (``compiled``, ``cuda_graph``; ``auto`` = cuda_graph on CUDA,
 eager elsewhere), which gives the same tokens under greedy decoding.
 """
 
@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import StaticCache
 
-from ear_dist.models.decode import lean_rollout_ids, resolve_decode, tempered_logits
-from ear_dist.models.janus import JanusBundle, position_ids_from_mask, unconditional_ids
+from ear_dist.models.janus.bundle import JanusBundle, position_ids_from_mask, unconditional_ids
+from ear_dist.models.janus.decode import lean_rollout_ids, resolve_decode, tempered_logits
 from ear_dist.models.sampling import in_batches
 
 

@@ -32,7 +32,7 @@ import torch
 from transformers import StaticCache
 
 from ear_dist.config import ConfigError
-from ear_dist.models.janus import JanusBundle, position_ids_from_mask, unconditional_ids
+from ear_dist.models.janus.bundle import JanusBundle, position_ids_from_mask, unconditional_ids
 
 DECODE_MODES = ("eager", "compiled", "cuda_graph", "auto")
 _MASK32 = 0xFFFFFFFF

@@ -3,8 +3,8 @@
 ``windowed_loss(...)`` builds the guided target from the teacher's outputs on the
 target, surrogate (and unconditional) prompts with per-row erasure guidance, then
 per-token loss -> window sums -> threshold mask -> scaled loss, either with the
-plain-PyTorch reference (``ear_dist.losses.windowed``) or with the fused Triton kernels
-(``ear_dist.kernels.windowed_loss``), which build the target in registers and never
+plain-PyTorch reference (``ear_dist.losses.windowed_reference``) or with the fused Triton kernels
+(``ear_dist.kernels.windowed_fused``), which build the target in registers and never
 materialise a ``[B, T, V]`` target. The numbers are the same either way (float32
 arithmetic; the tests compare values and gradients). ``erase.loss_backend`` selects
 the backend. This module sits above both implementations, so imports run one way:
@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 
 from ear_dist.config.schema import LossBackend, TargetMode
-from ear_dist.losses.windowed import (
+from ear_dist.losses.windowed_reference import (
     WindowedLoss,
     guidance_combine,
     guided_target,
@@ -84,7 +84,7 @@ def windowed_loss(
     (KL(guided || student) on generation-head logits ``[B, T, V]``). ``student`` is the
     student's output on the target prompt; ``on_target`` / ``on_surrogate`` the frozen
     teacher's on the target / surrogate prompt (constants). ``window_index`` ``[B, T]``
-    from :func:`ear_dist.losses.windowed.window_index`. ``loss_threshold`` and
+    from :func:`ear_dist.losses.windowed_reference.window_index`. ``loss_threshold`` and
     ``erase_guidance``: a float or one value per row. Logit mode only: ``uncond``, the
     teacher's logits on the unconditional prompt; when given, teacher-side CFG with
     ``guidance_weight`` is applied to both prompts' logits before the guidance. A window
@@ -113,7 +113,7 @@ def windowed_loss(
         resolve_backend(backend, student.device)
         backend = "torch"
     if resolve_backend(backend, student.device) == "triton":
-        from ear_dist.kernels.windowed_loss import fused_windowed_loss
+        from ear_dist.kernels.windowed_fused import fused_windowed_loss
 
         return fused_windowed_loss(
             mode, student, on_target, on_surrogate, window_index, loss_threshold, erase_guidance,

@@ -1,13 +1,13 @@
-"""Print what ``launch.env.discover()`` finds, as one JSON line per process.
+"""Print what ``ear_dist.launch.env.discover()`` finds, as one JSON line per process.
 
-    python -m launch.print_env                 # the discovered DistEnv as JSON
-    python -m launch.print_env --shell         # export MASTER_ADDR/MASTER_PORT lines
-    python -m launch.print_env --all-reduce    # also join the process group and all_reduce
+    python -m ear_dist.launch.print_env                 # the discovered DistEnv as JSON
+    python -m ear_dist.launch.print_env --shell         # export MASTER_ADDR/MASTER_PORT lines
+    python -m ear_dist.launch.print_env --all-reduce    # also join the process group and all_reduce
 
 With --all-reduce every rank contributes rank+1 to a sum; the JSON then carries
 "all_reduce_sum" (world_size*(world_size+1)/2 when the group works) and the
 backend used. The launch tests run this under srun, mpirun and torchrun. In an sbatch script,
-`eval "$(python -m launch.print_env --shell)"` gives the address that the
+`eval "$(python -m ear_dist.launch.print_env --shell)"` gives the address that the
 script's srun tasks derive, e.g. for `torchrun --rdzv_endpoint`.
 """
 
@@ -20,12 +20,12 @@ import shlex
 import socket
 import sys
 
-from launch.env import discover, export_env, init_process_group
+from ear_dist.launch.env import discover, export_env, init_process_group
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m launch.print_env``."""
-    parser = argparse.ArgumentParser(prog="python -m launch.print_env", description=__doc__,
+    """Entry point of ``python -m ear_dist.launch.print_env``."""
+    parser = argparse.ArgumentParser(prog="python -m ear_dist.launch.print_env", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shell", action="store_true",
                         help="print shell export lines instead of JSON")

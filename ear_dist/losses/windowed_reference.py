@@ -12,7 +12,7 @@ The order of operations is the one of the paper:
    contributes nothing, and its tokens get an exactly zero gradient.
 
 These functions are the definition the fused Triton kernels
-(``ear_dist.kernels.windowed_loss``) are tested against; ``ear_dist.train.loss``
+(``ear_dist.kernels.windowed_fused``) are tested against; ``ear_dist.train.step_loss``
 picks one or the other with the same numbers either way.
 """
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ear_dist.models.janus import ModelLoadError, is_original_format, load_janus, read_config_json
+from ear_dist.models.janus.bundle import ModelLoadError, is_original_format, load_janus, read_config_json
 from ear_dist.models.merge import replace_dir
 from ear_dist.errors import InputError
 

@@ -34,7 +34,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from launch.hostlist import expand_hostlist, parse_tasks_per_node
+from ear_dist.launch.hostlist import expand_hostlist, parse_tasks_per_node
 
 DEFAULT_MASTER_PORT = 29500
 # Ports derived from a Slurm job id land in [10000, 60000), clear of the

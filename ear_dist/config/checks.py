@@ -1,0 +1,148 @@
+"""What types alone do not check: ranges and relations between keys of a ``Config``.
+
+This module reads a config by attribute and type hints and imports nothing of
+``schema``, so that ``Config.validate`` (in ``schema``) and ``loading`` both use it
+and no two config modules import each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+from ear_dist.errors import InputError
+
+
+class ConfigError(InputError, ValueError):
+    """A config value that cannot be used; the message names the dotted key."""
+
+
+def check_choice(value: Any, tp: Any, key: str) -> Any:
+    """``value`` when it is one of the ``Literal`` type's values, else a ConfigError listing them."""
+    choices = typing.get_args(tp)
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def validate(cfg: Any) -> None:
+    """Check values that types alone do not catch; raise ConfigError naming the key."""
+    # Files and --set are checked against the Literal types while loading; this catches
+    # a config built or changed in Python.
+    _validate_choices(cfg, "")
+    positives = [
+        "erase.window_len", "erase.window_scales", "train.steps", "train.pairs_per_step", "train.log_every",
+        "rollout.batch_size",
+        "data.ecg.llm_pairs_per_request", "data.vf.batch_size", "data.vf.top_k",
+        "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
+        "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
+        "world.batch_size", "world.max_steps", "world.decay_steps", "world.eval_every", "world.eval_prompts_per_word",
+        "world.threads", "eval.images_per_prompt", "eval.coco_size", "eval.world_prompts", "eval.classifier.top_k",
+    ]
+    for key in positives:
+        if get_key(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")
+    if not 0.0 < cfg.erase.svare_bit_error_share <= 1.0:
+        raise ConfigError(f"erase.svare_bit_error_share: must be in (0, 1], got {cfg.erase.svare_bit_error_share}")
+    if cfg.erase.svare_scales < 0:
+        raise ConfigError(f"erase.svare_scales: must be >= 0, got {cfg.erase.svare_scales}")
+    if cfg.erase.loss_threshold < 0:
+        raise ConfigError(f"erase.loss_threshold: must be >= 0, got {cfg.erase.loss_threshold}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if cfg.trainable.first_k_layers < 0:
+        raise ConfigError("trainable.first_k_layers: must be >= 0")
+    if not 0 <= cfg.trainable.skip_first_layers < max(cfg.trainable.first_k_layers, 1):
+        raise ConfigError(f"trainable.skip_first_layers: must be in [0, first_k_layers) = [0, "
+                          f"{cfg.trainable.first_k_layers}), got {cfg.trainable.skip_first_layers}")
+    if not 0.0 < cfg.erase.esd_patch_fraction <= 1.0:
+        raise ConfigError("erase.esd_patch_fraction: must be in (0, 1]")
+    if cfg.world.grid_side < 4:
+        raise ConfigError(f"world.grid_side: must be >= 4, got {cfg.world.grid_side}")
+    if not 0.0 <= cfg.world.uncond_prob < 1.0:
+        raise ConfigError(f"world.uncond_prob: must be in [0, 1), got {cfg.world.uncond_prob}")
+    if cfg.world.hidden_size % cfg.world.num_heads:
+        raise ConfigError(f"world.hidden_size ({cfg.world.hidden_size}) must be divisible by world.num_heads "
+                          f"({cfg.world.num_heads})")
+    for key in ("preserve.per_step", "preserve.refresh_every", "trainable.lora_rank"):
+        if get_key(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")
+    if cfg.preserve.weight < 0 or cfg.preserve.probe_every < 0 or cfg.preserve.drift_power < 0:
+        raise ConfigError("preserve.weight, preserve.probe_every and preserve.drift_power must be >= 0")
+    if not 0.0 < cfg.preserve.nullspace_energy < 1.0:
+        raise ConfigError(f"preserve.nullspace_energy: must be in (0, 1), got {cfg.preserve.nullspace_energy}")
+    if cfg.preserve.surrogates < 0:
+        raise ConfigError(f"preserve.surrogates: must be >= 0, got {cfg.preserve.surrogates}")
+    if cfg.preserve.surrogates and not (cfg.preserve.weight > 0 or cfg.preserve.nullspace):
+        raise ConfigError("preserve.surrogates: anchors are used only by preserve.weight > 0 or preserve.nullspace; "
+                          "turn one on or leave preserve.surrogates at 0")
+    if (cfg.preserve.weight > 0 or cfg.preserve.nullspace) and not (
+            cfg.preserve.prompts or cfg.preserve.prompts_file or cfg.preserve.surrogates):
+        raise ConfigError("preserve.prompts: preserve.weight > 0 or preserve.nullspace needs anchor prompts "
+                          "(preserve.prompts, preserve.prompts_file or preserve.surrogates)")
+    if cfg.preserve.probe_every and not cfg.preserve.probe_prompts:
+        raise ConfigError("preserve.probe_prompts: preserve.probe_every > 0 needs probe prompts")
+    if not cfg.preserve.branches:
+        raise ConfigError("preserve.branches: name at least one of guided, uncond, cond")
+    if cfg.erase.method == "svare" and cfg.erase.reference_prompt == "unconditional":
+        raise ConfigError("erase.reference_prompt: unconditional applies to the guided targets of ear/esd; "
+                          "S-VARE trains toward the surrogate's tokens")
+    if cfg.erase.window_prefix == "cached" and cfg.model.family != "janus":
+        raise ConfigError(f"erase.window_prefix: cached is for next-token models (model.family=janus); "
+                          f"a {cfg.model.family} model predicts whole scales (use window_prefix=recompute)")
+    if cfg.erase.window_prefix == "cached" and cfg.erase.teacher_guidance_weight > 0 and cfg.erase.method == "ear":
+        raise ConfigError("erase.window_prefix: cached keeps the conditional branch's keys and values only; with "
+                          "erase.teacher_guidance_weight > 0 the student's unconditional branch is combined too "
+                          "(use window_prefix=recompute)")
+    if cfg.erase.method == "svare" and cfg.erase.rollout_from == "target":
+        raise ConfigError("erase.rollout_from: target with erase.method=svare would train the student toward the "
+                          "concept's own image tokens; S-VARE needs the surrogate's rollouts (rollout_from=surrogate)")
+    for name, ov in cfg.erase.concepts.items():
+        if ov.window_len is not None and ov.window_len < 1:
+            raise ConfigError(f"erase.concepts.{name}.window_len: must be >= 1, got {ov.window_len}")
+        if ov.loss_threshold is not None and ov.loss_threshold < 0:
+            raise ConfigError(f"erase.concepts.{name}.loss_threshold: must be >= 0")
+    _validate_slurm(cfg.slurm)
+
+
+def _validate_choices(section: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, tp = getattr(section, f.name), hints[f.name]
+        if typing.get_origin(tp) is Literal:
+            check_choice(value, tp, prefix + f.name)
+        elif dataclasses.is_dataclass(value):
+            _validate_choices(value, f"{prefix}{f.name}.")
+
+
+def _validate_slurm(slurm: Any) -> None:
+    for key in ("nodes", "cpus_per_task"):
+        if getattr(slurm, key) < 1:
+            raise ConfigError(f"slurm.{key}: must be >= 1, got {getattr(slurm, key)}")
+    for key in ("gpus_per_node", "tasks_per_node", "signal_before_s", "array_parallel", "max_restarts"):
+        if getattr(slurm, key) < 0:
+            raise ConfigError(f"slurm.{key}: must be >= 0, got {getattr(slurm, key)}")
+    if slurm.gpus_per_node and slurm.tasks_per_node > slurm.gpus_per_node:
+        raise ConfigError(
+            f"slurm.tasks_per_node: {slurm.tasks_per_node} ranks per node but slurm.gpus_per_node is "
+            f"{slurm.gpus_per_node}; each rank needs its own GPU (0 = one rank per GPU)")
+    if not slurm.job_name or any(c.isspace() for c in slurm.job_name):
+        raise ConfigError(f"slurm.job_name: must be non-empty without spaces, got {slurm.job_name!r}")
+    seen = set()
+    for i, concept in enumerate(slurm.concepts):
+        if not concept.strip():
+            raise ConfigError(f"slurm.concepts[{i}]: empty concept name")
+        if concept in seen:
+            raise ConfigError(f"slurm.concepts[{i}]: {concept!r} is listed twice")
+        seen.add(concept)
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    """The value at ``section.key`` (dicts and dataclasses alike)."""
+    obj = cfg
+    for part in dotted.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
