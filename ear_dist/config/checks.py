@@ -17,6 +17,8 @@ from ear_dist.errors import InputError
 class ConfigError(InputError, ValueError):
     """A config value that cannot be used; the message names the dotted key."""
 
+    kind = "config error"
+
 
 def check_choice(value: Any, tp: Any, key: str) -> Any:
     """``value`` when it is one of the ``Literal`` type's values, else a ConfigError listing them."""
