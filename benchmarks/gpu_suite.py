@@ -498,7 +498,7 @@ class Suite:
         self.record: dict = {
             "suite": "gpu_suite", "mode": "smoke" if smoke else "full",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": command_line(), "machine": machine_line(), "versions": _versions(),
+            "command": command_line(), "machine": machine_line(), "versions": _versions(), "commit": _commit(),
             "scale": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in dataclasses.asdict(scale).items()},
             "parts": {}, "complete": False,
         }
@@ -603,6 +603,20 @@ def _versions() -> dict:
     return out
 
 
+def _commit() -> Optional[str]:
+    """The code measured: $EAR_DIST_COMMIT (a copy without git history, as on a lent GPU machine), else git's HEAD."""
+    if os.environ.get("EAR_DIST_COMMIT"):
+        return os.environ["EAR_DIST_COMMIT"]
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def _finite(value):
     """JSON-safe: non-finite floats become None."""
     if isinstance(value, float):
@@ -677,6 +691,7 @@ def markdown(record: dict) -> str:
     lines = [f"# GPU suite ({record['mode']})", "",
              f"- date: {record['date']}", f"- {record['machine']}", f"- command: `{record['command']}`",
              f"- versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}",
+             f"- commit: {record.get('commit') or 'unknown'}",
              f"- {'complete' if record['complete'] else 'INCOMPLETE'}, {record['seconds']:.0f} s"]
     if record.get("decode_fallback"):
         lines.append(f"- {record['decode_fallback']}")

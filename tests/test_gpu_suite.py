@@ -37,7 +37,7 @@ def test_smoke_suite_runs_every_part_and_writes_what_it_measured(tmp_path):
     assert {name: p["status"] for name, p in record["parts"].items()} == {
         "headline": "done", "many": "done", "eval": "done", "rollout": "done", "step": "done", "mfu": "done",
         "loss": "done", "var": "done", "exact": "done"}
-    assert "gpu_suite.py --smoke" in record["command"] and record["versions"]["torch"]
+    assert "gpu_suite.py --smoke" in record["command"] and record["versions"]["torch"] and record["commit"]
 
     rollout = record["parts"]["rollout"]["figures"]
     assert rollout["same_tokens_as_eager: ours, lean (uncaptured)"] is True
