@@ -375,23 +375,36 @@ def part_eval(bundle, scale: Scale, decode: str) -> dict:
     weights = sum(p.numel() * p.element_size() for name in ("language_model", "generation_embeddings",
                                                              "generation_aligner", "generation_head")
                   for p in getattr(inner, name).parameters())
-    kv_mean = 2 * batch * (prompt_len + tokens_per_image / 2) * as_image_model(bundle).kv_bytes_per_token
+    kv_per_position = 2 * batch * as_image_model(bundle).kv_bytes_per_token  # CFG: two rows per prompt
+    kv_mean = kv_per_position * (prompt_len + tokens_per_image / 2)  # the positions filled, on average
+    kv_full = kv_per_position * (prompt_len + tokens_per_image)  # a static cache's attention reads every position
     bandwidth = _bandwidth_gb_s(device)
     out = {"batch": batch, "cfg_rows": 2 * batch, "prompt_tokens": prompt_len, "image_tokens": tokens_per_image,
            "decode": decode, "kv_budget_gib": budget.bytes / 2**30, "kv_budget_source": budget.source,
            "kv_cache_gib": batch * per_prompt / 2**30, "first_batch_s": first_s,
            "images_per_s": rate_stat(sample_s, batch).as_dict(),
            "images_per_s_with_vq_decode": rate_stat([a + b for a, b in zip(sample_s, decode_s)], batch).as_dict(),
-           "bytes_per_decode_step": {"weights": weights, "kv_cache_mean": kv_mean},
+           "bytes_per_decode_step": {"weights": weights, "kv_cache_mean": kv_mean, "kv_cache_full": kv_full},
            "bandwidth_gb_s_measured": bandwidth}
     if bandwidth is not None:
-        step_bound_s = (weights + kv_mean) / (bandwidth * 1e9)
-        out["bound_images_per_s"] = batch / (tokens_per_image * step_bound_s)
+        out.update(bandwidth_bound(batch, tokens_per_image, weights, kv_mean, kv_full, bandwidth))
         out["share_of_bound"] = out["images_per_s"]["median"] / out["bound_images_per_s"]
-        out["bound"] = ("batch / (image tokens x (decoder weights + mean KV cache bytes per step) / the bandwidth "
-                        "measured by a 1 GiB device copy)")
     release_decoders(bundle.model)
     return out
+
+
+def bandwidth_bound(batch: int, tokens: int, weight_bytes: float, kv_mean_bytes: float, kv_full_bytes: float,
+                    bandwidth_gb_s: float) -> dict:
+    """Images/s if every decode step only moved its bytes at ``bandwidth_gb_s``: the weights once, plus the KV cache
+    of the filled positions on average, or of every position (a static cache's attention reads them all)."""
+    def bound(kv_bytes):
+        return batch / (tokens * (weight_bytes + kv_bytes) / (bandwidth_gb_s * 1e9))
+
+    return {"bound_images_per_s": bound(kv_mean_bytes), "bound_images_per_s_static_cache": bound(kv_full_bytes),
+            "bound": "batch / (image tokens x (decoder weights + KV cache bytes per step) / the bandwidth measured by "
+                     "a 1 GiB device copy); KV bytes: the filled positions on average (bound_images_per_s), or every "
+                     "position of the static cache, which its attention reads each step "
+                     "(bound_images_per_s_static_cache)"}
 
 
 def part_mfu(bundle, scale: Scale, decode: str, log_dir: Path) -> dict:
@@ -752,7 +765,8 @@ def markdown(record: dict) -> str:
     ev = record["parts"].get("eval", {}).get("figures")
     if ev:
         bound = (f"; memory-bandwidth bound {ev['bound_images_per_s']:.1f} images/s at "
-                 f"{ev['bandwidth_gb_s_measured']:.0f} GB/s measured ({ev['share_of_bound']:.0%} of it)"
+                 f"{ev['bandwidth_gb_s_measured']:.0f} GB/s measured ({ev['share_of_bound']:.0%} of it; "
+                 f"{ev['bound_images_per_s_static_cache']:.1f} if every step reads the whole static cache)"
                  if ev.get("bound_images_per_s") else "; no bandwidth bound on a CPU")
         lines += [f"Eval sampling: batch {ev['batch']} ({ev['kv_cache_gib']:.1f} GiB KV cache, budget "
                   f"{ev['kv_budget_source']}): {_fmt(ev['images_per_s'], '.2f')} images/s, "

@@ -166,3 +166,18 @@ def test_a_run_cut_short_keeps_what_it_measured_and_says_what_did_not_run(tmp_pa
     full.run("headline", lambda: pytest.fail("a part that cannot end within the limit must not start"))
     status = json.loads((tmp_path / "full" / "gpu_suite.json").read_text())["parts"]["headline"]["status"]
     assert status.startswith("skipped: at 0 s, with about 200 s to run, it would end after --time-limit-s 100")
+
+
+def test_the_eval_bound_at_the_7b_shape_on_an_h100():
+    """The memory-bandwidth bound the eval goal is read against, at the figures an H100 run would give: 75 prompts
+    (what 70% of the free memory holds), 13.8 GB of decoder weights, 491,520 KV bytes per position and row
+    (30 layers x 2 x 32 heads x 128 x 2 bytes), ~3,000 GB/s by a device copy. The weights are read once per step
+    for the whole batch, the KV cache per row: about 10.6 images/s if only the filled positions are read, 6.8 if
+    the static cache is read whole, against the goal of 10."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_suite import bandwidth_bound
+
+    per_position = 2 * 75 * 491520
+    b = bandwidth_bound(75, 576, 13.8e9, per_position * (24 + 288), per_position * (24 + 576), 3000.0)
+    assert b["bound_images_per_s"] == pytest.approx(75 / (576 * (13.8e9 + per_position * 312) / 3e12))
+    assert 10.0 < b["bound_images_per_s"] < 11.0 and 6.5 < b["bound_images_per_s_static_cache"] < 7.0
