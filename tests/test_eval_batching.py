@@ -87,7 +87,7 @@ def test_eval_batch_size_changes_speed_not_images_and_the_report_says_images_per
         assert sampling["generated"] == len(PROMPTS) and sampling["images_per_s"] > 0
         assert sampling["peak_memory_gib"] > 0 and sampling["plans"][0]["batches"] >= 1
         assert "- Sampling, base: " in (out / "report.md").read_text()
-        if name == "planned":  # 0.0004 GiB holds 2 short prompts of the tiny model (1 long one), under eval.batch_size=4
+        if name == "planned":  # 0.0004 GiB: 2 short prompts of the tiny model (1 long), under batch_size 4
             assert sampling["plans"][0]["largest_batch"] == 2
             assert sampling["plans"][0]["kv_budget_source"] == "eval.kv_cache_gib=0.0004 on cpu"
     assert tokens["one"] == tokens["planned"] == tokens["sampled"]

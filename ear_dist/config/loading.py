@@ -145,7 +145,8 @@ def validate(cfg: Config) -> None:
         "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
         "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
         "world.batch_size", "world.max_steps", "world.decay_steps", "world.eval_every", "world.eval_prompts_per_word",
-        "world.threads", "eval.images_per_prompt", "eval.batch_size", "eval.coco_size", "eval.world_prompts", "eval.classifier.top_k",
+        "world.threads", "eval.images_per_prompt", "eval.batch_size", "eval.coco_size", "eval.world_prompts",
+        "eval.classifier.top_k",
     ]
     for key in positives:
         if get_key(cfg, key) < 1:

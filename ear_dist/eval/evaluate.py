@@ -175,8 +175,8 @@ def sampling_throughput(columns: Sequence[Column], gathered: Sequence[dict]) -> 
         out[column.name] = {
             "generated": generated, "seconds": seconds, "images_per_s": rate,
             "images_per_s_per_device": rate / len(ranks) if rate is not None else None,
-            "peak_memory_gib": max(r["peak_memory_gib"] for r in ranks), "peak_memory_kind": ranks[0]["peak_memory_kind"],
-            "plans": ranks[0]["plans"]}
+            "peak_memory_gib": max(r["peak_memory_gib"] for r in ranks),
+            "peak_memory_kind": ranks[0]["peak_memory_kind"], "plans": ranks[0]["plans"]}
     return out
 
 
