@@ -5,7 +5,9 @@ memory changes (a seed must give the same image in any batch), an out-of-memory 
 the planner should have made batches smaller, or an eval report without its images/s.
 """
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -54,7 +56,11 @@ def test_the_planned_kv_bytes_are_what_the_decoder_allocates(tiny_bundle):
     cache = _DECODERS[bundle.model].cache
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert held == 3 * kv_bytes_per_prompt(bundle, ids.shape[1], guided=True)
-    assert release_decoders(bundle.model) and bundle.model not in _DECODERS  # freed: nothing holds the cache
+    alive = weakref.ref(cache)
+    del cache
+    assert release_decoders(bundle.model) and bundle.model not in _DECODERS
+    gc.collect()
+    assert alive() is None  # freed: nothing else holds the batch's KV cache
 
 
 def test_a_budget_under_one_prompt_is_a_clear_error(tiny_bundle):
