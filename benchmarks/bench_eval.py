@@ -66,13 +66,13 @@ def main() -> None:
         suite = prompts_suite(tmp, args.coco, args.prompts)
         sets = [f"model.path={model}", f"model.device={args.device}", f"model.dtype={args.dtype}"]
         rows = []
-        seconds, gen = timed_eval(load_config(overrides=sets + [f"rollout.batch_size={args.batch}"]), suite,
+        seconds, gen = timed_eval(load_config(overrides=sets + [f"eval.batch_size={args.batch}"]), suite,
                                   tmp / "batched")
         rows.append((f"batch {args.batch}", seconds, gen))
         if not args.skip_unbatched:
-            seconds, gen = timed_eval(load_config(overrides=sets + ["rollout.batch_size=1"]), suite, tmp / "single")
+            seconds, gen = timed_eval(load_config(overrides=sets + ["eval.batch_size=1"]), suite, tmp / "single")
             rows.append(("batch 1", seconds, gen))
-        seconds, gen = timed_eval(load_config(overrides=sets + [f"rollout.batch_size={args.batch}"]), suite,
+        seconds, gen = timed_eval(load_config(overrides=sets + [f"eval.batch_size={args.batch}"]), suite,
                                   tmp / "batched")
         rows.append(("resumed (all images on disk)", seconds, gen))
     print(f"eval end to end (load, generate, judge, report): {args.prompts} prompts, model {args.model or 'tiny'}, "

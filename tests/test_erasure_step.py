@@ -498,3 +498,78 @@ def test_merge_refuses_opposing_deltas_under_conflicts_error(tmp_path, tiny_chec
     merged = JanusForConditionalGeneration.from_pretrained(tmp_path / "merged").state_dict()
     for n in tensors:
         torch.testing.assert_close(merged[n], base[n], rtol=0, atol=1e-6)
+
+
+class GradientRecorder(Updater):
+    """Keeps every loss it backpropagates and the gradients of every update it takes."""
+
+    def __init__(self, optimizer, names, student):
+        super().__init__(optimizer)
+        self.params = {n: p for n, p in student.named_parameters() if n in names}
+        self.losses, self.grads = [], []
+
+    def backward(self, loss):
+        self.losses.append(float(loss.detach()))
+        super().backward(loss)
+
+    def step(self):
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.params.items()})
+        super().step()
+
+
+def test_pairs_batched_into_each_window_update_equal_the_per_pair_path(tiny_bundle):
+    """train.pairs_per_step > 1: one window update takes every pair's window at once (one forward and
+    backward of B rows). In float32 it equals the plain per-pair path: each pair alone (B=1, no padding),
+    its kept window's sum over the window's tokens of all pairs, gradients accumulated over the pairs,
+    then one optimizer step: the same losses, gradients and updates, window after window."""
+    targets = ["a photo of a church", "a gothic church with two tall towers at dawn", "a church"]
+    surrogates = ["a photo of a barn", "a gothic castle with two tall towers at dawn", "a barn"]
+    names, teacher, student, opt = _setup(tiny_bundle)
+    ref_student = copy.deepcopy(student)
+    ref_params = {n: p for n, p in ref_student.named_parameters() if n in names}
+    ref_opt = torch.optim.Adam(list(ref_params.values()), lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, tiny_bundle.codebook_size, (3, tiny_bundle.num_image_tokens), generator=g)
+    batch = PairBatch(targets, surrogates, ["church"] * 3, [0, 1, 2], tokens)
+    assert len({int(m.sum()) for m in tiny_bundle.encode_prompts(targets)[1]}) == 3  # padded rows in the batch
+    window_len, n = 6, tiny_bundle.num_image_tokens
+
+    def pair_outputs(i, student_model):
+        settings = TeacherSettings(mode="hidden")
+        teach = teacher.forward_targets(TeacherRequest(settings, targets[i:i + 1], surrogates[i:i + 1], [i]),
+                                        tokens[i:i + 1])
+        ids, mask = tiny_bundle.encode_prompts(targets[i:i + 1])
+        h, _ = teacher_forced(student_model, ids, mask, tokens[i:i + 1], return_logits=False)
+        return ((h - (2 * teach.on_surrogate - teach.on_target)) ** 2).mean(-1)[0]  # [T], eta = 1
+
+    with torch.no_grad():  # a threshold between the windows' sums: some kept, some masked
+        sums = torch.cat([pair_outputs(i, student).split(window_len)[w].sum().reshape(1)
+                          for i in range(3) for w in range(-(-n // window_len))])
+    tau = float(sums.median())
+    cfg = EraseConfig(update_mode="window", window_len=window_len, loss_threshold=tau, erase_guidance=1.0)
+    before = _trained(student, names)
+    batched = GradientRecorder(opt, names, student)
+    res = ErasureStep(student, tiny_bundle, teacher, cfg, batched)(batch)
+
+    losses, grads, kept = [], [], 0
+    for start in range(0, n, window_len):
+        width = min(window_len, n - start)
+        total, any_kept = 0.0, False
+        for i in range(3):  # one pair at a time, gradients accumulated
+            s = pair_outputs(i, ref_student)[start:start + width].sum()
+            if s.item() >= tau:
+                loss = s / (3 * width)
+                loss.backward()
+                total += float(loss.detach())
+                any_kept, kept = True, kept + 1
+        if any_kept:
+            losses.append(total)
+            grads.append({name: p.grad.detach().clone() for name, p in ref_params.items()})
+            ref_opt.step()
+            ref_opt.zero_grad()
+    assert 0 < kept < 9 and res.windows_kept == kept and res.optimizer_steps == len(losses) >= 2
+    assert batched.losses == pytest.approx(losses, rel=1e-5)
+    for got, want in zip(batched.grads, grads):
+        for name in names:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
+    _assert_same_updates(before, _trained(student, names), _trained(ref_student, names))

@@ -288,7 +288,7 @@ def test_resume_after_a_kill_generates_only_what_is_missing(tmp_path):
     prompts = [f"a church number {i}" for i in range(40)]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts))
     out = tmp_path / "eval"
-    argv = ["eval", "--no-progress", "--set", f"model.path={model}", "--set", "rollout.batch_size=1",
+    argv = ["eval", "--no-progress", "--set", f"model.path={model}", "--set", "eval.batch_size=1",
             "--set", "eval.classifier.kind=tests.test_eval:bright", "--suite", str(tmp_path / "prompts.txt"),
             "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "ear_dist", *argv], cwd=ROOT, env=_env(),
@@ -315,7 +315,7 @@ def test_resume_after_a_kill_generates_only_what_is_missing(tmp_path):
 def test_two_ranks_produce_exactly_the_images_of_one(tiny_checkpoint, tmp_path):
     suite = write_suite(tmp_path)  # 10 prompts per column, split over 2 ranks
     delta = make_delta(tiny_checkpoint, tmp_path / "runs" / "church" / "delta.safetensors")
-    common = ["--no-progress", "--set", f"model.path={tiny_checkpoint}", "--set", "rollout.batch_size=3",
+    common = ["--no-progress", "--set", f"model.path={tiny_checkpoint}", "--set", "eval.batch_size=3",
               "--suite", str(suite), "--delta", str(delta)]
     import socket
 

@@ -40,7 +40,8 @@ def validate(cfg: Any) -> None:
         "data.shards.max_samples_per_shard", "data.shards.max_shard_bytes",
         "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
         "world.batch_size", "world.max_steps", "world.decay_steps", "world.eval_every", "world.eval_prompts_per_word",
-        "world.threads", "eval.images_per_prompt", "eval.coco_size", "eval.world_prompts", "eval.classifier.top_k",
+        "world.threads", "eval.images_per_prompt", "eval.batch_size", "eval.coco_size", "eval.world_prompts",
+        "eval.classifier.top_k",
     ]
     for key in positives:
         if get_key(cfg, key) < 1:
@@ -51,6 +52,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"erase.svare_scales: must be >= 0, got {cfg.erase.svare_scales}")
     if cfg.erase.loss_threshold < 0:
         raise ConfigError(f"erase.loss_threshold: must be >= 0, got {cfg.erase.loss_threshold}")
+    if cfg.eval.kv_cache_gib < 0:
+        raise ConfigError(f"eval.kv_cache_gib: must be >= 0, got {cfg.eval.kv_cache_gib}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
     if cfg.trainable.first_k_layers < 0:

@@ -408,6 +408,12 @@ class EvalConfig:
     out_dir: str = setting("runs/eval", "images, manifest and report; --out overrides")
     images_per_prompt: int = setting(1, "images per prompt; image j of a prompt with seed s uses seed s + j * 1000003")
     seed: int = setting(0, "seed of a prompt without its own evaluation_seed: eval.seed + its position in the suite")
+    batch_size: int = setting(
+        64, "most prompts per sampling batch (each with its CFG row); lowered per prompt-length bucket to what the "
+            "KV-cache budget holds. Images do not depend on it (one seed per image)")
+    kv_cache_gib: float = setting(
+        0.0, "KV-cache budget of a sampling batch per device, GiB; 0 = on CUDA 70% of the memory free when "
+             "sampling starts, on a CPU 2 GiB; on CUDA a value caps that share")
     classifier: EvalClassifierConfig = field(default_factory=EvalClassifierConfig)
     clip_path: str = setting("", "local CLIP directory (transformers CLIPModel, e.g. openai/clip-vit-large-patch14) "
                                  "for CLIP score; empty: CLIP score is not computed")

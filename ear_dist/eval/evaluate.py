@@ -30,6 +30,7 @@ from ear_dist.eval.metrics.tokens import kl_divergence, token_floor, token_histo
 from ear_dist.eval.report import write_report
 from ear_dist.eval.suites import Suite, load_suites
 from ear_dist.errors import InputError, RunFailure
+from ear_dist.telemetry.memory import peak_memory, reset_peak_memory
 
 BASE = "base"
 SHIFT_ROLES = ("unrelated", "caption")
@@ -131,8 +132,12 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
                    unit="img")
     mine, ppl = {}, {}
     for column in columns:
+        reset_peak_memory(rt.device)
         stats = generate_column(bundle, column, shares[column.name], renders, cfg, bar.update if bar else None)
-        mine[column.name] = {"keys": stats.keys, "generated": stats.generated, "reused": stats.reused}
+        memory = peak_memory(rt.device)
+        mine[column.name] = {"keys": stats.keys, "generated": stats.generated, "reused": stats.reused,
+                             "seconds": stats.seconds, "plans": stats.plans, "peak_memory_gib": memory.peak_gib,
+                             "peak_memory_kind": memory.kind}
         if main:
             ppl[column.name] = _perplexities(bundle, column, suites, cfg, tools)
     if bar:
@@ -151,9 +156,27 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
         log(f"{name}: {g['generated']} images generated, {g['reused']} reused from an earlier run")
     results = compute_metrics(suites, columns, entries, tools, cfg, bundle.codebook_size)
     report = write_report(out_dir, cfg, suites, columns, entries, results, ppl, tools, generation,
-                          {"ranks": rt.world_size, "seconds": time.perf_counter() - t0})
+                          {"ranks": rt.world_size, "seconds": time.perf_counter() - t0,
+                           "sampling": sampling_throughput(columns, gathered)})
     log(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
     return report
+
+
+def sampling_throughput(columns: Sequence[Column], gathered: Sequence[dict]) -> dict:
+    """Per column: images generated over the slowest rank's generation time (images/s, and per device), the
+    largest peak memory of a rank while generating, and rank 0's sampling plan."""
+    out = {}
+    for column in columns:
+        ranks = [g[column.name] for g in gathered]
+        generated = sum(r["generated"] for r in ranks)
+        seconds = max(r["seconds"] for r in ranks)
+        rate = generated / seconds if generated and seconds > 0 else None
+        out[column.name] = {
+            "generated": generated, "seconds": seconds, "images_per_s": rate,
+            "images_per_s_per_device": rate / len(ranks) if rate is not None else None,
+            "peak_memory_gib": max(r["peak_memory_gib"] for r in ranks),
+            "peak_memory_kind": ranks[0]["peak_memory_kind"], "plans": ranks[0]["plans"]}
+    return out
 
 
 def _perplexities(bundle, column: Column, suites: Sequence[Suite], cfg: Config, tools: Tools) -> dict:

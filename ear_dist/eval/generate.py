@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -27,7 +28,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ear_dist.config import Config
+from ear_dist.eval.batching import KvBudget, plan_sampling
 from ear_dist.eval.suites import Suite
+from ear_dist.models.janus.decode import release_decoders
 from ear_dist.models.delta import applied_deltas, file_digest
 from ear_dist.models.interface import ImageModel
 from ear_dist.errors import InputError
@@ -65,17 +68,24 @@ class Entry:
 
 @dataclass
 class GenerationStats:
-    """What one rank did for one column."""
+    """What one rank did for one column; ``seconds``: generating (sampling, decoding, writing), ``plans``: the
+    sampling plan of each render group (batches, the largest, the KV-cache budget)."""
 
     generated: int = 0
     reused: int = 0
     keys: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    plans: list[dict] = field(default_factory=list)
 
 
 def sampling_settings(cfg: Config) -> dict:
-    """The rollout settings an image depends on (part of its key)."""
+    """The rollout settings an image depends on (part of its key). The lean decode modes sample with other noise
+    than the eager loop (same distribution), so a sampled, not greedy, image names a non-eager decode."""
     r = cfg.rollout
-    return {"guidance_weight": r.guidance_weight, "temperature": r.temperature, "top_k": r.top_k, "greedy": r.greedy}
+    out = {"guidance_weight": r.guidance_weight, "temperature": r.temperature, "top_k": r.top_k, "greedy": r.greedy}
+    if r.decode != "eager" and not (r.greedy or r.temperature == 0):
+        out["decode"] = r.decode
+    return out
 
 
 def image_key(base_fingerprint: str, delta_digests: Sequence[str], prompt: str, seed: int, settings: dict,
@@ -149,17 +159,23 @@ def generate_column(bundle: ImageModel, column: Column, share: Sequence[Entry], 
     if not todo:
         return stats
     r = cfg.rollout
+    t0 = time.perf_counter()
+    release_decoders(bundle.model)  # a lean decoder's cache from earlier batches would hide free memory
+    budget = KvBudget.of(bundle.device, cfg.eval.kv_cache_gib)
     with applied_deltas(bundle.model, list(column.deltas)):
         by_render: dict[str, list[Entry]] = {}
         for e in todo:
             by_render.setdefault(e.render_id, []).append(e)
         for render_id, entries in by_render.items():
             render = renders.get(render_id)
-            for s in range(0, len(entries), r.batch_size):
-                batch = entries[s : s + r.batch_size]
+            planned = plan_sampling(bundle, [e.prompt for e in entries], cfg.eval.batch_size,
+                                    r.guidance_weight != 1.0, budget)
+            stats.plans.append(planned.describe())
+            for sampling_batch in planned.batches:
+                batch = [entries[i] for i in sampling_batch.indices]
                 with torch.no_grad():
                     tokens = bundle.sample([e.prompt for e in batch], r.guidance_weight, r.temperature, r.top_k,
-                                           r.greedy, [e.seed for e in batch])
+                                           r.greedy, [e.seed for e in batch], decode=r.decode)
                 tokens_np = tokens.cpu().numpy()
                 images = render(tokens_np) if render is not None else bundle.decode(tokens)
                 for e, img, tok in zip(batch, images, tokens_np):
@@ -167,6 +183,8 @@ def generate_column(bundle: ImageModel, column: Column, share: Sequence[Entry], 
                 stats.generated += len(batch)
                 if progress:
                     progress(len(batch))
+    release_decoders(bundle.model)  # the sampling batch's KV cache is not kept past the column
+    stats.seconds = time.perf_counter() - t0
     return stats
 
 

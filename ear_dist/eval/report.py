@@ -223,6 +223,17 @@ def _mean(values) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
+def sampling_line(t: dict) -> str:
+    """Images/s, memory and the batch plan of one column's generation."""
+    plans = [p for p in t["plans"] if p["batches"]]
+    largest = max((p["largest_batch"] for p in plans), default=0)
+    budget = f"; KV-cache budget {plans[0]['kv_budget_gib']:.1f} GiB ({plans[0]['kv_budget_source']})" \
+        if plans and plans[0]["kv_budget_gib"] is not None else ""
+    return (f"{t['images_per_s']:.2f} images/s ({t['images_per_s_per_device']:.2f} per device), "
+            f"{t['generated']} images in {t['seconds']:.1f} s; peak memory {t['peak_memory_gib']:.2f} GiB "
+            f"({t['peak_memory_kind']}); batches of up to {largest} prompts{budget}")
+
+
 def write_report(out_dir: Path, cfg: Config, suites: Sequence[Suite], columns: Sequence[Column],
                  entries: Sequence[Entry], results: dict, perplexities: dict, tools, generation: dict,
                  run_info: dict) -> dict:
@@ -411,4 +422,6 @@ def markdown(report: dict, suites: Sequence[Suite], names: Sequence[str]) -> str
     g = report["generation"]
     out += ["", "Images: " + ", ".join(f"{n} {g[n]['generated']} generated / {g[n]['reused']} reused" for n in names) +
             f"; {report['run']['ranks']} rank(s), {report['run']['seconds']:.0f} s.", ""]
+    out += [f"- Sampling, {n}: {sampling_line(report['run']['sampling'][n])}" for n in names
+            if report["run"].get("sampling", {}).get(n, {}).get("generated")] + [""]
     return "\n".join(out)

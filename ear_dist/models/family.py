@@ -49,6 +49,14 @@ class JanusModel(JanusBundle, ImageModel):
     def head_width(self) -> int:
         return int(self.model.config.vq_config.num_embeddings)
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        text = self.model.config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        itemsize = next(self.model.parameters()).element_size()
+        return int(text.num_hidden_layers * 2 * kv_heads * head_dim * itemsize)
+
     def unconditional(self, cond: torch.Tensor) -> torch.Tensor:
         return unconditional_ids(cond, self.prompt_format)
 

@@ -60,6 +60,11 @@ class ImageModel(ABC):
         return 1
 
     @property
+    def kv_bytes_per_token(self) -> Optional[int]:
+        """Bytes of KV cache one sequence position takes in one sampling row (None: unknown, not planned)."""
+        return None
+
+    @property
     def scale_sizes(self) -> Optional[tuple[int, ...]]:
         """Tokens of each scale, coarse to fine, for a next-scale model; None for a raster model."""
         return None

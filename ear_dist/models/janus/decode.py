@@ -229,6 +229,11 @@ def lean_decoder(bundle: JanusBundle, key: DecoderKey) -> LeanDecoder:
     return current
 
 
+def release_decoders(model: torch.nn.Module) -> bool:
+    """Drop the model's decoder and with it its static KV cache (a batch's worth); True if there was one."""
+    return _DECODERS.pop(model, None) is not None
+
+
 def lean_rollout_ids(bundle: JanusBundle, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str,
                      guidance_weight: float, temperature: float, top_k: int, greedy: bool,
                      seeds: Optional[Sequence[int]], num_tokens: int, progress: bool = False) -> torch.Tensor:

@@ -77,6 +77,11 @@ class VarBundle(ImageModel):
         return self.config.head_width
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of every block at full width (every head has its own)."""
+        return int(self.config.depth * 2 * self.config.embed_dim * next(self.model.parameters()).element_size())
+
+    @property
     def logit_groups(self) -> int:
         return self.config.bits
 
