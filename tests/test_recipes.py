@@ -200,3 +200,18 @@ def test_generate_with_a_var_preset_needs_no_family(tmp_path):
     explicit = main(["generate", "--model", "tiny-var", "--set", "model.family=janus", "--prompt", "a church",
                      "--out", str(tmp_path / "bad")])
     assert explicit == 2  # a family set on purpose is not overridden: the mismatch is named
+
+
+def test_the_demo_applies_a_recipe_to_every_run_over_the_worlds_settings_and_under_set(monkeypatch, tmp_path):
+    from ear_dist.world import erasure, pretrain, var_world
+
+    seen = {}
+    monkeypatch.setattr(pretrain, "build_world_model", lambda *a, **k: (tmp_path, {}))
+    monkeypatch.setattr(var_world, "world_for", lambda *a: None)
+    monkeypatch.setattr(erasure, "run_world_erasure", lambda path, world, out, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(erasure, "markdown_table", lambda rows: "")
+    monkeypatch.setattr(erasure, "bar_report", lambda rows: "")
+    assert main(["demo", "--recipe", "esd", "--set", "train.steps=3", "--out", str(tmp_path)]) == 0
+    assert seen["overrides"] == [*erasure.WORLD_ERASE, *recipe_overrides("esd"), "train.steps=3"]
+    assert erasure.ABLATIONS["preserving"] == recipe_overrides("preserving")
+    assert erasure.VAR_ABLATIONS["preserving"] == recipe_overrides("preserving-var")
