@@ -215,3 +215,13 @@ def test_the_demo_applies_a_recipe_to_every_run_over_the_worlds_settings_and_und
     assert seen["overrides"] == [*erasure.WORLD_ERASE, *recipe_overrides("esd"), "train.steps=3"]
     assert erasure.ABLATIONS["preserving"] == recipe_overrides("preserving")
     assert erasure.VAR_ABLATIONS["preserving"] == recipe_overrides("preserving-var")
+
+
+def test_a_run_without_a_layer_spec_keeps_the_identity_it_had_before_the_key_existed():
+    """A run directory written before trainable.layers existed still resumes (train.resume=auto)."""
+    from ear_dist.train.run_state import run_identity
+
+    plain = run_identity(load_config(), "fp", "data", None, 1)
+    assert "trainable.layers" not in plain.keys and plain.keys["trainable.first_k_layers"] == 5
+    spec = run_identity(load_config(recipes=["world-ear"]), "fp", "data", None, 1)
+    assert spec.keys["trainable.layers"] == "first:2" and spec.hash != plain.hash
