@@ -225,3 +225,11 @@ def test_a_run_without_a_layer_spec_keeps_the_identity_it_had_before_the_key_exi
     assert "trainable.layers" not in plain.keys and plain.keys["trainable.first_k_layers"] == 5
     spec = run_identity(load_config(recipes=["world-ear"]), "fp", "data", None, 1)
     assert spec.keys["trainable.layers"] == "first:2" and spec.hash != plain.hash
+
+
+def test_the_configs_preset_families_are_the_models_presets():
+    from ear_dist.config.schema import PRESET_FAMILIES
+    from ear_dist.models.presets import PRESETS
+    from ear_dist.models.var.presets import VAR_PRESETS
+
+    assert PRESET_FAMILIES == {**{p: "janus" for p in PRESETS}, **{p: "var" for p in VAR_PRESETS}}

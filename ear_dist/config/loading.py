@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from ear_dist.config.layers import check_layers_spec
-from ear_dist.config.schema import Config, SlurmConfig
+from ear_dist.config.schema import PRESET_FAMILIES, Config, SlurmConfig
 from ear_dist.errors import InputError
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -393,15 +393,9 @@ def _merge_source(data: dict, over: dict) -> dict:
 def _implied_family(data: dict) -> dict:
     """A model preset implies its family: model.family from model.path when only the path is given."""
     model = data.get("model")
-    if not isinstance(model, dict) or "family" in model or not isinstance(model.get("path"), str):
+    if not isinstance(model, dict) or "family" in model or model.get("path") not in PRESET_FAMILIES:
         return data
-    if "/" in model["path"] or "\\" in model["path"]:  # a directory, not a preset name
-        return data
-    from ear_dist.models.presets import PRESETS
-    from ear_dist.models.var.presets import VAR_PRESETS
-
-    family = "janus" if model["path"] in PRESETS else "var" if model["path"] in VAR_PRESETS else None
-    return data if family is None else {**data, "model": {**model, "family": family}}
+    return {**data, "model": {**model, "family": PRESET_FAMILIES[model["path"]]}}
 
 
 def load_config(

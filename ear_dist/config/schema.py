@@ -37,6 +37,11 @@ def field_help(f: dataclasses.Field) -> str:
 # --------------------------------------------------------------------------- sections
 
 
+# The model presets by family; a preset in model.path implies its family (ear_dist.models builds them).
+PRESET_FAMILIES = {"tiny": "janus", "janus-pro-1b": "janus", "janus-pro-7b": "janus",
+                   "tiny-var": "var", "infinity-2b": "var"}
+
+
 @dataclass
 class ModelConfig:
     """The model erased (student) and sampled (teacher)."""
