@@ -233,3 +233,12 @@ def test_the_configs_preset_families_are_the_models_presets():
     from ear_dist.models.var.presets import VAR_PRESETS
 
     assert PRESET_FAMILIES == {**{p: "janus" for p in PRESETS}, **{p: "var" for p in VAR_PRESETS}}
+
+
+def test_the_model_card_names_a_deltas_layer_spec():
+    from ear_dist.models.merge import _method_section
+
+    card = _method_section([{"config": load_config(recipes=["preserving"]).to_dict()},
+                            {"config": load_config(overrides=["trainable.skip_first_layers=1"]).to_dict()}])
+    assert "| all of layers all-but-first |" in card
+    assert "| attention of the first 5 layers less the first 1 |" in card
