@@ -8,10 +8,11 @@ setup(
     version="0.1.0",
     description="Distributed concept erasure for autoregressive text-to-image models",
     packages=find_packages(include=["ear_dist", "ear_dist.*"]),
-    # data files a non-editable install needs: the example configs (`--config church`), the
-    # DeepSpeed configs (`dist.deepspeed_config=zero2`) and the sbatch templates (`ear-dist submit`)
+    # data files a non-editable install needs: the example configs (`--config church`), the recipes
+    # (`--recipe preserving`), the DeepSpeed configs (`dist.deepspeed_config=zero2`) and the sbatch
+    # templates (`ear-dist submit`)
     package_data={
-        "ear_dist.config": ["examples/*.yaml"],
+        "ear_dist.config": ["examples/*.yaml", "recipes/*.yaml"],
         "ear_dist.distributed": ["ds_configs/*.json"],
         "ear_dist.slurm": ["templates/*.sbatch", "templates/common/*.sh"],
     },

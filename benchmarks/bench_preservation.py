@@ -13,7 +13,9 @@ definitions ``ear-dist eval`` reports (docs/metrics.md).
     python benchmarks/bench_preservation.py --split validation --world-seeds 0 --seeds 0 --methods "EAR (paper)" \\
         --set optim.lr=1e-4 --out runs/explore        # choosing settings: the validation split only
     python benchmarks/bench_preservation.py --family var --methods "EAR (paper),S-VARE" --out runs/var
-                                                      # the VAR world, its erasure settings (VAR_WORLD_ERASE)
+                                                      # the VAR world, its erasure settings (recipe world-var-ear)
+    python benchmarks/bench_preservation.py --methods "EAR (paper)" --recipe preserving --out runs/recipes
+                                                      # a packaged recipe (ear-dist config list) as a method
 
 Each world build is made once and cached (``ear-dist world build``, ~5 min on 2 cores).
 """
@@ -70,6 +72,17 @@ def build_methods(names, family: str, overrides=(), anchors=None) -> list:
                    anchors if anchors is not None and METHODS[n][1] else METHODS[n][1]) for n in names]
 
 
+def recipe_method(name: str, overrides=(), anchors=None):
+    """A packaged recipe as a method named ``recipe NAME``; one that preserves (KL or null space) gets anchors."""
+    from ear_dist.config import read_recipe, recipe_overrides
+    from ear_dist.world.compare import Method
+
+    preserve = read_recipe(name).get("preserve", {})
+    preserves = bool(preserve.get("nullspace")) or float(preserve.get("weight", 0)) > 0
+    return Method(f"recipe {name}", [*recipe_overrides(name), *overrides],
+                  (64 if anchors is None else anchors) if preserves else 0)
+
+
 def main() -> None:
     from ear_dist.config import load_config
     from ear_dist.world.compare import compare, write
@@ -90,6 +103,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=32, help="ECG template pairs per concept before the visual filter")
     ap.add_argument("--eval-prompts", type=int, default=48, help="prompts per evaluated group")
     ap.add_argument("--anchors", type=int, default=None, help="anchor prompts for methods that use them")
+    ap.add_argument("--recipe", action="append", default=[], metavar="NAME",
+                    help="a packaged recipe (ear-dist config list) as one more method, over the world's erasure "
+                         "settings (repeatable)")
     ap.add_argument("--set", action="append", default=[], dest="overrides",
                     help="an override for every method, applied after the method's own settings")
     ap.add_argument("--out", default="runs/preservation")
@@ -100,6 +116,7 @@ def main() -> None:
     if unknown:
         ap.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     methods = build_methods(names, args.family, args.overrides, args.anchors)
+    methods += [recipe_method(r, args.overrides, args.anchors) for r in args.recipe]
     bad = [w for w in args.world_overrides if not w.startswith("world.")]
     if bad:
         ap.error(f"--world-set: expected world.KEY=VALUE, got {bad}")

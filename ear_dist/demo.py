@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ear_dist.config import add_config_args, config_from_args
+from ear_dist.config import add_config_args, config_from_args, recipe_overrides
 from ear_dist.world.erasure import ABLATIONS, VAR_ABLATIONS, VAR_WORLD_ERASE, WORLD_ERASE
 
 
@@ -54,6 +54,8 @@ def run_demo(args) -> int:
     cfg = config_from_args(args)
     family = cfg.model.family
     table, settings = (VAR_ABLATIONS, VAR_WORLD_ERASE) if family == "var" else (ABLATIONS, WORLD_ERASE)
+    # --recipe applies to every run, over the world's settings and under --set, as on other commands
+    settings = [*settings, *(o for name in args.recipe for o in recipe_overrides(name))]
     chosen = args.ablations or ("EAR,S-VARE,preserving" if family == "var" else "EAR,preserving")
     ablations = list(table) if chosen == "all" else [a.strip() for a in chosen.split(",")]
     for a in ablations:

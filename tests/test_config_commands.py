@@ -11,7 +11,7 @@ import yaml
 
 import ear_dist
 from ear_dist.cli import main, package_version
-from ear_dist.config import Config, ConfigError, EraseConfig, example_configs, from_dict, load_config
+from ear_dist.config import Config, ConfigError, EraseConfig, example_configs, from_dict, load_config, recipe_files
 
 PACKAGE = Path(ear_dist.__file__).parent
 
@@ -106,7 +106,7 @@ def test_config_list_names_every_example_with_a_description(capsys):
     out = capsys.readouterr().out
     assert set(example_configs()) == {"church", "van_gogh", "nudity"}
     for name in example_configs():
-        line = next(line for line in out.splitlines() if line.startswith(name + " "))
+        line = next(line for line in out.splitlines() if line.startswith(f"  {name} "))
         assert len(line.split(None, 1)[1]) > 20
 
 
@@ -120,10 +120,11 @@ def test_a_local_file_wins_over_an_example_and_a_missing_name_is_still_an_error(
         load_config(["runs/missing.yaml"])
 
 
-def test_setup_ships_the_examples_as_package_data():
+def test_setup_ships_the_examples_and_recipes_as_package_data():
     setup_py = (PACKAGE.parent / "setup.py").read_text()
-    assert '"ear_dist.config": ["examples/*.yaml"]' in setup_py
+    assert '"ear_dist.config": ["examples/*.yaml", "recipes/*.yaml"]' in setup_py
     assert all(p.parent == PACKAGE / "config" / "examples" for p in example_configs().values())
+    assert all(p.parent == PACKAGE / "config" / "recipes" for p in recipe_files().values())
 
 
 def test_version_flag_prints_the_package_version(capsys):

@@ -72,7 +72,7 @@ def run_bench(args) -> int:
     from ear_dist.telemetry.report import ratio_table
 
     def config(extra=()):
-        return load_config(files=args.config, overrides=list(args.overrides) + list(extra))
+        return load_config(files=args.config, overrides=list(args.overrides) + list(extra), recipes=args.recipe)
 
     cfg = config()
     out = Path(args.out) if args.out else Path(cfg.train.out_dir) / "bench"

@@ -397,7 +397,7 @@ def _fit_to_model(cfg: Config, bundle: JanusBundle, echo) -> Config:
         echo(f"erase.window_len {erase.window_len} > the {t} image tokens of {cfg.model.path}: using {t}")
         erase = dataclasses.replace(erase, window_len=t)
     n_layers = bundle.model.config.text_config.num_hidden_layers
-    if not trainable.patterns and trainable.first_k_layers > n_layers:
+    if not trainable.patterns and not trainable.layers and trainable.first_k_layers > n_layers:
         echo(f"trainable.first_k_layers {trainable.first_k_layers} > the {n_layers} layers of "
              f"{cfg.model.path}: using {n_layers}")
         trainable = dataclasses.replace(trainable, first_k_layers=n_layers)

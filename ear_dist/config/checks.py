@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from typing import Any, Literal
 
+from ear_dist.config.layers import check_layers_spec
 from ear_dist.errors import InputError
 
 
@@ -56,11 +57,17 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"eval.kv_cache_gib: must be >= 0, got {cfg.eval.kv_cache_gib}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    try:
+        check_layers_spec(cfg.trainable.layers)
+    except InputError as e:
+        raise ConfigError(str(e)) from e
     if cfg.trainable.first_k_layers < 0:
         raise ConfigError("trainable.first_k_layers: must be >= 0")
-    if not 0 <= cfg.trainable.skip_first_layers < max(cfg.trainable.first_k_layers, 1):
+    if not cfg.trainable.layers and not 0 <= cfg.trainable.skip_first_layers < max(cfg.trainable.first_k_layers, 1):
         raise ConfigError(f"trainable.skip_first_layers: must be in [0, first_k_layers) = [0, "
                           f"{cfg.trainable.first_k_layers}), got {cfg.trainable.skip_first_layers}")
+    if cfg.trainable.skip_first_layers < 0:  # with trainable.layers, the model's layer count bounds it
+        raise ConfigError(f"trainable.skip_first_layers: must be >= 0, got {cfg.trainable.skip_first_layers}")
     if not 0.0 < cfg.erase.esd_patch_fraction <= 1.0:
         raise ConfigError("erase.esd_patch_fraction: must be in (0, 1]")
     if cfg.world.grid_side < 4:

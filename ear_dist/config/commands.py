@@ -1,4 +1,5 @@
-"""``ear-dist config show`` (the resolved tree with each key's help) and ``ear-dist config list``."""
+"""``ear-dist config show`` (the resolved tree with each key's help, the layers it trains on the model) and
+``ear-dist config list`` (the recipes and the example configs)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,30 @@ import typing
 from typing import Any, Literal
 
 from ear_dist.config.args import add_config_args, config_from_args
-from ear_dist.config.loading import example_configs, example_description
+from ear_dist.config.layers import describe_layers, resolve_layers
+from ear_dist.config.loading import example_configs, example_description, recipe_files
 from ear_dist.config.schema import Config, field_help
 
 WIDTH = 100
 
 
 def register(sub) -> None:
-    p = sub.add_parser("config", help="show the resolved config with help text; list the example configs")
+    p = sub.add_parser("config", help="show the resolved config with help text; list the recipes and example configs")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION")
     config_sub.required = True
 
     show = config_sub.add_parser(
         "show", help="print the resolved config as YAML, each key with its help and allowed values",
-        description="Prints the config that --config files and --set overrides resolve to, as YAML that "
-        "--config reads back; comments give each key's meaning and, where fixed, its allowed values.",
+        description="Prints the config that --recipe, --config files and --set overrides resolve to, as YAML that "
+        "--config reads back; comments give each key's meaning and, where fixed, its allowed values, and the "
+        "layers trainable.* selects on model.path (a preset or a local model directory).",
     )
     add_config_args(show)
-    show.add_argument("--defaults", action="store_true", help="show the defaults; ignore --config and --set")
+    show.add_argument("--defaults", action="store_true", help="show the defaults; ignore --recipe, --config and --set")
     show.set_defaults(func=run_show)
 
-    ls = config_sub.add_parser("list", help="the example configs shipped with ear-dist (use: --config NAME)")
+    ls = config_sub.add_parser("list", help="the recipes (use: --recipe NAME) and example configs (use: --config NAME) "
+                                            "shipped with ear-dist")
     ls.set_defaults(func=run_list)
 
 
@@ -37,19 +41,45 @@ def run_show(args) -> int:
         cfg, origin = Config(), "defaults"
     else:
         cfg = config_from_args(args)
-        given = [*args.config, *(f"--set {o}" for o in args.overrides)]
+        given = [*(f"--recipe {r}" for r in args.recipe), *args.config, *(f"--set {o}" for o in args.overrides)]
         origin = "resolved from " + ", ".join(given) if given else "defaults"
     print(f"# ear-dist config ({origin})".replace("\n", "\\n"))  # an override's newline must not end the comment
     print(annotated_yaml(cfg))
+    print(trained_layers_comment(cfg))
     return 0
 
 
+def trained_layers_comment(cfg: Config) -> str:
+    """A comment naming the layers and modules trainable.* selects on model.path (read without its weights)."""
+    from ear_dist.models.family import layer_count
+
+    t = cfg.trainable
+    if t.patterns:
+        return f"# trained: the parameters matching trainable.patterns {t.patterns} on {cfg.model.path}"
+    n = layer_count(cfg.model.path, cfg.model.family)
+    spec = t.layers or f"first_k_layers {t.first_k_layers}"
+    if t.skip_first_layers:
+        spec += f", skip_first_layers {t.skip_first_layers}"
+    if n is None:
+        return f"# trained: {t.modules} modules of the layers {spec!r} selects (model.path {cfg.model.path!r} " \
+               "is not a preset or a readable model directory, so its layer count is unknown)"
+    if not t.layers and t.first_k_layers > n:
+        return f"# trained: nothing; trainable.first_k_layers {t.first_k_layers} > the {n} layers of {cfg.model.path}"
+    layers = resolve_layers(t.layers, n, t.first_k_layers, t.skip_first_layers)
+    return f"# trained on {cfg.model.path} ({cfg.model.family}, {n} layers): {t.modules} modules of " \
+           f"{describe_layers(layers, n)} ({spec})"
+
+
 def run_list(args) -> int:
-    examples = example_configs()
-    width = max(map(len, examples), default=0)
+    recipes, examples = recipe_files(), example_configs()
+    width = max(map(len, [*recipes, *examples]), default=0)
+    print("recipes (methods and settings, any model; use: --recipe NAME, e.g. "
+          "`ear-dist config show --recipe preserving --set model.path=janus-pro-7b`):")
+    for name, path in recipes.items():
+        print(f"  {name:{width}s}  {example_description(path)}")
+    print("\nexample configs (jobs; use: --config NAME, e.g. `ear-dist config show --config church`):")
     for name, path in examples.items():
-        print(f"{name:{width}s}  {example_description(path)}")
-    print("\nuse one with --config NAME, e.g. `ear-dist config show --config church`")
+        print(f"  {name:{width}s}  {example_description(path)}")
     return 0
 
 

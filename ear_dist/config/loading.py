@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from ear_dist.config.checks import ConfigError, check_choice, validate
-from ear_dist.config.schema import Config
+from ear_dist.config.schema import PRESET_FAMILIES, Config
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
+RECIPES_DIR = Path(__file__).parent / "recipes"
+# trainable.layers replaces first_k_layers; a later source that sets it (and not layers) clears layers
+LEGACY_LAYER_KEYS = ("first_k_layers",)
 
 
 # --------------------------------------------------------------------------- types
@@ -134,6 +137,43 @@ def example_description(path: Path) -> str:
     return ""
 
 
+def recipe_files() -> dict[str, Path]:
+    """The recipes shipped in the package, by name (``preserving`` -> .../recipes/preserving.yaml)."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"), key=lambda p: p.stem)}
+
+
+def read_recipe(name: str, _chain: tuple = ()) -> dict:
+    """A recipe's config fragment, the recipes it ``extends`` merged first (in order, then its own keys)."""
+    recipes = recipe_files()
+    if name not in recipes:
+        raise ConfigError(f"--recipe {name}: no such recipe (recipes: {', '.join(recipes)}; see `ear-dist config list`)")
+    if name in _chain:
+        raise ConfigError(f"{recipes[name]}: extends itself through {' -> '.join((*_chain, name))}")
+    own = read_file(recipes[name])
+    parents = own.pop("extends", [])
+    parents = [parents] if isinstance(parents, str) else parents
+    data: dict = {}
+    for parent in parents:
+        data = _merge_source(data, read_recipe(parent, (*_chain, name)))
+    data = _merge_source(data, own)
+    try:
+        from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{recipes[name]}: {e}") from e
+    return data
+
+
+def recipe_overrides(name: str) -> list[str]:
+    """A recipe as ``--set`` overrides (``key=JSON value``), for code that composes override lists."""
+    def flat(node: dict, prefix: str) -> list[str]:
+        out = []
+        for k, v in node.items():
+            out += flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}={json.dumps(v)}"]
+        return out
+
+    return flat(read_recipe(name), "")
+
+
 def resolve_config_file(path: Union[str, Path]) -> Path:
     """``path`` when it is a file; a bare example name (``church``) when no such file exists."""
     p = Path(path)
@@ -199,18 +239,42 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _merge_source(data: dict, over: dict) -> dict:
+    """``over`` merged onto ``data``; setting trainable.first_k_layers without trainable.layers clears layers."""
+    trainable = over.get("trainable")
+    if isinstance(trainable, dict) and "layers" not in trainable and any(k in trainable for k in LEGACY_LAYER_KEYS):
+        if isinstance(data.get("trainable"), dict):
+            data = {**data, "trainable": {k: v for k, v in data["trainable"].items() if k != "layers"}}
+    return _merge(data, over)
+
+
+def _implied_family(data: dict) -> dict:
+    """A model preset implies its family: model.family from model.path when only the path is given."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "family" in model or model.get("path") not in PRESET_FAMILIES:
+        return data
+    return {**data, "model": {**model, "family": PRESET_FAMILIES[model["path"]]}}
+
+
 def load_config(
     files: Optional[list] = None,
     overrides: Optional[list[str]] = None,
     base: Optional[dict] = None,
+    recipes: Optional[list[str]] = None,
 ) -> Config:
-    """Merge ``base``, then each file, then each ``key=value`` override, and validate."""
+    """Merge ``base``, then each recipe, then each file, then each ``key=value`` override, and validate.
+
+    A later source wins key by key; a model preset in model.path implies model.family unless
+    a source sets the family.
+    """
     data: dict = dict(base or {})
+    for name in recipes or []:
+        data = _merge_source(data, read_recipe(name))
     for f in files or []:
-        data = _merge(data, read_file(f))
+        data = _merge_source(data, read_file(f))
     for o in overrides or []:
-        data = _merge(data, parse_override(o))
-    cfg = from_dict(Config, data)
+        data = _merge_source(data, parse_override(o))
+    cfg = from_dict(Config, _implied_family(data))
     validate(cfg)
     return cfg
 

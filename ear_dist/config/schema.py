@@ -39,6 +39,11 @@ def field_help(f: dataclasses.Field) -> str:
 # --------------------------------------------------------------------------- sections
 
 
+# The model presets by family; a preset in model.path implies its family (ear_dist.models builds them).
+PRESET_FAMILIES = {"tiny": "janus", "janus-pro-1b": "janus", "janus-pro-7b": "janus",
+                   "tiny-var": "var", "infinity-2b": "var"}
+
+
 @dataclass
 class ModelConfig:
     """The model erased (student) and sampled (teacher)."""
@@ -73,12 +78,16 @@ class RolloutConfig:
 class TrainableConfig:
     """Which student parameters the erasure trains."""
 
+    layers: str = setting(
+        "", "which layers, relative to the model: all | all-but-first | all-but-first:N | first:K (at most every "
+            "layer) | share:F (the first round(F * layers), at least one); empty: first_k_layers decides. When set "
+            "it replaces first_k_layers (a later --config or --set of first_k_layers clears it)")
     first_k_layers: int = setting(5, "train the first k layers of the language model")
     skip_first_layers: int = setting(
-        0, "of those k, leave the first n frozen: the first layer reads the token embeddings, so an update there "
+        0, "of the chosen layers, leave the model's first n frozen: the first layer reads the token embeddings, so an update there "
            "acts on the trained words only, not on their synonyms (which the later layers share)")
     modules: Literal["all", "attention"] = setting(
-        "attention", "all: every module of the first k layers; attention: q/k/v/o projections only")
+        "attention", "all: every module of the chosen layers; attention: q/k/v/o projections only")
     patterns: list[str] = setting(
         factory=list, help="explicit fnmatch patterns on parameter names; when non-empty they replace the two above")
     adapter: Literal["full", "lora"] = setting(

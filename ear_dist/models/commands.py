@@ -68,6 +68,8 @@ def run_generate(args) -> int:
     from ear_dist.models.family import load_model
     from ear_dist.models.images import make_grid, save_pngs
 
+    if args.model:  # --model is model.path: a preset there implies its family like one in --set
+        args.overrides = [*args.overrides, f"model.path={json.dumps(args.model)}"]
     cfg = config_from_args(args)
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -78,7 +80,7 @@ def run_generate(args) -> int:
     if not prompts:
         raise InputError("no prompts: pass --prompt TEXT or --prompts-file FILE")
     prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
-    bundle = load_model(args.model or cfg.model.path, cfg.model.family, device=cfg.model.device,
+    bundle = load_model(cfg.model.path, cfg.model.family, device=cfg.model.device,
                         dtype=cfg.model.dtype, seed=cfg.model.seed)
     check_deltas(bundle.model, args.delta)
     r = cfg.rollout

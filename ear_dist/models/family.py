@@ -114,3 +114,28 @@ def load_model(path_or_preset: str, family: str = "janus", device: Union[str, to
     if family == "var":
         return load_var(path_or_preset, device=device, dtype=dtype, seed=seed)
     return JanusModel.of(load_janus(path_or_preset, device=device, dtype=dtype, seed=seed))
+
+
+def layer_count(path_or_preset: str, family: str) -> Optional[int]:
+    """The number of layers ``trainable.layers`` counts (LLM layers of a Janus, blocks of a var model),
+    read from the preset or the directory's config without loading weights; None when it cannot tell."""
+    import json
+
+    from ear_dist.models.presets import preset_config
+    from ear_dist.models.var.bundle import VAR_CONFIG_FILE
+    from ear_dist.models.var.config import VarConfig
+
+    root = Path(path_or_preset)
+    try:
+        if family == "var":
+            if path_or_preset in VAR_PRESETS and not root.exists():
+                return VAR_PRESETS[path_or_preset][0]().depth
+            meta = json.loads((root / VAR_CONFIG_FILE).read_text())
+            config = VarConfig.from_dict(meta["config"]) if "config" in meta else VAR_PRESETS[meta["preset"]][0]()
+            return config.depth
+        if path_or_preset in PRESETS and not root.exists():
+            return preset_config(path_or_preset).text_config.num_hidden_layers
+        config = json.loads((root / "config.json").read_text())
+        return int(config["text_config"]["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -224,8 +224,11 @@ def _method_section(metas: Sequence[dict]) -> str:
         cfg = meta["config"]
         erase, optim, train = cfg.get("erase", {}), cfg.get("optim", {}), cfg.get("train", {})
         trainable = cfg.get("trainable", {})
-        modules = ", ".join(trainable.get("patterns") or []) or \
-            f"{trainable.get('modules', '?')} of the first {trainable.get('first_k_layers', '?')} layers"
+        layers = f"layers {trainable['layers']}" if trainable.get("layers") else \
+            f"the first {trainable.get('first_k_layers', '?')} layers"
+        if trainable.get("skip_first_layers"):
+            layers += f" less the first {trainable['skip_first_layers']}"
+        modules = ", ".join(trainable.get("patterns") or []) or f"{trainable.get('modules', '?')} of {layers}"
         rows.append(f"| {i + 1} | {erase.get('method', '?')} | {erase.get('target_mode', '?')} | "
                     f"{erase.get('erase_guidance', '?')} | {erase.get('loss_threshold', '?')} | "
                     f"{erase.get('window_len', '?')} ({erase.get('window_order', '?')}) | "

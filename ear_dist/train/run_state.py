@@ -85,6 +85,8 @@ def run_identity(cfg, model_fingerprint: str, data_digest: str, deepspeed: Optio
     """The identity of a run of ``cfg`` on this model, data and layout."""
     flat = _flatten(cfg.to_dict())
     keys = {k: v for k, v in flat.items() if k.split(".")[0] in SHAPING_SECTIONS or k in SHAPING_KEYS}
+    if not keys.get("trainable.layers"):  # empty: first_k_layers decides, as in runs made before the key existed
+        keys.pop("trainable.layers", None)
     keys["model.fingerprint"] = model_fingerprint
     keys["data.content"] = data_digest
     # the checkpoint layout: DeepSpeed's partitions fit only the config and rank count that wrote them

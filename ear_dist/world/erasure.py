@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ear_dist.config.loading import recipe_overrides
 from ear_dist.data.pairs import PromptPair
 from ear_dist.errors import InputError, RunFailure
 from ear_dist.eval import figures
@@ -36,53 +37,27 @@ from ear_dist.world.world import World
 
 PAIR_STREAM, ANCHOR_STREAM = 202, 303
 
-# Erasure settings for the world's 4-layer, 64-token model (the paper's defaults are for
-# Janus-Pro-7B: 5 of 30 layers, 576 tokens). Everything else is the paper's default.
-# Chosen on this world (see the README): lr 3e-4 and tau 1.0, since the hidden-state MSE of
-# a 16-token window here is ~1-3 and the paper's tau=0.05 keeps every window.
-WORLD_ERASE = [
-    "trainable.first_k_layers=2",
-    "trainable.modules=attention",
-    "erase.window_len=16",
-    "erase.loss_threshold=1.0",
-    "optim.lr=3e-4",
-    "train.steps=50",
-]
+# The world's erasure settings and the project's methods are shipped recipes (ear_dist/config/recipes,
+# docs/recipes.md); the demo and the research harness compose them as override lists.
+WORLD_ERASE = recipe_overrides("world-ear")  # the world's 4-layer, 64-token model
+# the project's preserving method on the Janus world: what the demo shows beside the paper's EAR
+PRESERVING = recipe_overrides("preserving")
 
-
-# The first preserving method (README: "Erasure that keeps everything else"), with its settings
-# chosen on the training templates and the validation split: targets anchored on the
-# unconditional branch from the target prompt's own rollouts (logit KL), preservation KL on
-# anchor prompts of the other concepts, null-space projected updates, eta 3, 100 steps.
+# The methods tried before it, kept for the comparisons (results/preservation-selection.md):
+# the first preserving method: targets anchored on the unconditional branch from the target prompt's own rollouts
+# (logit KL), preservation KL on anchor prompts of the other concepts, null-space projected updates, eta 3, 100 steps.
 UNCOND_ANCHORED_PRESERVING = ["erase.reference_prompt=unconditional", "erase.rollout_from=target",
                               "erase.target_mode=logit", "preserve.weight=1.0", "preserve.nullspace=true",
                               "erase.erase_guidance=3", "train.steps=100"]
 PRESERVE_ANCHORS, PRESERVE_ANCHOR_STREAM = 64, 43_000
 
-# Null-space EAR (README: "Erasure that keeps everything else"): the paper's windowed updates and hidden targets
-# with the loss mask off, every layer's linear weights trained with their updates projected off the span of
-# 99.99% of the anchors' input energy, plus the preservation KL on the anchors. Chosen on the validation split
-# of world seed 0 (church; VAR also van gogh); VAR_NULLSPACE_EAR's preservation weight 3 was the better of 1 and 3
-# there. The loss mask is off: with tau 1.0 the projected VAR run trained 58 of 200 windows and erased 0.04 on
-# validation.
-NULLSPACE_EAR = ["erase.loss_threshold=0", "trainable.first_k_layers=4", "trainable.modules=all",
-                 "preserve.nullspace=true", "preserve.nullspace_energy=0.9999", "preserve.weight=1.0"]
-VAR_NULLSPACE_EAR = [*NULLSPACE_EAR, "preserve.weight=3.0"]  # the VAR blocks read the text through cross-attention
-# Later-layer null-space EAR (README: "Synonyms: the first layer frozen"): the same, with the first layer frozen.
-# That layer reads the token embeddings, so its update erased the trained word only; the later layers see church,
-# chapel and cathedral nearly alike. Their inputs leave the update less room outside the anchors' span, hence the
-# wider room (99.9% of the energy), the higher lr and the anchors' KL at weight 3. Chosen on the synonym
-# validation split of world seeds 0 and 1 (church, erasure seeds 0 and 1, 16 pairs).
+# Null-space EAR: the var world's preserving method (every layer, 99.99% of the anchors' input energy) with the
+# anchors' KL at weight 1 (the var blocks read the text through cross-attention and keep weight 3).
+NULLSPACE_EAR = [*recipe_overrides("preserving-var"), "preserve.weight=1.0"]
+# Later-layer null-space EAR: the same with the first layer frozen, the wider room (99.9%), lr 1.5e-3 and the anchors'
+# KL at weight 3; the preserving method is this with the pairs' own surrogates among the anchors.
 NULLSPACE_EAR_LATER = [*NULLSPACE_EAR, "trainable.skip_first_layers=1", "preserve.nullspace_energy=0.999",
                        "optim.lr=1.5e-3", "preserve.weight=3.0"]
-# Surrogate-anchored later-layer null-space EAR (README: "Surrogate anchors"): the same, with the training pairs' own
-# surrogates among the anchors (preserve.surrogates): the sentences of the pairs with the concept swapped for another
-# object or its style removed, so the projection and the KL hold the update to what the concept word itself changes.
-# Chosen on the synonym validation split of world seeds 0 and 1 (church, erasure seeds 10-12, 16 pairs) by the mean
-# over runs of min(erasure, worst other concept's ratio), the bar's bottleneck.
-NULLSPACE_EAR_SURROGATES = [*NULLSPACE_EAR_LATER, "preserve.surrogates=64"]
-# the project's preserving method on the Janus world: what the demo shows beside the paper's EAR (README)
-PRESERVING = NULLSPACE_EAR_SURROGATES
 
 
 def anchor_prompts(world: World, erased: Sequence[str], n: int, stream: int = PRESERVE_ANCHOR_STREAM) -> list[str]:
@@ -107,20 +82,8 @@ def with_anchor_prompts(world: World, erased: Sequence[str], sets: Sequence[str]
     return [*sets, f"preserve.prompts={json.dumps(anchor_prompts(world, erased, n))}"]
 
 
-VAR_WORLD_ERASE = [
-    "model.family=var",
-    "trainable.first_k_layers=2",
-    "trainable.modules=attention",
-    "erase.window_scales=1",
-    "erase.loss_threshold=1.0",
-    "optim.lr=3e-4",
-    "train.steps=50",
-]
-
-SVARE_PAPER_MODULES = 'trainable.patterns=["block_chunks.*.ca.*", "block_chunks.*.ffn.*"]'
-# S-VARE's unsafe-token rule on the VAR world's 12-bit field codes: a church cell and its surrogate's cell differ
-# in 1-2 bits (the object field, a flag), so the paper's share (1/4 of Infinity's 32 bits) marked 0-1 tokens a
-# training step unsafe; one bit of 12 marks 38-51 (the filter's count on the training pairs, metrics.jsonl).
+VAR_WORLD_ERASE = recipe_overrides("world-var-ear")
+# S-VARE on the var world: the paper's modules (recipe svare-var) and the world's wrong-bit share (recipe world-var-svare)
 SVARE_WORLD_BIT_SHARE = "erase.svare_bit_error_share=0.08"
 
 
@@ -355,8 +318,8 @@ ABLATIONS: dict[str, list[str]] = {
     "per-sequence updates": ["erase.update_mode=sequence"],
     "cached prefix": ["erase.window_prefix=cached"],
     "logit targets": ["erase.target_mode=logit"],
-    "S-VARE": ["erase.method=svare"],
-    "ESD-style naive": ["erase.method=esd"],
+    "S-VARE": recipe_overrides("svare"),
+    "ESD-style naive": recipe_overrides("esd"),
     "preserving": PRESERVING,
     "uncond-anchored preserving": UNCOND_ANCHORED_PRESERVING,
     "null-space EAR": NULLSPACE_EAR,
@@ -371,9 +334,9 @@ VAR_ABLATIONS: dict[str, list[str]] = {
     "random order": ["erase.window_order=random"],
     "per-sequence updates": ["erase.update_mode=sequence"],
     "logit targets": ["erase.target_mode=logit"],
-    "S-VARE": ["erase.method=svare", SVARE_PAPER_MODULES, SVARE_WORLD_BIT_SHARE],
-    "ESD-style naive": ["erase.method=esd"],
-    "preserving": VAR_NULLSPACE_EAR,
+    "S-VARE": [*recipe_overrides("svare-var"), SVARE_WORLD_BIT_SHARE],
+    "ESD-style naive": recipe_overrides("esd"),
+    "preserving": recipe_overrides("preserving-var"),
 }
 
 
