@@ -11,7 +11,7 @@ from ear_dist.config import Config, ConfigError, from_dict, load_config, read_re
 from ear_dist.config.layers import resolve_layers
 from ear_dist.config.loading import example_description
 from ear_dist.models.janus import build_preset
-from ear_dist.models.presets import tiny_config
+from ear_dist.models.janus.presets import tiny_config
 from ear_dist.train.trainable import select_trainable_names
 
 WORLD, JANUS_1B, JANUS_7B = 4, 24, 30
@@ -229,7 +229,7 @@ def test_a_run_without_a_layer_spec_keeps_the_identity_it_had_before_the_key_exi
 
 def test_the_configs_preset_families_are_the_models_presets():
     from ear_dist.config.schema import PRESET_FAMILIES
-    from ear_dist.models.presets import PRESETS
+    from ear_dist.models.janus.presets import PRESETS
     from ear_dist.models.var.presets import VAR_PRESETS
 
     assert PRESET_FAMILIES == {**{p: "janus" for p in PRESETS}, **{p: "var" for p in VAR_PRESETS}}

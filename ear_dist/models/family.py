@@ -121,7 +121,7 @@ def layer_count(path_or_preset: str, family: str) -> Optional[int]:
     read from the preset or the directory's config without loading weights; None when it cannot tell."""
     import json
 
-    from ear_dist.models.presets import preset_config
+    from ear_dist.models.janus.presets import preset_config
     from ear_dist.models.var.bundle import VAR_CONFIG_FILE
     from ear_dist.models.var.config import VarConfig
 
