@@ -22,6 +22,7 @@ import torch
 from ear_dist.errors import InputError
 from ear_dist.models.delta import apply_deltas, compare_changes, delta_metadata
 from ear_dist.models.janus import JanusBundle, load_janus, model_fingerprint, save_janus
+from ear_dist.paths import finish_dir, output_dir, temp_sibling
 
 # Files the merge writes itself (weights, config) or replaces (the model card); every
 # other file of the base directory is copied as it is.
@@ -80,8 +81,12 @@ def check_conflicts(bundle: JanusBundle, deltas: Sequence[str], policy: str) -> 
 
 def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[float]] = None, dtype: str = "auto",
           check_base: bool = True, conflicts: str = "warn", eval_report: Optional[str] = None,
-          base_model_id: str = "") -> dict:
-    """Apply ``deltas`` to ``base`` and write the full model, its non-weight files and a model card to ``out``."""
+          base_model_id: str = "", overwrite: bool = False) -> dict:
+    """Apply ``deltas`` to ``base`` and write the full model, its non-weight files and a model card to ``out``.
+
+    ``out`` follows the output-path rule (``ear_dist.paths``): an existing directory that ``merge`` did not
+    write is replaced only with ``overwrite``, and never when it is (or holds) the base or a delta."""
+    out = merge_output(out, base, deltas, overwrite, eval_report)
     resolved = checkpoint_dtype(base) if dtype == "auto" else dtype
     if resolved not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
@@ -91,13 +96,10 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
     warnings = check_conflicts(bundle, deltas, conflicts)
     applied = apply_deltas(bundle.model, deltas, weights, check_base=check_base)
 
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(out)
     base_dir = Path(base)
     copied = non_weight_files(base_dir) if base_dir.is_dir() else []
     if base_dir.is_dir():
-        tmp.mkdir(parents=True)
         bundle.model.save_pretrained(tmp, safe_serialization=True)
         for rel in copied:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -108,18 +110,14 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
     card = model_card(base, base_model_id, fingerprint, deltas, list(weights or [1.0] * len(deltas)), metas,
                       resolved, report_data)
     card.save(str(tmp / "README.md"))
-    replace_dir(tmp, out)
+    finish_dir(tmp, out, "merge")
     return {**applied, "dtype": resolved, "warnings": warnings, "out": str(out), "copied": len(copied)}
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Put ``tmp`` at ``out``; a previous ``out`` is removed only once the new one is in place."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def merge_output(out, base: str, deltas: Sequence[str], overwrite: bool, eval_report: Optional[str] = None) -> Path:
+    """``--out`` of ``merge`` checked before any work (both families)."""
+    protect = [("base model", base), *[("delta", d) for d in deltas], ("eval report", eval_report)]
+    return output_dir(out, "merge", overwrite=overwrite, protect=protect)
 
 
 def _read_eval_report(path: str) -> dict:
