@@ -383,7 +383,9 @@ def example_description(path: Path) -> str:
 
 def resolve_config_file(path: Union[str, Path]) -> Path:
     """``path`` when it is a file; a bare example name (``church``) when no such file exists."""
-    p = Path(path)
+    from ear_dist.paths import check_input_file
+
+    p = check_input_file(path, "--config")
     if p.is_file():
         return p
     examples = example_configs()

@@ -103,6 +103,9 @@ def check_source(cfg) -> None:
         raise PairsError("data.pairs: no pairs file given (e.g. --set data.pairs=pairs.json)")
     if not Path(cfg.data.pairs).exists():
         raise PairsError(f"data.pairs: {cfg.data.pairs}: file not found")
+    from ear_dist.paths import check_input_file
+
+    check_input_file(cfg.data.pairs, "data.pairs")
 
 
 def is_shard_source(cfg) -> bool:

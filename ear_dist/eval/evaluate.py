@@ -22,7 +22,7 @@ from ear_dist.eval.generate import Column, Entry, generate_column, manifest_rows
     write_manifest
 from ear_dist.eval.metrics import MetricUnavailable
 from ear_dist.eval.metrics.clip import ClipScorer, clip_summary
-from ear_dist.eval.metrics.concept import JUDGED_ROLES, build_judges, group_rates, summarize
+from ear_dist.eval.metrics.concept import JUDGED_ROLES, build_judges, check_classifiers_know, group_rates, summarize
 from ear_dist.eval.metrics.fid import build_feature_model, cached_stats, feature_stats, files_id, frechet_distance, \
     reference_images, stats_cache_root
 from ear_dist.eval.metrics.perplexity import perplexity, read_text_lines
@@ -105,6 +105,7 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     suites = load_suites(suites, cfg)
+    check_classifiers_know(suites, cfg)  # before a model is loaded or an image made
     columns = make_columns(deltas)
     rt = init_runtime(cfg)
     if rt.device.type == "cuda":

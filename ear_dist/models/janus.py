@@ -60,6 +60,22 @@ class JanusBundle:
     def codebook_size(self) -> int:
         return self.model.config.vq_config.num_embeddings
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt (template included) that leaves room for an image in the text context."""
+        return int(self.model.config.text_config.max_position_embeddings) - self.num_image_tokens
+
+    def check_prompt_lengths(self, prompts: list[str], lengths: list[int]) -> None:
+        """A prompt longer than the model's context (text + image tokens) is an error naming it and its length."""
+        limit = self.max_prompt_tokens
+        for i, (prompt, n) in enumerate(zip(prompts, lengths)):
+            if n > limit:
+                start = prompt.strip()[:60] + ("..." if len(prompt.strip()) > 60 else "")
+                raise PromptTooLongError(
+                    f"prompt {start!r} is {n} tokens (with the prompt template); the model's context holds "
+                    f"{self.model.config.text_config.max_position_embeddings} positions, {self.num_image_tokens} of "
+                    f"them for the image, so a prompt may have at most {limit}: shorten it")
+
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize prompts (left-padded, each ending in begin-of-image) -> (input_ids, attention_mask)."""
         if self.tokenizer is None:
@@ -71,9 +87,14 @@ class JanusBundle:
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(texts, return_tensors="pt", padding=True)
         ids, mask = enc["input_ids"], enc["attention_mask"]
+        self.check_prompt_lengths(prompts, mask.sum(dim=1).tolist())
         if not bool((ids[:, -1] == self.prompt_format.boi_token_id).all()):
             raise ValueError("prompt encoding does not end in the begin-of-image token; check the prompt template")
         return ids.to(self.device), mask.to(self.device)
+
+
+class PromptTooLongError(InputError, ValueError):
+    """A prompt that does not fit the model's context beside an image (exit 2)."""
 
 
 def image_token_count(config: JanusConfig) -> int:
