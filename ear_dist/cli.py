@@ -24,6 +24,8 @@ import traceback
 from ear_dist.config import ConfigError
 from ear_dist.errors import EXIT_BAD_INPUT, EarDistError
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program Ctrl-C ended
+
 # Each module exposes register(subparsers) -> None.
 COMMAND_MODULES = [
     "ear_dist.models.commands",
@@ -115,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     except _launch_errors() as e:  # launch/ stands alone, below the package: its errors are launch settings
         _report(e, args.debug)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:  # Ctrl-C outside a training run's own handling: one line, the shell's code
+        if args.debug:
+            traceback.print_exception(e)
+        print(f"ear-dist: interrupted (SIGINT) during `ear-dist {args.command}`",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         _release_process_group()
     return int(rc or 0)

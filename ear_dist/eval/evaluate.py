@@ -114,6 +114,8 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     log = log if main else (lambda *_: None)
     bundle = load_model(cfg.model.path, cfg.model.family, device=rt.device, dtype=cfg.model.dtype,
                         seed=cfg.model.seed)
+    for suite in suites:
+        suite.check_model(bundle.num_image_tokens, bundle.codebook_size, cfg.model.path)
     check_deltas(bundle.model, [d for c in columns for d in c.deltas])
     entries = plan(suites, columns, cfg, model_fingerprint(bundle.model), out_dir)
     tools = build_tools(suites, cfg, str(rt.device)) if main else Tools()
