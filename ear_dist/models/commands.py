@@ -36,7 +36,8 @@ def register(sub) -> None:
     m.add_argument("--weight", action="append", type=float, default=None,
                    help="weight per delta (repeatable, same order; default 1.0 each)")
     m.add_argument("--out", required=True, help="output directory (a Janus model loads with from_pretrained, a var model with "
-                                                 "ear-dist's loader); an earlier merge output there is replaced, any other directory only with --overwrite")
+                                                 "ear-dist's loader); an earlier merge output there is replaced, "
+                                                 "any other directory only with --overwrite")
     m.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="dtype of the merged weights; auto (default) = the dtype the base checkpoint stores")
     m.add_argument("--eval-report", default=None, metavar="REPORT_JSON",
