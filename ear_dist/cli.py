@@ -101,7 +101,21 @@ def _report(error: BaseException, debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit code (see the module docstring)."""
+    """Run one command; returns its exit code (see the module docstring). Ctrl-C that the command does not
+    handle itself (a training run stops at its next safe point) is one line and exit 130, as a shell reports it."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt as e:
+        words = sys.argv[1:] if argv is None else argv
+        if "--debug" in words:
+            traceback.print_exception(e)
+        command = next((w for w in words if not w.startswith("-")), "")
+        print(f"ear-dist: interrupted (SIGINT){f' during `ear-dist {command}`' if command else ''}", file=sys.stderr,
+              flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _run(argv: list[str] | None) -> int:
     from ear_dist.telemetry.logs import configure_logging
 
     parser = build_parser()
@@ -117,12 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     except _launch_errors() as e:  # launch/ stands alone, below the package: its errors are launch settings
         _report(e, args.debug)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt as e:  # Ctrl-C outside a training run's own handling: one line, the shell's code
-        if args.debug:
-            traceback.print_exception(e)
-        print(f"ear-dist: interrupted (SIGINT) during `ear-dist {args.command}`",
-              file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
     finally:
         _release_process_group()
     return int(rc or 0)

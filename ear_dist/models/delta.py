@@ -60,8 +60,9 @@ def check_finite_delta(tensors: dict[str, torch.Tensor], where: Union[str, Path]
     if problem is None:
         return
     if writing:
-        raise NonFiniteDeltaError(f"{where}: not written: the trained {problem}; the run diverged (lower "
-                                  "optim.lr, or check the pairs and the teacher); nothing was saved")
+        hint = ("; the run diverged (lower optim.lr, or check the pairs and the teacher)" if "non-finite" in problem
+                else "")
+        raise NonFiniteDeltaError(f"{where}: not written: the delta {problem}{hint}")
     raise DeltaError(f"{where}: {problem}; this delta cannot be applied")
 
 
