@@ -453,6 +453,10 @@ CASES = [
          r"most 496: shorten it$"),
     Case("pairs-file-is-a-fifo", lambda i: erase(i, pairs=a_fifo("pairs.fifo")(i)),
          r"ear-dist: error: data\.pairs: .*pairs\.fifo is a FIFO, not a regular file; give a file$"),
+    Case("generate-prompt-too-long", lambda i: generate(i, "--prompts-file", str(i.write(
+        "prompts.txt", f"a church\n\n{LONG_PROMPT}\n"))),
+         r"ear-dist: error: .*prompts\.txt: line 3: prompt 'a church with a tall stone tower .*' is \d+ tokens "
+         r"\(with the prompt template\); the model's context holds 512 positions"),
     Case("generate-empty-prompt", lambda i: generate(i, "--prompt", ""),
          r"ear-dist: error: --prompt #1: empty prompt$"),
     Case("generate-no-images", lambda i: generate(i, "--prompt", "a church", "--images-per-prompt", "0"),

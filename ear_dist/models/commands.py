@@ -89,21 +89,26 @@ def run_generate(args) -> int:
         if not text.strip():
             raise InputError(f"--prompt #{n}: empty prompt")
     prompts = list(args.prompt)
+    where = [f"--prompt #{n}" for n in range(1, len(prompts) + 1)]
     if args.prompts_file:
         path = check_input_file(args.prompts_file, "--prompts-file")
         if not path.is_file():
             raise InputError(f"--prompts-file: {path}: file not found")
         try:
-            prompts += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = path.read_text(encoding="utf-8").splitlines()
+            where += [f"{path}: line {n}" for n, ln in enumerate(lines, 1) if ln.strip()]
+            prompts += [ln.strip() for ln in lines if ln.strip()]
         except UnicodeDecodeError as e:
             raise InputError(f"--prompts-file: {path}: not valid UTF-8 (byte offset {e.start}); save it as UTF-8") \
                 from None
     if not prompts:
         raise InputError("no prompts: pass --prompt TEXT or --prompts-file FILE")
-    prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
     bundle = load_model(model, cfg.model.family, device=cfg.model.device,
                         dtype=cfg.model.dtype, seed=cfg.model.seed)
     check_deltas(bundle.model, args.delta)
+    if getattr(bundle, "tokenizer", None) is not None and hasattr(bundle, "check_prompt_lengths"):
+        bundle.check_prompt_lengths(prompts, where=where)  # before any image: named by file and line
+    prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
     r = cfg.rollout
     seeds = [args.seed + i for i in range(len(prompts))]
     t0 = time.perf_counter()

@@ -21,7 +21,7 @@ def register(sub) -> None:
 
 
 def run_precompute(args) -> int:
-    from ear_dist.data.stream import open_pair_stream
+    from ear_dist.data.stream import check_prompt_lengths, open_pair_stream
     from ear_dist.models.family import load_model
     from ear_dist.models.janus import model_fingerprint
     from ear_dist.teacher.base import TeacherSettings
@@ -38,6 +38,8 @@ def run_precompute(args) -> int:
     bundle = load_model(cfg.model.path, cfg.model.family, device=cfg.model.device, dtype=cfg.model.dtype,
                         seed=cfg.model.seed)
     stream, _ = open_pair_stream(cfg, num_image_tokens=bundle.num_image_tokens, codebook_size=bundle.codebook_size)
+    if hasattr(stream, "pairs"):  # pairs held in memory: every prompt checked against the context before any work
+        check_prompt_lengths(stream.pairs, bundle)
     settings = TeacherSettings.from_config(cfg.erase, cfg.rollout)
     requests = run_requests(stream, cfg.train.steps, settings, args.batch_size, bundle.device)
     tmp = temp_sibling(out)
