@@ -149,6 +149,12 @@ def test_a_merged_model_carries_the_base_models_non_weight_files(env, tmp_path):
         if (base / name).exists():
             assert (tmp_path / "merged" / name).read_bytes() == (base / name).read_bytes(), name
     assert (tmp_path / "merged" / "processor_config.json").is_file()
+    assert "JanusProcessor.from_pretrained" in (tmp_path / "merged" / "README.md").read_text()
+    # a base without processor files: the card does not promise JanusProcessor, it says how to sample instead
+    assert main(["merge", "--base", str(env["model"]), "--delta", str(env["delta"]),
+                 "--out", str(tmp_path / "plain")]) == 0
+    card = (tmp_path / "plain" / "README.md").read_text()
+    assert "JanusProcessor.from_pretrained" not in card and "carried no processor files" in card
 
 
 @pytest.mark.parametrize("extra,message", [

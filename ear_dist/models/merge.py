@@ -108,7 +108,7 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
         save_janus(bundle, tmp)
     metas = [delta_metadata(d) for d in deltas]
     card = model_card(base, base_model_id, fingerprint, deltas, list(weights or [1.0] * len(deltas)), metas,
-                      resolved, report_data)
+                      resolved, report_data, has_processor=any((tmp / f).is_file() for f in PROCESSOR_FILES))
     card.save(str(tmp / "README.md"))
     finish_dir(tmp, out, "merge")
     return {**applied, "dtype": resolved, "warnings": warnings, "out": str(out), "copied": len(copied)}
@@ -158,7 +158,16 @@ CARD_TEMPLATE = """---
 
 ## Use
 
-```python
+{{ use_section }}
+
+## Training configuration
+
+{{ config_section }}
+"""
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+USE_WITH_PROCESSOR = """```python
 import torch
 from transformers import JanusForConditionalGeneration, JanusProcessor
 
@@ -169,16 +178,23 @@ prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(text=prompt, generation_mode="image", return_tensors="pt")
 tokens = model.generate(**inputs, generation_mode="image", do_sample=True)
 images = model.decode_image_tokens(tokens)
-```
+```"""
+USE_WITHOUT_PROCESSOR = """The base model carried no processor files ({files}), so this directory has none either
+and `JanusProcessor` does not load it; `JanusForConditionalGeneration.from_pretrained` and the tokenizer
+do. Sample it with ear-dist, which reads its prompt format:
 
-## Training configuration
+```bash
+ear-dist generate --model path/to/this/directory --prompt "a photo of a church at night" --out images
+```"""
 
-{{ config_section }}
-"""
+
+def use_section(has_processor: bool) -> str:
+    """How to load the merged model: with ``JanusProcessor`` when the base carried its processor files."""
+    return USE_WITH_PROCESSOR if has_processor else USE_WITHOUT_PROCESSOR.format(files=", ".join(PROCESSOR_FILES))
 
 
 def model_card(base: str, base_model_id: str, fingerprint: str, deltas: Sequence[str], weights: Sequence[float],
-               metas: Sequence[dict], dtype: str, eval_report: Optional[dict]):
+               metas: Sequence[dict], dtype: str, eval_report: Optional[dict], has_processor: bool = True):
     """A Hugging Face ``ModelCard`` for a merged model: base, concepts, method, settings, configs, eval results."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -199,6 +215,7 @@ def model_card(base: str, base_model_id: str, fingerprint: str, deltas: Sequence
         deltas_section=_deltas_section(deltas, weights, metas),
         eval_section=_eval_section(eval_report),
         config_section=_config_section(deltas, metas),
+        use_section=use_section(has_processor),
     )
 
 
