@@ -143,6 +143,8 @@ def output_dir(path: Optional[PathLike], command: str, *, flag: str = "--out", o
         marker = read_marker(out)
         ours = marker is not None and marker.get("command") == command and (
             identity is None or marker.get("identity") == identity)
+        if not ours and overwrite:
+            _refuse_home_or_working_dir(out, flag)
         if not ours and not overwrite:
             by = (f"written by `ear-dist {marker.get('command')}`" if marker and marker.get("command") != command
                   else "written by another run of other settings" if marker
@@ -150,6 +152,17 @@ def output_dir(path: Optional[PathLike], command: str, *, flag: str = "--out", o
             raise OutputPathError(f"{flag} {out}: exists ({_contents(out)}) and was {by}; pass {overwrite_flag} to "
                                   f"replace it, or choose another {flag}")
     return out
+
+
+def _refuse_home_or_working_dir(out: Path, flag: str) -> None:
+    """--overwrite replaces a directory: never the home directory, the working directory or one holding it."""
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if out == home or out in home.parents:
+        raise OutputPathError(f"{flag} {out}: is (or holds) the home directory; --overwrite never replaces it: choose "
+                              f"another {flag}")
+    if out == cwd or out in cwd.parents:
+        raise OutputPathError(f"{flag} {out}: is (or holds) the working directory; --overwrite never replaces it: "
+                              f"choose another {flag}")
 
 
 def temp_sibling(out: Path) -> Path:

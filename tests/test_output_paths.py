@@ -166,3 +166,15 @@ def test_generate_refuses_nothing_to_draw(extra, message, env, capsys, tmp_path)
     rc, line = _run(["generate", "--model", str(env["model"]), "--out", str(tmp_path / "g"), *extra], capsys)
     assert rc == 2 and re.match(message, line), line
     assert not (tmp_path / "g").exists()
+
+
+def test_overwrite_never_replaces_the_working_or_home_directory(env, capsys, tmp_path, monkeypatch):
+    work = tmp_path / "project"
+    (work / "src").mkdir(parents=True)
+    (work / "src" / "main.py").write_text("keep")
+    monkeypatch.chdir(work / "src")
+    for out in (work / "src", work):
+        rc, line = _run(["merge", "--base", str(env["model"]), "--delta", str(env["delta"]), "--out", str(out),
+                         "--overwrite"], capsys)
+        assert rc == 2 and "is (or holds) the working directory; --overwrite never replaces it" in line, line
+    assert (work / "src" / "main.py").read_text() == "keep"
