@@ -178,3 +178,24 @@ def test_overwrite_never_replaces_the_working_or_home_directory(env, capsys, tmp
                          "--overwrite"], capsys)
         assert rc == 2 and "is (or holds) the working directory; --overwrite never replaces it" in line, line
     assert (work / "src" / "main.py").read_text() == "keep"
+
+
+def _output_options(parser, prefix=()):
+    """(command words, option) of every output-path option in the command line (--out, --jsonl)."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _output_options(child, prefix + (name,))
+        elif prefix and action.dest in ("out", "jsonl"):
+            yield " ".join(prefix), action.option_strings[0]
+
+
+def test_every_output_argument_of_every_command_is_tried():
+    from ear_dist.cli import build_parser
+
+    options = {f"{command} {option}" for command, option in _output_options(build_parser())}
+    # and the config keys that name a command's output directory
+    options |= {"erase train.out_dir", "world build world.cache_dir"}
+    assert options == set(COMMANDS)
