@@ -139,7 +139,7 @@ def output_dir(path: Optional[PathLike], command: str, *, flag: str = "--out", o
     check_not_an_input(out, protect, flag)
     if out == Path(out.anchor):
         raise OutputPathError(f"{flag} {out}: the file system root is never an output directory")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name not in (MARKER, MARKER + ".tmp") for p in out.iterdir()):
         marker = read_marker(out)
         ours = marker is not None and marker.get("command") == command and (
             identity is None or marker.get("identity") == identity)

@@ -69,16 +69,15 @@ def eval_output(out, flag: str, overwrite: bool, model: str, suites: list, delta
     """The eval directory checked before any work (``ear_dist.paths``); rank 0 marks it as an eval's.
 
     A rerun of ``eval`` into its own directory reuses what it generated; another directory needs --overwrite."""
-    import os
-
     from ear_dist.paths import output_dir, write_marker
+    from ear_dist.telemetry.logs import current_rank
 
     protect = [("model", model)]
     for d in deltas:
         protect += [("delta", str(d)), ("delta", str(d).split("=", 1)[-1])]
     protect += [("suite file", str(s)) for s in suites if isinstance(s, str)]
     path = output_dir(out, "eval", flag=flag, overwrite=overwrite, protect=protect)
-    if os.environ.get("RANK", "0") == "0":
+    if current_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
         write_marker(path, "eval")
     return path
