@@ -75,7 +75,6 @@ def run_generate(args) -> int:
     from ear_dist.models.delta import applied_deltas, check_deltas
     from ear_dist.models.family import load_model
     from ear_dist.models.images import make_grid, save_pngs
-
     from ear_dist.paths import check_input_file, finish_dir, output_dir, temp_sibling
 
     cfg = config_from_args(args)
