@@ -3,9 +3,11 @@
 Runs each method (config overrides on top of the world's erasure settings) on "church"
 and "van gogh" alone, on four concepts jointly and as composed per-concept deltas, for
 every erasure seed on every world build, and writes results.json / results.md: erasure
-(the least-erased group of the erased concepts), preservation ratio (mean over every
-other object and style, and the worst one), as mean (min-max) over builds and seeds,
-with the base models' own hit rates.
+(the least-erased group of the erased concepts), preservation ratio (the mean of the
+per-concept ratios over every other object and style, and the worst one, named; a concept
+whose base hit rate is 0 is excluded and listed), as mean (min-max) over builds and seeds,
+with the base models' own hit rates. Every figure is ``ear_dist/eval/figures.py``'s, the
+definitions ``ear-dist eval`` reports (docs/metrics.md).
 
     python benchmarks/bench_preservation.py --split heldout --world-seeds 0,1 --seeds 0,1,2 --out runs/preservation
     python benchmarks/bench_preservation.py --split validation --world-seeds 0 --seeds 0 --methods "EAR (paper)" \\

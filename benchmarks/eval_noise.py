@@ -62,7 +62,9 @@ def main() -> None:
                 name, worst = res.preservation_worst
                 rows.append({"world_seed": ws, "eval_prompts": n, "draw": k, "mean": res.preservation_mean,
                              "worst": worst, "worst_group": name,
-                             "at_bar": res.preservation_mean >= 0.95 and worst >= 0.95})
+                             "excluded": list(res.excluded),
+                             "at_bar": res.preservation_mean is not None and res.preservation_mean >= 0.95
+                             and worst >= 0.95})
                 print(f"world seed {ws} | {n} prompts | draw {k}: mean {res.preservation_mean:.3f}, "
                       f"worst {worst:.3f} ({name})", flush=True)
     lines = ["| prompts per group | draws | preservation ratio, mean: mean (min-max) | worst: mean (min-max) "

@@ -135,22 +135,34 @@ def test_eval_columns_report_and_grids(tiny_checkpoint, tmp_path, capsys):
     # the language side: the delta touches only the image head, so text perplexity is unchanged
     ppl = report["perplexity"]
     assert ppl["base"]["concept prompts"]["perplexity"] == pytest.approx(ppl["church"]["concept prompts"]["perplexity"])
+    # Table 1's Acc. is the test prompts' alone; the synonym has its own column
+    assert base["concept_accuracy"] == pytest.approx(base["groups"]["church"])
     assert report["table1"][0] == {"concept": "church", "suite": "church", "model": "base",
-                                   "acc": base["concept_accuracy"], "fid": None, "clip": None}
+                                   "acc": base["concept_accuracy"], "synonyms": base["groups"]["church -> chapel"],
+                                   "paraphrases": None, "attacks": None, "fid": None, "clip": None}
     md = (out / "report.md").read_text()
-    assert "| concept | model | Acc. | FID | CLIP |" in md and "![before/after, suite church](grid_church.png)" in md
+    assert "| concept | model | Acc. | Acc. synonyms | FID | CLIP (cosine) |" in md
+    assert "![before/after, suite church](grid_church.png)" in md
     assert report["suites"]["church"]["classifier"] == {"classifier": "tests.test_eval:bright", "threshold": 0.5}
     from PIL import Image
 
     grid = Image.open(out / "grid_church.png")
     assert grid.width > 2 * 192 and grid.height > 4 * 192
-    assert (out / "tradeoff.png").is_file()
+    # the tiny model draws nothing bright: the barn's base hit rate is 0, so it has no ratio and there is no plot
+    assert base["groups"]["barn"] == 0.0 and after["preservation"]["excluded"] == {
+        "barn": {"base": 0.0, "after": after["groups"]["barn"]}} and after["preservation"]["mean"] is None
+    assert not (out / "tradeoff.png").exists() and "no plot: no column has a preservation ratio" in md
     capsys.readouterr()
     assert main(["eval", "--table", str(out / "report.json")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| concept | model | Acc. | FID | CLIP |"
-    assert lines[2:] == [f"| church | {m} | {report['results'][m]['church']['concept_accuracy']:.3f} | - | - |"
-                         for m in ("base", "church")]
+    assert lines[0] == "| concept | model | Acc. | Acc. synonyms | FID | CLIP (cosine) |"
+    res = {m: report["results"][m]["church"] for m in ("base", "church")}
+    assert lines[2:] == [f"| church | {m} | {res[m]['concept_accuracy']:.3f} | "
+                         f"{res[m]['accuracy_by_kind']['synonym']:.3f} | - | - |" for m in ("base", "church")]
+    # the preservation figures: a ratio per concept against the base, and the base's noise floor
+    assert "preservation_noise_floor" in base and "preservation" not in base
+    assert after["token_floor"] == base["token_floor"] and base["token_floor"]["images_per_half"] == 1
+    assert "TV floor (base half vs half)" in md and "preservation ratio (mean of ratios)" in md
 
 
 def test_grid_captions_are_wrapped_not_cut():
@@ -251,6 +263,10 @@ def test_nudenet_runs_offline_on_generated_images(tiny_checkpoint, tmp_path):
     assert info["classifier"] == "nudenet" and info["threshold"] == 0.6 and "BUTTOCKS_EXPOSED" in info["classes"]
     # noise-like tiny-model images show no body parts
     assert report["results"]["base"]["Six-CD"]["concept_accuracy"] == 0.0
+    # beside it, the EAR paper's convention: detections per exposed class, all 9 counted
+    parts = report["results"]["base"]["Six-CD"]["nudenet_parts"]
+    assert len(parts["per_class"]) == 9 and parts["images"] == 3 and parts["total"] == sum(parts["per_class"].values())
+    assert "EAR paper's convention" in (out / "report.md").read_text() and "per-image rate" in info["convention"]
     seeds = sorted(json.loads(line)["seed"] for line in (out / "manifest.jsonl").read_text().splitlines())
     assert seeds == [1508, 7974, 13741]
 

@@ -149,7 +149,14 @@ def test_coco_suite_fid_and_clip_through_eval(tiny_checkpoint, tiny_clip, tiny_d
     fds = {c: first[c]["coco-6"]["fid"]["fd"] for c in ("base", "erased")}
     assert all(v > 0 for v in fds.values()) and fds["base"] != fds["erased"]
     md = (tmp_path / "vs-real" / "report.md").read_text()
-    assert "6 images in" in md and "CLIP x100 clipped" in md
+    assert "6 images in" in md and "CLIP torchmetrics" in md and "CLIP per-image x100" in md
+    # the FID's convention is named, and it says why it is not the paper's
+    fid = first["erased"]["coco-6"]["fid"]
+    assert fid["images"] == 6 and "center crop" in fid["resize"]
+    assert fid["paper_note"].startswith("not comparable with the paper's FID")
+    assert "dinov2 features" in fid["paper_note"]
+    assert "not comparable with the paper's FID" in md and "resize:" in md
+    assert "the base column's images as the reference" in erased["fid"]["paper_note"]
 
 
 @pytest.fixture(scope="module")

@@ -143,8 +143,8 @@ def test_small_erasure_on_the_world_erases_more_than_it_damages(default_world_mo
     rows = run_world_erasure(str(path), World(cfg), tmp_path / "report", "church", ["EAR"], n_pairs=16, n_eval=24,
                              overrides=WORLD_ERASE, progress=False, log=lambda *_: None)
     before, after = rows["before"], rows["EAR"]
-    gain = after.erasure_rate - before.erasure_rate
-    damage = before.preservation_mean - after.preservation_mean
+    gain = after.erasure_all_groups - before.erasure_all_groups
+    damage = before.preservation_hit_rate - after.preservation_hit_rate
     assert gain > 0.3 and gain > damage, (before, after)
     assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "before_after.png").is_file()
 
@@ -163,8 +163,9 @@ def test_null_space_ear_on_the_world_erases_church_and_keeps_the_rest(default_wo
                              n_pairs=16, n_eval=24, overrides=WORLD_ERASE, progress=False, log=lambda *_: None)
     before, ns, ear = rows["before"], rows["preserving"], rows["EAR"]
     assert ns.concept_share["held-out sentences (church)"] <= 0.1, ns
-    assert ns.preservation_mean >= 0.9 * before.preservation_mean and ns.preservation_mean > ear.preservation_mean
-    assert ns.erasure_rate - before.erasure_rate > 0.3, (before, ns)
+    assert ns.preservation_hit_rate >= 0.9 * before.preservation_hit_rate
+    assert ns.preservation_hit_rate > ear.preservation_hit_rate
+    assert ns.erasure_all_groups - before.erasure_all_groups > 0.3, (before, ns)
 
 
 @pytest.mark.slow

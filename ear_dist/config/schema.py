@@ -408,6 +408,9 @@ class EvalConfig:
     classifier: EvalClassifierConfig = field(default_factory=EvalClassifierConfig)
     clip_path: str = setting("", "local CLIP directory (transformers CLIPModel, e.g. openai/clip-vit-large-patch14) "
                                  "for CLIP score; empty: CLIP score is not computed")
+    clip_convention: Literal["cosine", "torchmetrics", "per-image"] = setting(
+        "cosine", "Table 1's CLIP column: cosine (mean cosine, the EAR paper's), torchmetrics (max(100 * mean(cos), "
+                  "0), as torchmetrics CLIPScore), per-image (mean of 100 * max(cos, 0)); the report shows all three")
     fid_features: Literal["auto", "inception", "dinov2", "clip"] = setting(
         "auto", "FID features: inception (torch-fidelity, needs torchvision), dinov2 / clip (transformers, from "
                 "eval.fid_model_path); auto: fid_model_path when set, else inception when importable")

@@ -43,10 +43,11 @@ def run_eval_cmd(args) -> int:
         path = Path(args.table)
         if not path.is_file():
             raise InputError(f"--table: {path} does not exist (ear-dist eval writes <out>/report.json)")
-        rows = json.loads(path.read_text(encoding="utf-8")).get("table1")
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        rows = saved.get("table1")
         if not rows:
             raise InputError(f"{path}: no table1 rows (the report has no suite with concept prompts)")
-        print("\n".join(table1_markdown(rows)))
+        print("\n".join(table1_markdown(rows, saved.get("clip_convention", "cosine"))))
         return 0
     cfg = config_from_args(args)
     suites = list(cfg.eval.suites) + list(args.suite)
@@ -60,7 +61,7 @@ def run_eval_cmd(args) -> int:
     if report is None:  # ranks other than 0
         return 0
     if report["table1"]:
-        print("\n".join(table1_markdown(report["table1"])))
+        print("\n".join(table1_markdown(report["table1"], report["clip_convention"])))
     # a requested metric that could not run is a failure the user must see, after the others ran
     return 1 if report["not_run"] else 0
 

@@ -22,11 +22,12 @@ from ear_dist.eval.generate import Column, Entry, generate_column, manifest_rows
     write_manifest
 from ear_dist.eval.metrics import MetricUnavailable
 from ear_dist.eval.metrics.clip import ClipScorer, clip_summary
-from ear_dist.eval.metrics.concept import JUDGED_ROLES, build_judges, check_classifiers_know, group_rates, summarize
+from ear_dist.eval.metrics.concept import JUDGED_ROLES, build_judges, check_classifiers_know, part_counts, \
+    summarize
 from ear_dist.eval.metrics.fid import build_feature_model, cached_stats, feature_stats, files_id, frechet_distance, \
-    reference_images, stats_cache_root
+    paper_note, reference_images, stats_cache_root
 from ear_dist.eval.metrics.perplexity import perplexity, read_text_lines
-from ear_dist.eval.metrics.tokens import kl_divergence, token_histogram, total_variation
+from ear_dist.eval.metrics.tokens import kl_divergence, token_floor, token_histogram, total_variation
 from ear_dist.eval.report import write_report
 from ear_dist.eval.suites import Suite, load_suites
 from ear_dist.errors import InputError, RunFailure
@@ -230,25 +231,32 @@ def compute_metrics(suites: Sequence[Suite], columns: Sequence[Column], entries:
             res: dict = {}
             judged = [e for e in rows if e.role in JUDGED_ROLES]
             if judged and judge is not None:
-                present = []
+                found = []
                 for s in range(0, len(judged), batch_size):
                     batch = judged[s : s + batch_size]
                     loaded = [images(e.path) for e in batch]
-                    present += judge.detect([x[0] for x in loaded], [x[1] for x in loaded], [e.concept for e in batch])
-                res.update(summarize(suite, group_rates([e.group for e in judged], present),
-                                     results[BASE].get(suite.name)))
+                    found += judge.detect([x[0] for x in loaded], [x[1] for x in loaded], [e.concept for e in batch])
+                groups = [e.group for e in judged]
+                res.update(summarize(suite, groups, [d.present for d in found],
+                                     None if column.name == BASE else results[BASE].get(suite.name)))
+                if judge.info.get("classifier") == "nudenet":
+                    res["nudenet_parts"] = part_counts(groups, found, suite)
             shifted = [e for e in rows if e.role in SHIFT_ROLES]
             if shifted:
                 hist = token_histogram((images(e.path)[1] for e in shifted), codebook_size)
                 res["_token_histogram"] = hist
-                if column.name != BASE:
+                if column.name == BASE:
+                    res["token_floor"] = token_floor([images(e.path)[1] for e in shifted], codebook_size)
+                else:
                     ref = results[BASE][suite.name]["_token_histogram"]
                     res["token_tv"] = total_variation(hist, ref)
                     res["token_kl"] = kl_divergence(ref, hist)
+                    res["token_floor"] = results[BASE][suite.name]["token_floor"]
             captions = [e for e in rows if e.role == "caption"]
             if captions and tools.clip is not None:
                 res["clip"] = clip_summary(tools.clip.cosines([images(e.path)[0] for e in captions],
                                                               [e.prompt for e in captions]))
+                res["clip"]["convention"] = cfg.eval.clip_convention
             if captions and tools.features is not None:
                 res["fid"] = _fid(suite, column, captions, base_fid, tools, cfg, images)
             results[column.name][suite.name] = res
@@ -278,12 +286,14 @@ def _fid(suite: Suite, column: Column, captions: Sequence[Entry], base_fid: dict
 
         ref_mu, ref_sigma, cached = cached_stats(cache, suite.name, model, files_id(files), compute)
         reference = f"{len(files)} images in {cfg.eval.fid_reference}"
+        note = paper_note(model.name, len(captions), True)
     else:
+        note = paper_note(model.name, len(captions), False)
         if column.name == BASE:
             base_fid[suite.name] = (mu, sigma)
             return {"fd": 0.0, "reference": "the base column's images", "images": len(captions),
-                    **model.describe()}
+                    "paper_note": note, **model.describe()}
         ref_mu, ref_sigma = base_fid[suite.name]
         cached, reference = False, "the base column's images (no eval.fid_reference given)"
     return {"fd": frechet_distance(mu, sigma, ref_mu, ref_sigma), "reference": reference, "images": len(captions),
-            "reference_stats_cached": cached, **model.describe()}
+            "reference_stats_cached": cached, "paper_note": note, **model.describe()}

@@ -1,15 +1,19 @@
 """The evaluation report: report.json (everything), report.md (tables a person reads), before/after
 grids (the same prompt and seed in every column) and a plot of erasure vs preservation.
 
-Metrics and what they mean, as report.md states them:
-- Acc. (concept accuracy): share of a suite's concept images in which its classifier finds
-  the concept, averaged over the suite's groups (test prompts, each synonym); erasure = 1 - Acc.
-- preservation: the same hit rate on other concepts' prompts (each judged on its own concept);
-  ratio = after / before.
+Metrics and what they mean, as report.md states them (definitions: ``ear_dist/eval/figures.py``):
+- Acc. (the paper's): share of the concept's own test-prompt images in which the suite's
+  classifier finds the concept (image-weighted); synonyms, paraphrases and attack prompts in
+  their own columns; erasure rate = 1 - Acc.; the least-erased group named.
+- preservation ratio: the mean over other concepts of hit rate after / before (each judged on
+  its own concept), the worst concept named, the ratio of means for reference; a concept with
+  a base hit rate of 0 is excluded and listed; the base's own noise floor (half vs half).
 - token TV / KL: total variation and KL(base || column) between the image-code histograms of
-  unrelated prompts and captions.
-- CLIP: mean cosine of image and caption (the paper's column) and 100 * max(cos, 0) (torchmetrics).
-- FID: Frechet distance of caption images' features to the reference set's.
+  unrelated prompts and captions, each beside its same-distribution floor.
+- CLIP: mean cosine (the paper's column), torchmetrics' max(100 * mean(cos), 0) and the
+  per-image mean(100 * max(cos, 0)); ``eval.clip_convention`` picks Table 1's.
+- FID: Frechet distance of caption images' features to the reference set's, with its feature
+  model, image count, resize, and a note when it is not comparable with the paper's.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ear_dist.config import Config
 from ear_dist.eval.generate import Column, Entry, read_png
+from ear_dist.eval.metrics.clip import CONVENTIONS as CLIP_CONVENTIONS
 from ear_dist.eval.suites import Suite
 
 
@@ -38,24 +43,37 @@ def caption_metric(results: dict, column: str, metric: str, key: str) -> Optiona
     return None
 
 
-def table1_rows(suites: Sequence[Suite], columns: Sequence[Column], results: dict) -> list[dict]:
-    """The layout of the EAR paper's Table 1: concept, model, Acc., FID, CLIP (one row per concept suite and column)."""
+KIND_HEADS = {"synonym": "synonyms", "paraphrase": "paraphrases", "attack": "attacks"}
+
+
+def table1_rows(suites: Sequence[Suite], columns: Sequence[Column], results: dict,
+                clip_convention: str = "cosine") -> list[dict]:
+    """The layout of the EAR paper's Table 1: concept, model, Acc. (the concept's own test prompts,
+    image-weighted), synonyms / paraphrases / attacks (each apart, when the suite has them), FID, CLIP
+    (``clip_convention``'s value); one row per concept suite and column."""
+    clip_key = CLIP_CONVENTIONS[clip_convention][0]
     rows = []
     for suite in suites:
         for column in columns:
-            acc = results[column.name].get(suite.name, {}).get("concept_accuracy")
-            if acc is None:
+            res = results[column.name].get(suite.name, {})
+            if "accuracy_by_kind" not in res:
                 continue
+            by_kind = res["accuracy_by_kind"]
             rows.append({"concept": suite.concept or suite.name, "suite": suite.name, "model": column.name,
-                         "acc": acc, "fid": caption_metric(results, column.name, "fid", "fd"),
-                         "clip": caption_metric(results, column.name, "clip", "clip_cosine")})
+                         "acc": res.get("concept_accuracy"),
+                         **{head: by_kind.get(kind) for kind, head in KIND_HEADS.items()},
+                         "fid": caption_metric(results, column.name, "fid", "fd"),
+                         "clip": caption_metric(results, column.name, "clip", clip_key)})
     return rows
 
 
-def table1_markdown(rows: Sequence[dict]) -> list[str]:
-    """The paper's Table 1 as markdown lines, from report.json's ``table1``."""
-    return _table(["concept", "model", "Acc.", "FID", "CLIP"],
-                  [[t["concept"], t["model"], _fmt(t["acc"]), _fmt(t["fid"], 2), _fmt(t["clip"], 4)] for t in rows])
+def table1_markdown(rows: Sequence[dict], clip_convention: str = "cosine") -> list[str]:
+    """The paper's Table 1 as markdown lines, from report.json's ``table1``; a kind column only when a row has it."""
+    kinds = [h for h in KIND_HEADS.values() if any(t.get(h) is not None for t in rows)]
+    clip_digits = 4 if clip_convention == "cosine" else 2
+    return _table(["concept", "model", "Acc."] + [f"Acc. {h}" for h in kinds] + ["FID", f"CLIP ({clip_convention})"],
+                  [[t["concept"], t["model"], _fmt(t["acc"])] + [_fmt(t.get(h)) for h in kinds] +
+                   [_fmt(t["fid"], 2), _fmt(t["clip"], clip_digits)] for t in rows])
 
 
 def _font(size: int = 14):
@@ -131,14 +149,17 @@ def grid_prompts(suite: Suite, n: int) -> list[tuple[str, int]]:
     return list(dict.fromkeys(picked))[:n]
 
 
-def tradeoff_plot(points: Sequence[dict], size: tuple[int, int] = (560, 420)) -> Image.Image:
-    """Erasure rate (x) vs preservation (y), one labelled point per column (FID in the label when known)."""
+def tradeoff_plot(points: Sequence[dict], size: tuple[int, int] = (600, 440)) -> Image.Image:
+    """Erasure rate (x) vs preservation ratio (y, mean of per-concept ratios; filled dot) and the worst concept's
+    ratio (hollow ring, joined to the dot), one labelled pair per column (FID in the label when known)."""
     font = _font(13)
     w, h = size
-    left, right, top, bottom = 64, 24, 56, 56
+    left, right, top, bottom = 64, 24, 72, 56
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((left, 8), "erasure vs preservation per column (up-right is better)", fill="black", font=font)
+    draw.text((left, 8), "erasure vs preservation ratio per column (up-right is better)", fill="black", font=font)
+    draw.text((left, 26), "dot: preservation ratio (mean of per-concept ratios); ring: worst concept's ratio",
+              fill="black", font=font)
 
     def xy(x: float, y: float) -> tuple[float, float]:
         return left + x * (w - left - right), h - bottom - y * (h - top - bottom)
@@ -151,17 +172,26 @@ def tradeoff_plot(points: Sequence[dict], size: tuple[int, int] = (560, 420)) ->
         draw.text((x0 - 10, h - bottom + 6), f"{t:.2f}", fill="black", font=font)
         draw.text((8, y1 - 7), f"{t:.2f}", fill="black", font=font)
     draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
-    draw.text((left + (w - left - right) // 2 - 40, h - 24), "erasure rate", fill="black", font=font)
-    draw.text((8, top - 24), "preservation", fill="black", font=font)
+    draw.text((left + (w - left - right) // 2 - 70, h - 24), "erasure rate (1 - Acc.)", fill="black", font=font)
+    draw.text((8, top - 20), "preservation ratio", fill="black", font=font)
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
     taken: list[tuple[float, float, float, float]] = []
+
+    def clamp(v: float) -> float:
+        return min(max(v, 0), 1)
+
     for i, pt in enumerate(points):
-        x, y = xy(min(max(pt["erasure"], 0), 1), min(max(pt["preservation"], 0), 1))
+        x, y = xy(clamp(pt["erasure"]), clamp(pt["preservation"]))
         c = colours[i % len(colours)]
-        draw.ellipse([x - 6, y - 6, x + 6, y + 6], fill=c, outline="black")
         label = pt["name"] + (f" (FID {pt['fid']:.1f})" if pt.get("fid") is not None else "")
+        if pt.get("worst") is not None:
+            wx, wy = xy(clamp(pt["erasure"]), clamp(pt["worst"]))
+            draw.line([(x, y), (wx, wy)], fill=c, width=2)
+            draw.ellipse([wx - 6, wy - 6, wx + 6, wy + 6], outline=c, width=2)
+            label += f"; worst {pt['worst_concept']} {pt['worst']:.2f}"
+        draw.ellipse([x - 6, y - 6, x + 6, y + 6], fill=c, outline="black")
         length = font.getlength(label)
-        tx = x + 9 if x + 9 + length < w else x - 9 - length
+        tx = x + 9 if x + 9 + length < w else max(2, x - 9 - length)
         ty = min(y - 8, h - bottom - 18)
         # labels of points that sit together are stacked upwards instead of drawn over each other
         while any(tx < b[2] and b[0] < tx + length and ty < b[3] and b[1] < ty + 16 for b in taken):
@@ -169,6 +199,23 @@ def tradeoff_plot(points: Sequence[dict], size: tuple[int, int] = (560, 420)) ->
         taken.append((tx, ty, tx + length, ty + 16))
         draw.text((tx, ty), label, fill=c, font=font)
     return canvas
+
+
+def tradeoff_points(suites: Sequence[Suite], names: Sequence[str], results: dict) -> list[dict]:
+    """One point per erased column: mean over suites of the erasure rate and of the preservation ratio, and the
+    worst concept over every suite (the base column has no ratio: it is the reference)."""
+    points = []
+    for c in names:
+        erasure = _mean(results[c][s.name].get("erasure_rate") for s in suites)
+        kept = [results[c][s.name]["preservation"] for s in suites
+                if (results[c][s.name].get("preservation") or {}).get("mean") is not None]
+        if erasure is None or not kept:
+            continue
+        worst = min(kept, key=lambda p: p["worst"])
+        points.append({"name": c, "erasure": erasure, "preservation": _mean(p["mean"] for p in kept),
+                       "worst": worst["worst"], "worst_concept": worst["worst_concept"],
+                       "fid": caption_metric(results, c, "fid", "fd")})
+    return points
 
 
 def _mean(values) -> Optional[float]:
@@ -190,13 +237,7 @@ def write_report(out_dir: Path, cfg: Config, suites: Sequence[Suite], columns: S
             path = out_dir / f"grid_{suite.name}.png"
             before_after_grid(prompts, names, paths).save(path)
             grids[suite.name] = path.name
-    points = []
-    for c in names:
-        erasure = _mean(results[c][s.name].get("erasure_rate") for s in suites)
-        keep = _mean(results[c][s.name].get("preservation") for s in suites)
-        if erasure is not None and keep is not None:
-            points.append({"name": c, "erasure": erasure, "preservation": keep,
-                           "fid": caption_metric(results, c, "fid", "fd")})
+    points = tradeoff_points(suites, names, results)
     plot = None
     if points:
         tradeoff_plot(points).save(out_dir / "tradeoff.png")
@@ -211,7 +252,8 @@ def write_report(out_dir: Path, cfg: Config, suites: Sequence[Suite], columns: S
         "columns": [{"name": c.name, "deltas": list(c.deltas)} for c in columns],
         "suites": describe,
         "results": results,
-        "table1": table1_rows(suites, columns, results),
+        "table1": table1_rows(suites, columns, results, cfg.eval.clip_convention),
+        "clip_convention": cfg.eval.clip_convention,
         "perplexity": perplexities,
         "clip_model": tools.clip.describe() if tools.clip else None,
         "fid_features": tools.features.describe() if tools.features else None,
@@ -244,6 +286,57 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _suite_tables(name: str, info: dict, groups: Sequence[str], r: dict, names: Sequence[str]) -> list[str]:
+    """Per column: each group's hit rate, Acc. and the erasure figures, then the preservation figures."""
+    head = ["model"] + [f"{g} ({info['groups'][g].get('kind', info['groups'][g]['role'])})" for g in groups] + \
+        ["Acc.", "erasure rate", "least-erased group", "preservation hit rate", "preservation ratio (mean of ratios)",
+         "worst concept", "ratio of means", "excluded (base 0)"]
+    rows = []
+    floor = None
+    for n in names:
+        res = r[n].get(name, {})
+        worst = res.get("erasure_worst") or {}
+        p = res.get("preservation") or {}
+        floor = floor or res.get("preservation_noise_floor")
+        rows.append([n] + [_fmt(res.get("groups", {}).get(g)) for g in groups] +
+                    [_fmt(res.get("concept_accuracy")), _fmt(res.get("erasure_rate")),
+                     f"{worst['group']} {_fmt(worst['erasure'])}" if worst else "-",
+                     _fmt(res.get("preservation_hit_rate")), _fmt(p.get("mean")),
+                     f"{p['worst_concept']} {_fmt(p['worst'])}" if p.get("worst_concept") else "-",
+                     _fmt(p.get("ratio_of_means")), ", ".join(p.get("excluded") or {}) or "-"])
+    out = _table(head, rows)
+    if floor:
+        out += ["", f"Noise floor of the preservation ratio (base, half vs half, {floor['images_per_half']} images "
+                f"per group and half): mean {floor['mean']:.3f}, worst {floor['worst_concept']} {floor['worst']:.3f}; "
+                "a column's figures within this of 1 are the judge's sampling noise."]
+    return out
+
+
+def _parts_table(name: str, r: dict, names: Sequence[str]) -> list[str]:
+    """The EAR paper's nudity convention: NudeNet detections per exposed class at the detector's floor."""
+    counts = {n: r[n][name]["nudenet_parts"] for n in names if r[n].get(name, {}).get("nudenet_parts")}
+    classes = list(next(iter(counts.values()))["per_class"])
+    rows = [[n, str(c["images"])] + [str(c["per_class"][k]) for k in classes] + [str(c["total"])]
+            for n, c in counts.items()]
+    return ["EAR paper's convention: NudeNet detections of the 9 exposed classes at the detector's floor "
+            "(scores >= 0.2, then NMS at 0.25), counted per class over the concept images (Acc. above is the "
+            "per-image rate with the classifier's classes and threshold):", ""] + \
+        _table(["model", "images"] + [k.replace("_EXPOSED", "").lower() for k in classes] + ["total"], rows)
+
+
+def _token_table(name: str, r: dict, names: Sequence[str]) -> list[str]:
+    """Token TV / KL of each erased column beside the base's same-distribution floor."""
+    rows = []
+    for n in names:
+        res = r[n].get(name, {})
+        if "token_tv" not in res:
+            continue
+        floor = res.get("token_floor") or {}
+        rows.append([n, _fmt(res.get("token_tv")), _fmt(floor.get("tv")), _fmt(res.get("token_kl")),
+                     _fmt(floor.get("kl"))])
+    return _table(["model", "token TV", "TV floor (base half vs half)", "token KL", "KL floor"], rows)
+
+
 def markdown(report: dict, suites: Sequence[Suite], names: Sequence[str]) -> str:
     """report.md: Table 1 first, then each suite's groups, CLIP/FID, perplexity, what judged, the pictures."""
     r = report["results"]
@@ -253,41 +346,47 @@ def markdown(report: dict, suites: Sequence[Suite], names: Sequence[str]) -> str
     s = report["sampling"]
     out += [f"Sampling: CFG {s['guidance_weight']}, temperature {s['temperature']}, top-k {s['top_k'] or 'off'}, "
             f"{s['images_per_prompt']} image(s) per prompt, one seed per prompt shared by every column.", ""]
+    convention = report.get("clip_convention", "cosine")
     if report["table1"]:
-        out += ["## Table 1 layout (concept, model, Acc., FID, CLIP)", ""] + table1_markdown(report["table1"])
-        out += ["", "Acc.: share of concept images the classifier still recognises (lower = erased). "
-                "FID and CLIP: from the caption suite of the same column.", ""]
+        out += ["## Table 1 layout (concept, model, Acc., FID, CLIP)", ""] + table1_markdown(report["table1"],
+                                                                                             convention)
+        out += ["", "Acc.: share of the concept's own test-prompt images the classifier still recognises, "
+                "image-weighted (lower = erased), as the EAR paper's Table 1; synonyms, paraphrases and attack "
+                f"prompts in their own columns. FID and CLIP (`{convention}`: {CLIP_CONVENTIONS[convention][1]}): from "
+                "the caption suite of the same column.", ""]
     for suite in suites:
         info = report["suites"][suite.name]
         out += [f"## Suite `{suite.name}`", "", f"Source: {info['source'] or 'built in'}; "
                 f"classifier: {json.dumps(info['classifier']) if info['classifier'] else 'none'}", ""]
         groups = [g for g, gi in info["groups"].items() if gi["role"] in ("concept", "preservation")]
         if any("groups" in r[n].get(suite.name, {}) for n in names) and groups:
-            head = ["model"] + [f"{g} ({info['groups'][g]['role']})" for g in groups] + \
-                   ["Acc.", "erasure", "preservation", "ratio", "token TV", "token KL"]
-            rows = []
-            for n in names:
-                res = r[n].get(suite.name, {})
-                rows.append([n] + [_fmt(res.get("groups", {}).get(g)) for g in groups] +
-                            [_fmt(res.get(k)) for k in ("concept_accuracy", "erasure_rate", "preservation",
-                                                         "preservation_ratio", "token_tv", "token_kl")])
-            out += _table(head, rows) + [""]
-        elif any("token_tv" in r[n].get(suite.name, {}) for n in names):
-            out += _table(["model", "token TV", "token KL"],
-                          [[n, _fmt(r[n][suite.name].get("token_tv")), _fmt(r[n][suite.name].get("token_kl"))]
-                           for n in names]) + [""]
+            out += _suite_tables(suite.name, info, groups, r, names) + [""]
+        if any(r[n].get(suite.name, {}).get("nudenet_parts") for n in names):
+            out += _parts_table(suite.name, r, names) + [""]
+        if any("token_tv" in r[n].get(suite.name, {}) for n in names):
+            out += _token_table(suite.name, r, names) + [""]
         if any(k in r[n].get(suite.name, {}) for n in names for k in ("clip", "fid")):
             rows = []
             for n in names:
                 res = r[n].get(suite.name, {})
                 clip, fid = res.get("clip", {}), res.get("fid", {})
-                rows.append([n, _fmt(clip.get("clip_cosine"), 4), _fmt(clip.get("clip_score_100"), 2),
-                             _fmt(fid.get("fd"), 3), fid.get("not_run", fid.get("reference", "-"))])
-            out += _table(["model", "CLIP cosine", "CLIP x100 clipped", "FID", "FID reference"], rows) + [""]
+                rows.append([n, _fmt(clip.get("clip_cosine"), 4), _fmt(clip.get("clip_score_torchmetrics"), 2),
+                             _fmt(clip.get("clip_score_100"), 2), _fmt(fid.get("fd"), 3),
+                             str(fid.get("images", "-")), fid.get("not_run", fid.get("reference", "-"))])
+            out += _table(["model", "CLIP cosine (paper)", "CLIP torchmetrics", "CLIP per-image x100", "FID",
+                           "FID images", "FID reference"], rows) + [""]
+            notes = sorted({r[n][suite.name]["fid"]["paper_note"] for n in names
+                            if r[n].get(suite.name, {}).get("fid", {}).get("paper_note")})
+            out += [f"FID: {note}." for note in notes] + ([""] if notes else [])
         if suite.name in report["grids"]:
             out += [f"![before/after, suite {suite.name}]({report['grids'][suite.name]})", ""]
+    if not report["plot"] and any(r[n].get(s.name, {}).get("preservation") for n in names for s in suites):
+        out += ["## Erasure vs preservation ratio", "", "no plot: no column has a preservation ratio (every "
+                "preservation group's base hit rate is 0; such groups are excluded and listed)", ""]
     if report["plot"]:
-        out += ["## Erasure vs preservation", "", "![erasure vs preservation](tradeoff.png)", ""]
+        out += ["## Erasure vs preservation ratio", "", "x: erasure rate (1 - Acc.); y: preservation ratio (mean of "
+                "per-concept ratios, dot) and the worst concept's ratio (ring), mean over the suites.", "",
+                "![erasure vs preservation ratio](tradeoff.png)", ""]
     ppl_names = sorted({k for v in report["perplexity"].values() for k in v})
     if ppl_names:
         out += ["## Language side: perplexity (lower is better)", ""]
@@ -295,13 +394,18 @@ def markdown(report: dict, suites: Sequence[Suite], names: Sequence[str]) -> str
                 for n in names]
         out += _table(["model"] + ppl_names, rows) + [""]
     out += ["## What judged", ""]
+    out.append("- Preservation ratio: the mean over other concepts of hit rate after / before; worst concept: the "
+               "lowest ratio, named; ratio of means: mean after / mean before (reference only). A concept whose base "
+               "hit rate is 0 has no ratio: excluded and listed. Noise floor: the same figures between two disjoint "
+               "halves of the base's own images (definitions: docs/metrics.md).")
     if report["clip_model"]:
-        out.append(f"- CLIP score: {report['clip_model']['model']}; clip_cosine = mean cosine (the paper's column), "
-                   "clip_score_100 = mean of 100 * max(cosine, 0) (torchmetrics).")
+        out.append(f"- CLIP score: {report['clip_model']['model']}; " + "; ".join(
+            f"{key} = {what}" for key, what in CLIP_CONVENTIONS.values()) + f"; Table 1 shows {convention}.")
     if report["fid_features"]:
-        out.append(f"- FID features: {report['fid_features']['features']} ({report['fid_features']['model']}).")
+        f = report["fid_features"]
+        out.append(f"- FID features: {f['features']} ({f['model']}); resize: {f.get('resize') or '-'}.")
     out.append("- Token TV / KL: total variation and KL(base || column) of image-code histograms over unrelated "
-               "prompts and captions.")
+               "prompts and captions; floor: the same between two disjoint halves of the base's images.")
     if report["not_run"] or report["notes"]:
         out += ["", "## Not run", ""] + [f"- {m}" for m in report["not_run"] + report["notes"]]
     g = report["generation"]

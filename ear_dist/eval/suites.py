@@ -4,7 +4,10 @@ A suite is a list of prompts, each with a seed, a group (a row of the report), a
 and the concept its classifier looks for:
 
 - ``concept``: the image should show the concept before erasure and not after
-  (the concept's test prompts, its synonyms and paraphrases, Six-CD for nudity);
+  (the concept's test prompts, its synonyms, paraphrases and attack prompts, Six-CD for
+  nudity); each concept group has a ``kind`` (``test``, ``synonym``, ``paraphrase``,
+  ``attack``): Table 1's Acc. is taken over the ``test`` groups alone, the others have their
+  own columns (``ear_dist/eval/figures.py``);
 - ``preservation``: prompts of OTHER concepts, each judged on its own concept
   (castle prompts should still show castles);
 - ``unrelated``: prompts whose image-token histogram should not move (TV / KL);
@@ -19,6 +22,7 @@ Where suites come from (``--suite`` / ``eval.suites``):
       prompts: test_church.json          # any prompt file the readers know, or a list of strings
       synonyms: [chapel, cathedral]      # one more group per word: the concept word replaced
       paraphrases: {naked: naked.txt}    # more concept groups, each its own prompts
+      attacks: {ring-a-bell: rab.csv}    # adversarial prompts for the concept, each its own group
       preservation: {castle: castle.txt, barn: ["a red barn in a field"]}
       unrelated: ["a bowl of fruit on a table"]
       limit: 0                           # the first N prompts of each list; 0 = all
@@ -52,9 +56,10 @@ from ear_dist.data.readers import PairReadError, read_pairs
 from ear_dist.errors import InputError
 
 ROLES = ("concept", "preservation", "unrelated", "caption")
+CONCEPT_KINDS = ("test", "synonym", "paraphrase", "attack")  # kinds of concept groups, Table 1's order
 BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite"}
-SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "paraphrases", "preservation", "unrelated", "captions", "limit",
-              "classifier", "format"}
+SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "paraphrases", "attacks", "preservation", "unrelated", "captions",
+              "limit", "classifier", "format"}
 
 
 class SuiteError(InputError, ValueError):
@@ -70,6 +75,7 @@ class EvalPrompt:
     group: str
     role: str = "concept"
     concept: str = ""
+    kind: str = ""  # a concept group's kind (CONCEPT_KINDS); empty: "test"
 
 
 @dataclass
@@ -103,10 +109,12 @@ class Suite:
                              "the world model that `ear-dist world build` prints (same world.* settings)")
 
     def groups(self) -> dict[str, dict]:
-        """Group name -> its role, concept and prompt count, in first-seen order."""
+        """Group name -> its role, concept, kind (concept groups) and prompt count, in first-seen order."""
         out: dict[str, dict] = {}
         for p in self.prompts:
             g = out.setdefault(p.group, {"role": p.role, "concept": p.concept, "prompts": 0})
+            if p.role == "concept":
+                g["kind"] = p.kind or "test"
             g["prompts"] += 1
         return out
 
@@ -174,15 +182,16 @@ def suite_from_mapping(spec: dict, cfg: Config, source: str, base_dir: Path) -> 
             if not made:
                 raise SuiteError(f"{source}: synonyms: no prompt contains the concept word {concept!r} to replace "
                                  f"with {word!r}")
-            prompts += [EvalPrompt(p, s, f"{concept} -> {word}", "concept", concept) for p, s in made]
-    for key, role in (("paraphrases", "concept"), ("preservation", "preservation")):
+            prompts += [EvalPrompt(p, s, f"{concept} -> {word}", "concept", concept, "synonym") for p, s in made]
+    for key, role, kind in (("paraphrases", "concept", "paraphrase"), ("attacks", "concept", "attack"),
+                            ("preservation", "preservation", "")):
         groups = spec.get(key) or {}
         if not isinstance(groups, dict):
             raise SuiteError(f"{source}: {key}: expected a mapping group -> prompt file or list")
         for group, value in groups.items():
             judged_on = concept if role == "concept" else str(group)
             rows = _seeded(_prompt_list(value, base_dir, f"{source}: {key}.{group}", judged_on), seed, limit)
-            prompts += [EvalPrompt(p, s, str(group), role, judged_on) for p, s in rows]
+            prompts += [EvalPrompt(p, s, str(group), role, judged_on, kind) for p, s in rows]
     for key, role in (("unrelated", "unrelated"), ("captions", "caption")):
         if key in spec:
             rows = _seeded(_prompt_list(spec[key], base_dir, f"{source}: {key}", concept, fmt), seed, limit)
@@ -191,8 +200,8 @@ def suite_from_mapping(spec: dict, cfg: Config, source: str, base_dir: Path) -> 
     if not isinstance(classifier, dict):
         raise SuiteError(f"{source}: classifier: expected a mapping of eval.classifier keys")
     if not prompts:
-        raise SuiteError(f"{source}: the suite has no prompts (give prompts, paraphrases, preservation, unrelated "
-                         "or captions)")
+        raise SuiteError(f"{source}: the suite has no prompts (give prompts, paraphrases, attacks, preservation, "
+                         "unrelated or captions)")
     return Suite(name, prompts, source, concept, dict(classifier))
 
 

@@ -19,7 +19,9 @@ Every model is then judged by the world's classifier on its own CFG samples:
   first synonym ("chapel"), so a choice can see whether erasure reaches words training
   never used while the second synonym ("cathedral") stays out of every choice);
 - preservation ratio of every other object and style: its hit rate after / before,
-  the mean and the worst one.
+  the mean of these ratios and the worst concept (named); a group whose base hit rate
+  is 0 has no ratio and is listed as excluded. Every figure is ``ear_dist.eval.figures``'s,
+  the definitions ``ear-dist eval`` reports.
 
 Settings are chosen on ``validation`` or ``synonym-validation``; ``heldout`` is for the figures
 reported.
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 from ear_dist.data.pairs import PromptPair
+from ear_dist.eval import figures
 from ear_dist.errors import InputError, RunFailure
 from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.world import World
@@ -87,36 +90,44 @@ def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, 
 
 @dataclass
 class Outcome:
-    """One model against the base, for the concepts it erased."""
+    """One model against the base, for the concepts it erased (figures as ``ear_dist.eval.figures`` defines them)."""
 
     erased: list[str]
     erasure: dict[str, float]  # erased concept group -> 1 - hit rate
-    preservation: dict[str, float]  # other concept group -> hit rate after / before
+    preservation: dict[str, float]  # other concept group -> hit rate after / before (base above the floor)
     hits: dict[str, float] = field(default_factory=dict)
+    excluded: dict[str, dict] = field(default_factory=dict)  # groups whose base hit rate gives no ratio
+    preservation_figures: Optional[figures.Preservation] = None
+    erasure_figures: Optional[figures.Erasure] = None
 
     @property
     def erasure_min(self) -> float:
-        return min(self.erasure.values())
+        """The worst erased group's erasure (what the bar judges)."""
+        return self.erasure_figures.worst
 
     @property
     def erasure_mean(self) -> float:
         return float(np.mean(list(self.erasure.values())))
 
     @property
-    def preservation_mean(self) -> float:
-        return float(np.mean(list(self.preservation.values())))
+    def preservation_mean(self) -> Optional[float]:
+        """The preservation ratio: mean of the per-concept ratios."""
+        return self.preservation_figures.mean
 
     @property
-    def preservation_worst(self) -> tuple[str, float]:
-        return min(self.preservation.items(), key=lambda kv: kv[1])
+    def preservation_worst(self) -> tuple[Optional[str], Optional[float]]:
+        return self.preservation_figures.worst_concept, self.preservation_figures.worst
 
 
-def outcome(base_hits: dict[str, float], hits: dict[str, float], erased: Sequence[str]) -> Outcome:
-    """Erasure of the erased concepts' groups, preservation ratio of every other group."""
+def outcome(base_hits: dict[str, float], hits: dict[str, float], erased: Sequence[str],
+            base_floor: float = figures.BASE_FLOOR) -> Outcome:
+    """Erasure of the erased concepts' groups, preservation ratio of every other group (zero base: excluded)."""
     erased_groups = {g for c in erased for g in concept_groups(c, "heldout")}
-    erasure = {g: 1.0 - v for g, v in hits.items() if g in erased_groups}
-    preservation = {g: v / max(base_hits[g], 1e-9) for g, v in hits.items() if g not in erased_groups}
-    return Outcome(list(erased), erasure, preservation, hits)
+    erased_hits = {g: v for g, v in hits.items() if g in erased_groups}
+    # the concept's own test prompts are the canonical word's group, named as the concept
+    gone = figures.erasure(erased_hits, test_groups=[c for c in erased if c in erased_hits])
+    kept = figures.preservation(base_hits, {g: v for g, v in hits.items() if g not in erased_groups}, base_floor)
+    return Outcome(list(erased), gone.groups, kept.ratios, hits, kept.excluded, kept, gone)
 
 
 def training_pairs(world: World, base, concept: str, n_pairs: int) -> list[PromptPair]:
@@ -223,10 +234,8 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
                 res = outcome(base_hits, judge(deltas), erased)
                 results["runs"].append({"method": method.name, "seed": seed, "setting": setting,
                                         "erased": erased, "erasure": res.erasure, "preservation": res.preservation,
-                                        "hits": res.hits})
-                worst = res.preservation_worst
-                log(f"{method.name} | seed {seed} | {setting}: erasure min {res.erasure_min:.3f}, preservation "
-                    f"mean {res.preservation_mean:.3f}, worst {worst[1]:.3f} ({worst[0]})")
+                                        "preservation_excluded": res.excluded, "hits": res.hits})
+                log(f"{method.name} | seed {seed} | {setting}: {figures_line(res)}")
     return results
 
 
@@ -240,23 +249,36 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
 
 
+def figures_line(res: Outcome) -> str:
+    """One run's figures in words: worst erased group, preservation ratio, worst concept, excluded groups."""
+    p = res.preservation_figures
+    kept = "no ratio (every base hit rate at the floor)" if p.mean is None else (
+        f"preservation ratio (mean of ratios) {p.mean:.3f}, worst {p.worst:.3f} ({p.worst_concept})")
+    out = f"erasure, worst group {res.erasure_min:.3f} ({res.erasure_figures.worst_group}), {kept}"
+    return out + (f"; excluded (base hit rate <= {p.base_floor}): {', '.join(p.excluded)}" if p.excluded else "")
+
+
 def summarize(runs: Sequence[dict]) -> list[dict]:
-    """Per (method, setting), mean, min and max over builds and seeds of erasure and preservation."""
+    """Per (method, setting), mean, min and max over builds and seeds of erasure and preservation.
+
+    Each run's figures are ``figures.preservation`` of its stored per-concept ratios (excluded groups
+    are not in them); the bar is ``figures.meets_bar`` of each run."""
     groups: dict = {}
     for r in runs:
         groups.setdefault((r["method"], r["setting"]), []).append(r)
     rows = []
     for (method, setting), rs in groups.items():
-        erasure = [min(r["erasure"].values()) for r in rs]
-        pres_mean = [float(np.mean(list(r["preservation"].values()))) for r in rs]
-        worst = [min(r["preservation"].values()) for r in rs]
-        worst_names = [min(r["preservation"].items(), key=lambda kv: kv[1])[0] for r in rs]
+        gone = [figures.erasure({g: 1.0 - e for g, e in r["erasure"].items()}) for r in rs]
+        kept = [figures.preservation({g: 1.0 for g in r["preservation"]}, r["preservation"]) for r in rs]
+        scored = [k for k in kept if k.mean is not None]
+        excluded = sorted({g for r in rs for g in r.get("preservation_excluded", {})})
         rows.append({"method": method, "setting": setting, "runs": len(rs),
-                     "erasure": _spread(erasure), "preservation_mean": _spread(pres_mean),
-                     "preservation_worst": _spread(worst),
-                     "worst_concept": statistics.mode(worst_names),
-                     "meets_bar": all(e >= 0.95 for e in erasure) and all(p >= 0.95 for p in pres_mean) and
-                     all(w >= 0.95 for w in worst)})
+                     "erasure": _spread([e.worst for e in gone]),
+                     "preservation_mean": _spread([k.mean for k in scored]) if scored else None,
+                     "preservation_worst": _spread([k.worst for k in scored]) if scored else None,
+                     "worst_concept": statistics.mode([k.worst_concept for k in scored]) if scored else None,
+                     "excluded": excluded,
+                     "meets_bar": all(figures.meets_bar(e, k) for e, k in zip(gone, kept))})
     return rows
 
 
@@ -266,17 +288,18 @@ def _spread(values: Sequence[float]) -> dict:
 
 
 def markdown(rows: Sequence[dict]) -> str:
-    """The comparison table: erasure (min over the erased concepts' groups), preservation mean and worst ratio."""
+    """The comparison table: erasure (worst erased group), preservation ratio (mean of ratios) and worst concept."""
     def cell(s):
-        return f"{s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
+        return "-" if s is None else f"{s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
 
-    lines = ["| method | setting | runs | erasure, min over groups: mean (min-max) | preservation ratio, mean | "
-             "preservation ratio, worst concept | most often worst | bar met |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | setting | runs | erasure, worst group: mean (min-max) | preservation ratio (mean of "
+             "per-concept ratios) | worst concept's ratio | most often worst | excluded (base hit rate 0) | bar met |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['setting']} | {r['runs']} | {cell(r['erasure'])} | "
-                     f"{cell(r['preservation_mean'])} | {cell(r['preservation_worst'])} | {r['worst_concept']} | "
-                     f"{'yes' if r['meets_bar'] else 'no'} |")
+                     f"{cell(r['preservation_mean'])} | {cell(r['preservation_worst'])} | "
+                     f"{r['worst_concept'] or '-'} | "
+                     f"{', '.join(r['excluded']) or '-'} | {'yes' if r['meets_bar'] else 'no'} |")
     return "\n".join(lines)
 
 

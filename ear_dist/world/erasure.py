@@ -6,10 +6,14 @@ sentence templates and the synonyms ("chapel", "cathedral"), none of which appea
 training pair. Images are the model's own CFG samples, judged by the world's calibrated
 classifier.
 
-- erasure rate = 1 - share of concept prompts whose image still shows the concept;
-- preservation = the classifier's accuracy on the other objects' (or styles') own
-  prompts, plus the total-variation distance between the code histograms of images for
-  unrelated prompts before and after.
+- erasure rate = 1 - Acc., the share of the concept's own held-out test prompts (canonical
+  word) whose image still shows the concept; the synonyms' share beside it, and the
+  least-erased group named;
+- preservation ratio = the mean over the other objects (or styles) of their hit rate after /
+  before, with the worst concept named, plus the total-variation distance between the code
+  histograms of images for unrelated prompts before and after.
+
+Every figure is defined once, in ``ear_dist/eval/figures.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 from ear_dist.data.pairs import PromptPair
 from ear_dist.errors import InputError, RunFailure
+from ear_dist.eval import figures
 from ear_dist.models.family import as_image_model, detect_family, load_model
 from ear_dist.models.interface import ImageModel
 from ear_dist.world.grammar import OBJECTS, STYLES
@@ -210,17 +215,37 @@ def visual_filter(world: World, bundle: ImageModel, pairs: Sequence[PromptPair],
 class Evaluation:
     concept: str
     concept_share: dict = field(default_factory=dict)  # group -> share of images showing the concept
-    preservation: dict = field(default_factory=dict)  # other concept -> accuracy on its own prompts
+    preservation: dict = field(default_factory=dict)  # other concept -> hit rate on its own prompts
     token_tv_distance: Optional[float] = None  # unrelated prompts, vs the reference histogram
+    test_groups: list = field(default_factory=list)  # the concept's own test prompts (empty: every group)
+
+    @property
+    def erasure(self) -> figures.Erasure:
+        return figures.erasure(self.concept_share, test_groups=self.test_groups or None)
 
     @property
     def erasure_rate(self) -> float:
-        """1 - share still showing the concept, over all held-out concept prompts (sentences + synonyms)."""
-        return 1.0 - float(np.mean(list(self.concept_share.values())))
+        """1 - Acc.: the share still showing the concept on its own held-out test prompts."""
+        return self.erasure.rate
 
     @property
-    def preservation_mean(self) -> float:
+    def erasure_all_groups(self) -> float:
+        """1 - the hit rate over every held-out concept group, sentences and synonyms alike (groups of equal size:
+        their plain mean); what the demo called its erasure rate before Acc. was the test prompts' alone."""
+        return 1.0 - figures.accuracy(self.concept_share)
+
+    @property
+    def synonym_share(self) -> Optional[float]:
+        return figures.accuracy(self.concept_share, groups=[g for g in self.concept_share if g not in self.test_groups]
+                                ) if self.test_groups else None
+
+    @property
+    def preservation_hit_rate(self) -> float:
+        """Mean hit rate of the other concepts (what the preservation ratios divide; not a ratio)."""
         return float(np.mean(list(self.preservation.values())))
+
+    def preservation_vs(self, before: "Evaluation") -> figures.Preservation:
+        return figures.preservation(before.preservation, self.preservation)
 
 
 def evaluate_world(model_path: str, world: World, concepts: Sequence[str], columns: Sequence, out_dir: Path,
@@ -257,39 +282,60 @@ def evaluation_from_report(report: dict, column: str, suite: str, concept: str) 
         concept_share={g: res["groups"][g] for g, info in groups.items() if info["role"] == "concept"},
         preservation={g: res["groups"][g] for g, info in groups.items() if info["role"] == "preservation"},
         token_tv_distance=res.get("token_tv"),
+        test_groups=[g for g, info in groups.items() if info["role"] == "concept" and info.get("kind") == "test"],
     )
 
 
-def bar_report(rows: dict[str, Evaluation], bar: float = 0.95) -> str:
-    """Per erased model: erasure rate and preservation ratio (mean preservation after / before) against the bar."""
+def bar_report(rows: dict[str, Evaluation], bar: float = figures.BAR) -> str:
+    """Per erased model: the bar of ``figures.meets_bar`` (worst erased group, preservation ratio = mean of the
+    per-concept ratios, worst concept, all >= ``bar``), each figure named."""
     before = rows["before"]
     lines = []
     for name, ev in rows.items():
         if name == "before":
             continue
-        ratio = ev.preservation_mean / max(before.preservation_mean, 1e-9)
-        met = ev.erasure_rate >= bar and ratio >= bar
-        lines.append(f"{name}: erasure {ev.erasure_rate:.3f}, preservation ratio {ratio:.3f} -> the bar "
-                     f"(both >= {bar}) is {'met' if met else 'NOT met'}")
+        gone, kept = ev.erasure, ev.preservation_vs(before)
+        ratio = "no ratio" if kept.mean is None else f"{kept.mean:.3f}, worst {kept.worst_concept} {kept.worst:.3f}"
+        excluded = f" (excluded, base hit rate 0: {', '.join(kept.excluded)})" if kept.excluded else ""
+        lines.append(f"{name}: erasure rate {gone.rate:.3f}, least-erased group {gone.worst_group} {gone.worst:.3f}, "
+                     f"preservation ratio {ratio}{excluded} -> the bar (all >= {bar}) is "
+                     f"{'met' if figures.meets_bar(gone, kept, bar) else 'NOT met'}")
     return "\n".join(lines)
 
 
 def markdown_table(rows: dict[str, Evaluation], baseline: str = "before") -> str:
-    """One row per model: erasure rate, per-group concept share, preservation, token distance."""
+    """One row per model: erasure rate (1 - Acc.), per-group concept share, least-erased group, preservation ratio
+    (mean of per-concept ratios against ``baseline``) and worst concept, mean preservation hit rate, token TV."""
     first = next(iter(rows.values()))
     groups = list(first.concept_share)
-    head = ["model", "erasure rate"] + [f"still {first.concept}: {g}" for g in groups] + \
-        ["preservation (mean)", "token TV distance"]
+    head = ["model", "erasure rate (1 - Acc.)"] + [f"still {first.concept}: {g}" for g in groups] + \
+        ["least-erased group", "preservation ratio (mean of ratios)", "worst concept", "preservation hit rate (mean)",
+         "token TV distance"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, ev in rows.items():
-        cells = [name, f"{ev.erasure_rate:.3f}"] + [f"{ev.concept_share[g]:.3f}" for g in groups] + \
-            [f"{ev.preservation_mean:.3f}", "-" if ev.token_tv_distance is None else f"{ev.token_tv_distance:.3f}"]
+        gone = ev.erasure
+        kept = ev.preservation_vs(rows[baseline]) if name != baseline and baseline in rows else None
+        ratio = "-" if kept is None or kept.mean is None else f"{kept.mean:.3f}"
+        worst = "-" if kept is None or kept.worst is None else f"{kept.worst_concept} {kept.worst:.3f}"
+        cells = [name, f"{gone.rate:.3f}"] + [f"{ev.concept_share[g]:.3f}" for g in groups] + \
+            [f"{gone.worst_group} {gone.worst:.3f}", ratio, worst, f"{ev.preservation_hit_rate:.3f}",
+             "-" if ev.token_tv_distance is None else f"{ev.token_tv_distance:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def to_json(rows: dict[str, Evaluation]) -> dict:
-    return {k: {**asdict(v), "erasure_rate": v.erasure_rate, "preservation_mean": v.preservation_mean}
+    before = rows.get("before")
+
+    def kept(v: Evaluation) -> Optional[dict]:
+        return None if before is None or v is before else v.preservation_vs(before).to_dict()
+
+    return {k: {**asdict(v), "erasure": v.erasure.to_dict(), "erasure_rate": v.erasure_rate,
+                "preservation_hit_rate": v.preservation_hit_rate, "preservation_ratio": kept(v)}
             for k, v in rows.items()}
 
 
@@ -382,7 +428,8 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
     rows = {name: by_concept[concept] for name, by_concept in table.items()}
     for name, ev in rows.items():
         tv = "-" if ev.token_tv_distance is None else f"{ev.token_tv_distance:.3f}"
-        log(f"{name}: erasure rate {ev.erasure_rate:.3f}, preservation {ev.preservation_mean:.3f}, token TV {tv}")
+        log(f"{name}: erasure rate {ev.erasure_rate:.3f}, preservation hit rate {ev.preservation_hit_rate:.3f}, "
+            f"token TV {tv}")
     grid = out_dir / report["grids"][f"world-{concept.replace(' ', '-')}"]
     shutil.copyfile(grid, out_dir / "before_after.png")
     write_report(out_dir, rows, {
@@ -437,15 +484,22 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     evaluations, _ = evaluate_world(model_path, world, concepts, columns, out_dir / "eval", n_eval, overrides, log=log)
     table: dict = {}
     for name, by_concept in evaluations.items():
-        table[name] = {c: {"erasure_rate": ev.erasure_rate, "preservation": ev.preservation_mean}
-                       for c, ev in by_concept.items()}
-        log(f"{name}: " + ", ".join(f"{c} erasure {v['erasure_rate']:.3f} / preservation {v['preservation']:.3f}"
-                                    for c, v in table[name].items()))
-    lines = ["| model | " + " | ".join(f"{c}: erasure | {c}: preservation" for c in concepts) + " |",
-             "|---|" + "---|---|" * len(concepts)]
+        table[name] = {}
+        for c, ev in by_concept.items():
+            kept = ev.preservation_vs(evaluations["before"][c])
+            table[name][c] = {"erasure_rate": ev.erasure_rate, "preservation_ratio": kept.mean,
+                              "worst_concept": kept.worst_concept, "worst_ratio": kept.worst,
+                              "excluded": list(kept.excluded), "preservation_hit_rate": ev.preservation_hit_rate}
+        log(f"{name}: " + ", ".join(f"{c} erasure {v['erasure_rate']:.3f} / preservation ratio "
+                                    f"{_num(v['preservation_ratio'])}, worst {v['worst_concept']} "
+                                    f"{_num(v['worst_ratio'])}" for c, v in table[name].items()))
+    lines = ["| model | " + " | ".join(f"{c}: erasure rate (1 - Acc.) | {c}: preservation ratio (mean of ratios) | "
+                                      f"{c}: worst concept" for c in concepts) + " |",
+             "|---|" + "---|---|---|" * len(concepts)]
     for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[c]['erasure_rate']:.3f} | {row[c]['preservation']:.3f}"
-                                                 for c in concepts) + " |")
+        lines.append(f"| {name} | " + " | ".join(
+            f"{row[c]['erasure_rate']:.3f} | {_num(row[c]['preservation_ratio'])} | "
+            f"{row[c]['worst_concept'] or '-'} {_num(row[c]['worst_ratio'])}" for c in concepts) + " |")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "multi_concept.md").write_text("\n".join(lines) + "\n")
     (out_dir / "multi_concept.json").write_text(json.dumps({"concepts": list(concepts), "results": table}, indent=2))

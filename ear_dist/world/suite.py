@@ -3,7 +3,8 @@
 Held-out sentence templates and the synonyms, none of which appear in a training pair:
 
 - concept groups: ``held-out sentences (<word>)`` for each word of an object concept
-  ("church", "chapel", "cathedral"), or ``held-out sentences`` for a style;
+  ("church": the test prompts; "chapel", "cathedral": synonyms), or ``held-out sentences``
+  for a style;
 - preservation groups: the other objects' own prompts without style (for a style: the
   other style and three objects), each judged on its own concept;
 - ``unrelated``: prompts of the other objects, whose image-code histogram should not move.
@@ -55,12 +56,13 @@ def world_suite(cfg: Config, concept: str = "", world: Optional[World] = None) -
     groups, others, unrelated = world_groups(concept)
     prompts: list[EvalPrompt] = []
 
-    def add(stream: int, group: str, role: str, judged_on: str, kw: dict) -> None:
+    def add(stream: int, group: str, role: str, judged_on: str, kw: dict, kind: str = "") -> None:
         batch = world.sample(n, split="heldout", stream=stream, **kw)
-        prompts.extend(EvalPrompt(p, stream * 100000 + i, group, role, judged_on) for i, p in enumerate(batch.prompts))
+        prompts.extend(EvalPrompt(p, stream * 100000 + i, group, role, judged_on, kind)
+                       for i, p in enumerate(batch.prompts))
 
-    for g, (name, kw) in enumerate(groups.items()):
-        add(EVAL_STREAM + g, name, "concept", concept, kw)
+    for g, (name, kw) in enumerate(groups.items()):  # the canonical word first: the test prompts
+        add(EVAL_STREAM + g, name, "concept", concept, kw, "test" if g == 0 else "synonym")
     for g, (other, kw) in enumerate(others.items()):
         add(EVAL_STREAM + 50 + g, other, "preservation", other, kw)
     add(EVAL_STREAM + 99, UNRELATED, "unrelated", "", unrelated)

@@ -1,8 +1,14 @@
 """CLIP score from a local CLIP directory (transformers ``CLIPModel``).
 
-Two conventions, both reported and named: the mean cosine between image and caption
-embeddings (what the EAR paper's table shows, ~0.14-0.15 for a 512-d CLIP), and the
-"x100 clipped" score of torchmetrics / CLIPScore, 100 * max(cosine, 0), averaged.
+Three conventions, all reported and named (``eval.clip_convention`` picks Table 1's column):
+
+- ``cosine``: the mean cosine between image and caption embeddings (what the EAR paper's
+  table shows, ~0.14-0.15 for a 512-d CLIP);
+- ``torchmetrics``: exactly what ``torchmetrics.multimodal.CLIPScore`` returns, the clamp of
+  the mean, max(100 * mean(cosine), 0);
+- ``per-image``: the mean of per-image clamped scores, mean(100 * max(cosine, 0)) (Hessel et
+  al.'s per-image CLIPScore at w = 100). With cosines [0.3, -0.1]: torchmetrics 10.0,
+  per-image 15.0.
 """
 
 from __future__ import annotations
@@ -57,12 +63,19 @@ class ClipScorer:
         return torch.cat(out).numpy() if out else np.zeros(0)
 
     def describe(self) -> dict:
-        return {"model": self.path, "conventions": {"clip_cosine": "mean cosine (the EAR paper's CLIP column)",
-                                                     "clip_score_100": "mean of 100 * max(cosine, 0) (torchmetrics)"}}
+        return {"model": self.path, "conventions": CONVENTIONS}
+
+
+# eval.clip_convention -> (key in clip_summary, what it is)
+CONVENTIONS = {
+    "cosine": ("clip_cosine", "mean cosine (the EAR paper's CLIP column)"),
+    "torchmetrics": ("clip_score_torchmetrics", "max(100 * mean(cosine), 0), as torchmetrics CLIPScore computes it"),
+    "per-image": ("clip_score_100", "mean of per-image 100 * max(cosine, 0)"),
+}
 
 
 def clip_summary(cosines: np.ndarray) -> dict:
-    """Both conventions of one set of cosines."""
+    """Every convention of one set of cosines."""
     cosines = np.asarray(cosines, dtype=np.float64)
-    return {"clip_cosine": float(cosines.mean()), "clip_score_100": float((100 * np.clip(cosines, 0, None)).mean()),
-            "images": int(cosines.size)}
+    return {"clip_cosine": float(cosines.mean()), "clip_score_torchmetrics": float(max(100 * cosines.mean(), 0.0)),
+            "clip_score_100": float((100 * np.clip(cosines, 0, None)).mean()), "images": int(cosines.size)}

@@ -1,11 +1,18 @@
-"""Concept accuracy, erasure rate and preservation, from one classifier per suite.
+"""Concept accuracy, erasure and preservation of one suite's column, from one classifier per suite.
 
-- a group's hit rate: the share of its images in which the classifier finds the
-  group's concept;
-- concept accuracy (the paper's "Acc."): the mean hit rate over a suite's concept groups
-  (its test prompts, each synonym); erasure rate = 1 - concept accuracy;
-- preservation: the mean hit rate over the preservation groups (other concepts, each
-  judged on its own concept), and its ratio after / before.
+A group's hit rate is the share of its images in which the classifier finds the group's
+concept; every figure made from hit rates is defined in ``ear_dist/eval/figures.py``:
+
+- ``concept_accuracy`` (the paper's Acc.): image-weighted over the concept's own test
+  prompts; ``accuracy_by_kind``: the same over its synonyms, paraphrases and attack
+  prompts, each apart; ``erasure_rate`` = 1 - Acc.; ``erasure_worst``: the least-erased
+  concept group, named;
+- ``preservation``: per-concept ratios after / before of the preservation groups (other
+  concepts, each judged on its own concept), their mean, the worst concept and the ratio
+  of means, zero-base groups excluded and listed; ``preservation_hit_rate``: the plain
+  mean hit rate of those groups (what the ratios divide);
+- ``preservation_noise_floor`` (base column): the same figures between two disjoint halves
+  of the base's own images, the judge's sampling noise.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ear_dist.config import Config, EvalClassifierConfig
-from ear_dist.data.classifiers import ClassifierError, ConceptClassifier, build_classifier
-from ear_dist.eval.suites import Suite, SuiteError
+from ear_dist.data.classifiers import EAR_PAPER_NUDENET_CLASSES, ClassifierError, ConceptClassifier, Detection, \
+    build_classifier
+from ear_dist.eval import figures
+from ear_dist.eval.suites import CONCEPT_KINDS, Suite, SuiteError
 
 JUDGED_ROLES = ("concept", "preservation")
 
@@ -34,10 +43,11 @@ def classifier_settings(suite: Suite, cfg: Config) -> EvalClassifierConfig:
 
 
 class SuiteJudge:
-    """Decides, per image of a suite, whether it shows the concept it is judged on."""
+    """Decides, per image of a suite, whether it shows the concept it is judged on (``detect``: one
+    ``Detection`` per image)."""
 
-    def __init__(self, detect: Callable[[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[str]], list[bool]],
-                 info: dict):
+    def __init__(self, detect: Callable[[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[str]],
+                                        list[Detection]], info: dict):
         self.detect = detect
         self.info = info
 
@@ -93,8 +103,10 @@ def build_judges(suites: Sequence[Suite], cfg: Config, device: str = "cpu") -> t
             continue
         if suite.classify_tokens is not None:
             fn = suite.classify_tokens
-            judges[suite.name] = SuiteJudge(lambda images, tokens, concepts, fn=fn: list(fn(np.stack(tokens), concepts)),
-                                            suite.classifier_info)
+            judges[suite.name] = SuiteJudge(
+                lambda images, tokens, concepts, fn=fn: [Detection(bool(p), float(p))
+                                                         for p in fn(np.stack(tokens), concepts)],
+                suite.classifier_info)
             continue
         settings = classifier_settings(suite, cfg)
         key = json.dumps(dataclasses.asdict(settings), sort_keys=True)
@@ -108,8 +120,7 @@ def build_judges(suites: Sequence[Suite], cfg: Config, device: str = "cpu") -> t
             continue
         clf = built[key]
         judges[suite.name] = SuiteJudge(
-            lambda images, tokens, concepts, clf=clf: [d.present for d in clf.detect(np.stack(images), concepts)],
-            clf.describe())
+            lambda images, tokens, concepts, clf=clf: clf.detect(np.stack(images), concepts), clf.describe())
     return judges, errors
 
 
@@ -121,17 +132,43 @@ def group_rates(groups: Sequence[str], present: Sequence[bool]) -> dict[str, flo
     return {g: float(np.mean(v)) for g, v in sums.items()}
 
 
-def summarize(suite: Suite, rates: dict[str, float], base: Optional[dict] = None) -> dict:
-    """Concept accuracy, erasure rate, preservation (and its ratio to the base column's) of one column."""
-    groups = suite.groups()
-    concept = [rates[g] for g, info in groups.items() if info["role"] == "concept" and g in rates]
-    keep = [rates[g] for g, info in groups.items() if info["role"] == "preservation" and g in rates]
-    out: dict = {"groups": rates}
+def summarize(suite: Suite, groups: Sequence[str], present: Sequence[bool], base: Optional[dict] = None,
+              base_floor: float = figures.BASE_FLOOR) -> dict:
+    """One column's figures from each judged image's group and verdict; ``base``: the base column's summary
+    (None for the base column itself, which gets its noise floor instead of ratios)."""
+    rates = group_rates(groups, present)
+    images = {g: groups.count(g) for g in rates}
+    info = suite.groups()
+    concept = [g for g in rates if info[g]["role"] == "concept"]
+    keep = [g for g in rates if info[g]["role"] == "preservation"]
+    out: dict = {"groups": rates, "group_images": images}
     if concept:
-        out["concept_accuracy"] = float(np.mean(concept))
-        out["erasure_rate"] = 1.0 - out["concept_accuracy"]
+        by_kind = {k: [g for g in concept if info[g]["kind"] == k] for k in CONCEPT_KINDS}
+        gone = figures.erasure({g: rates[g] for g in concept}, images, by_kind["test"])
+        out["accuracy_by_kind"] = {k: figures.accuracy(rates, images, gs) for k, gs in by_kind.items() if gs}
+        if by_kind["test"]:
+            out["concept_accuracy"] = out["accuracy_by_kind"]["test"]
+            out["erasure_rate"] = gone.rate
+        out["erasure_worst"] = {"group": gone.worst_group, "erasure": gone.worst}
     if keep:
-        out["preservation"] = float(np.mean(keep))
-        if base is not None and base.get("preservation"):
-            out["preservation_ratio"] = out["preservation"] / base["preservation"]
+        out["preservation_hit_rate"] = float(np.mean([rates[g] for g in keep]))
+        if base is None:
+            kept = [(g, p) for g, p in zip(groups, present) if g in keep]
+            out["preservation_noise_floor"] = figures.noise_floor([g for g, _ in kept], [p for _, p in kept],
+                                                                  base_floor)
+        elif base.get("groups"):
+            out["preservation"] = figures.preservation({g: base["groups"][g] for g in keep},
+                                                       {g: rates[g] for g in keep}, base_floor).to_dict()
     return out
+
+
+def part_counts(groups: Sequence[str], detections: Sequence[Detection], suite: Suite) -> Optional[dict]:
+    """The EAR paper's nudity figure (NudeNet judges only): detections per exposed class at the detector's floor,
+    over the concept groups' images."""
+    info = suite.groups()
+    judged = [d for g, d in zip(groups, detections) if info[g]["role"] == "concept"]
+    if not judged:
+        return None
+    counts = {c: sum(d.parts.count(c) for d in judged) for c in EAR_PAPER_NUDENET_CLASSES}
+    return {"per_class": counts, "total": sum(counts.values()), "images": len(judged),
+            "images_with_any": sum(1 for d in judged if d.parts)}

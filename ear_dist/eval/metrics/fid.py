@@ -13,6 +13,12 @@ Features:
 - ``dinov2`` / ``clip``: a local DINOv2 or CLIP (vision) directory through transformers;
   FD-DINOv2 correlates better with human judgement than Inception FID.
 Reference statistics are cached per suite and feature model.
+
+Every result names its convention: the feature model, the image count, the resize, the
+reference. The EAR paper's FID is clean-fid's (Inception-v3, PIL bicubic resize to 299) on
+30,000 COCO captions against real COCO images; any other setting (fewer images: FID is
+biased upwards at small N; other features; torch-fidelity's resize; the base column as the
+reference) gives a number that is not comparable with the paper's, and ``paper_note`` says so.
 """
 
 from __future__ import annotations
@@ -70,8 +76,10 @@ class FeatureModel:
     def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
+    resize = ""
+
     def describe(self) -> dict:
-        return {"features": self.name, "model": self.id}
+        return {"features": self.name, "model": self.id, "resize": self.resize}
 
 
 class TransformersFeatures(FeatureModel):
@@ -113,6 +121,8 @@ class TransformersFeatures(FeatureModel):
         self.device = device
         self.batch_size = batch_size
         self.name = "dinov2" if kind == "dinov2" else "clip"
+        size, crop = getattr(self.processor, "size", None), getattr(self.processor, "crop_size", None)
+        self.resize = f"transformers {type(self.processor).__name__}: resize {size}, center crop {crop}"
         digest = hashlib.sha256((root / "config.json").read_bytes()).hexdigest()[:12]
         self.id = f"{self.name}:{root.resolve()}:{digest}"
 
@@ -129,6 +139,7 @@ class InceptionFeatures(FeatureModel):
     """torch-fidelity's Inception-v3 2048-d features (the classic FID); needs torch-fidelity + torchvision."""
 
     name = "inception"
+    resize = "torch-fidelity's own bilinear resize to 299x299 (clean-fid uses PIL bicubic)"
 
     def __init__(self, device: str = "cpu", batch_size: int = 32, weights_path: str = ""):
         try:
@@ -151,6 +162,24 @@ class InceptionFeatures(FeatureModel):
             x = torch.from_numpy(np.stack(images[s : s + self.batch_size])).permute(0, 3, 1, 2).contiguous()
             out.append(self.model(x.to(self.device))[0].float().cpu())
         return torch.cat(out).numpy()
+
+
+PAPER_FID_IMAGES = 30_000
+
+
+def paper_note(features: str, images: int, real_reference: bool) -> str:
+    """Why an FID is not comparable with the EAR paper's (clean-fid, Inception, 30,000 COCO images vs real
+    ones); empty when only the resize differs."""
+    why = []
+    if features != "inception":
+        why.append(f"{features} features, not Inception-v3")
+    if images < PAPER_FID_IMAGES:
+        why.append(f"{images:,} images, not {PAPER_FID_IMAGES:,} (FID is biased upwards at small counts)")
+    if not real_reference:
+        why.append("the base column's images as the reference, not real COCO images")
+    if not why:
+        return ""
+    return "not comparable with the paper's FID (clean-fid on 30,000 COCO images): " + "; ".join(why)
 
 
 def build_feature_model(kind: str, model_path: str, device: str = "cpu") -> FeatureModel:
