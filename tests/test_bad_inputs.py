@@ -447,7 +447,7 @@ CASES = [
          r"ear-dist: config error: .*dup\.yaml: line 3: duplicate key 'steps'"),
     # ------------------------------------------------------------------ input limits
     Case("pairs-prompt-too-long", lambda i: erase(i, pairs=i.write("long.json", json.dumps(
-        [{"original_prompt": LONG_PROMPT, "modified_prompt": "a barn", "concept": "church"}]))),
+        [{"original_prompt": LONG_PROMPT, "modified_prompt": "a barn", "concept": "church"}])), out="run-long"),
          r"ear-dist: error: prompt 'a church with a tall stone tower .*\.\.\.' is \d+ tokens \(with the prompt "
          r"template\); the model's context holds 512 positions, 16 of them for the image, so a prompt may have at "
          r"most 496: shorten it$"),
