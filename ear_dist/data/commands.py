@@ -116,9 +116,6 @@ def run_build(args) -> int:
         print(vf.report.summary())
         if not pairs:
             raise InputError("the visual filter kept no pairs; nothing to write")
-    if args.jsonl:
-        write_jsonl(pairs, args.jsonl)
-        print(f"wrote {len(pairs)} pairs to {args.jsonl}")
     provenance = {"data": cfg.to_dict()["data"], "model": cfg.to_dict()["model"], "rollout": cfg.to_dict()["rollout"]}
     tmp = temp_sibling(out)
     with ShardWriter(tmp, d.shards.max_samples_per_shard, d.shards.max_shard_bytes, config=provenance) as writer:
@@ -126,6 +123,9 @@ def run_build(args) -> int:
             writer.write(pair)
     index = writer.close()
     finish_dir(tmp, out, "data build")
+    if args.jsonl:  # after the shards are in place: a --jsonl inside --out is not replaced with the old directory
+        write_jsonl(pairs, args.jsonl)
+        print(f"wrote {len(pairs)} pairs to {args.jsonl}")
     print(f"wrote {index['total_samples']} pairs in {len(index['shards'])} shards to {out} "
           f"(config hash {index['config_hash']})")
     return 0
