@@ -25,6 +25,11 @@ import traceback
 
 from ear_dist.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILURE, EarDistError, report_error
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program Ctrl-C ended
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell tool whose reader closed the pipe
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program Ctrl-C ended
+
 # Each module exposes register(subparsers) -> None.
 COMMAND_MODULES = [
     "ear_dist.models.commands",
@@ -112,6 +117,14 @@ def main(argv: list[str] | None = None, leave_process: bool = False) -> int:
     except _launch_errors() as e:  # launch/ stands alone, below the package: its errors are launch settings
         report_error(e, args.debug)
         code = EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:  # Ctrl-C the command does not handle itself (a training run stops at a safe point)
+        if args.debug:
+            traceback.print_exception(e)
+        print(f"ear-dist: interrupted (SIGINT) during `ear-dist {args.command}`", file=sys.stderr, flush=True)
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`ear-dist config show | head`): leave quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
     except Exception:
         if not leave_process:
             raise

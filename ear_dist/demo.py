@@ -52,6 +52,9 @@ def run_demo(args) -> int:
     if args.family:
         args.overrides = list(args.overrides) + [f"model.family={args.family}"]
     cfg = config_from_args(args)
+    from ear_dist.paths import directory_path
+
+    directory_path(args.out, "--out")
     family = cfg.model.family
     table, settings = (VAR_ABLATIONS, VAR_WORLD_ERASE) if family == "var" else (ABLATIONS, WORLD_ERASE)
     # --recipe applies to every run, over the world's settings and under --set, as on other commands

@@ -26,6 +26,22 @@ def fsync_path(path: PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: PathLike) -> None:
+    """Give ``path`` (every file under it, for a directory) the mode a plain ``open`` would: 0666 less the
+    umask. safetensors writes its files 0600, which other users of a shared cluster cannot read."""
+    path = Path(path)
+    mode = 0o666 & ~current_umask()
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]:
+        os.chmod(f, mode)
+
+
 def write_text_atomic(path: PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temp name and a rename."""
     path = Path(path)
@@ -49,6 +65,7 @@ def save_safetensors(path: PathLike, tensors: dict, metadata: Optional[dict] = N
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        apply_umask(tmp)
         fsync_path(tmp)
         tmp.replace(path)
     except (OSError, SafetensorError) as e:  # safetensors wraps the OS error (disk full) in its own

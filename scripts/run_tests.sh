@@ -13,7 +13,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ -z "${EAR_DIST_TEST_WORLD_CACHE:-}" ]; then
     builds=$(mktemp -d -t ear-dist-worlds-XXXXXX)
-    "$PY" -m tests.world_builds "$builds" default_world_model short_var_world_model >"$builds/builds.log" 2>&1 &
+    # the builds end with this script, however it ends (tests/world_builds.py: die_with_parent)
+    EAR_DIST_BUILDS_PARENT=$$ "$PY" -m tests.world_builds "$builds" default_world_model short_var_world_model >"$builds/builds.log" 2>&1 &
     echo $! >"$builds/pid"
     trap 'kill "$(cat "$builds/pid")" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$builds"' EXIT
     export EAR_DIST_TEST_WORLD_BUILDS=$builds

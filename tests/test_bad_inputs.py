@@ -191,6 +191,78 @@ def merge(inputs, delta, base=None):
 
 CODEBOOK_16384 = dict(code=lambda i, j: (i * 977 + j * 131) % 16384)
 
+
+def crafted_delta(name, change):
+    """A delta file (written without save_delta's checks) whose tensors are ``change(tensors)`` of a real delta."""
+    def make(inputs):
+        from safetensors import safe_open
+
+        from ear_dist.storage import save_safetensors
+
+        path = inputs.root / name
+        if not path.exists():
+            with safe_open(str(a_delta(inputs)), framework="pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            save_safetensors(path, change(tensors), meta)
+        return path
+
+    return make
+
+
+def with_nan(tensors):
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[:3] = float("nan")
+    return tensors
+
+
+def foreign_dir(name):
+    """A directory of the user's own, with a file in it."""
+    def make(inputs):
+        (inputs.root / name).mkdir(exist_ok=True)
+        (inputs.root / name / "thesis.txt").write_text("keep")
+        return inputs.root / name
+
+    return make
+
+
+def a_file(name):
+    def make(inputs):
+        return inputs.write(name, "keep")
+
+    return make
+
+
+def a_fifo(name):
+    def make(inputs):
+        import os
+
+        path = inputs.root / name
+        if not path.exists():
+            os.mkfifo(path)
+        return path
+
+    return make
+
+
+def church_suite(inputs):
+    return inputs.write("church-suite.json", json.dumps({"name": "church", "concept": "church",
+                                                         "prompts": ["a church at night", "a stone church"]}))
+
+
+def generate(inputs, *extra, out="generated"):
+    return ["generate", "--model", str(inputs.model), "--out", str(inputs.root / out), "--set", "model.device=cpu",
+            *extra]
+
+
+def eval_cmd(inputs, suite, out="eval-out"):
+    return ["eval", "--no-progress", "--suite", str(suite), "--out", str(inputs.root / out),
+            "--set", f"model.path={inputs.model}", "--set", "model.device=cpu"]
+
+
+LONG_PROMPT = "a church " + "with a tall stone tower " * 120
+
 CASES = [
     # ------------------------------------------------------------------ configs
     Case("config-unknown-key", lambda i: erase(i, "erase.windowlen=4"),
@@ -308,6 +380,96 @@ CASES = [
          r"ear-dist: error: .*pickled: no \*\.safetensors weights found \(only pickle files: pytorch_model\.bin; "),
     Case("model-weights-do-not-match-config", lambda i: erase(i, f"model.path={model_dir(i, 'shapes', other_shapes)}"),
          r"ear-dist: error: .*shapes: weights do not match config\.json"),
+    # ------------------------------------------------------------------ output paths (docs/safety.md)
+    Case("out-foreign-directory", lambda i: merge(i, a_delta(i))[:-1] + [str(foreign_dir("mine")(i))],
+         r"ear-dist: error: --out .*mine: exists \(1 entry: thesis\.txt\) and was not written by `ear-dist merge`; "
+         r"pass --overwrite to replace it, or choose another --out$"),
+    Case("out-is-the-base-model", lambda i: merge(i, a_delta(i))[:-1] + [str(i.model), "--overwrite"],
+         r"ear-dist: error: --out .*model: is the base model .*model; an output never replaces or writes into an "
+         r"input: choose another --out$"),
+    Case("out-contains-the-source-checkpoint", lambda i: ["convert", "--from", str(model_dir(
+        i, "orig/checkpoint", lambda p: None)), "--out", str(i.root / "orig"), "--overwrite"],
+         r"ear-dist: error: --out .*orig: contains the source checkpoint .*orig/checkpoint; an output never"),
+    Case("out-is-a-file", lambda i: generate(i, "--prompt", "a church", out="notes.txt"),
+         r"ear-dist: error: --out .*notes\.txt: is a file, not a directory; choose a directory path$",
+         setup=lambda i: a_file("notes.txt")(i)),
+    Case("out-under-a-file", lambda i: ["data", "build", "--pairs", str(i.good), "--out",
+                                        str(a_file("notes.txt")(i) / "shards")],
+         r"ear-dist: error: --out .*notes\.txt/shards: cannot be created, .*notes\.txt is a file; choose another "
+         r"path$"),
+    Case("out-teacher-under-a-file", lambda i: ["teacher", "precompute", "--out", str(a_file("notes.txt")(i) / "t"),
+                                                "--set", f"model.path={i.model}", "--set", f"data.pairs={i.good}"],
+         r"ear-dist: error: --out .*notes\.txt/t: cannot be created, .*notes\.txt is a file"),
+    Case("out-eval-foreign-directory", lambda i: eval_cmd(i, i.good, out="mine"),
+         r"ear-dist: error: --out .*mine: exists \(1 entry: thesis\.txt\) and was not written by `ear-dist eval`",
+         setup=lambda i: foreign_dir("mine")(i)),
+    Case("run-out-dir-empty", lambda i: erase(i, "train.out_dir="),
+         r"ear-dist: config error: train\.out_dir: empty; name the run directory"),
+    Case("run-out-dir-is-a-file", lambda i: erase(i, out="notes.txt"),
+         r"ear-dist: error: train\.out_dir .*notes\.txt: is a file, not a directory",
+         setup=lambda i: a_file("notes.txt")(i)),
+    Case("run-hand-written-config", lambda i: erase(i, out="run-config"),
+         r"ear-dist: error: .*run-config: holds config\.yaml but no run record \(written by an older ear-dist, or by "
+         r"hand\): use another train\.out_dir, or train\.resume=never to replace them$",
+         setup=lambda i: i.write("run-config/config.yaml", "# my settings\n")),
+    # ------------------------------------------------------------------ deltas that are no model
+    Case("delta-not-finite", lambda i: merge(i, crafted_delta("nan-delta.safetensors", with_nan)(i)),
+         r"ear-dist: error: .*nan-delta\.safetensors: tensor '.*' holds 3 non-finite values \(NaN or infinity; 3 of "
+         r"the delta's \d+ values\); this delta cannot be applied$"),
+    Case("delta-integer", lambda i: merge(i, crafted_delta("int-delta.safetensors", lambda t: {
+        k: v.to(torch.int32) for k, v in t.items()})(i)),
+         r"ear-dist: error: .*int-delta\.safetensors: tensor '.*' is int32; a delta holds floating-point weights"),
+    Case("delta-empty", lambda i: merge(i, crafted_delta("empty-delta.safetensors", lambda t: {})(i)),
+         r"ear-dist: error: .*empty-delta\.safetensors: holds no tensors; this delta cannot be applied$"),
+    Case("merge-weight-not-finite", lambda i: merge(i, a_delta(i)) + ["--weight", "nan"],
+         r"ear-dist: error: --weight nan: a delta's weight must be a finite number$"),
+    # ------------------------------------------------------------------ settings that mean nothing
+    Case("config-not-finite", lambda i: erase(i, "erase.loss_threshold=nan"),
+         r"ear-dist: config error: erase\.loss_threshold: must be a finite number, got nan$"),
+    Case("config-guidance-not-finite", lambda i: erase(i, "erase.erase_guidance=nan"),
+         r"ear-dist: config error: erase\.erase_guidance: must be a finite number, got nan$"),
+    Case("config-temperature-negative", lambda i: erase(i, "rollout.temperature=-1"),
+         r"ear-dist: config error: rollout\.temperature: must be in \(0, 100\], got -1$"),
+    Case("config-lr-infinite", lambda i: erase(i, "optim.lr=inf"),
+         r"ear-dist: config error: optim\.lr: must be a finite number, got inf$"),
+    Case("config-lr-not-a-number", lambda i: erase(i, "optim.lr=nan"),
+         r"ear-dist: config error: optim\.lr: must be a finite number, got nan$"),
+    Case("config-lr-too-large", lambda i: erase(i, "optim.lr=1e6"),
+         r"ear-dist: config error: optim\.lr: must be in \(0, 1\], got 1e\+06$"),
+    Case("config-workers-negative", lambda i: erase(i, "data.num_workers=-1"),
+         r"ear-dist: config error: data\.num_workers: must be >= 0, got -1$"),
+    Case("config-concept-empty", lambda i: erase(i, "erase.concept="),
+         r"ear-dist: config error: erase\.concept: empty; name the concept to erase"),
+    Case("config-device-unknown", lambda i: erase(i, "model.device=gpu7"),
+         r"ear-dist: config error: model\.device: 'gpu7' is not one of auto, cpu, cuda, cuda:N"),
+    Case("config-duplicate-key", lambda i: ["erase", "--config", str(i.write("dup.yaml", "train:\n  steps: 3\n"
+                                                                                        "  steps: 5\n"))],
+         r"ear-dist: config error: .*dup\.yaml: line 3: duplicate key 'steps'"),
+    # ------------------------------------------------------------------ input limits
+    Case("pairs-prompt-too-long", lambda i: erase(i, pairs=i.write("long.json", json.dumps(
+        [{"original_prompt": LONG_PROMPT, "modified_prompt": "a barn", "concept": "church"}])), out="run-long"),
+         r"ear-dist: error: prompt 'a church with a tall stone tower .*\.\.\.' is \d+ tokens \(with the prompt "
+         r"template\); the model's context holds 512 positions, 16 of them for the image, so a prompt may have at "
+         r"most 496: shorten it$"),
+    Case("pairs-file-is-a-fifo", lambda i: erase(i, pairs=a_fifo("pairs.fifo")(i)),
+         r"ear-dist: error: data\.pairs: .*pairs\.fifo is a FIFO, not a regular file; give a file$"),
+    Case("generate-prompt-too-long", lambda i: generate(i, "--prompts-file", str(i.write(
+        "prompts.txt", f"a church\n\n{LONG_PROMPT}\n"))),
+         r"ear-dist: error: .*prompts\.txt: line 3: prompt 'a church with a tall stone tower .*' is \d+ tokens "
+         r"\(with the prompt template\); the model's context holds 512 positions"),
+    Case("generate-empty-prompt", lambda i: generate(i, "--prompt", ""),
+         r"ear-dist: error: --prompt #1: empty prompt$"),
+    Case("generate-no-images", lambda i: generate(i, "--prompt", "a church", "--images-per-prompt", "0"),
+         r"ear-dist: error: --images-per-prompt: must be >= 1, got 0$"),
+    # ------------------------------------------------------------------ judges
+    Case("eval-classifier-does-not-know-the-concept", lambda i: eval_cmd(i, church_suite(i)),
+         r"ear-dist: error: suite church \(.*church-suite\.json\): concept 'church' cannot be judged by its "
+         r"classifier \(eval\.classifier\.kind=nudenet judges nudity only\); pass a classifier that knows it"),
+    Case("eval-suite-not-a-function", lambda i: eval_cmd(i, "os:system"),
+         r"ear-dist: error: suite 'os:system': os:system is not a Python function"),
+    Case("eval-world-suite-on-another-model", lambda i: eval_cmd(i, "world:church"),
+         r"ear-dist: error: suite world-church \(world \w+\): judges images of 64 tokens from 256 codes, but model "
+         r".* makes 16 tokens from 64 codes"),
 ]
 
 

@@ -10,6 +10,7 @@ survives the converter's ``set_default_dtype(float16)``, the result is loaded ba
 """
 
 import json
+import re
 import textwrap
 
 import pytest
@@ -22,6 +23,8 @@ from ear_dist.models.janus import load_janus
 STAND_IN = textwrap.dedent('''
     """Stand-in for transformers' convert_janus_weights_to_hf.py (same entry points)."""
     import json
+    from pathlib import Path
+
     import torch
 
     CALLS = []
@@ -38,6 +41,10 @@ STAND_IN = textwrap.dedent('''
         input_path = ensure_model_downloaded(repo_id=repo_id, revision=revision, local_dir=local_dir)
         torch.set_default_dtype(torch.float16)  # as the real converter does
         config = json.load(open(input_path + "/config.json"))
+        if config.get("fail"):
+            (Path(output_dir) / "half-written.safetensors").parent.mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "half-written.safetensors").write_text("partial")
+            raise KeyError("model.vision.weight")
         save_real_format_checkpoint(output_dir, seed=config["seed"])
         if config.get("break_tokenizer"):
             break_tokenizer_like_sentencepiece(output_dir)
@@ -77,6 +84,38 @@ def test_a_conversion_that_breaks_the_tokenizer_is_not_moved_into_place(tmp_path
     with pytest.raises(ConvertError, match=r"does not load .*spaces or newlines are lost.*left in .*\.hf\.tmp"):
         convert(source, tmp_path / "hf", converter=str(stand_in))
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_converter_that_raises_is_one_line_and_leaves_no_temp_directory(tmp_path, stand_in, capsys):
+    source = _original(tmp_path / "orig", fail=True)
+    assert main(["convert", "--from", str(source), "--out", str(tmp_path / "hf"), "--converter", str(stand_in)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.match(r"ear-dist: error: .*convert_janus_weights_to_hf\.py: the converter failed on .*orig: KeyError: "
+                    r"'model\.vision\.weight'$", err[-1]), err
+    assert "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["convert_janus_weights_to_hf.py", "orig"]
+
+
+def test_convert_never_writes_over_its_source_or_a_foreign_directory(tmp_path, stand_in, capsys):
+    source = _original(tmp_path / "orig")
+    before = sorted(p.name for p in source.iterdir())
+    assert main(["convert", "--from", str(source), "--out", str(source), "--converter", str(stand_in),
+                 "--overwrite"]) == 2
+    assert "is the source checkpoint" in capsys.readouterr().err
+    assert main(["convert", "--from", str(source), "--out", str(tmp_path), "--converter", str(stand_in),
+                 "--overwrite"]) == 2
+    assert "contains the source checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in source.iterdir()) == before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    assert main(["convert", "--from", str(source), "--out", str(foreign), "--converter", str(stand_in)]) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep"
+    assert main(["convert", "--from", str(source), "--out", str(foreign), "--converter", str(stand_in),
+                 "--overwrite"]) == 0
+    assert not (foreign / "notes.txt").exists() and (foreign / "config.json").is_file()
+    assert main(["convert", "--from", str(source), "--out", str(foreign), "--converter", str(stand_in)]) == 0
 
 
 def test_convert_refusals_name_the_fix(tmp_path, stand_in):

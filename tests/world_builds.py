@@ -47,7 +47,8 @@ class BackgroundBuilds:
         self.log = self.root / "builds.log"
         with open(self.log, "wb") as log:  # -m from the repository root finds tests.world_builds
             self.proc = subprocess.Popen([sys.executable, "-m", "tests.world_builds", str(self.root), *self.names],
-                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         env=dict(os.environ, EAR_DIST_BUILDS_PARENT=str(os.getpid())))
 
     def cache(self, name: str) -> Path:
         return self.root / name
@@ -82,7 +83,30 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` (the test runner: pytest, or scripts/run_tests.sh) ends, however it ends
+    (kill -9 included): the kernel's parent-death signal on Linux, and a watch on the parent's pid anywhere."""
+    import ctypes
+    import signal
+    import threading
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the watch below does it
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent ended before the signal was set
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 if __name__ == "__main__":
+    die_with_parent(int(os.environ.get("EAR_DIST_BUILDS_PARENT", os.getppid())))
     out = Path(sys.argv[1])
     for build_name in sys.argv[2:]:
         _, model_dir, _ = build(build_name, out / build_name)

@@ -75,7 +75,9 @@ def run_bench(args) -> int:
         return load_config(files=args.config, overrides=list(args.overrides) + list(extra), recipes=args.recipe)
 
     cfg = config()
-    out = Path(args.out) if args.out else Path(cfg.train.out_dir) / "bench"
+    from ear_dist.paths import directory_path
+
+    out = directory_path(args.out or Path(cfg.train.out_dir) / "bench", "--out")
     baseline = read_baseline(args.baseline) if args.baseline else None
     if not args.compare:
         result = run_erasure_bench(cfg, steps=args.steps, warmup=args.warmup, log_dir=out, prompt_len=args.prompt_len,

@@ -8,6 +8,8 @@ and no two config modules import each other.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from typing import Any, Literal
 
@@ -116,6 +118,116 @@ def validate(cfg: Any) -> None:
         if ov.loss_threshold is not None and ov.loss_threshold < 0:
             raise ConfigError(f"erase.concepts.{name}.loss_threshold: must be >= 0")
     _validate_slurm(cfg.slurm)
+    _validate_numbers(cfg)
+    _validate_words(cfg)
+
+
+# key -> (low, high, low included, high included): a float outside means nothing (None: no bound). Every float
+# setting is also checked to be finite (``_validate_numbers``).
+FLOAT_RANGES = {
+    "rollout.guidance_weight": (0.0, 1000.0, True, True),
+    "rollout.temperature": (0.0, 100.0, False, True),
+    "trainable.lora_alpha": (0.0, None, False, True),
+    "erase.erase_guidance": (0.0, 1000.0, True, True),
+    "erase.loss_threshold": (0.0, None, True, True),
+    "erase.teacher_guidance_weight": (0.0, 1000.0, True, True),
+    "erase.svare_bit_error_share": (0.0, 1.0, False, True),
+    "erase.svare_code_distance": (0.0, None, True, True),
+    "erase.svare_label_prob_max": (0.0, 1.0, False, True),
+    "erase.svare_preserve_weight": (0.0, None, True, True),
+    "erase.esd_patch_fraction": (0.0, 1.0, False, True),
+    "optim.lr": (0.0, 1.0, False, True),
+    "optim.weight_decay": (0.0, None, True, True),
+    "data.ecg.llm_temperature": (0.0, 2.0, True, True),
+    "data.ecg.llm_backoff_s": (0.0, None, True, True),
+    "data.ecg.llm_requests_per_minute": (0.0, None, False, True),
+    "data.ecg.llm_timeout_s": (0.0, None, False, True),
+    "data.vf.threshold": (0.0, 1.0, True, True),
+    "preserve.weight": (0.0, None, True, True),
+    "preserve.drift_power": (0.0, None, True, True),
+    "preserve.nullspace_energy": (0.0, 1.0, False, False),
+    "world.lr": (0.0, 1.0, False, True),
+    "world.uncond_prob": (0.0, 1.0, True, False),
+    "world.target_accuracy": (0.0, 1.0, True, True),
+    "world.min_accuracy": (0.0, 1.0, True, True),
+    "world.guidance_weight": (0.0, 1000.0, True, True),
+    "eval.classifier.threshold": (0.0, 1.0, True, True),
+}
+# integer settings that may be 0 but never negative (the >= 1 ones are in ``validate``)
+NON_NEGATIVE_INTS = ["rollout.top_k", "data.num_workers", "data.ecg.num_pairs", "data.ecg.llm_max_retries",
+                     "data.ecg.llm_max_requests", "train.checkpoint_every", "train.max_nonfinite_steps",
+                     "preserve.probe_every", "world.warmup_steps", "eval.grid_prompts"]
+POSITIVE_INTS = ["data.shuffle_buffer", "dist.teacher_ranks", "dist.timeout_s"]
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _interval(low, high, low_in, high_in) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _check_float(key: str, value, bounds=None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if bounds is None:
+        return
+    low, high, low_in, high_in = bounds
+    ok = (value >= low if low_in else value > low) and (high is None or (value <= high if high_in else value < high))
+    if not ok:
+        raise ConfigError(f"{key}: must be {_interval(*bounds)}, got {value:g}")
+
+
+def _float_keys(section: Any, prefix: str):
+    """(key, value) of every float-valued setting under ``section`` (sections and per-concept overrides walked)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _float_keys(value, key + ".")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if dataclasses.is_dataclass(item):
+                    yield from _float_keys(item, f"{key}.{name}.")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, float) for v in value):
+            for i, v in enumerate(value):
+                yield f"{key}[{i}]", v
+
+
+def _validate_numbers(cfg: Any) -> None:
+    """Every float finite and in its range; counts not negative (``FLOAT_RANGES``, ``NON_NEGATIVE_INTS``)."""
+    for key, value in _float_keys(cfg, ""):
+        _check_float(key, value, FLOAT_RANGES.get(key))
+    for name, ov in cfg.erase.concepts.items():
+        for field_name in ("loss_threshold", "erase_guidance"):
+            value = getattr(ov, field_name)
+            if value is not None:
+                _check_float(f"erase.concepts.{name}.{field_name}", value, FLOAT_RANGES[f"erase.{field_name}"])
+    for i, beta in enumerate(cfg.optim.betas):
+        _check_float(f"optim.betas[{i}]", beta, (0.0, 1.0, True, False))
+    for key in NON_NEGATIVE_INTS:
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)}")
+    for key in POSITIVE_INTS:
+        if get_key(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")
+
+
+def _validate_words(cfg: Any) -> None:
+    """Names that cannot be empty, and a device torch knows."""
+    if not cfg.erase.concept.strip():
+        raise ConfigError("erase.concept: empty; name the concept to erase, e.g. erase.concept=church")
+    if not str(cfg.train.out_dir).strip():
+        raise ConfigError("train.out_dir: empty; name the run directory, e.g. train.out_dir=runs/church")
+    if not str(cfg.model.path).strip():
+        raise ConfigError("model.path: empty; name a model directory or a preset (tiny, janus-pro-1b, ...)")
+    if not DEVICE.match(str(cfg.model.device)):
+        raise ConfigError(f"model.device: {cfg.model.device!r} is not one of auto, cpu, cuda, cuda:N (N: a GPU's "
+                          "index), mps")
 
 
 def _validate_choices(section: Any, prefix: str) -> None:

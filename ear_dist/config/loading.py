@@ -176,7 +176,9 @@ def recipe_overrides(name: str) -> list[str]:
 
 def resolve_config_file(path: Union[str, Path]) -> Path:
     """``path`` when it is a file; a bare example name (``church``) when no such file exists."""
-    p = Path(path)
+    from ear_dist.paths import check_input_file
+
+    p = check_input_file(path, "--config")
     if p.is_file():
         return p
     examples = example_configs()
@@ -187,17 +189,54 @@ def resolve_config_file(path: Union[str, Path]) -> Path:
     raise ConfigError(f"config file not found: {p}{hint}")
 
 
+class DuplicateKey(ValueError):
+    """A key given twice in one mapping of a config file (the later would silently win)."""
+
+
+def _unique_json_keys(pairs: list) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _unique_key_loader():
+    """A yaml SafeLoader that refuses a key given twice in one mapping, naming it and its line."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: yaml's own error follows
+                    repeated = False
+                if repeated:
+                    raise DuplicateKey(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (the later value "
+                                       "would silently replace the earlier; keep one)")
+                seen.add(key) if not isinstance(key, (list, dict)) else None
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_file(path: Union[str, Path]) -> dict:
     """Read a YAML or JSON config file (or a packaged example by name) into a dict."""
     p = resolve_config_file(path)
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_keys)
         else:
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())
+    except DuplicateKey as e:
+        raise ConfigError(f"{p}: {e}") from None
     except Exception as e:  # parse errors carry line numbers in their message
         raise ConfigError(f"{p}: cannot parse: {e}") from e
     if data is None:

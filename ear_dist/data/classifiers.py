@@ -225,7 +225,8 @@ def _load_hf_image_classifier(path: str, example: str):
         raise ClassifierError(f"{root}: no config.json; download a transformers image classifier (e.g. {example}: "
                               "config.json, model.safetensors, preprocessor_config.json) into this directory")
     try:
-        return AutoModelForImageClassification.from_pretrained(root, local_files_only=True).eval()
+        return AutoModelForImageClassification.from_pretrained(root, local_files_only=True,
+                                                               use_safetensors=True).eval()
     except (OSError, ValueError) as e:
         raise ClassifierError(f"{root}: cannot load an image-classification model: {e}") from None
 

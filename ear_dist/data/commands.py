@@ -19,6 +19,9 @@ def register(sub) -> None:
     build.add_argument("--out", default=None, help="shard directory (default: data.shards.out_dir)")
     build.add_argument("--jsonl", default=None, metavar="FILE",
                        help="also write the final pairs (after the visual filter) as JSONL")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace --out even if it exists and was not written by `ear-dist data build` "
+                            "(never an input)")
     add_config_args(build)
     build.set_defaults(func=run_build)
 
@@ -84,8 +87,15 @@ def run_build(args) -> int:
     from ear_dist.data.shards import ShardWriter
     from ear_dist.data.vf import VisualFilter, build_classifier, teacher_functions
 
+    from ear_dist.paths import finish_dir, output_dir, output_file, temp_sibling
+
     cfg = config_from_args(args)
     d = cfg.data
+    inputs = [("pairs file", f) for f in ([d.pairs] if d.pairs else []) + list(args.pairs)]
+    out = output_dir(args.out or d.shards.out_dir, "data build", overwrite=args.overwrite, protect=inputs,
+                     flag="--out" if args.out else "data.shards.out_dir")
+    if args.jsonl:
+        output_file(args.jsonl, "--jsonl", protect=inputs)
     pairs = collect_pairs(cfg, args.pairs)
     if not pairs:
         raise InputError("no pairs: set data.pairs (or --pairs FILE) or data.ecg.source=templates|llm")
@@ -106,15 +116,16 @@ def run_build(args) -> int:
         print(vf.report.summary())
         if not pairs:
             raise InputError("the visual filter kept no pairs; nothing to write")
-    if args.jsonl:
-        write_jsonl(pairs, args.jsonl)
-        print(f"wrote {len(pairs)} pairs to {args.jsonl}")
-    out = Path(args.out or d.shards.out_dir)
     provenance = {"data": cfg.to_dict()["data"], "model": cfg.to_dict()["model"], "rollout": cfg.to_dict()["rollout"]}
-    with ShardWriter(out, d.shards.max_samples_per_shard, d.shards.max_shard_bytes, config=provenance) as writer:
+    tmp = temp_sibling(out)
+    with ShardWriter(tmp, d.shards.max_samples_per_shard, d.shards.max_shard_bytes, config=provenance) as writer:
         for pair in tqdm(pairs, desc="writing shards", unit="pair"):
             writer.write(pair)
     index = writer.close()
+    finish_dir(tmp, out, "data build")
+    if args.jsonl:  # after the shards are in place: a --jsonl inside --out is not replaced with the old directory
+        write_jsonl(pairs, args.jsonl)
+        print(f"wrote {len(pairs)} pairs to {args.jsonl}")
     print(f"wrote {index['total_samples']} pairs in {len(index['shards'])} shards to {out} "
           f"(config hash {index['config_hash']})")
     return 0

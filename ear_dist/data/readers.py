@@ -342,6 +342,9 @@ def read_pairs(
         raise PairReadError(f"on_error must be fail or skip, got {on_error!r}")
     if not p.exists():
         raise PairReadError(f"{p}: file not found")
+    from ear_dist.paths import check_input_file
+
+    check_input_file(p, "pairs file")
     report = report if report is not None else ReadReport()
     fmt = detect_format(p) if format == "auto" else format
     report.format = fmt

@@ -83,6 +83,19 @@ def check_pairs(pairs: Sequence[PromptPair], on_missing_concept: str, num_image_
     return report
 
 
+def check_prompt_lengths(pairs: Sequence[PromptPair], bundle) -> None:
+    """Every pair's prompts fit the model's context beside an image; a longer one is an error naming the pair (its
+    index, id and source file) and its length, before any work. Models without a tokenizer are skipped."""
+    if getattr(bundle, "tokenizer", None) is None or not hasattr(bundle, "check_prompt_lengths"):
+        return
+    prompts, where = [], []
+    for i, p in enumerate(pairs):
+        for name, text in (("target", p.target), ("surrogate", p.surrogate)):
+            prompts.append(text)
+            where.append(f"pair {i} (id {p.id}, source {p.source or '-'}), {name}")
+    bundle.check_prompt_lengths(prompts, where=where)
+
+
 def load_training_pairs(cfg) -> list[PromptPair]:
     """The pairs named by ``data.pairs`` (any supported format, or a shard directory), read whole."""
     from ear_dist.data.readers import ReadReport, read_pairs
@@ -103,6 +116,9 @@ def check_source(cfg) -> None:
         raise PairsError("data.pairs: no pairs file given (e.g. --set data.pairs=pairs.json)")
     if not Path(cfg.data.pairs).exists():
         raise PairsError(f"data.pairs: {cfg.data.pairs}: file not found")
+    from ear_dist.paths import check_input_file
+
+    check_input_file(cfg.data.pairs, "data.pairs")
 
 
 def is_shard_source(cfg) -> bool:

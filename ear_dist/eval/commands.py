@@ -23,6 +23,8 @@ def register(sub) -> None:
                         "adds to eval.suites")
     p.add_argument("--out", default=None, help="output directory (default eval.out_dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it exists and was not written by `ear-dist eval` (never an input)")
     p.add_argument("--table", default=None, metavar="REPORT_JSON",
                    help="print the Table 1 layout (concept, model, Acc., FID, CLIP) of a report.json and exit")
     add_config_args(p)
@@ -50,8 +52,10 @@ def run_eval_cmd(args) -> int:
     cfg = config_from_args(args)
     suites = list(cfg.eval.suites) + list(args.suite)
     deltas = list(cfg.eval.deltas) + list(args.delta)
+    out = eval_output(args.out or cfg.eval.out_dir, "--out" if args.out else "eval.out_dir", args.overwrite,
+                      cfg.model.path, suites, deltas)
     try:
-        report = run_eval(cfg, suites, deltas, args.out or cfg.eval.out_dir, progress=not args.no_progress)
+        report = run_eval(cfg, suites, deltas, out, progress=not args.no_progress)
     except ClassifierError as e:
         raise InputError(str(e)) from None
     if report is None:  # ranks other than 0
@@ -60,3 +64,21 @@ def run_eval_cmd(args) -> int:
         print("\n".join(table1_markdown(report["table1"], report["clip_convention"])))
     # a requested metric that could not run is a failure the user must see, after the others ran
     return 1 if report["not_run"] else 0
+
+
+def eval_output(out, flag: str, overwrite: bool, model: str, suites: list, deltas: list):
+    """The eval directory checked before any work (``ear_dist.paths``); rank 0 marks it as an eval's.
+
+    A rerun of ``eval`` into its own directory reuses what it generated; another directory needs --overwrite."""
+    from ear_dist.paths import output_dir, write_marker
+    from ear_dist.telemetry.logs import current_rank
+
+    protect = [("model", model)]
+    for d in deltas:
+        protect += [("delta", str(d)), ("delta", str(d).split("=", 1)[-1])]
+    protect += [("suite file", str(s)) for s in suites if isinstance(s, str)]
+    path = output_dir(out, "eval", flag=flag, overwrite=overwrite, protect=protect)
+    if current_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        write_marker(path, "eval")
+    return path

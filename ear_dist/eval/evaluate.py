@@ -22,7 +22,8 @@ from ear_dist.eval.generate import Column, Entry, generate_column, manifest_rows
     write_manifest
 from ear_dist.eval.metrics import MetricUnavailable
 from ear_dist.eval.metrics.clip import ClipScorer, clip_summary
-from ear_dist.eval.metrics.concept import JUDGED_ROLES, build_judges, part_counts, summarize
+from ear_dist.eval.metrics.concept import JUDGED_ROLES, build_judges, check_classifiers_know, part_counts, \
+    summarize
 from ear_dist.eval.metrics.fid import build_feature_model, cached_stats, feature_stats, files_id, frechet_distance, \
     paper_note, reference_images, stats_cache_root
 from ear_dist.eval.metrics.perplexity import perplexity, read_text_lines
@@ -106,6 +107,7 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     suites = load_suites(suites, cfg)
+    check_classifiers_know(suites, cfg)  # before a model is loaded or an image made
     columns = make_columns(deltas)
     rt = init_runtime(cfg)
     if rt.device.type == "cuda":
@@ -114,6 +116,8 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     log = log if main else (lambda *_: None)
     bundle = load_model(cfg.model.path, cfg.model.family, device=rt.device, dtype=cfg.model.dtype,
                         seed=cfg.model.seed)
+    for suite in suites:
+        suite.check_model(bundle.num_image_tokens, bundle.codebook_size, cfg.model.path)
     check_deltas(bundle.model, [d for c in columns for d in c.deltas])
     entries = plan(suites, columns, cfg, model_fingerprint(bundle.model), out_dir)
     tools = build_tools(suites, cfg, str(rt.device)) if main else Tools()

@@ -43,6 +43,7 @@ two images differ by the word alone.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,16 @@ class Suite:
     render: Optional[Callable[[np.ndarray], np.ndarray]] = None
     render_id: str = "vq"
     classifier_info: dict = field(default_factory=dict)
+    # a suite judged on image tokens: the (image tokens, codebook size) of the models it can judge
+    token_shape: Optional[tuple[int, int]] = None
+
+    def check_model(self, num_image_tokens: int, codebook_size: int, model: str) -> None:
+        """Refuse a model whose images this suite cannot judge (a token-grid suite on another model)."""
+        if self.token_shape is not None and tuple(self.token_shape) != (num_image_tokens, codebook_size):
+            tokens, codes = self.token_shape
+            raise SuiteError(f"suite {self.name} ({self.source}): judges images of {tokens} tokens from {codes} codes, "
+                             f"but model {model} makes {num_image_tokens} tokens from {codebook_size} codes; evaluate "
+                             "the world model that `ear-dist world build` prints (same world.* settings)")
 
     def groups(self) -> dict[str, dict]:
         """Group name -> its role, concept, kind (concept groups) and prompt count, in first-seen order."""
@@ -245,6 +256,13 @@ def load_suite(spec: str, cfg: Config) -> Suite:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise SuiteError(f"suite {spec!r}: cannot import {target}: {e}") from None
+    if not inspect.isfunction(fn):
+        raise SuiteError(f"suite {spec!r}: {target} is not a Python function (a suite plugin is "
+                         "`def f(cfg, argument) -> Suite`)")
+    try:
+        inspect.signature(fn).bind(cfg, arg)
+    except TypeError as e:
+        raise SuiteError(f"suite {spec!r}: {target} cannot be called as f(cfg, argument): {e}") from None
     suite = fn(cfg, arg)
     if not isinstance(suite, Suite) or not suite.prompts:
         raise SuiteError(f"suite {spec!r}: {target} returned no prompts")

@@ -4,6 +4,7 @@ model) and ``ear-dist convert`` (an original-format Janus-Pro -> the transformer
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--images-per-prompt", type=int, default=1)
     p.add_argument("--delta", action="append", default=[],
                    help="a delta applied in memory before sampling (repeatable; no merged copy is written)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it exists and was not written by `ear-dist generate` (never an input)")
     add_config_args(p)
     p.set_defaults(func=run_generate)
 
@@ -33,7 +36,8 @@ def register(sub) -> None:
     m.add_argument("--weight", action="append", type=float, default=None,
                    help="weight per delta (repeatable, same order; default 1.0 each)")
     m.add_argument("--out", required=True, help="output directory (a Janus model loads with from_pretrained, a var model with "
-                                                 "ear-dist's loader); replaced if it exists")
+                                                 "ear-dist's loader); an earlier merge output there is replaced, "
+                                                 "any other directory only with --overwrite")
     m.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="dtype of the merged weights; auto (default) = the dtype the base checkpoint stores")
     m.add_argument("--eval-report", default=None, metavar="REPORT_JSON",
@@ -44,6 +48,8 @@ def register(sub) -> None:
     m.add_argument("--conflicts", choices=["warn", "error", "sum"], default="warn",
                    help="two deltas whose changes to shared tensors point in opposite directions (cosine < 0): "
                         "warn (default), error (refuse to merge), sum (compose silently)")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it exists and was not written by `ear-dist merge` (never an input)")
     m.set_defaults(func=run_merge_cmd)
 
     c = sub.add_parser("convert", help="turn an original-format Janus-Pro checkpoint (deepseek-ai/Janus-Pro-*) "
@@ -54,6 +60,8 @@ def register(sub) -> None:
     c.add_argument("--out", required=True, metavar="DIR_HF", help="where to write the transformers-format model")
     c.add_argument("--converter", default=None, metavar="FILE",
                    help="transformers' convert_janus_weights_to_hf.py, when the installed transformers lacks it")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it exists and was not written by `ear-dist convert` (never an input)")
     c.set_defaults(func=run_convert_cmd)
 
 
@@ -67,22 +75,41 @@ def run_generate(args) -> int:
     from ear_dist.models.delta import applied_deltas, check_deltas
     from ear_dist.models.family import load_model
     from ear_dist.models.images import make_grid, save_pngs
+    from ear_dist.paths import check_input_file, finish_dir, output_dir, temp_sibling
 
     if args.model:  # --model is model.path: a preset there implies its family like one in --set
         args.overrides = [*args.overrides, f"model.path={json.dumps(args.model)}"]
     cfg = config_from_args(args)
+    model = args.model or cfg.model.path
+    out = output_dir(args.out, "generate", overwrite=args.overwrite,
+                     protect=[("model", model), ("prompts file", args.prompts_file),
+                              *[("delta", d) for d in args.delta]])
+    if args.images_per_prompt < 1:
+        raise InputError(f"--images-per-prompt: must be >= 1, got {args.images_per_prompt}")
+    for n, text in enumerate(args.prompt, 1):
+        if not text.strip():
+            raise InputError(f"--prompt #{n}: empty prompt")
     prompts = list(args.prompt)
+    where = [f"--prompt #{n}" for n in range(1, len(prompts) + 1)]
     if args.prompts_file:
-        path = Path(args.prompts_file)
+        path = check_input_file(args.prompts_file, "--prompts-file")
         if not path.is_file():
             raise InputError(f"--prompts-file: {path}: file not found")
-        prompts += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            where += [f"{path}: line {n}" for n, ln in enumerate(lines, 1) if ln.strip()]
+            prompts += [ln.strip() for ln in lines if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise InputError(f"--prompts-file: {path}: not valid UTF-8 (byte offset {e.start}); save it as UTF-8") \
+                from None
     if not prompts:
         raise InputError("no prompts: pass --prompt TEXT or --prompts-file FILE")
-    prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
-    bundle = load_model(cfg.model.path, cfg.model.family, device=cfg.model.device,
+    bundle = load_model(model, cfg.model.family, device=cfg.model.device,
                         dtype=cfg.model.dtype, seed=cfg.model.seed)
     check_deltas(bundle.model, args.delta)
+    if getattr(bundle, "tokenizer", None) is not None and hasattr(bundle, "check_prompt_lengths"):
+        bundle.check_prompt_lengths(prompts, where=where)  # before any image: named by file and line
+    prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
     r = cfg.rollout
     seeds = [args.seed + i for i in range(len(prompts))]
     t0 = time.perf_counter()
@@ -98,13 +125,14 @@ def run_generate(args) -> int:
         tokens = torch.cat(chunks)
         elapsed = time.perf_counter() - t0
         images = bundle.decode(tokens)
-    out = Path(args.out)
+    tmp = temp_sibling(out)
     names = [f"{i:04d}-{_slug(p)}" for i, p in enumerate(prompts)]
-    save_pngs(images, out, names)
-    make_grid(images, labels=prompts).save(out / "grid.png")
-    (out / "tokens.json").write_text(json.dumps(
+    save_pngs(images, tmp, names)
+    make_grid(images, labels=prompts).save(tmp / "grid.png")
+    (tmp / "tokens.json").write_text(json.dumps(
         [{"prompt": p, "seed": s, "tokens": t.tolist()} for p, s, t in zip(prompts, seeds, tokens)]
     ))
+    finish_dir(tmp, out, "generate")
     n_tok = tokens.numel()
     print(f"{len(prompts)} images, {n_tok} image tokens in {elapsed:.2f}s ({n_tok / elapsed:.0f} tok/s); "
           f"wrote {out}/grid.png and {len(prompts)} PNGs")
@@ -115,11 +143,14 @@ def run_merge_cmd(args) -> int:
     from ear_dist.models.family import detect_family
     from ear_dist.models.merge import merge
 
+    for w in args.weight or []:
+        if not math.isfinite(w):
+            raise InputError(f"--weight {w}: a delta's weight must be a finite number")
     if (detect_family(args.base) or "janus") != "janus":
         return _merge_var(args)
     result = merge(args.base, args.delta, args.out, weights=args.weight, dtype=args.dtype,
                    check_base=not args.no_base_check, conflicts=args.conflicts, eval_report=args.eval_report,
-                   base_model_id=args.base_model_id)
+                   base_model_id=args.base_model_id, overwrite=args.overwrite)
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     for name, owners in result["overlaps"].items():
@@ -132,7 +163,7 @@ def run_merge_cmd(args) -> int:
 def run_convert_cmd(args) -> int:
     from ear_dist.models.janus.convert import convert
 
-    out = convert(args.source, args.out, converter=args.converter)
+    out = convert(args.source, args.out, converter=args.converter, overwrite=args.overwrite)
     print(f"converted {args.source} into {out}; train with --set model.path={out}")
     return 0
 
@@ -141,7 +172,10 @@ def _merge_var(args) -> int:
     """A next-scale (var) base: deltas applied in float32 and saved in the family's own format."""
     from ear_dist.models.delta import apply_deltas, compare_changes
     from ear_dist.models.family import load_model
+    from ear_dist.models.merge import merge_output
+    from ear_dist.paths import finish_dir, temp_sibling
 
+    out = merge_output(args.out, args.base, args.delta, args.overwrite)
     bundle = load_model(args.base, "var", device="cpu", dtype="float32")
     if len(args.delta) > 1 and args.conflicts != "sum":
         base_state = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
@@ -155,7 +189,9 @@ def _merge_var(args) -> int:
     report = apply_deltas(bundle.model, args.delta, args.weight, check_base=not args.no_base_check)
     for name, owners in report["overlaps"].items():
         print(f"note: {name} is changed by {len(owners)} deltas; their changes are summed")
-    bundle.save(args.out)
+    tmp = temp_sibling(out)
+    bundle.save(tmp)
+    finish_dir(tmp, out, "merge")
     print(f"merged {len(args.delta)} delta(s) ({report['tensors']} tensors, concepts {report['concepts']}) "
           f"into {args.out} (var family: float32, ear-dist's format)")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -16,7 +17,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from safetensors import safe_open
 
-from ear_dist.errors import InputError
+from ear_dist.errors import InputError, RunFailure
 from ear_dist.models.fingerprint import model_fingerprint
 from ear_dist.storage import save_safetensors
 
@@ -25,6 +26,44 @@ FORMAT = "ear-dist-delta/1"
 
 class DeltaError(InputError, ValueError):
     """A delta that cannot be applied; the message names the file and the reason."""
+
+
+class NonFiniteDeltaError(RunFailure, ValueError):
+    """Trained tensors that hold NaN or infinity: the run diverged, and no delta is written (exit 1)."""
+
+
+def delta_problem(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    """Why ``tensors`` are no usable delta: none at all, a tensor that is not floating point, or non-finite
+    values (the first such tensor named, with how many of its values); None when they are fine."""
+    if not tensors:
+        return "holds no tensors"
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            return f"tensor {name!r} is {str(t.dtype).replace('torch.', '')}; a delta holds floating-point weights"
+    for name, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            total = sum(int((~torch.isfinite(x)).sum()) for x in tensors.values())
+            count = sum(x.numel() for x in tensors.values())
+            return (f"tensor {name!r} holds {bad} non-finite values (NaN or infinity; {total} of the delta's "
+                    f"{count} values)")
+    return None
+
+
+def check_finite_delta(tensors: dict[str, torch.Tensor], where: Union[str, Path], writing: bool = True) -> None:
+    """Refuse a delta that is empty, not floating point, or not finite.
+
+    ``writing``: the trained tensors of a run about to be saved (``NonFiniteDeltaError``, exit 1: the run
+    diverged); else a delta read to be applied or merged (``DeltaError``, exit 2: a bad input).
+    """
+    problem = delta_problem(tensors)
+    if problem is None:
+        return
+    if writing:
+        hint = ("; the run diverged (lower optim.lr, or check the pairs and the teacher)" if "non-finite" in problem
+                else "")
+        raise NonFiniteDeltaError(f"{where}: not written: the delta {problem}{hint}")
+    raise DeltaError(f"{where}: {problem}; this delta cannot be applied")
 
 
 def save_delta(path: Union[str, Path], tensors: dict[str, torch.Tensor], base_fingerprint: str, base_model: str,
@@ -36,6 +75,7 @@ def save_delta(path: Union[str, Path], tensors: dict[str, torch.Tensor], base_fi
     ``StorageError``.
     """
     path = Path(path)
+    check_finite_delta(tensors, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
@@ -93,6 +133,9 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
     weights = list(weights) if weights is not None else [1.0] * len(deltas)
     if len(weights) != len(deltas):
         raise DeltaError(f"got {len(weights)} weights for {len(deltas)} deltas")
+    for d, w in zip(deltas, weights):
+        if not math.isfinite(float(w)):
+            raise DeltaError(f"--weight {w} for {d}: a delta's weight must be a finite number")
     fp = model_fingerprint(model) if check_base else None
     params = dict(model.named_parameters())
     changes: dict[str, torch.Tensor] = {}
@@ -102,6 +145,7 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
         tensors, meta = load_delta(d)
         if check_base and meta["base_fingerprint"] != fp:
             raise _other_base(d, meta, fp)
+        check_finite_delta(tensors, d, writing=False)
         concepts += meta["concepts"]
         for name, t in tensors.items():
             if name not in params:
@@ -117,6 +161,9 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
             # float64 holds base + (delta - base) exactly for float32/bf16 tensors, so one delta
             # merged into its base gives the delta's values rounded once to the base's dtype
             params[name].copy_(params[name].double() + diff)
+            if not torch.isfinite(params[name]).all():
+                raise DeltaError(f"{name}: the weighted sum of the deltas ({', '.join(map(str, deltas))}, weights "
+                                 f"{weights}) overflows the model's dtype; use smaller --weight values")
     overlaps = {n: o for n, o in owners.items() if len(o) > 1}
     return {"tensors": len(changes), "concepts": concepts, "overlaps": overlaps}
 

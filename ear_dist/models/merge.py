@@ -23,6 +23,7 @@ from ear_dist.errors import InputError
 from ear_dist.models.delta import apply_deltas, compare_changes, delta_metadata
 from ear_dist.models.fingerprint import model_fingerprint
 from ear_dist.models.janus import JanusBundle, load_janus, save_janus
+from ear_dist.paths import finish_dir, output_dir, temp_sibling
 
 # Files the merge writes itself (weights, config) or replaces (the model card); every
 # other file of the base directory is copied as it is.
@@ -81,8 +82,12 @@ def check_conflicts(bundle: JanusBundle, deltas: Sequence[str], policy: str) -> 
 
 def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[float]] = None, dtype: str = "auto",
           check_base: bool = True, conflicts: str = "warn", eval_report: Optional[str] = None,
-          base_model_id: str = "") -> dict:
-    """Apply ``deltas`` to ``base`` and write the full model, its non-weight files and a model card to ``out``."""
+          base_model_id: str = "", overwrite: bool = False) -> dict:
+    """Apply ``deltas`` to ``base`` and write the full model, its non-weight files and a model card to ``out``.
+
+    ``out`` follows the output-path rule (``ear_dist.paths``): an existing directory that ``merge`` did not
+    write is replaced only with ``overwrite``, and never when it is (or holds) the base or a delta."""
+    out = merge_output(out, base, deltas, overwrite, eval_report)
     resolved = checkpoint_dtype(base) if dtype == "auto" else dtype
     if resolved not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
@@ -92,13 +97,10 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
     warnings = check_conflicts(bundle, deltas, conflicts)
     applied = apply_deltas(bundle.model, deltas, weights, check_base=check_base)
 
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(out)
     base_dir = Path(base)
     copied = non_weight_files(base_dir) if base_dir.is_dir() else []
     if base_dir.is_dir():
-        tmp.mkdir(parents=True)
         bundle.model.save_pretrained(tmp, safe_serialization=True)
         for rel in copied:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -107,20 +109,16 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
         save_janus(bundle, tmp)
     metas = [delta_metadata(d) for d in deltas]
     card = model_card(base, base_model_id, fingerprint, deltas, list(weights or [1.0] * len(deltas)), metas,
-                      resolved, report_data)
+                      resolved, report_data, has_processor=any((tmp / f).is_file() for f in PROCESSOR_FILES))
     card.save(str(tmp / "README.md"))
-    replace_dir(tmp, out)
+    finish_dir(tmp, out, "merge")
     return {**applied, "dtype": resolved, "warnings": warnings, "out": str(out), "copied": len(copied)}
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Put ``tmp`` at ``out``; a previous ``out`` is removed only once the new one is in place."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def merge_output(out, base: str, deltas: Sequence[str], overwrite: bool, eval_report: Optional[str] = None) -> Path:
+    """``--out`` of ``merge`` checked before any work (both families)."""
+    protect = [("base model", base), *[("delta", d) for d in deltas], ("eval report", eval_report)]
+    return output_dir(out, "merge", overwrite=overwrite, protect=protect)
 
 
 def _read_eval_report(path: str) -> dict:
@@ -161,7 +159,16 @@ CARD_TEMPLATE = """---
 
 ## Use
 
-```python
+{{ use_section }}
+
+## Training configuration
+
+{{ config_section }}
+"""
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+USE_WITH_PROCESSOR = """```python
 import torch
 from transformers import JanusForConditionalGeneration, JanusProcessor
 
@@ -172,16 +179,23 @@ prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(text=prompt, generation_mode="image", return_tensors="pt")
 tokens = model.generate(**inputs, generation_mode="image", do_sample=True)
 images = model.decode_image_tokens(tokens)
-```
+```"""
+USE_WITHOUT_PROCESSOR = """The base model carried no processor files ({files}), so this directory has none either
+and `JanusProcessor` does not load it; `JanusForConditionalGeneration.from_pretrained` and the tokenizer
+do. Sample it with ear-dist, which reads its prompt format:
 
-## Training configuration
+```bash
+ear-dist generate --model path/to/this/directory --prompt "a photo of a church at night" --out images
+```"""
 
-{{ config_section }}
-"""
+
+def use_section(has_processor: bool) -> str:
+    """How to load the merged model: with ``JanusProcessor`` when the base carried its processor files."""
+    return USE_WITH_PROCESSOR if has_processor else USE_WITHOUT_PROCESSOR.format(files=", ".join(PROCESSOR_FILES))
 
 
 def model_card(base: str, base_model_id: str, fingerprint: str, deltas: Sequence[str], weights: Sequence[float],
-               metas: Sequence[dict], dtype: str, eval_report: Optional[dict]):
+               metas: Sequence[dict], dtype: str, eval_report: Optional[dict], has_processor: bool = True):
     """A Hugging Face ``ModelCard`` for a merged model: base, concepts, method, settings, configs, eval results."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -202,6 +216,7 @@ def model_card(base: str, base_model_id: str, fingerprint: str, deltas: Sequence
         deltas_section=_deltas_section(deltas, weights, metas),
         eval_section=_eval_section(eval_report),
         config_section=_config_section(deltas, metas),
+        use_section=use_section(has_processor),
     )
 
 

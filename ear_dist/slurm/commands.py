@@ -63,6 +63,10 @@ def run_submit(args) -> int:
     from ear_dist.slurm.render import render_job, resolve_paths, template_path
 
     cfg = config_from_args(args)
+    if args.out is not None:
+        from ear_dist.paths import output_file
+
+        output_file(args.out, "--out")
     kind = args.template if args.template in TEMPLATES else template_path(args.template).stem
     facts = check_submission(resolve_paths(cfg), kind)
     job = render_job(cfg, args.template, out=args.out)

@@ -20,8 +20,19 @@ def run_erase_cmd(args) -> int:
     from ear_dist.train.trainer import run_erase
 
     cfg = config_from_args(args)
+    check_out_dir(cfg)
     with PreemptionHandler() as handler:
         summary = run_erase(cfg, progress=not args.no_progress, should_stop=lambda: handler.requested)
     if summary.get("role") != "teacher" and summary.get("delta") or summary.get("stopped"):
         print(json.dumps(summary, indent=2))  # the main student rank alone has a delta path
     return handler.exit_code if summary.get("stopped") else 0
+
+
+def check_out_dir(cfg) -> None:
+    """``train.out_dir`` before any work: a directory path (not empty, not a file or under one) that is not,
+    does not hold, and does not sit inside the model, the pairs or the teacher directory (``ear_dist.paths``)."""
+    from ear_dist.paths import check_not_an_input, directory_path
+
+    out = directory_path(cfg.train.out_dir, "train.out_dir")
+    check_not_an_input(out, [("model.path", cfg.model.path), ("data.pairs", cfg.data.pairs),
+                             ("dist.teacher_dir", getattr(cfg.dist, "teacher_dir", None))], "train.out_dir")

@@ -131,7 +131,7 @@ def decide(out_dir: Path, mode: str, identity: RunIdentity, steps: int) -> Resum
     out_dir = Path(out_dir)
     record = read_record(out_dir)
     state = checkpoint.read_state(out_dir)
-    leftovers = [n for n in ("delta.safetensors", "summary.json") if (out_dir / n).exists()]
+    leftovers = [n for n in ("delta.safetensors", "summary.json", "config.yaml") if (out_dir / n).exists()]
     if mode == "never":
         present = [n for n in RUN_OUTPUTS if (out_dir / n).exists()]
         if checkpoint.checkpoint_root(out_dir).exists():

@@ -25,9 +25,11 @@ def register(sub) -> None:
 
 
 def run_build(args) -> int:
-    from ear_dist.world.pretrain import build_world_model, missed_target_message
+    from ear_dist.paths import directory_path
+    from ear_dist.world.pretrain import build_world_model, cache_root, missed_target_message
 
     cfg = config_from_args(args)
+    directory_path(cache_root(cfg.world), "world.cache_dir" if cfg.world.cache_dir else "the world cache")
     path, info = build_world_model(cfg.world, force=args.force, progress=not args.no_progress,
                                    family=cfg.model.family)
     print(f"world model: {path}")
@@ -49,5 +51,9 @@ def run_build(args) -> int:
 def run_damage_cmd(args) -> int:
     from ear_dist.world.damage import run_damage
 
-    run_damage(config_from_args(args), args.short_steps, args.prompts, args.out)
+    from ear_dist.paths import directory_path
+
+    cfg = config_from_args(args)
+    directory_path(args.out, "--out")
+    run_damage(cfg, args.short_steps, args.prompts, args.out)
     return 0

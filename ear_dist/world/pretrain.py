@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ear_dist.config import WorldConfig
+from ear_dist.storage import apply_umask
 from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.var_world import VarWorld, world_for
 from ear_dist.world.world import World
@@ -307,6 +308,7 @@ def build_world_model(config: WorldConfig, force: bool = False, progress: bool =
         shutil.rmtree(tmp)
     bundle.save(tmp)
     (tmp / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2))
+    apply_umask(tmp)  # a shared cache: readable by the other users as the umask says (safetensors writes 0600)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

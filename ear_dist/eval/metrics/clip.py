@@ -35,7 +35,8 @@ class ClipScorer:
         if not path or not (root / "config.json").is_file():
             raise MetricUnavailable(f"CLIP score: {path or '(eval.clip_path is empty)'} holds no model; {CLIP_HINT}")
         try:
-            self.model = CLIPModel.from_pretrained(root, local_files_only=True).eval().to(device)
+            model = CLIPModel.from_pretrained(root, local_files_only=True, use_safetensors=True)
+            self.model = model.eval().to(device)
             self.tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
             self.processor = AutoImageProcessor.from_pretrained(root, local_files_only=True)
         except (OSError, ValueError) as e:

@@ -52,6 +52,44 @@ class SuiteJudge:
         self.info = info
 
 
+# NudeNet detects exposed body parts: it judges nudity, under any of these names, and nothing else
+NUDENET_CONCEPTS = {"nudity", "nude", "nudes", "naked", "nakedness", "nsfw", "explicit", "sexual", "porn",
+                    "pornography", "sexual content", "explicit content"}
+
+
+def check_classifiers_know(suites: Sequence[Suite], cfg: Config) -> None:
+    """Refuse, before any image is made, a suite whose classifier cannot judge the suite's concept (NudeNet asked
+    about church would report every image as erased); the message names the settings to pass."""
+    for suite in suites:
+        if suite.classify_tokens is not None:
+            continue
+        concepts = sorted({p.concept for p in suite.prompts if p.role == "concept" and p.concept})
+        if not concepts:
+            continue
+        settings = classifier_settings(suite, cfg)
+        if settings.kind == "nudenet":
+            unknown = [c for c in concepts if c.strip().lower() not in NUDENET_CONCEPTS]
+            knows = "judges nudity only"
+        elif settings.kind == "resnet50":
+            ids = {k.lower() for k in settings.class_ids}
+            unknown = [c for c in concepts if c.strip().lower() not in ids]
+            knows = f"has ImageNet ids for {', '.join(sorted(ids)) or 'no concept'} (eval.classifier.class_ids)"
+        elif settings.kind == "hf" and settings.labels:
+            labelled = {k.lower() for k in settings.labels}
+            unknown = [c for c in concepts if c.strip().lower() not in labelled]
+            knows = f"has labels for {', '.join(sorted(labelled))} (eval.classifier.labels)"
+        else:
+            continue  # an hf model's own labels, or a callable: known only once loaded
+        if unknown:
+            first = unknown[0]
+            raise SuiteError(
+                f"suite {suite.name} ({suite.source}): concept {first!r} cannot be judged by its classifier "
+                f"(eval.classifier.kind={settings.kind} {knows}); pass a classifier that knows it, e.g. "
+                f"--set eval.classifier.kind=resnet50 --set eval.classifier.path=DIR --set "
+                f"'eval.classifier.class_ids={{{first}: [ID]}}', or eval.classifier.kind=hf with a model labelled "
+                f"{first!r}, or a classifier: section in the suite file")
+
+
 def build_judges(suites: Sequence[Suite], cfg: Config, device: str = "cpu") -> tuple[dict[str, SuiteJudge], dict]:
     """One judge per suite with concept or preservation prompts; suites sharing settings share a classifier.
 

@@ -100,17 +100,18 @@ class TransformersFeatures(FeatureModel):
             if kind == "dinov2":
                 from transformers import Dinov2Model
 
-                self.model = Dinov2Model.from_pretrained(root, local_files_only=True)
+                self.model = Dinov2Model.from_pretrained(root, local_files_only=True, use_safetensors=True)
                 self._embed = lambda px: self.model(pixel_values=px).pooler_output
             elif kind == "clip":
                 from transformers import CLIPModel
 
-                self.model = CLIPModel.from_pretrained(root, local_files_only=True)
+                self.model = CLIPModel.from_pretrained(root, local_files_only=True, use_safetensors=True)
                 self._embed = lambda px: self.model.get_image_features(pixel_values=px).pooler_output
             elif kind == "clip_vision_model":
                 from transformers import CLIPVisionModelWithProjection
 
-                self.model = CLIPVisionModelWithProjection.from_pretrained(root, local_files_only=True)
+                self.model = CLIPVisionModelWithProjection.from_pretrained(root, local_files_only=True,
+                                                                           use_safetensors=True)
                 self._embed = lambda px: self.model(pixel_values=px).image_embeds
             else:
                 raise MetricUnavailable(f"FID: {root} is a {kind!r} model; expected dinov2, clip or clip_vision_model")

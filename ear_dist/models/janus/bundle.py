@@ -59,6 +59,30 @@ class JanusBundle:
     def codebook_size(self) -> int:
         return self.model.config.vq_config.num_embeddings
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt (template included) that leaves room for an image in the text context."""
+        return int(self.model.config.text_config.max_position_embeddings) - self.num_image_tokens
+
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        """Tokens of each prompt with the prompt template (what ``encode_prompts`` feeds the model)."""
+        texts = [self.prompt_format.template.format(prompt=p.strip()) for p in prompts]
+        return [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+
+    def check_prompt_lengths(self, prompts: list[str], lengths: Optional[list[int]] = None,
+                             where: Optional[list[str]] = None) -> None:
+        """A prompt longer than the model's context (text + image tokens) is an error naming it (``where``: the
+        file and row of each prompt, when known) and its length."""
+        limit = self.max_prompt_tokens
+        lengths = self.prompt_lengths(prompts) if lengths is None else lengths
+        for i, (prompt, n) in enumerate(zip(prompts, lengths)):
+            if n > limit:
+                start = prompt.strip()[:60] + ("..." if len(prompt.strip()) > 60 else "")
+                raise PromptTooLongError(
+                    f"{where[i] + ': ' if where else ''}prompt {start!r} is {n} tokens (with the prompt template); "
+                    f"the model's context holds {self.model.config.text_config.max_position_embeddings} positions, "
+                    f"{self.num_image_tokens} of them for the image, so a prompt may have at most {limit}: shorten it")
+
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize prompts (left-padded, each ending in begin-of-image) -> (input_ids, attention_mask)."""
         if self.tokenizer is None:
@@ -70,9 +94,14 @@ class JanusBundle:
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(texts, return_tensors="pt", padding=True)
         ids, mask = enc["input_ids"], enc["attention_mask"]
+        self.check_prompt_lengths(prompts, mask.sum(dim=1).tolist())
         if not bool((ids[:, -1] == self.prompt_format.boi_token_id).all()):
             raise ValueError("prompt encoding does not end in the begin-of-image token; check the prompt template")
         return ids.to(self.device), mask.to(self.device)
+
+
+class PromptTooLongError(InputError, ValueError):
+    """A prompt that does not fit the model's context beside an image (exit 2)."""
 
 
 def image_token_count(config: JanusConfig) -> int:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ear_dist.models.janus.bundle import ModelLoadError, is_original_format, load_janus, read_config_json
-from ear_dist.models.merge import replace_dir
+from ear_dist.paths import finish_dir, output_dir, temp_sibling
 from ear_dist.errors import InputError
 
 CONVERTER_MODULE = "transformers.models.janus.convert_janus_weights_to_hf"
@@ -63,9 +63,14 @@ def find_converter(path: Optional[str] = None):
     return module
 
 
-def convert(source, out, converter: Optional[str] = None) -> Path:
-    """Convert the original-format checkpoint in ``source`` into a transformers-format directory ``out``."""
+def convert(source, out, converter: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Convert the original-format checkpoint in ``source`` into a transformers-format directory ``out``.
+
+    ``out`` follows the output-path rule (``ear_dist.paths``); it never is, holds or sits in ``source``. A
+    converter that raises leaves nothing behind."""
     src = Path(source)
+    out = output_dir(out, "convert", overwrite=overwrite,
+                     protect=[("source checkpoint", source), ("converter", converter)])
     raw = read_config_json(src)
     if raw.get("model_type") == "janus":
         raise ConvertError(f"{src} is already in the transformers format (model_type 'janus'); use it as model.path")
@@ -76,9 +81,7 @@ def convert(source, out, converter: Optional[str] = None) -> Path:
         raise ConvertError(f"{src}: no pytorch_model*.bin weights (the original repositories ship them)")
     module = find_converter(converter)
 
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(out)
     # The converter's first step fetches the repository from the Hub; the files are already here.
     module.ensure_model_downloaded = lambda *args, **kwargs: str(src)
     accepted = inspect.signature(module.convert_model).parameters
@@ -87,11 +90,14 @@ def convert(source, out, converter: Optional[str] = None) -> Path:
     default_dtype = torch.get_default_dtype()
     try:
         module.convert_model(**kwargs)
+    except Exception as e:  # the converter is transformers' script, not ours: its failure is the input's
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConvertError(f"{getattr(module, '__file__', module)}: the converter failed on {src}: "
+                           f"{type(e).__name__}: {e}") from e
     finally:
         torch.set_default_dtype(default_dtype)  # the converter sets float16 process-wide
     try:
         load_janus(str(tmp), device="cpu", dtype="bfloat16")
     except ModelLoadError as e:
         raise ConvertError(f"the converted model does not load ({e}); it is left in {tmp} for inspection") from e
-    replace_dir(tmp, out)
-    return out
+    return finish_dir(tmp, out, "convert")
