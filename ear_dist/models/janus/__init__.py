@@ -11,6 +11,7 @@ from ear_dist.models.janus.bundle import (
     PROMPT_FORMAT_FILE,
     JanusBundle,
     ModelLoadError,
+    PromptTooLongError,
     build_preset,
     check_tokenizer,
     grid_side,
@@ -28,7 +29,7 @@ from ear_dist.models.janus.bundle import (
 )
 
 __all__ = [
-    "PROMPT_FORMAT_FILE", "JanusBundle", "ModelLoadError", "build_preset", "check_tokenizer", "grid_side",
+    "PROMPT_FORMAT_FILE", "JanusBundle", "ModelLoadError", "PromptTooLongError", "build_preset", "check_tokenizer", "grid_side",
     "image_token_count", "is_original_format", "load_janus", "position_ids_from_mask", "read_config_json",
     "resolve_device", "resolve_dtype", "save_janus", "save_tiny_checkpoint", "teacher_forced", "unconditional_ids",
 ]
