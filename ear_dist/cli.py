@@ -7,7 +7,8 @@ by exposing ``register(subparsers)`` in a module listed in ``COMMAND_MODULES``; 
 module imports this one back.
 
 Failures: a project error (``ear_dist.errors``) is one line on stderr and its exit
-code (2 bad config or input, 1 the run failed; 75 is a preempted run that checkpointed);
+code (2 bad config or input, 1 the run failed, 3 it went non-finite; 75 is a preempted run that
+checkpointed, 130 one stopped by Ctrl-C);
 ``--debug`` adds its traceback. Any other exception is a bug and keeps its traceback.
 Logging is configured here, once (``ear_dist.telemetry.logs``).
 """
@@ -18,6 +19,7 @@ import argparse
 import importlib
 import os
 import re
+import signal
 import sys
 import traceback
 
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except _launch_errors() as e:  # launch/ stands alone, below the package: its errors are launch settings
         _report(e, args.debug)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C in a command that does not stop at a safe point of its own
+        print("ear-dist: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     finally:
         _release_process_group()
     return int(rc or 0)
