@@ -160,27 +160,26 @@ def part_step(bundle, scale: Scale, decode: str) -> dict:
 
 
 def part_headline(bundle, scale: Scale, decode: str) -> dict:
-    """Erase one concept: the pairs' CFG rollouts in batches, then one step per pair with window updates."""
+    """Erase one concept: the pairs' CFG rollouts in batches, then one step per pair with window updates,
+    the step being the trainer's own job (``ear_dist.train.job.build_job``: float32 master weights for a
+    bfloat16 model, as ``ear-dist erase`` trains it)."""
     from benchmarks.bench_rollout import sync_of
-    from ear_dist.bench.erase import bench_pairs
-    from ear_dist.config import EraseConfig, OptimConfig, RolloutConfig, TrainableConfig
+    from ear_dist.bench.erase import bench_pairs, bench_stream
+    from ear_dist.config import load_config
     from ear_dist.data.stream import PairBatch
+    from ear_dist.distributed.runtime import init_runtime
     from ear_dist.models.rollout import rollout
-    from ear_dist.teacher.base import TeacherSettings
-    from ear_dist.teacher.colocated import ColocatedTeacher
-    from ear_dist.train.step import ErasureStep, Updater
-    from ear_dist.train.student import build_optimizer, make_student
-    from ear_dist.train.trainable import select_trainable_names
+    from ear_dist.train.job import build_job
 
     sync = sync_of(bundle.device)
     pairs = bench_pairs("church", scale.headline_pairs, 0)
-    teacher = ColocatedTeacher(bundle)
-    names = select_trainable_names(bundle.model, TrainableConfig(first_k_layers=5, modules="attention"))
     out = {"pairs": scale.headline_pairs, "steps": scale.headline_pairs, "window_len": scale.window_len,
            "rollout_batch": scale.headline_rollout_batch, "decode": decode}
     for prefix in ("recompute", "cached"):
-        cfg = EraseConfig(window_len=scale.window_len, update_mode="window", window_prefix=prefix)
-        settings = TeacherSettings.from_config(cfg, RolloutConfig(decode=decode))
+        cfg = load_config(overrides=[
+            f"model.path={scale.model}", f"model.device={bundle.device}", "trainable.first_k_layers=5",
+            "trainable.modules=attention", "optim.lr=1e-4", "erase.update_mode=window", f"erase.window_prefix={prefix}",
+            f"erase.window_len={scale.window_len}", f"rollout.decode={decode}", "train.tensorboard=false"])
         sync()
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -188,20 +187,18 @@ def part_headline(bundle, scale: Scale, decode: str) -> dict:
                              batch_size=scale.headline_rollout_batch, decode=decode)
         sync()
         t_rollout = time.perf_counter() - t0
-        student = make_student(bundle.model, names)
-        step = ErasureStep(student, bundle, teacher, cfg, Updater(build_optimizer(student.parameters(),
-                                                                                   OptimConfig(lr=1e-4))),
-                           settings=settings)
+        job = build_job(cfg, init_runtime(cfg), bundle, bench_stream("church", 1, scale.headline_pairs),
+                        teacher_steps=scale.headline_pairs)
         kept = 0
         for i in range(scale.headline_pairs):
             one = PairBatch(pairs.target_prompts[i:i + 1], pairs.surrogate_prompts[i:i + 1], ["church"],
                             pairs.seeds[i:i + 1], tokens[i:i + 1])
-            kept += step(one).windows_kept
+            kept += job.step(one).windows_kept
         sync()
         total = time.perf_counter() - t0
         out[prefix] = {"total_s": total, "rollouts_s": t_rollout, "training_s": total - t_rollout,
                        "windows_kept": kept}
-        del student, step
+        del job
     return out
 
 

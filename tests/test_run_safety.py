@@ -56,11 +56,18 @@ def test_a_rerun_with_another_concept_is_refused_naming_what_differs(tmp_path, t
     assert meta["concepts"] == ["church"] and meta["config"]["erase"]["concept"] == "church"
 
 
-def test_a_finished_run_is_reported_and_not_rerun(tmp_path, tiny_checkpoint, files):
+def test_a_finished_run_is_reported_and_not_rerun(tmp_path, tiny_checkpoint, files, monkeypatch):
+    import ear_dist.train.trainer as trainer
+
     church, _ = files
     cfg = load_config(overrides=common(tiny_checkpoint, tmp_path / "run", f"data.pairs={church}", "train.steps=2"))
     first = run_erase(cfg, progress=False)
     before = snapshot(tmp_path / "run")
+
+    def no_stream(*args):  # a shard directory would start its readers here
+        raise AssertionError("the pair stream was opened for a run that had already finished")
+
+    monkeypatch.setattr(trainer, "open_stream", no_stream)
     again = run_erase(cfg, progress=False)
     assert again["already_finished"] and again["delta"] == first["delta"] and again["steps"] == 2
     assert snapshot(tmp_path / "run") == before  # nothing rewritten: no metrics appended, same delta bytes

@@ -274,7 +274,7 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
         echo = _silent
     torch.manual_seed(cfg.train.seed)  # as the trainer: the same draws build the same parts
     if bundle is None:
-        bundle = load_job_model(cfg, rt)
+        bundle = load_job_model(cfg.model, rt)
     if isinstance(bundle, JanusBundle) and bundle.tokenizer is None:
         bundle = with_prompt_ids(bundle, prompt_len)
         echo(f"{cfg.model.path}: no tokenizer, prompts are {prompt_len} random token ids")

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ear_dist.config import Config, ConfigError, DistConfig, TrainConfig
+from ear_dist.config import Config, ConfigError, DistConfig, ModelConfig, TrainConfig
 from ear_dist.data.pairs import PromptPair
 from ear_dist.data.stream import PairStream, load_training_pairs, open_pair_stream
 from ear_dist.models.family import load_model
@@ -60,9 +60,8 @@ class Job:
                            preservation=self.keep.preservation)
 
 
-def load_job_model(cfg: Config, rt) -> ImageModel:
+def load_job_model(m: ModelConfig, rt) -> ImageModel:
     """The base model of ``model.*`` on this rank's device (``model.family`` picks the loader)."""
-    m = cfg.model
     return load_model(m.path, m.family, device=rt.device, dtype=m.dtype, seed=m.seed)
 
 

@@ -57,7 +57,7 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
     out_dir = Path(cfg.train.out_dir)
     with run_lock(out_dir, rt):
         torch.manual_seed(cfg.train.seed)
-        bundle = load_job_model(cfg, rt)
+        bundle = load_job_model(cfg.model, rt)
         _check_settings(cfg, rt, bundle)
         run = _Run.of(cfg, rt, bundle, pairs)
         resume = run_state.decide(out_dir, cfg.train.resume, run.identity, cfg.train.steps)
