@@ -144,7 +144,7 @@ def train_loop(job, start: int, hooks: Sequence[Hook], should_stop: Optional[Cal
                 tally.stopped_at = step + 1
                 break
     except RuntimeError as e:
-        if rt.distributed and _lost_a_rank(e):
+        if rt.distributed and not isinstance(e, RunFailure) and _lost_a_rank(e):
             raise RankLostError(
                 f"rank {rt.rank}: a collective failed at step {step} ({str(e).splitlines()[0][:200]}): another rank "
                 f"died or did not answer within dist.timeout_s={cfg.dist.timeout_s} s. Run the same command again "
