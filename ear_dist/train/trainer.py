@@ -24,6 +24,7 @@ import torch
 from ear_dist.config import Config, ConfigError, config_yaml
 from ear_dist.data.pairs import PromptPair
 from ear_dist.data.stream import check_source, source_digest
+from ear_dist.errors import EarDistError
 from ear_dist.models.delta import save_delta
 from ear_dist.models.janus import model_fingerprint
 from ear_dist.storage import write_text_atomic
@@ -59,12 +60,14 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
         torch.manual_seed(cfg.train.seed)
         bundle = load_job_model(cfg.model, rt)
         _check_settings(cfg, rt, bundle)
-        run = _Run.of(cfg, rt, bundle, pairs)
-        resume = run_state.decide(out_dir, cfg.train.resume, run.identity, cfg.train.steps)
-        if resume.finished is not None:
-            return _already_finished(out_dir, resume)
-        stream, check = open_stream(cfg, rt, bundle, pairs)
+        fingerprint = model_fingerprint(bundle.model)
+        finished = _finished_twin(cfg, rt, fingerprint, pairs)
+        if finished is not None:
+            return finished
+        stream, check = open_stream(cfg, rt, bundle, pairs)  # the data's own errors come before the directory's
         try:
+            run = _Run.of(cfg, rt, fingerprint, pairs)
+            resume = run_state.decide(out_dir, cfg.train.resume, run.identity, cfg.train.steps)
             _prepare_out_dir(cfg, rt, run, resume)
             if resume.checkpoint is not None:
                 stream.load_state_dict(resume.checkpoint["data"])  # continue with the sample after the last trained
@@ -92,13 +95,25 @@ class _Run:
     identity: "run_state.RunIdentity"
 
     @classmethod
-    def of(cls, cfg: Config, rt, bundle, pairs) -> "_Run":
-        fingerprint = model_fingerprint(bundle.model)
+    def of(cls, cfg: Config, rt, fingerprint: str, pairs) -> "_Run":
         return cls(fingerprint, run_state.run_identity(cfg, fingerprint, source_digest(cfg, pairs),
                                                        _deepspeed_settings(cfg, rt), rt.dp_world))
 
 
-def _already_finished(out_dir: Path, resume: "run_state.Resume") -> dict:
+def _finished_twin(cfg: Config, rt, fingerprint: str, pairs) -> Optional[dict]:
+    """The summary of an identical run that already finished in ``train.out_dir``, checked before the pair
+    stream opens (its readers, its checks); None when there is none. Anything amiss (the data, another run
+    there) is left to the checks that follow, which name it."""
+    out_dir = Path(cfg.train.out_dir)
+    if cfg.train.resume == "never" or not (out_dir / run_state.RUN_FILE).is_file():
+        return None
+    try:
+        resume = run_state.decide(out_dir, cfg.train.resume, _Run.of(cfg, rt, fingerprint, pairs).identity,
+                                  cfg.train.steps)
+    except (OSError, EarDistError):
+        return None
+    if resume.finished is None:
+        return None
     log.warning("%s: this run already finished at step %s with the same settings (its delta: %s); nothing to "
                 "do. Raise train.steps to extend it, or train.resume=never to train it again", out_dir,
                 resume.step, resume.finished.get("delta"), extra={"shared": True})
