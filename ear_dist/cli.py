@@ -7,7 +7,8 @@ by exposing ``register(subparsers)`` in a module listed in ``COMMAND_MODULES``; 
 module imports this one back.
 
 Failures: a project error (``ear_dist.errors``) is one line on stderr and its exit
-code (2 bad config or input, 1 the run failed; 75 is a preempted run that checkpointed);
+code (2 bad config or input, 1 the run failed, 3 it went non-finite; 75 is a preempted run that
+checkpointed, 130 one stopped by Ctrl-C);
 ``--debug`` adds its traceback. Any other exception is a bug and keeps its traceback.
 Logging is configured here, once (``ear_dist.telemetry.logs``). A process that joined a
 process group (every rank of a launched job) ends through ``finish_job``

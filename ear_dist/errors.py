@@ -5,8 +5,9 @@ shows it as one line and ends with its documented exit code:
 
 - ``InputError`` (exit 2): bad config or input: a key, a file, a row, a shard, a
   checkpoint or a model directory that cannot be used as given;
-- ``RunFailure`` (exit 1): the run itself failed: too many non-finite losses, a rank
-  that died, a disk that filled up.
+- ``RunFailure`` (exit 1): the run itself failed: a rank that died, a disk that filled
+  up; its subclass for a run that went non-finite (too many non-finite losses, an update
+  that left the weights non-finite, a delta that is not finite) ends with exit 3.
 
 Exit 75 (preempted: a checkpoint was written, run again to resume) is not an error;
 ``ear_dist.slurm.preempt`` owns it. Any other exception is a bug and keeps its
@@ -24,6 +25,7 @@ import traceback
 
 EXIT_RUN_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75
 
 

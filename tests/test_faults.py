@@ -145,14 +145,57 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_which_the_reru
     assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004.tmp"]
     assert not (tmp_path / "run" / "delta.safetensors").exists()
 
-    res = erase(args)
+    res = erase(args)  # at once: the dead run's lock does not stand in the way
     assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{tmp_path / 'run' / '.lock'}: the run that held it (pid " in res.stderr
+    assert "is gone; taking it over" in res.stderr
     assert f"resuming from {root / 'step-00000002'} at step 2" in res.stderr
     assert json.loads(res.stdout)["resumed_from"] == 2
     assert sorted(p.name for p in root.iterdir()) == ["step-00000006"]  # the leftover is gone
     whole = erase(common(tiny_checkpoint, shards, tmp_path / "whole", "train.steps=6"))
     assert whole.returncode == 0
     assert _same(tmp_path / "run" / "delta.safetensors", tmp_path / "whole" / "delta.safetensors")
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+def _start_and_interrupt(args, signals):
+    """Start ``ear-dist erase``, send ``signals`` once its first step is in metrics.jsonl; (exit, stderr)."""
+    out = Path(args[2].split("=", 1)[1])
+    proc = subprocess.Popen([sys.executable, "-m", "ear_dist", "erase", "--no-progress", *_sets(args)], cwd=ROOT,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+            time.sleep(0.2)
+        for sig in signals:
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+def test_ctrl_c_stops_at_the_end_of_the_step_with_a_checkpoint_and_one_line(tmp_path, tiny_checkpoint, shards):
+    args = common(tiny_checkpoint, shards, tmp_path / "run", "train.steps=200")
+    code, err = _start_and_interrupt(args, [signal.SIGINT])
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    line = last_line(err)
+    assert line.startswith("ear-dist: stopped by SIGINT after step ") and line.endswith("run the same command to resume")
+    step = int(line.split("after step ")[1].split(",")[0])
+    assert (tmp_path / "run" / "checkpoint" / f"step-{step:08d}" / "state.json").is_file()
+    res = erase([*args[:-1], f"train.steps={step + 1}"])  # the rerun resumes where it stopped
+    assert res.returncode == 0 and json.loads(res.stdout)["resumed_from"] == step
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, tiny_checkpoint, shards):
+    args = common(tiny_checkpoint, shards, tmp_path / "run", "train.steps=200", "erase.update_mode=window")
+    code, err = _start_and_interrupt(args, [signal.SIGINT, signal.SIGINT])
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert last_line(err).startswith("ear-dist: ") and "SIGINT" in last_line(err)
 
 
 # ----------------------------------------------------------------------------- a disk that fills

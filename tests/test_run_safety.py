@@ -56,11 +56,18 @@ def test_a_rerun_with_another_concept_is_refused_naming_what_differs(tmp_path, t
     assert meta["concepts"] == ["church"] and meta["config"]["erase"]["concept"] == "church"
 
 
-def test_a_finished_run_is_reported_and_not_rerun(tmp_path, tiny_checkpoint, files):
+def test_a_finished_run_is_reported_and_not_rerun(tmp_path, tiny_checkpoint, files, monkeypatch):
+    import ear_dist.train.trainer as trainer
+
     church, _ = files
     cfg = load_config(overrides=common(tiny_checkpoint, tmp_path / "run", f"data.pairs={church}", "train.steps=2"))
     first = run_erase(cfg, progress=False)
     before = snapshot(tmp_path / "run")
+
+    def no_stream(*args):  # a shard directory would start its readers here
+        raise AssertionError("the pair stream was opened for a run that had already finished")
+
+    monkeypatch.setattr(trainer, "open_stream", no_stream)
     again = run_erase(cfg, progress=False)
     assert again["already_finished"] and again["delta"] == first["delta"] and again["steps"] == 2
     assert snapshot(tmp_path / "run") == before  # nothing rewritten: no metrics appended, same delta bytes
@@ -157,3 +164,69 @@ def test_moving_the_data_keeps_the_run_resumable(tmp_path, tiny_checkpoint, file
     run_erase(load_config(overrides=[*args, f"data.pairs={church}", "train.steps=1"]), progress=False)
     assert run_erase(load_config(overrides=[*args, f"data.pairs={moved}", "train.steps=2"]),
                      progress=False)["resumed_from"] == 1
+
+
+# ----------------------------------------------------------------------------- one writer per out_dir
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_lock(tmp_path, tiny_checkpoint, files, capsys):
+    import os
+
+    from ear_dist.train.run_lock import RunLock
+
+    out = tmp_path / "run"
+    args = common(tiny_checkpoint, out, f"data.pairs={files[0]}", "train.steps=1")
+    held = RunLock(out).acquire()  # another run, as the kernel sees it: a flock on another open file
+    try:
+        assert erase_cli(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err
+        assert f"{out} is in use by another run (pid {os.getpid()} on" in err and str(out / ".lock") in err
+        assert not (out / "run.json").exists() and not (out / "delta.safetensors").exists()
+    finally:
+        held.release()
+    assert erase_cli(args) == 0  # released: the same command goes through
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path, tiny_checkpoint, files, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("pid 999999 on gone-node since 2026-12-07 10:00:00 UTC\n")  # nobody holds it
+    with caplog.at_level("INFO", logger="ear_dist.train"):
+        assert erase_cli(common(tiny_checkpoint, out, f"data.pairs={files[0]}", "train.steps=1")) == 0
+    assert "the run that held it (pid 999999 on gone-node" in caplog.text and "is gone; taking it over" in caplog.text
+    assert (out / ".lock").read_text() == ""  # released at the end
+
+
+# ----------------------------------------------------------------------------- non-finite guards
+
+
+def test_an_update_that_makes_the_weights_non_finite_stops_the_run_with_exit_3(tmp_path, tiny_checkpoint, files,
+                                                                               monkeypatch, capsys):
+    import torch
+
+    import ear_dist.train.student as student_module
+
+    def overflowing(params, cfg):  # what optim.lr=inf does; set here, past any validation of the setting
+        return torch.optim.Adam(params, lr=float("inf"))
+
+    monkeypatch.setattr(student_module, "build_optimizer", overflowing)
+    out = tmp_path / "run"
+    args = common(tiny_checkpoint, out, f"data.pairs={files[0]}", "train.steps=3", "train.checkpoint_every=1")
+    assert erase_cli(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ear-dist: error: step 0: the update made the trained weights non-finite (optim.lr=")
+    assert "Lower optim.lr" in err
+    assert not (out / "delta.safetensors").exists() and not (out / "checkpoint").exists()
+
+
+def test_a_non_finite_delta_is_never_written():
+    import torch
+
+    from ear_dist.train.trainer import NonFiniteError, _check_finite
+
+    cfg = load_config(overrides=["optim.lr=1e-2"])
+    _check_finite({"a": torch.ones(3)}, cfg)
+    with pytest.raises(NonFiniteError, match=r"not finite in 1 of 2 tensors \(e.g. b\).*optim.lr \(now 0.01\)"):
+        _check_finite({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, cfg)
+    assert NonFiniteError.exit_code == 3

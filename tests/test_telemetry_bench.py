@@ -121,13 +121,14 @@ def test_cli_compare_bad_spec_is_a_clear_error(tmp_path, capsys):
 def test_presets_without_tokenizer_run_on_synthetic_prompt_ids(tmp_path, monkeypatch):
     import ear_dist.bench.erase as bench_mod
     from ear_dist.bench.erase import SyntheticPromptBundle
+    from ear_dist.models.family import JanusModel
 
     def tiny_without_tokenizer(*args, **kwargs):
         bundle = load_janus("tiny", device="cpu", dtype="float32")
         bundle.tokenizer = None  # like janus-pro-7b built with random weights
         return bundle
 
-    monkeypatch.setattr(bench_mod, "load_janus", tiny_without_tokenizer)
+    monkeypatch.setattr(bench_mod, "load_job_model", lambda model_cfg, rt: JanusModel.of(tiny_without_tokenizer()))
     notes = []
     result = run_erasure_bench(tiny_cfg(update_mode="sequence", window_len=4, loss_threshold=0), steps=1, warmup=0, log_dir=tmp_path,
                                prompt_len=7, echo=notes.append)

@@ -1,7 +1,7 @@
 """``ear-dist bench``: the erasure job's own parts, timed per phase; tokens/s, MFU, memory, NVML.
 
-The job is built with the trainer's builders (teacher placement, student and updater,
-step) and observed from outside by :mod:`ear_dist.bench.instruments`; building the
+The job is the trainer's own (``ear_dist.train.job.build_job``: model loader, teacher
+placement, trainable selection, preserving parts, student and updater, step) observed from outside by :mod:`ear_dist.bench.instruments`; building the
 batch is ``data_wait``: the training pair stream of ``data.pairs`` when it is set (a shard
 directory streams, as in a run), else built-in template pairs. It runs in one process or on every rank of a launched job
 (torchrun, srun, mpirun): the ZeRO stage and teacher placement come from the config,
@@ -26,21 +26,19 @@ import torch
 
 from ear_dist.bench.instruments import StepCounts, StudentInstruments, TimedTeacher, TimedUpdater
 from ear_dist.bench.scaling import BENCH_JSON, rank_spread, scaling_efficiency, spread_table
-from ear_dist.config import Config, ConfigError
+from ear_dist.config import Config
 from ear_dist.data.pairs import PromptPair
-from ear_dist.data.stream import PairBatch, PairStream, open_pair_stream
+from ear_dist.data.stream import PairBatch, PairStream
 from ear_dist.models.family import JanusModel
-from ear_dist.models.janus import JanusBundle, load_janus
-from ear_dist.teacher.base import TeacherSettings, build_teacher
+from ear_dist.models.janus import JanusBundle
 from ear_dist.telemetry.flops import janus_flops_shape, mfu, peak_flops
 from ear_dist.telemetry.memory import MemoryStats, peak_memory, reset_peak_memory
 from ear_dist.telemetry.nvml import NvmlMonitor, NvmlStepStats
 from ear_dist.telemetry.report import device_line, phase_rows, phase_table, resource_lines
 from ear_dist.telemetry.timer import DATA_WAIT, STUDENT_FWD_BWD, PhaseTimers, StepTiming, mean_timing
 from ear_dist.telemetry.writer import MetricsWriter, write_json
-from ear_dist.train.step import ErasureStep
-from ear_dist.train.student import build_student
-from ear_dist.train.trainable import LLM_LAYER, select_trainable_names
+from ear_dist.train.job import build_job, check_launch, load_job_model, open_stream
+from ear_dist.train.trainable import LLM_LAYER
 
 # How each metric is combined over ranks when the benchmark runs distributed.
 BENCH_REDUCTIONS = {
@@ -274,43 +272,38 @@ def run_erasure_bench(cfg: Config, steps: int, warmup: int, log_dir, prompt_len:
     rt = init_runtime(cfg)
     if not rt.is_main:
         echo = _silent
+    torch.manual_seed(cfg.train.seed)  # as the trainer: the same draws build the same parts
     if bundle is None:
-        bundle = load_janus(cfg.model.path, device=rt.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
-    if bundle.tokenizer is None:
+        bundle = load_job_model(cfg.model, rt)
+    if isinstance(bundle, JanusBundle) and bundle.tokenizer is None:
         bundle = with_prompt_ids(bundle, prompt_len)
         echo(f"{cfg.model.path}: no tokenizer, prompts are {prompt_len} random token ids")
     device = bundle.device
     dtype = next(bundle.model.parameters()).dtype
     cfg = _fit_to_model(cfg, bundle, echo)
-    if cfg.train.pairs_per_step % rt.dp_world:
-        raise ConfigError(f"train.pairs_per_step: {cfg.train.pairs_per_step} is not divisible by the "
-                          f"{rt.dp_world} student ranks")
+    check_launch(cfg.train, rt)
     count_comms = rt.dp_world > 1 and cfg.dist.deepspeed_config != "none"
     if count_comms:  # the communication share comes from DeepSpeed's comms logger
         cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, log_comms=True))
     t = bundle.num_image_tokens
     if cfg.data.pairs:  # the run's own pair stream (a shard directory streams, as in training)
-        stream, _ = open_pair_stream(cfg, None, rt.dp_world, rt.data_slices(), t, bundle.codebook_size)
+        stream, _ = open_stream(cfg, rt, bundle)
     else:
         stream = bench_stream(cfg.erase.concept, cfg.train.pairs_per_step, warmup + steps)
 
-    # the job's own builders, observed from outside
+    # the trainer's job, observed from outside: its teacher and updater wrapped in timers
+    job = build_job(cfg, rt, bundle, stream, teacher_steps=warmup + steps)
+    if job.serves_teacher:
+        job.teacher.serve(stream, 0)
+        return None
     shape = janus_flops_shape(bundle.model.config)
     timers = PhaseTimers(device)
-    settings = TeacherSettings.from_config(cfg.erase, cfg.rollout)
-    inner_teacher = build_teacher(cfg, rt, bundle, settings, steps=warmup + steps)
-    if rt.role == "teacher":
-        inner_teacher.serve(stream, 0)
-        return None
-    teacher = TimedTeacher(inner_teacher, bundle, timers, shape)
-    trainable = select_trainable_names(bundle.model, cfg.trainable)
-    student = build_student(cfg, rt, bundle, trainable, share_frozen=teacher.shares_model)
-    layers = [int(m.group(1)) for n in trainable if (m := LLM_LAYER.match(n))]
+    teacher = TimedTeacher(job.teacher, bundle, timers, shape)
+    layers = [int(m.group(1)) for n in job.trainable if (m := LLM_LAYER.match(n))]
     # a trainable tensor outside the decoder layers (patterns) needs gradients down to layer 0
-    lowest = min(layers) if len(layers) == len(trainable) else 0
-    instruments = StudentInstruments(student.module, timers, shape, student.num_trainable, lowest)
-    step_fn = ErasureStep(student.module, bundle, teacher, cfg.erase, TimedUpdater(student.updater, instruments),
-                          generator=torch.Generator().manual_seed(cfg.train.seed + rt.dp_rank), settings=settings)
+    lowest = min(layers) if len(layers) == len(job.trainable) else 0
+    instruments = StudentInstruments(job.student.module, timers, shape, job.student.num_trainable, lowest)
+    step_fn = job.make_step(teacher=teacher, updater=TimedUpdater(job.student.updater, instruments))
     comm_clock = _comm_clock(count_comms)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

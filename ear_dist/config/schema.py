@@ -301,7 +301,7 @@ class TrainConfig:
                 "optimizer), else stops naming what differs; never starts over (removing it); force resumes anyway")
     log_every: int = setting(1, "steps between metrics (and, without a terminal, log lines)")
     checkpoint_every: int = setting(0, "steps between checkpoints; 0 = only at the end")
-    max_nonfinite_steps: int = setting(5, "stop after this many steps with a non-finite loss")
+    max_nonfinite_steps: int = setting(5, "stop the run (exit 3) after this many steps with a non-finite loss")
     tensorboard: bool = setting(True, "write TensorBoard events to out_dir")
 
 

@@ -14,7 +14,11 @@ the batch script; a process that runs alone in its job can call ``handler.requeu
             sys.exit(handler.exit_code)
 
 Exit codes (``ear_dist.errors``): 0 done; 1 the run failed; 2 bad config or input;
-75 (EX_TEMPFAIL) stopped on purpose after a checkpoint, run again to resume.
+75 (EX_TEMPFAIL) stopped on purpose after a checkpoint, run again to resume; 130
+(128 + SIGINT) stopped by Ctrl-C after a checkpoint, likewise. With ``abort_on_repeat``
+a second signal does not wait for the step to end: it raises :class:`Interrupted`
+(exit 128 + the signal's number) where the run is, and the rerun resumes from the
+last checkpoint written before.
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ class PreemptionError(RunFailure, RuntimeError):
     """The job cannot be requeued; the message says why."""
 
 
+class Interrupted(RunFailure):
+    """A second stop signal: the run ended where it was, without a checkpoint (exit 128 + the signal)."""
+
+    def __init__(self, signum: int):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by a second {name} before the step ended; nothing of that step was saved: "
+                         "run the same command to resume from the last checkpoint")
+        self.exit_code = 128 + signum
+
+
 def restart_count(environ: Optional[Mapping[str, str]] = None) -> int:
     """How many times Slurm has restarted this job (SLURM_RESTART_COUNT; 0 on the first run)."""
     environ = os.environ if environ is None else environ
@@ -54,8 +68,9 @@ class PreemptionHandler:
         received_at: time.time() of that signal, or None.
     """
 
-    def __init__(self, signals=DEFAULT_SIGNALS):
+    def __init__(self, signals=DEFAULT_SIGNALS, abort_on_repeat: bool = False):
         self.signals = tuple(signals)
+        self.abort_on_repeat = abort_on_repeat
         self.requested = False
         self.signal_name: Optional[str] = None
         self.received_at: Optional[float] = None
@@ -85,11 +100,15 @@ class PreemptionHandler:
             self.requested = True
             self.signal_name = signal.Signals(signum).name
             self.received_at = time.time()
+        elif self.abort_on_repeat:
+            raise Interrupted(signum)
 
     @property
     def exit_code(self) -> int:
-        """EXIT_PREEMPTED after a signal (run again to resume), else EXIT_OK."""
-        return EXIT_PREEMPTED if self.requested else EXIT_OK
+        """After a signal (run again to resume): 130 for SIGINT (Ctrl-C), else EXIT_PREEMPTED; else EXIT_OK."""
+        if not self.requested:
+            return EXIT_OK
+        return 128 + signal.SIGINT if self.signal_name == "SIGINT" else EXIT_PREEMPTED
 
     def requeue(self, environ: Optional[Mapping[str, str]] = None) -> str:
         """Requeue this Slurm job with ``scontrol requeue``; returns the job id.

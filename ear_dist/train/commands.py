@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 
 from ear_dist.config import add_config_args, config_from_args
+
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def register(sub) -> None:
@@ -15,17 +20,22 @@ def register(sub) -> None:
 
 
 def run_erase_cmd(args) -> int:
-    """Train; on SIGUSR1/SIGTERM (Slurm preemption) checkpoint at the next step and exit 75 to be requeued."""
+    """Train. SIGUSR1/SIGTERM (Slurm preemption) and SIGINT (Ctrl-C) stop the run at the end of the step:
+    a checkpoint, one line on stderr, exit 75 (130 for SIGINT); a second signal stops it at once."""
     from ear_dist.slurm.preempt import PreemptionHandler
     from ear_dist.train.trainer import run_erase
 
     cfg = config_from_args(args)
     check_out_dir(cfg)
-    with PreemptionHandler() as handler:
+    with PreemptionHandler(STOP_SIGNALS, abort_on_repeat=True) as handler:
         summary = run_erase(cfg, progress=not args.no_progress, should_stop=lambda: handler.requested)
     if summary.get("role") != "teacher" and summary.get("delta") or summary.get("stopped"):
         print(json.dumps(summary, indent=2))  # the main student rank alone has a delta path
-    return handler.exit_code if summary.get("stopped") else 0
+    if not summary.get("stopped"):
+        return 0
+    print(f"ear-dist: stopped by {handler.signal_name} after step {summary['step']}, checkpoint "
+          f"{summary['checkpoint']}: run the same command to resume", file=sys.stderr, flush=True)
+    return handler.exit_code
 
 
 def check_out_dir(cfg) -> None:
