@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -16,6 +17,7 @@ SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, ba
              eval_prompts_per_word=3, calibration_samples=400, max_steps=2, eval_every=2)
 
 
+@pytest.mark.slow  # over 10 s on a 2-core machine
 def test_a_method_with_anchors_and_probes_trains_with_the_other_concepts_prompts(tmp_path):
     cfg = WorldConfig(cache_dir=str(tmp_path / "cache"), **SMALL)
     path, _ = build_world_model(cfg, progress=False, log=lambda _: None)
@@ -32,6 +34,7 @@ def test_a_method_with_anchors_and_probes_trains_with_the_other_concepts_prompts
     assert not [p for p in anchors + probes if any(w in p.lower() for w in church_words)], json.dumps(anchors)
 
 
+@pytest.mark.slow  # over 10 s on a 2-core machine
 def test_composed_runs_with_surrogate_anchors_are_trained_as_array_tasks(tmp_path, monkeypatch):
     """A job array's task knows the array's concepts (slurm.concepts), so its surrogate anchors leave the other
     erased concepts out; the comparison's composed setting trains its per-concept runs the same way, apart from

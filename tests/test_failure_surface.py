@@ -102,6 +102,7 @@ def test_ranks_prefix_their_logs_and_only_rank_0_prints_what_every_rank_prints_a
     assert emit("ear_dist.data", logging.WARNING, "shared", shared=True) == (True, 0)
 
 
+@pytest.mark.slow  # over 10 s on a 2-core machine
 def test_a_job_log_gets_a_line_per_log_every_steps_and_stdout_only_the_summary(tmp_path, tiny_checkpoint,
                                                                                pairs_file):
     res = subprocess.run([sys.executable, "-m", "ear_dist", "erase",

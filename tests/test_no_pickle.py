@@ -55,6 +55,7 @@ def pairs(tmp_path):
     return f
 
 
+@pytest.mark.slow  # over 10 s on a 2-core machine
 def test_a_checkpoint_holds_only_safetensors_and_json(tmp_path, tiny_checkpoint, pairs):
     res = _erase(tiny_checkpoint, pairs, tmp_path / "run", "train.steps=2")
     assert res.returncode == 0, res.stderr[-3000:]

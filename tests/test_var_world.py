@@ -94,6 +94,7 @@ def test_build_saves_a_var_model_that_loads_and_is_reused(tmp_path):
     assert path2 == path and "cached" in messages[0]
 
 
+@pytest.mark.slow  # over 10 s on a 2-core machine
 def test_pretraining_lowers_the_bitwise_loss(tmp_path):
     from ear_dist.world.pretrain import _new_model, image_token_loss, pretrain
 

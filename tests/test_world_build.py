@@ -32,6 +32,7 @@ def test_cache_key_follows_world_and_model_settings(tmp_path, monkeypatch):
     assert cache_root(WorldConfig(cache_dir=str(tmp_path / "x"))) == tmp_path / "x"
 
 
+@pytest.mark.slow  # over 10 s on a 2-core machine
 def test_build_saves_a_checkpoint_that_loads_and_is_reused(tmp_path):
     cfg = small_config(tmp_path, max_steps=4, eval_every=2)
     path, info = build_world_model(cfg, progress=False, log=lambda _: None)
@@ -55,6 +56,7 @@ def test_build_saves_a_checkpoint_that_loads_and_is_reused(tmp_path):
     assert weights.stat().st_mtime_ns == before and "cached" in messages[0]
 
 
+@pytest.mark.slow  # over 10 s on a 2-core machine
 def test_pretraining_lowers_the_text_to_image_loss(tmp_path):
     from ear_dist.models.janus import teacher_forced
     from ear_dist.world.pretrain import pretrain
@@ -77,6 +79,7 @@ def test_pretraining_lowers_the_text_to_image_loss(tmp_path):
     assert loss(bundle) < initial - 0.3, (initial, loss(bundle))
 
 
+@pytest.mark.slow  # over 10 s on a 2-core machine
 def test_cli_build_reports_accuracy_and_fails_when_the_target_is_missed(tmp_path, capsys):
     sets = [f"world.{k}={v}" for k, v in SMALL.items()]
     sets += [f"world.cache_dir={tmp_path / 'cache'}", "world.max_steps=2", "world.eval_every=2"]
@@ -110,6 +113,7 @@ def test_default_world_build_draws_every_concept(default_world_model):
     assert info["torch_threads"] == pretraining_thread_count(cfg)
 
 
+@pytest.mark.slow  # over 10 s on a 2-core machine
 def test_build_is_reproducible_whatever_the_ambient_thread_count(tmp_path):
     """Pretraining runs with world.threads threads, so the weights do not depend on the caller's setting."""
     from ear_dist.world.pretrain import pretrain, pretraining_thread_count
