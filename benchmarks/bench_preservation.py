@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ear_dist.world.compare import SPLITS  # noqa: E402
+from benchmarks.harness.compare import SPLITS  # noqa: E402
 from ear_dist.world.erasure import ABLATIONS, UNCOND_ANCHORED_PRESERVING, VAR_ABLATIONS  # noqa: E402
 
 # The preserving method's parts, each a config lever (README: "Erasure that keeps everything else").
@@ -65,7 +65,7 @@ VAR_METHODS = {"S-VARE": VAR_ABLATIONS["S-VARE"], "null-space EAR": VAR_ABLATION
 def build_methods(names, family: str, overrides=(), anchors=None) -> list:
     """The named methods with their settings for ``family``; ``overrides`` (``--set``) come last, so they win
     over a method's own settings as well as the world's."""
-    from ear_dist.world.compare import Method
+    from benchmarks.harness.compare import Method
 
     family_overrides = VAR_METHODS if family == "var" else {}
     return [Method(n, [*family_overrides.get(n, METHODS[n][0]), *overrides],
@@ -75,7 +75,7 @@ def build_methods(names, family: str, overrides=(), anchors=None) -> list:
 def recipe_method(name: str, overrides=(), anchors=None):
     """A packaged recipe as a method named ``recipe NAME``; one that preserves (KL or null space) gets anchors."""
     from ear_dist.config import read_recipe, recipe_overrides
-    from ear_dist.world.compare import Method
+    from benchmarks.harness.compare import Method
 
     preserve = read_recipe(name).get("preserve", {})
     preserves = bool(preserve.get("nullspace")) or float(preserve.get("weight", 0)) > 0
@@ -85,7 +85,7 @@ def recipe_method(name: str, overrides=(), anchors=None):
 
 def main() -> None:
     from ear_dist.config import load_config
-    from ear_dist.world.compare import compare, write
+    from benchmarks.harness.compare import compare, write
     from ear_dist.world.erasure import VAR_WORLD_ERASE, WORLD_ERASE
     from ear_dist.world.pretrain import build_world_model, missed_target_message
     from ear_dist.world.var_world import world_for

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     from ear_dist.config import load_config
     from ear_dist.models.family import load_model
-    from ear_dist.world.compare import SPLITS, hit_rates, outcome
+    from benchmarks.harness.compare import SPLITS, hit_rates, outcome
     from ear_dist.world.pretrain import build_world_model, missed_target_message
     from ear_dist.world.var_world import world_for
 

@@ -8,7 +8,7 @@ import yaml
 
 from ear_dist.config import WorldConfig
 from ear_dist.world import World
-from ear_dist.world.compare import Method, hit_rates, run_method
+from benchmarks.harness.compare import Method, hit_rates, run_method
 from ear_dist.world.erasure import WORLD_ERASE, make_pairs
 from ear_dist.world.grammar import OBJECTS, matching_templates
 from ear_dist.world.pretrain import build_world_model
@@ -40,7 +40,7 @@ def test_composed_runs_with_surrogate_anchors_are_trained_as_array_tasks(tmp_pat
     erased concepts out; the comparison's composed setting trains its per-concept runs the same way, apart from
     the concept-alone runs, which know no array."""
     from ear_dist.world import compare as compare_module
-    from ear_dist.world.compare import compare
+    from benchmarks.harness.compare import compare
 
     # a 2-step model draws no church for the visual filter to keep: the pairs go in unfiltered
     monkeypatch.setattr(compare_module, "training_pairs", lambda world, base, c, n: make_pairs(world, c, n))

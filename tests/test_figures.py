@@ -76,7 +76,7 @@ def _verdicts(suite, rates):
 
 
 def test_eval_and_the_comparison_give_the_same_figures_for_the_same_verdicts():
-    from ear_dist.world.compare import outcome, summarize as compare_summarize
+    from benchmarks.harness.compare import outcome, summarize as compare_summarize
 
     suite = _suite()
     base_rates = {"church": 1.0, "church (chapel)": 1.0, "nude": 1.0, "barn": 1.0, "castle": 0.5, "van gogh": 0.0}
@@ -221,7 +221,7 @@ def test_a_suite_file_names_the_kind_of_each_concept_group(tmp_path):
 
 
 def test_the_comparison_table_names_each_figure_and_the_excluded_groups():
-    from ear_dist.world.compare import markdown, summarize as compare_summarize
+    from benchmarks.harness.compare import markdown, summarize as compare_summarize
 
     runs = [{"method": "m", "setting": "church", "erasure": {"church": 1.0, "church (chapel)": 0.9},
              "preservation": {"barn": 1.0, "castle": 0.5}, "preservation_excluded": {"x": {"base": 0.0, "after": 0.1}}}]

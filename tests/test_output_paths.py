@@ -61,7 +61,6 @@ COMMANDS = {
                                           str(e["root"] / "jsonl-shards"), "--jsonl", out], False),
     "bench --out": (lambda e, out: ["bench", "--out", out, *_sets(f"model.path={e['model']}")], False),
     "demo --out": (lambda e, out: ["demo", "--out", out], False),
-    "world damage --out": (lambda e, out: ["world", "damage", "--out", out], False),
     "submit --out": (lambda e, out: ["submit", "--template", "erase_multinode", "--dry-run", "--out", out, *_sets(
         f"model.path={e['model']}")], False),
 }
@@ -69,8 +68,7 @@ COMMANDS = {
 # base model; a directory that replaces what it finds (and erase's, which must not overwrite a hand-written
 # config.yaml) as a foreign directory
 FILE_OUTPUTS = {"data build --jsonl", "submit --out"}
-NOT_A_MODEL_PLACE = {"data build --jsonl", "submit --out", "world build world.cache_dir", "bench --out", "demo --out",
-                     "world damage --out"}
+NOT_A_MODEL_PLACE = {"data build --jsonl", "submit --out", "world build world.cache_dir", "bench --out", "demo --out"}
 TRIES = [(command, target) for command in sorted(COMMANDS)
          for target in ["a file", "under a file", "the base model", "a foreign directory"]
          if not (target == "the base model" and command in NOT_A_MODEL_PLACE)

@@ -1,5 +1,5 @@
 """The headline figures of an erasure, defined once: ``ear-dist eval``'s report, the comparison
-benchmark (``world/compare.py``), the demo and every benchmark compute them here.
+benchmark (``benchmarks/harness/compare.py``), the demo and every benchmark compute them here.
 
 A group's hit rate ``h`` is the share of its images in which the classifier finds the
 concept the group is judged on. From the hit rates of the base model and of an erased one:

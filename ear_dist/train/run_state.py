@@ -126,6 +126,23 @@ def _describe(diff: dict[str, tuple], limit: int = 8) -> str:
     return ", ".join(parts) + more
 
 
+def _refuse_leftovers(out_dir: Path, leftovers: list[str]) -> None:
+    if leftovers:
+        raise RunStateError(f"{out_dir}: holds {', '.join(leftovers)} but no run record (written by an older "
+                            "ear-dist, or by hand): use another train.out_dir, or train.resume=never to replace them")
+
+
+def refuse_foreign(out_dir: Path, mode: str) -> None:
+    """Before the run takes ``out_dir``'s lock (and so writes into it): a directory holding a run's file names but
+    no run record is someone else's (a hand-written config.yaml), refused as ``decide`` refuses it."""
+    out_dir = Path(out_dir)
+    if mode == "never" or not out_dir.is_dir() or read_record(out_dir) is not None:
+        return
+    if checkpoint.read_state(out_dir) is None:
+        _refuse_leftovers(out_dir, [n for n in ("delta.safetensors", "summary.json", "config.yaml")
+                                    if (out_dir / n).exists()])
+
+
 def decide(out_dir: Path, mode: str, identity: RunIdentity, steps: int) -> Resume:
     """Read ``out_dir`` and decide how this run starts (no file is changed here; see ``prepare``)."""
     out_dir = Path(out_dir)
@@ -138,9 +155,7 @@ def decide(out_dir: Path, mode: str, identity: RunIdentity, steps: int) -> Resum
             present.append(checkpoint.CKPT)
         return Resume(cleared=present)
     if record is None and state is None:
-        if leftovers:
-            raise RunStateError(f"{out_dir}: holds {', '.join(leftovers)} but no run record (written by an older "
-                                "ear-dist, or by hand): use another train.out_dir, or train.resume=never to replace them")
+        _refuse_leftovers(out_dir, leftovers)
         return Resume()
     stored = (state or {}).get("identity") or (record or {}).get("identity") or {}
     diff = identity.differences(stored)

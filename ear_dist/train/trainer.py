@@ -56,6 +56,7 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
         check_source(cfg)  # before minutes of model loading
     rt = init_runtime(cfg)
     out_dir = Path(cfg.train.out_dir)
+    run_state.refuse_foreign(out_dir, cfg.train.resume)  # before the lock file is written into it
     with run_lock(out_dir, rt):
         torch.manual_seed(cfg.train.seed)
         bundle = load_job_model(cfg.model, rt)

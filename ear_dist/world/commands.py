@@ -15,13 +15,6 @@ def register(sub) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_args(b)
     b.set_defaults(func=run_build)
-    d = world_sub.add_parser("damage", help="where erasure damage comes from: identity swaps, a random-direction "
-                                            "control, and KL before/after CFG (builds the world if needed)")
-    d.add_argument("--short-steps", type=int, default=10, help="steps of the short erasure run")
-    d.add_argument("--prompts", type=int, default=48, help="held-out prompts per object")
-    d.add_argument("--out", default="runs/damage", help="where the erasure runs write their deltas")
-    add_config_args(d)
-    d.set_defaults(func=run_damage_cmd)
 
 
 def run_build(args) -> int:
@@ -47,13 +40,3 @@ def run_build(args) -> int:
         return 1
     return 0
 
-
-def run_damage_cmd(args) -> int:
-    from ear_dist.world.damage import run_damage
-
-    from ear_dist.paths import directory_path
-
-    cfg = config_from_args(args)
-    directory_path(args.out, "--out")
-    run_damage(cfg, args.short_steps, args.prompts, args.out)
-    return 0

@@ -1,4 +1,4 @@
-"""``ear-dist world damage``: where erasure damage comes from on the planted-concept world.
+"""Where erasure damage comes from on the planted-concept world.
 
 Erases "church" with the demo's settings (the real ``run_erase``) for a short and the
 default number of steps, then measures on held-out no-style prompts of a few objects:
@@ -10,7 +10,7 @@ default number of steps, then measures on held-out no-style prompts of a few obj
 3. for the default run, the KL between the base and erased next-token distributions on
    the base model's own samples: conditional, unconditional, and after CFG.
 
-    ear-dist world damage [--short-steps 10] [--prompts 48] [--out runs/damage]
+    python benchmarks/world_damage.py [--short-steps 10] [--prompts 48] [--out runs/damage]
 """
 
 from __future__ import annotations
