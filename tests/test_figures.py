@@ -254,3 +254,13 @@ def test_the_demo_keeps_the_erasure_over_every_group_apart_from_the_erasure_rate
 
     ev = Evaluation("church", {"church": 0.0, "chapel": 0.3, "cathedral": 0.6}, {"barn": 1.0}, test_groups=["church"])
     assert ev.erasure_rate == 1.0 and ev.erasure_all_groups == pytest.approx(0.7)
+
+
+def test_an_erased_group_the_base_never_draws_fails_the_bar_and_is_named():
+    kept = figures.preservation({"a": 1.0}, {"a": 1.0})
+    after = figures.erasure({"church": 0.0, "chapel": 0.0})
+    drawn = figures.erasure({"church": 0.9, "chapel": 0.8})
+    undrawn = figures.erasure({"church": 0.9, "chapel": 0.0})
+    assert figures.meets_bar(after, kept) and figures.meets_bar(after, kept, base=drawn)
+    assert figures.unmeasured(undrawn) == ["chapel"]
+    assert not figures.meets_bar(after, kept, base=undrawn)

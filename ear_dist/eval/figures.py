@@ -113,8 +113,18 @@ def erasure(rates: Mapping[str, float], images: Optional[Mapping[str, int]] = No
     return out
 
 
-def meets_bar(erased: Erasure, kept: Preservation, bar: float = BAR) -> bool:
-    """Worst erased group, preservation ratio and worst concept all >= ``bar`` (no ratio at all: not met)."""
+def unmeasured(base: Erasure, base_floor: float = BASE_FLOOR) -> list[str]:
+    """The erased groups the base model itself does not draw (hit rate <= ``base_floor``): their erasure says
+    nothing, as a zero base says nothing of preservation."""
+    return sorted(g for g, e in base.groups.items() if 1.0 - e <= base_floor)
+
+
+def meets_bar(erased: Erasure, kept: Preservation, bar: float = BAR, base: Optional[Erasure] = None,
+              base_floor: float = BASE_FLOOR) -> bool:
+    """Worst erased group, preservation ratio and worst concept all >= ``bar`` (no ratio at all: not met); with the
+    base model's own ``base`` erasure, an erased group the base never draws (``unmeasured``) fails the bar too."""
+    if base is not None and unmeasured(base, base_floor):
+        return False
     return (erased.worst is not None and erased.worst >= bar and kept.mean is not None and kept.mean >= bar
             and kept.worst is not None and kept.worst >= bar)
 

@@ -260,9 +260,11 @@ def bar_report(rows: dict[str, Evaluation], bar: float = figures.BAR) -> str:
         gone, kept = ev.erasure, ev.preservation_vs(before)
         ratio = "no ratio" if kept.mean is None else f"{kept.mean:.3f}, worst {kept.worst_concept} {kept.worst:.3f}"
         excluded = f" (excluded, base hit rate 0: {', '.join(kept.excluded)})" if kept.excluded else ""
-        lines.append(f"{name}: erasure rate {gone.rate:.3f}, least-erased group {gone.worst_group} {gone.worst:.3f}, "
-                     f"preservation ratio {ratio}{excluded} -> the bar (all >= {bar}) is "
-                     f"{'met' if figures.meets_bar(gone, kept, bar) else 'NOT met'}")
+        undrawn = figures.unmeasured(before.erasure)
+        undrawn = f" (not measurable: the base model never draws {', '.join(undrawn)})" if undrawn else ""
+        lines.append(f"{name}: erasure rate {gone.rate:.3f}, least-erased group {gone.worst_group} {gone.worst:.3f}"
+                     f"{undrawn}, preservation ratio {ratio}{excluded} -> the bar (all >= {bar}) is "
+                     f"{'met' if figures.meets_bar(gone, kept, bar, base=before.erasure) else 'NOT met'}")
     return "\n".join(lines)
 
 
