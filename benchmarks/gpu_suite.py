@@ -193,16 +193,16 @@ def part_step(bundle, scale: Scale, decode: str) -> dict:
     }
 
 
-def _erase_run(bundle, pairs, names, cfg, settings, rollout_batch: int, decode: str, sync) -> dict:
+def _erase_run(bundle, pairs, cfg, rollout_batch: int, decode: str, sync) -> dict:
     """One erasure end to end: the pairs' CFG rollouts in batches, then one step per ``pairs.step_batches`` entry
-    (per-window updates over every pair of the step at once), a fresh student and optimizer."""
-    from ear_dist.config import OptimConfig
+    (per-window updates over every pair of the step at once) of the trainer's own job (``build_job``: a fresh
+    student and optimizer, float32 master weights for a bfloat16 model as ``ear-dist erase`` trains it)."""
+    from ear_dist.bench.erase import bench_stream
     from ear_dist.data.stream import PairBatch
+    from ear_dist.distributed.runtime import init_runtime
     from ear_dist.models.janus.decode import release_decoders
     from ear_dist.models.janus.rollout import rollout
-    from ear_dist.teacher.colocated import ColocatedTeacher
-    from ear_dist.train.step import ErasureStep, Updater
-    from ear_dist.train.student import build_optimizer, make_student
+    from ear_dist.train.job import build_job
 
     prompts, seeds, steps = pairs
     sync()
@@ -212,17 +212,16 @@ def _erase_run(bundle, pairs, names, cfg, settings, rollout_batch: int, decode: 
     release_decoders(bundle.model)  # the rollout batch's static KV cache is not kept through training
     sync()
     t_rollout = time.perf_counter() - t0
-    student = make_student(bundle.model, names)
-    step = ErasureStep(student, bundle, ColocatedTeacher(bundle), cfg,
-                       Updater(build_optimizer(student.parameters(), OptimConfig(lr=1e-4))), settings=settings)
+    job = build_job(cfg, init_runtime(cfg), bundle, bench_stream("church", 1, len(steps)), teacher_steps=len(steps))
     kept = updates = 0
     for rows in steps:
         batch = PairBatch([prompts[i][0] for i in rows], [prompts[i][1] for i in rows], [prompts[i][2] for i in rows],
                           [seeds[i] for i in rows], tokens[rows])
-        result = step(batch)
+        result = job.step(batch)
         kept, updates = kept + result.windows_kept, updates + result.optimizer_steps
     sync()
     total = time.perf_counter() - t0
+    del job
     return {"total_s": total, "rollouts_s": t_rollout, "training_s": total - t_rollout, "windows_kept": kept,
             "window_updates": updates}
 
@@ -234,13 +233,14 @@ def _run_stats(runs: list[dict]) -> dict:
 
 
 def _erase_setup(bundle, scale: Scale, decode: str, prefix: str):
-    from ear_dist.config import EraseConfig, RolloutConfig, TrainableConfig
-    from ear_dist.teacher.base import TeacherSettings
-    from ear_dist.train.trainable import select_trainable_names
+    """The paper's settings as the config ``ear-dist erase`` would resolve: attention of the first 5 layers, Adam
+    1e-4, per-window updates with the given prefix."""
+    from ear_dist.config import load_config
 
-    names = select_trainable_names(bundle.model, TrainableConfig(first_k_layers=5, modules="attention"))
-    cfg = EraseConfig(window_len=scale.window_len, update_mode="window", window_prefix=prefix)
-    return names, cfg, TeacherSettings.from_config(cfg, RolloutConfig(decode=decode))
+    return load_config(overrides=[
+        f"model.path={scale.model}", f"model.device={bundle.device}", "trainable.first_k_layers=5",
+        "trainable.modules=attention", "optim.lr=1e-4", "erase.update_mode=window", f"erase.window_prefix={prefix}",
+        f"erase.window_len={scale.window_len}", f"rollout.decode={decode}", "train.tensorboard=false"])
 
 
 def part_headline(bundle, scale: Scale, decode: str) -> dict:
@@ -258,10 +258,10 @@ def part_headline(bundle, scale: Scale, decode: str) -> dict:
            "repeats_planned": scale.headline_repeats, "budget_s": scale.headline_budget_s}
     t_part = time.perf_counter()
     for prefix in scale.headline_prefixes:
-        names, cfg, settings = _erase_setup(bundle, scale, decode, prefix)
+        cfg = _erase_setup(bundle, scale, decode, prefix)
         runs = []
         while len(runs) < scale.headline_repeats:
-            runs.append(_erase_run(bundle, pairs, names, cfg, settings, scale.headline_rollout_batch, decode, sync))
+            runs.append(_erase_run(bundle, pairs, cfg, scale.headline_rollout_batch, decode, sync))
             if time.perf_counter() - t_part + runs[-1]["total_s"] > scale.headline_budget_s:
                 break
         out[prefix] = _run_stats(runs)
@@ -291,8 +291,8 @@ def part_many(bundle, scale: Scale, decode: str) -> dict:
         steps.append(rows)
     # window updates over all concepts' rows from the cached prefix: recomputing the prefix of 20 rows would keep
     # every layer's activations of 20 x 600 tokens for the backward (over an H100's memory at the 7B shape)
-    names, cfg, settings = _erase_setup(bundle, scale, decode, "cached")
-    run = _erase_run(bundle, (prompts, seeds, steps), names, cfg, settings, scale.many_rollout_batch, decode, sync)
+    cfg = _erase_setup(bundle, scale, decode, "cached")
+    run = _erase_run(bundle, (prompts, seeds, steps), cfg, scale.many_rollout_batch, decode, sync)
     per_prompt, per_step = run["rollouts_s"] / len(prompts), run["training_s"] / k
     projected = per_prompt * n * PAPER_PAIRS + per_step * PAPER_PAIRS
     return {"concepts": n, "pairs_per_concept_measured": k, "pairs_per_step": n, "steps_measured": k,
