@@ -448,9 +448,9 @@ CASES = [
     # ------------------------------------------------------------------ input limits
     Case("pairs-prompt-too-long", lambda i: erase(i, pairs=i.write("long.json", json.dumps(
         [{"original_prompt": LONG_PROMPT, "modified_prompt": "a barn", "concept": "church"}])), out="run-long"),
-         r"ear-dist: error: prompt 'a church with a tall stone tower .*\.\.\.' is \d+ tokens \(with the prompt "
-         r"template\); the model's context holds 512 positions, 16 of them for the image, so a prompt may have at "
-         r"most 496: shorten it$"),
+         r"ear-dist: error: pair 0 \(id \w+, source ear-json:.*long\.json\), target: prompt 'a church with a tall "
+         r"stone tower .*\.\.\.' is \d+ tokens \(with the prompt template\); the model's context holds 512 positions, "
+         r"16 of them for the image, so a prompt may have at most 496: shorten it$"),
     Case("pairs-file-is-a-fifo", lambda i: erase(i, pairs=a_fifo("pairs.fifo")(i)),
          r"ear-dist: error: data\.pairs: .*pairs\.fifo is a FIFO, not a regular file; give a file$"),
     Case("generate-prompt-too-long", lambda i: generate(i, "--prompts-file", str(i.write(

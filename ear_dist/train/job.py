@@ -19,7 +19,7 @@ import torch
 
 from ear_dist.config import Config, ConfigError, DistConfig, ModelConfig, TrainConfig
 from ear_dist.data.pairs import PromptPair
-from ear_dist.data.stream import PairStream, load_training_pairs, open_pair_stream
+from ear_dist.data.stream import PairStream, check_prompt_lengths, load_training_pairs, open_pair_stream
 from ear_dist.models.family import load_model
 from ear_dist.models.interface import ImageModel
 from ear_dist.teacher.base import Teacher, TeacherSettings, build_teacher
@@ -67,7 +67,11 @@ def load_job_model(m: ModelConfig, rt) -> ImageModel:
 
 def open_stream(cfg: Config, rt, bundle: ImageModel, pairs: Optional[Sequence[PromptPair]] = None):
     """The run's pair stream for this rank (``data.pairs``, or ``pairs`` held in memory) and its PairCheck."""
-    return open_pair_stream(cfg, pairs, rt.dp_world, rt.data_slices(), bundle.num_image_tokens, bundle.codebook_size)
+    stream, check = open_pair_stream(cfg, pairs, rt.dp_world, rt.data_slices(), bundle.num_image_tokens,
+                                     bundle.codebook_size)
+    if isinstance(stream, PairStream):  # held whole: every prompt's length is checked before any work
+        check_prompt_lengths(stream.pairs, bundle)
+    return stream, check
 
 
 def check_launch(train: TrainConfig, rt) -> None:
