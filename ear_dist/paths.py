@@ -21,12 +21,13 @@ See docs/safety.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 from ear_dist.errors import InputError
 
@@ -171,6 +172,17 @@ def temp_sibling(out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+@contextlib.contextmanager
+def removed_on_error(tmp: Path) -> Iterator[Path]:
+    """``tmp`` (a ``temp_sibling``) for the block; removed if the block fails (a full disk, a bad input, Ctrl-C),
+    so a failed write leaves neither a finished-looking output nor its temp directory."""
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

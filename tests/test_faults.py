@@ -223,14 +223,12 @@ def test_a_full_disk_while_writing_shards_is_one_line_and_leaves_no_finished_loo
                          capture_output=True, text=True, timeout=300, preexec_fn=file_size_limit(20_000))
     assert res.returncode == 1, res.stderr[-3000:]
     line = last_line(res.stderr)
-    assert line.startswith(f"ear-dist: error: {out}/pairs-0000") and "File too large [EFBIG] (disk full or a file " \
-        "size limit); nothing was left half-written" in line
-    left = sorted(p.name for p in out.iterdir())
-    assert "index.json" not in left and not [n for n in left if n.endswith(".tmp")]
-    for name in (n for n in left if n.endswith(".tar")):  # what is there is whole and readable
-        from ear_dist.data.shards.tar import OpenShard
-
-        OpenShard(out / name, 8).close()
+    # shards are written into a temp sibling that is renamed into place only when the whole set is written
+    assert line.startswith(f"ear-dist: error: {tmp_path}/.shards.tmp/pairs-0000") and "File too large [EFBIG] " \
+        "(disk full or a file size limit); nothing was left half-written" in line, line
+    assert not out.exists()  # no shard directory that looks finished
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not [n for n in left if n.endswith(".tmp")], left  # and no temp directory left behind
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_run_resumable(tmp_path, tiny_checkpoint, shards):

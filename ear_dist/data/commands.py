@@ -87,7 +87,7 @@ def run_build(args) -> int:
     from ear_dist.data.shards import ShardWriter
     from ear_dist.data.vf import VisualFilter, build_classifier, teacher_functions
 
-    from ear_dist.paths import finish_dir, output_dir, output_file, temp_sibling
+    from ear_dist.paths import finish_dir, output_dir, output_file, removed_on_error, temp_sibling
 
     cfg = config_from_args(args)
     d = cfg.data
@@ -118,10 +118,11 @@ def run_build(args) -> int:
             raise InputError("the visual filter kept no pairs; nothing to write")
     provenance = {"data": cfg.to_dict()["data"], "model": cfg.to_dict()["model"], "rollout": cfg.to_dict()["rollout"]}
     tmp = temp_sibling(out)
-    with ShardWriter(tmp, d.shards.max_samples_per_shard, d.shards.max_shard_bytes, config=provenance) as writer:
-        for pair in tqdm(pairs, desc="writing shards", unit="pair"):
-            writer.write(pair)
-    index = writer.close()
+    with removed_on_error(tmp):
+        with ShardWriter(tmp, d.shards.max_samples_per_shard, d.shards.max_shard_bytes, config=provenance) as writer:
+            for pair in tqdm(pairs, desc="writing shards", unit="pair"):
+                writer.write(pair)
+        index = writer.close()
     finish_dir(tmp, out, "data build")
     if args.jsonl:  # after the shards are in place: a --jsonl inside --out is not replaced with the old directory
         write_jsonl(pairs, args.jsonl)

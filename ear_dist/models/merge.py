@@ -23,7 +23,7 @@ from ear_dist.errors import InputError
 from ear_dist.models.delta import apply_deltas, compare_changes, delta_metadata
 from ear_dist.models.fingerprint import model_fingerprint
 from ear_dist.models.janus import JanusBundle, load_janus, save_janus
-from ear_dist.paths import finish_dir, output_dir, temp_sibling
+from ear_dist.paths import finish_dir, output_dir, removed_on_error, temp_sibling
 
 # Files the merge writes itself (weights, config) or replaces (the model card); every
 # other file of the base directory is copied as it is.
@@ -98,19 +98,20 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
     applied = apply_deltas(bundle.model, deltas, weights, check_base=check_base)
 
     tmp = temp_sibling(out)
-    base_dir = Path(base)
-    copied = non_weight_files(base_dir) if base_dir.is_dir() else []
-    if base_dir.is_dir():
-        bundle.model.save_pretrained(tmp, safe_serialization=True)
-        for rel in copied:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(base_dir / rel, tmp / rel)
-    else:  # a preset has no files: write ours (tokenizer, prompt format)
-        save_janus(bundle, tmp)
-    metas = [delta_metadata(d) for d in deltas]
-    card = model_card(base, base_model_id, fingerprint, deltas, list(weights or [1.0] * len(deltas)), metas,
-                      resolved, report_data, has_processor=any((tmp / f).is_file() for f in PROCESSOR_FILES))
-    card.save(str(tmp / "README.md"))
+    with removed_on_error(tmp):
+        base_dir = Path(base)
+        copied = non_weight_files(base_dir) if base_dir.is_dir() else []
+        if base_dir.is_dir():
+            bundle.model.save_pretrained(tmp, safe_serialization=True)
+            for rel in copied:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(base_dir / rel, tmp / rel)
+        else:  # a preset has no files: write ours (tokenizer, prompt format)
+            save_janus(bundle, tmp)
+        metas = [delta_metadata(d) for d in deltas]
+        card = model_card(base, base_model_id, fingerprint, deltas, list(weights or [1.0] * len(deltas)), metas,
+                          resolved, report_data, has_processor=any((tmp / f).is_file() for f in PROCESSOR_FILES))
+        card.save(str(tmp / "README.md"))
     finish_dir(tmp, out, "merge")
     return {**applied, "dtype": resolved, "warnings": warnings, "out": str(out), "copied": len(copied)}
 

@@ -28,7 +28,7 @@ def run_precompute(args) -> int:
     from ear_dist.teacher.colocated import ColocatedTeacher
     from ear_dist.teacher.offline import precompute, run_requests
 
-    from ear_dist.paths import finish_dir, output_dir, temp_sibling
+    from ear_dist.paths import finish_dir, output_dir, removed_on_error, temp_sibling
 
     cfg = config_from_args(args)
     if args.batch_size < 1:
@@ -43,11 +43,12 @@ def run_precompute(args) -> int:
     settings = TeacherSettings.from_config(cfg.erase, cfg.rollout)
     requests = run_requests(stream, cfg.train.steps, settings, args.batch_size, bundle.device)
     tmp = temp_sibling(out)
-    try:
-        index = precompute(ColocatedTeacher(bundle), requests, tmp, settings,
-                           {"base_fingerprint": model_fingerprint(bundle.model), "model": cfg.model.path})
-    finally:
-        stream.close()
+    with removed_on_error(tmp):
+        try:
+            index = precompute(ColocatedTeacher(bundle), requests, tmp, settings,
+                               {"base_fingerprint": model_fingerprint(bundle.model), "model": cfg.model.path})
+        finally:
+            stream.close()
     finish_dir(tmp, out, "teacher precompute")
     print(f"precomputed {len(index['pairs'])} pairs ({settings.mode} outputs, rollouts from the "
           f"{settings.rollout_from} prompt) into {len(index['shards'])} shard(s) in {args.out}")
