@@ -39,7 +39,7 @@ def test_composed_runs_with_surrogate_anchors_are_trained_as_array_tasks(tmp_pat
     """A job array's task knows the array's concepts (slurm.concepts), so its surrogate anchors leave the other
     erased concepts out; the comparison's composed setting trains its per-concept runs the same way, apart from
     the concept-alone runs, which know no array."""
-    from ear_dist.world import compare as compare_module
+    from benchmarks.harness import compare as compare_module
     from benchmarks.harness.compare import compare
 
     # a 2-step model draws no church for the visual filter to keep: the pairs go in unfiltered
