@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None, leave_process: bool = False) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C the command does not handle itself (a training run stops at a safe point)
         if args.debug:
             traceback.print_exception(e)
-        print(f"ear-dist: interrupted (SIGINT) during `ear-dist {args.command}`", file=sys.stderr, flush=True)
+        # on a line of its own: a progress bar the signal cut short has not ended its line
+        print(f"\near-dist: interrupted (SIGINT) during `ear-dist {args.command}`", file=sys.stderr, flush=True)
         code = EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (`ear-dist config show | head`): leave quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
