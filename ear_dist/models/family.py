@@ -112,8 +112,25 @@ def load_model(path_or_preset: str, family: str = "janus", device: Union[str, to
         raise ConfigError(f"model.path {path_or_preset!r} is a {found} model but model.family is {family!r}; "
                          f"set model.family={found}")
     if family == "var":
-        return load_var(path_or_preset, device=device, dtype=dtype, seed=seed)
-    return JanusModel.of(load_janus(path_or_preset, device=device, dtype=dtype, seed=seed))
+        bundle = load_var(path_or_preset, device=device, dtype=dtype, seed=seed)
+    else:
+        bundle = JanusModel.of(load_janus(path_or_preset, device=device, dtype=dtype, seed=seed))
+    check_finite_weights(bundle.model, path_or_preset)
+    return bundle
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """A model whose weights hold NaN or infinities (a broken merge or training made outside ear-dist) is an input
+    error naming the first such tensor, before it samples or trains anything."""
+    from ear_dist.models.janus import ModelLoadError
+
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ModelLoadError(f"{where}: weight {name} holds {bad} NaN or infinite value(s) of "
+                                     f"{tensor.numel()}; the model is broken (was it merged or trained with a "
+                                     "non-finite update?): use the base model or a finite delta")
 
 
 def layer_count(path_or_preset: str, family: str) -> Optional[int]:
