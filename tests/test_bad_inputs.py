@@ -251,6 +251,22 @@ def church_suite(inputs):
                                                          "prompts": ["a church at night", "a stone church"]}))
 
 
+def broken_model(inputs):
+    """A copy of the test model with one weight set to NaN (a broken merge made elsewhere)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = inputs.root / "nan-model"
+    shutil.copytree(inputs.model, out)
+    weights = next(out.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(n for n, t in tensors.items() if t.is_floating_point() and t.dim() == 2)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return out
+
+
 def generate(inputs, *extra, out="generated"):
     return ["generate", "--model", str(inputs.model), "--out", str(inputs.root / out), "--set", "model.device=cpu",
             *extra]
@@ -461,6 +477,9 @@ CASES = [
          r"ear-dist: error: --prompt #1: empty prompt$"),
     Case("generate-no-images", lambda i: generate(i, "--prompt", "a church", "--images-per-prompt", "0"),
          r"ear-dist: error: --images-per-prompt: must be >= 1, got 0$"),
+    Case("generate-model-not-finite", lambda i: ["generate", "--model", str(broken_model(i)), "--prompt", "a church",
+                                                 "--out", str(i.root / "generated"), "--set", "model.device=cpu"],
+         r"ear-dist: error: .*nan-model: weight \S+ holds 1 NaN or infinite value\(s\) of \d+; the model is broken"),
     # ------------------------------------------------------------------ judges
     Case("eval-classifier-does-not-know-the-concept", lambda i: eval_cmd(i, church_suite(i)),
          r"ear-dist: error: suite church \(.*church-suite\.json\): concept 'church' cannot be judged by its "

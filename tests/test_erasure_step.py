@@ -456,7 +456,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     bundle = build_preset("tiny", seed=0)
     with torch.no_grad():
         bundle.model.model.language_model.layers[3].mlp.down_proj.weight.fill_(float("inf"))
-    # the loader refuses such a model (test_delta_checks); here its losses stand for any that go non-finite
+    # the loader refuses such a model (test_bad_inputs: generate-model-not-finite); here its losses stand for any that go non-finite
     monkeypatch.setattr(family, "check_finite_weights", lambda model, where: None)
     path = save_janus(bundle, tmp_path / "broken")
     cfg = _cfg(tmp_path, path, "train.max_nonfinite_steps=2", "train.steps=5")
