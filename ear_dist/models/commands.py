@@ -7,7 +7,6 @@ import json
 import math
 import re
 import time
-from pathlib import Path
 
 from ear_dist.config import add_config_args, config_from_args
 from ear_dist.errors import InputError

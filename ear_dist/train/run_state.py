@@ -126,7 +126,13 @@ def _describe(diff: dict[str, tuple], limit: int = 8) -> str:
     return ", ".join(parts) + more
 
 
-def _refuse_leftovers(out_dir: Path, leftovers: list[str]) -> None:
+# a run's own files: found without a run record, the directory is someone else's (or an older ear-dist's)
+LEFTOVERS = ("delta.safetensors", "summary.json", "config.yaml")
+
+
+def _refuse_leftovers(out_dir: Path) -> None:
+    """A directory holding a run's files but no run record (nor checkpoint) is refused, naming the files."""
+    leftovers = [n for n in LEFTOVERS if (out_dir / n).exists()]
     if leftovers:
         raise RunStateError(f"{out_dir}: holds {', '.join(leftovers)} but no run record (written by an older "
                             "ear-dist, or by hand): use another train.out_dir, or train.resume=never to replace them")
@@ -139,8 +145,7 @@ def refuse_foreign(out_dir: Path, mode: str) -> None:
     if mode == "never" or not out_dir.is_dir() or read_record(out_dir) is not None:
         return
     if checkpoint.read_state(out_dir) is None:
-        _refuse_leftovers(out_dir, [n for n in ("delta.safetensors", "summary.json", "config.yaml")
-                                    if (out_dir / n).exists()])
+        _refuse_leftovers(out_dir)
 
 
 def decide(out_dir: Path, mode: str, identity: RunIdentity, steps: int) -> Resume:
@@ -148,14 +153,13 @@ def decide(out_dir: Path, mode: str, identity: RunIdentity, steps: int) -> Resum
     out_dir = Path(out_dir)
     record = read_record(out_dir)
     state = checkpoint.read_state(out_dir)
-    leftovers = [n for n in ("delta.safetensors", "summary.json", "config.yaml") if (out_dir / n).exists()]
     if mode == "never":
         present = [n for n in RUN_OUTPUTS if (out_dir / n).exists()]
         if checkpoint.checkpoint_root(out_dir).exists():
             present.append(checkpoint.CKPT)
         return Resume(cleared=present)
     if record is None and state is None:
-        _refuse_leftovers(out_dir, leftovers)
+        _refuse_leftovers(out_dir)
         return Resume()
     stored = (state or {}).get("identity") or (record or {}).get("identity") or {}
     diff = identity.differences(stored)
