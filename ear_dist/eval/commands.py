@@ -9,6 +9,8 @@ gathered on rank 0); a rerun into the same --out generates only what is missing.
 
 from __future__ import annotations
 
+import sys
+
 from ear_dist.config import add_config_args, config_from_args
 from ear_dist.errors import InputError
 
@@ -62,8 +64,13 @@ def run_eval_cmd(args) -> int:
         return 0
     if report["table1"]:
         print("\n".join(table1_markdown(report["table1"], report["clip_convention"])))
-    # a requested metric that could not run is a failure the user must see, after the others ran
-    return 1 if report["not_run"] else 0
+    # a requested metric that could not run is a failure the user must see, after the others ran; the last line
+    # of a job log says why the job failed
+    if report["not_run"]:
+        print(f"ear-dist: error: {len(report['not_run'])} requested metric(s) could not run, the report holds the "
+              f"others ({out / 'report.md'}): {report['not_run'][0]}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def eval_output(out, flag: str, overwrite: bool, model: str, suites: list, deltas: list):
