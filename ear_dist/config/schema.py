@@ -360,6 +360,16 @@ class WorldConfig:
     """The synthetic world (ear_dist.world): its data and the tiny model pretrained on it."""
 
     seed: int = setting(0, "seed of the world's rendering rule and of pretraining")
+    vocabulary: Literal["planted", "generated"] = setting(
+        "planted", "planted: 7 objects (church with synonyms chapel, cathedral), 2 styles; generated: world.objects "
+                   "objects and world.styles styles named by seeded pseudo-words, each with world.synonyms synonyms")
+    objects: int = setting(40, "generated vocabulary: object concepts")
+    styles: int = setting(10, "generated vocabulary: style concepts")
+    synonyms: int = setting(3, "generated vocabulary: synonyms per concept (>= 3: one more trains, one validates, "
+                               "the rest are held out)")
+    allow_missed_target: bool = setting(
+        False, "measure with a world model that missed its pretraining target (demo, eval --suite world, "
+               "benchmarks) instead of refusing; the reports say so")
     grid_side: int = setting(8, "image tokens per side (8 -> 64 image tokens)")
     codebook_size: int = setting(256, "image codes")
     calibration_samples: int = setting(2000, "rendered images used to set the classifier's thresholds")

@@ -18,28 +18,31 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ear_dist.world.grammar import OBJECTS, SCENES, STYLES, WorldRecord
+from ear_dist.world.grammar import WorldRecord
 from ear_dist.world.render import CodeLayout
+from ear_dist.world.vocabulary import Vocabulary, planted
 
 
-def concept_kind(concept: str) -> str:
-    """object, scene or style."""
-    if concept in OBJECTS:
+def concept_kind(concept: str, vocab: Optional[Vocabulary] = None) -> str:
+    """object, scene or style (in ``vocab``, default the planted world's)."""
+    vocab = vocab or planted()
+    if concept in vocab.objects:
         return "object"
-    if concept in SCENES:
+    if concept in vocab.scenes:
         return "scene"
-    if concept in STYLES:
+    if concept in vocab.styles:
         return "style"
-    raise ValueError(f"unknown concept {concept!r}: expected one of {', '.join(all_concepts())}")
+    raise ValueError(f"unknown concept {concept!r}: expected one of {', '.join(all_concepts(vocab))}")
 
 
-def all_concepts() -> list[str]:
-    return list(OBJECTS) + list(SCENES) + list(STYLES)
+def all_concepts(vocab: Optional[Vocabulary] = None) -> list[str]:
+    vocab = vocab or planted()
+    return list(vocab.objects) + list(vocab.scenes) + list(vocab.styles)
 
 
-def record_has(record: WorldRecord, concept: str) -> bool:
+def record_has(record: WorldRecord, concept: str, vocab: Optional[Vocabulary] = None) -> bool:
     """Ground truth: does the record's prompt ask for ``concept``?"""
-    kind = concept_kind(concept)
+    kind = concept_kind(concept, vocab)
     if kind == "object":
         return record.object == concept
     if kind == "scene":
@@ -82,11 +85,12 @@ def best_threshold(scores: np.ndarray, truth: np.ndarray) -> float:
 class ConceptClassifier:
     """Scores and thresholds for every object, scene and style of the world."""
 
-    def __init__(self, layout: CodeLayout, grid_side: int, window: int):
+    def __init__(self, layout: CodeLayout, grid_side: int, window: int, vocab: Optional[Vocabulary] = None):
         self.layout = layout
         self.grid_side = grid_side
         self.window = window
-        self.concepts = all_concepts()
+        self.vocab = vocab or planted()
+        self.concepts = all_concepts(self.vocab)
         self.thresholds: dict[str, float] = {}
         self._group = layout.group_of_code()
         self._block = layout.block_of_code()
@@ -114,15 +118,15 @@ class ConceptClassifier:
         blocks = self._block[tokens]
         names = self.layout.group_names
         out: dict[str, np.ndarray] = {}
-        for concept in OBJECTS:
+        for concept in self.vocab.objects:
             mask = (groups == names.index(concept)).astype(np.float64)
             csum = np.zeros((n, side + 1, side + 1))
             csum[:, 1:, 1:] = mask.cumsum(1).cumsum(2)
             windows = csum[:, win:, win:] - csum[:, :-win, win:] - csum[:, win:, :-win] + csum[:, :-win, :-win]
             out[concept] = windows.reshape(n, -1).max(axis=1) / (win * win)
-        for concept in SCENES:
+        for concept in self.vocab.scenes:
             out[concept] = (groups == names.index(concept)).reshape(n, -1).mean(axis=1)
-        for i, concept in enumerate(STYLES):
+        for i, concept in enumerate(self.vocab.styles):
             out[concept] = (blocks == 1 + i).mean(axis=1)
         return out
 
@@ -138,28 +142,38 @@ class ConceptClassifier:
         if len(records) != len(next(iter(scores.values()))):
             raise ValueError(f"calibrate: {len(records)} records for {len(next(iter(scores.values())))} images")
         self.thresholds = {
-            c: best_threshold(scores[c], np.array([record_has(r, c) for r in records])) for c in self.concepts
+            c: best_threshold(scores[c], np.array([record_has(r, c, self.vocab) for r in records])) for c in self.concepts
         }
         return dict(self.thresholds)
 
     def accuracy(self, tokens, records: Sequence[WorldRecord], concepts: Optional[Sequence[str]] = None) -> dict[str, float]:
-        """Balanced accuracy per concept, plus one entry per synonym, e.g. ``church (chapel)``.
+        """Balanced accuracy per concept, plus one entry per word of a concept with several, e.g.
+        ``church (chapel)`` (objects and styles alike).
 
-        A synonym entry counts as positives only the prompts that used that word, and as
+        A word entry counts as positives only the prompts that used that word, and as
         negatives every prompt without the concept. Entries with no positives are left out.
         """
         predicted = self.predict(tokens)
         out: dict[str, float] = {}
         for concept in concepts or self.concepts:
-            truth = np.array([record_has(r, concept) for r in records])
+            kind = concept_kind(concept, self.vocab)
+            truth = np.array([record_has(r, concept, self.vocab) for r in records])
             if not truth.any():
                 continue
             out[concept] = balanced_accuracy(predicted[concept], truth)
-            if concept_kind(concept) == "object" and len(OBJECTS[concept]) > 1:
-                for word in OBJECTS[concept]:
-                    used = np.array([r.object == concept and r.object_word == word for r in records])
+            words = self.vocab.all_words(concept) if kind in ("object", "style") else ()
+            if len(words) > 1:
+                for word in words:
+                    used = np.array([_uses_word(r, kind, concept, word, words[0]) for r in records])
                     if not used.any():
                         continue
                     keep = used | ~truth
                     out[f"{concept} ({word})"] = balanced_accuracy(predicted[concept][keep], truth[keep])
         return out
+
+
+def _uses_word(record: WorldRecord, kind: str, concept: str, word: str, canonical: str) -> bool:
+    """Whether the record names ``concept`` by ``word`` (a style's canonical name is stored as None)."""
+    if kind == "object":
+        return record.object == concept and record.object_word == word
+    return record.style == concept and (record.style_word or canonical) == word

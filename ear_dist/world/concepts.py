@@ -5,40 +5,45 @@ training pair, a settings choice or the final evaluation use for this concept" a
 never the grammar's tables directly, so a world with another vocabulary answers for itself:
 
 - ``train``: the words erasure pairs may use (what a user lists with the concept:
-  "church");
-- ``validation``: words kept out of training and used only to choose settings;
+  "church"; in a generated world the canonical word and one synonym);
+- ``validation``: words kept out of training and used only to choose settings (none in the
+  planted world, one per concept in a generated world);
 - ``heldout``: words used only by the final evaluation ("chapel", "cathedral").
+
+The answers come from the world's vocabulary (``World.vocab``, ``ear_dist.world.vocabulary``).
 
 The three splits of a concept never overlap.
 """
 
 from __future__ import annotations
 
-from ear_dist.world.grammar import OBJECTS, STYLES
+from ear_dist.world.vocabulary import WORD_SPLITS, Vocabulary
 
-WORD_SPLITS = ("train", "validation", "heldout")
+__all__ = ["WORD_SPLITS", "world_concepts", "object_concepts", "style_concepts", "concept_words"]
+
+
+def _vocab(world) -> Vocabulary:
+    """The world's vocabulary (a ``World`` or ``VarWorld``; None: the planted world's)."""
+    if world is None:
+        from ear_dist.world.vocabulary import planted
+
+        return planted()
+    return world.vocab
 
 
 def world_concepts(world) -> list[str]:
     """Every object and style concept of the world (objects first), in the grammar's order."""
-    return list(OBJECTS) + list(STYLES)
+    return _vocab(world).concepts
 
 
 def object_concepts(world) -> list[str]:
-    return list(OBJECTS)
+    return list(_vocab(world).objects)
 
 
 def style_concepts(world) -> list[str]:
-    return list(STYLES)
+    return list(_vocab(world).styles)
 
 
 def concept_words(world, concept: str, split: str) -> tuple[str, ...]:
-    """The words of ``concept`` in one split (see the module docstring)."""
-    if split not in WORD_SPLITS:
-        raise ValueError(f"word split {split!r}: expected one of {', '.join(WORD_SPLITS)}")
-    if concept in OBJECTS:
-        words = OBJECTS[concept]
-        return {"train": words[:1], "validation": (), "heldout": words[1:]}[split]
-    if concept in STYLES:
-        return {"train": (concept,), "validation": (), "heldout": ()}[split]
-    raise ValueError(f"concept {concept!r}: the world's concepts are {', '.join(world_concepts(world))}")
+    """The words of ``concept`` in one split (see the module docstring; a style's names lowercased)."""
+    return _vocab(world).words(concept, split)

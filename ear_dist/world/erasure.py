@@ -32,7 +32,6 @@ from ear_dist.errors import InputError, RunFailure
 from ear_dist.eval import figures
 from ear_dist.models.family import as_image_model, detect_family, load_model
 from ear_dist.models.interface import ImageModel
-from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.world import World
 
 PAIR_STREAM, ANCHOR_STREAM = 202, 303
@@ -62,8 +61,8 @@ NULLSPACE_EAR_LATER = [*NULLSPACE_EAR, "trainable.skip_first_layers=1", "preserv
 
 def anchor_prompts(world: World, erased: Sequence[str], n: int, stream: int = PRESERVE_ANCHOR_STREAM) -> list[str]:
     """Training-template prompts of the concepts not erased (anchors and probes: never evaluation prompts)."""
-    objects = [o for o in OBJECTS if o not in erased]
-    styles = [None] + [s for s in STYLES if s not in erased]
+    objects = [o for o in world.vocab.objects if o not in erased]
+    styles = [None] + [s for s in world.vocab.styles if s not in erased]
     return world.sample(n, "train", stream=stream, objects=objects, styles=styles).prompts
 
 
@@ -87,29 +86,40 @@ VAR_WORLD_ERASE = recipe_overrides("world-var-ear")
 SVARE_WORLD_BIT_SHARE = "erase.svare_bit_error_share=0.08"
 
 
-def _unknown_concept(concept: str) -> ValueError:
-    return ValueError(f"concept {concept!r}: the world's concepts are {', '.join(list(OBJECTS) + list(STYLES))}")
+def _unknown_concept(world: World, concept: str) -> ValueError:
+    return ValueError(f"concept {concept!r}: the world's concepts are {', '.join(world.vocab.concepts)}")
 
 
 def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM) -> list[PromptPair]:
     """ECG from templates: training-template prompts with the concept and their surrogates.
 
     An object concept is replaced by another object (church -> barn, castle, ...); a
-    style concept is removed (the same sentence without "in the style of ...").
+    style concept is removed (the same sentence without "in the style of ..."). Targets use
+    the concept's train words only (the planted world: the canonical word; a generated world:
+    the canonical word and one synonym), never a validation or held-out word.
     """
+    from ear_dist.world.concepts import concept_words
+
     rng = np.random.default_rng([world.seed, stream])
-    if concept in OBJECTS:
-        batch = world.sample(n, split="train", stream=stream, objects=[concept], object_words=[concept])
-        others = [o for o in OBJECTS if o != concept]
-        pairs = [(r, r.replace(object=others[int(rng.integers(len(others)))])) for r in batch.records]
-    elif concept in STYLES:
+    vocab = world.vocab
+    words = concept_words(world, concept, "train") if concept in vocab.concepts else ()
+    if concept in vocab.objects:
+        batch = world.sample(n, split="train", stream=stream, objects=[concept], object_words=list(words))
+        others = [o for o in vocab.objects if o != concept]
+        pairs = [(r, r.replace(vocab, object=others[int(rng.integers(len(others)))])) for r in batch.records]
+    elif concept in vocab.styles:
         batch = world.sample(n, split="train", stream=stream, styles=[concept])
-        pairs = [(r, r.replace(style=None)) for r in batch.records]
+        pairs = [(r, r.replace(vocab, style=None)) for r in batch.records]
     else:
-        raise _unknown_concept(concept)
-    word = concept if concept in OBJECTS else STYLES[concept].lower()
-    return [PromptPair(t.prompt, s.prompt, concept=word if word in t.prompt.lower() else concept,
-                       surrogate_concept=s.object if concept in OBJECTS else "", source="world-ecg", seed=i)
+        raise _unknown_concept(world, concept)
+
+    def named(record) -> str:  # the concept as the target prompt writes it
+        if concept in vocab.objects:
+            return record.object_word
+        return vocab.style_phrase(concept, record.style_word).lower()
+
+    return [PromptPair(t.prompt, s.prompt, concept=named(t) if named(t) in t.prompt.lower() else concept,
+                       surrogate_concept=s.object if concept in vocab.objects else "", source="world-ecg", seed=i)
             for i, (t, s) in enumerate(pairs)]
 
 
@@ -122,12 +132,14 @@ def make_anchor_pairs(world: World, concept: str, n: int, stream: int = ANCHOR_S
     """
     if n <= 0:
         return []
-    if concept in OBJECTS:
-        batch = world.sample(n, split="train", stream=stream, objects=[o for o in OBJECTS if o != concept])
-    elif concept in STYLES:
-        batch = world.sample(n, split="train", stream=stream, styles=[None, *(s for s in STYLES if s != concept)])
+    vocab = world.vocab
+    if concept in vocab.objects:
+        batch = world.sample(n, split="train", stream=stream, objects=[o for o in vocab.objects if o != concept])
+    elif concept in vocab.styles:
+        batch = world.sample(n, split="train", stream=stream,
+                             styles=[None, *(s for s in vocab.styles if s != concept)])
     else:
-        raise _unknown_concept(concept)
+        raise _unknown_concept(world, concept)
     return [PromptPair(r.prompt, r.prompt, concept=concept, source="world-anchor", seed=100000 + i)
             for i, r in enumerate(batch.records)]
 

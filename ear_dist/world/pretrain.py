@@ -41,7 +41,6 @@ import torch
 
 from ear_dist.config import WorldConfig
 from ear_dist.storage import apply_umask
-from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.var_world import VarWorld, world_for
 from ear_dist.world.world import World
 
@@ -74,23 +73,39 @@ def build_hash(world: World) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def required_concepts(accuracy: dict[str, float]) -> dict[str, float]:
-    """The entries the build must bring to target: objects, their synonyms, styles."""
-    return {k: v for k, v in accuracy.items() if k.split(" (")[0] in OBJECTS or k in STYLES}
+def required_concepts(accuracy: dict[str, float], world=None) -> dict[str, float]:
+    """The entries the build must bring to target: every object and style, and each of their words
+    (``church (chapel)``: train, validation and held-out words alike). ``world``: whose concepts (default:
+    every entry that is not a scene of the planted world, so build infos of any world read alike)."""
+    if world is not None:
+        concepts = set(world.vocab.concepts)
+        return {k: v for k, v in accuracy.items() if k.split(" (")[0] in concepts}
+    from ear_dist.world.grammar import SCENES
+
+    return {k: v for k, v in accuracy.items() if k not in SCENES}
 
 
 def evaluation_batch(world: World, stream: int = _EVAL_STREAMS[0]):
     """Held-out prompts: for every object word (synonyms included), the same number with
-    no style and with each style, so every object, synonym and style has positives."""
-    per_style = max(1, world.config.eval_prompts_per_word // (1 + len(STYLES)))
+    no style and with each style, so every object, synonym and style has positives; a style with
+    several names takes them in turn from word to word, so every name has positives too."""
+    vocab = world.vocab
+    per_style = max(1, world.config.eval_prompts_per_word // (1 + len(vocab.styles)))
     records, tokens = [], []
-    words = [w for ws in OBJECTS.values() for w in ws]
+    words = [w for ws in vocab.objects.values() for w in ws]
     for i, word in enumerate(words):
-        for j, style in enumerate([None, *STYLES]):
-            batch = world.sample(per_style, "heldout", stream=stream + 16 * i + j,
-                                 object_words=[word], styles=[style])
-            records += batch.records
-            tokens.append(batch.tokens)
+        for j, style in enumerate([None, *vocab.styles]):
+            names = vocab.all_words(style) if style is not None else ()
+            if len(names) <= 1:  # no style, or a style of one name (the planted world): one batch
+                parts = [(per_style, {"styles": [style]}, 0)]
+            else:  # prompt t of this word and style names the style by name (i + t) mod len(names)
+                counts = np.bincount([(i + t) % len(names) for t in range(per_style)], minlength=len(names))
+                parts = [(int(n), {"style_words": [names[k]]}, k + 1) for k, n in enumerate(counts) if n]
+            for n, restrict, k in parts:
+                batch = world.sample(n, "heldout", stream=stream + 16 * i + j + (k << 40), object_words=[word],
+                                     **restrict)
+                records += batch.records
+                tokens.append(batch.tokens)
     return records, np.concatenate(tokens)
 
 
@@ -127,14 +142,14 @@ def _new_model(world: World):
         config = tiny_var_config(embed_dim=c.hidden_size, depth=c.num_layers, num_heads=c.num_heads,
                                  ffn_hidden=c.intermediate_size, bits=world.token_bits,
                                  scales=world.scales, block_chunks=2 if c.num_layers % 2 == 0 else 1)
-        return build_var_preset("tiny-var", seed=c.seed, config=config, extra_words=World.vocabulary())
+        return build_var_preset("tiny-var", seed=c.seed, config=config, extra_words=world.vocabulary())
     from ear_dist.models.family import as_image_model
     from ear_dist.models.janus import build_preset
     from ear_dist.models.janus.presets import tiny_config
 
     config = tiny_config(hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
                          intermediate_size=c.intermediate_size, grid_side=c.grid_side, codebook_size=c.codebook_size)
-    return as_image_model(build_preset("tiny", seed=c.seed, config=config, extra_words=World.vocabulary()))
+    return as_image_model(build_preset("tiny", seed=c.seed, config=config, extra_words=world.vocabulary()))
 
 
 def image_token_loss(logits: torch.Tensor, tokens: torch.Tensor, groups: int) -> torch.Tensor:
@@ -248,7 +263,7 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
         if step % c.eval_every == 0 and step < c.max_steps:
             check = len(history)
             accuracy = evaluate_model(world, bundle, eval_sets[check % 2], seed=check * len(eval_sets[0]))
-            worst = min(required_concepts(accuracy).items(), key=lambda kv: kv[1])
+            worst = min(required_concepts(accuracy, world).items(), key=lambda kv: kv[1])
             history.append({"step": step, "loss": float(loss.item()), "seconds": time.perf_counter() - started,
                             "min_accuracy": worst[1], "worst": worst[0]})
             log(f"step {step}: loss {loss.item():.3f}, lowest accuracy {worst[1]:.3f} ({worst[0]})")
@@ -275,7 +290,7 @@ def judge_build(world: World, bundle) -> dict:
     c = world.config
     records = [r for stream in _EVAL_STREAMS for r in evaluation_batch(world, stream)[0]]
     accuracy = evaluate_model(world, bundle, records, seed=0)
-    required = required_concepts(accuracy)
+    required = required_concepts(accuracy, world)
     reached = min(required.values()) >= c.min_accuracy and float(np.mean(list(required.values()))) >= \
         c.target_accuracy
     confirm_records, _ = evaluation_batch(world, stream=_CONFIRM_STREAM)

@@ -26,7 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from ear_dist.world.grammar import OBJECTS, SCENES, STYLES, WorldRecord
+from ear_dist.world.grammar import WorldRecord
+from ear_dist.world.vocabulary import Vocabulary, planted
 
 PLAIN_BACKGROUND = "plain"
 NOISE = "noise"
@@ -48,9 +49,12 @@ class CodeLayout:
     group_size: int
 
     @classmethod
-    def build(cls, codebook_size: int) -> "CodeLayout":
-        groups = tuple(SCENES) + (PLAIN_BACKGROUND,) + tuple(OBJECTS) + tuple(map(trace_group, OBJECTS)) + (NOISE,)
-        blocks: tuple[Optional[str], ...] = (None,) + tuple(STYLES)
+    def build(cls, codebook_size: int, vocab: Optional[Vocabulary] = None) -> "CodeLayout":
+        """The layout of ``vocab``'s scenes, objects and styles (default: the planted world's)."""
+        vocab = vocab or planted()
+        objects = tuple(vocab.objects)
+        groups = tuple(vocab.scenes) + (PLAIN_BACKGROUND,) + objects + tuple(map(trace_group, objects)) + (NOISE,)
+        blocks: tuple[Optional[str], ...] = (None,) + tuple(vocab.styles)
         block_size = codebook_size // len(blocks)
         group_size = block_size // len(groups)
         # two codes per group is the least that still lets images vary inside a group
@@ -58,7 +62,8 @@ class CodeLayout:
             need = 2 * len(groups) * len(blocks)
             raise ValueError(
                 f"world.codebook_size={codebook_size} is too small: {len(blocks)} palettes x "
-                f"{len(groups)} code groups x 2 codes need at least {need}"
+                f"{len(groups)} code groups x 2 codes need at least {need} (the layout: groups = scenes + plain + "
+                f"objects + object traces + noise, palettes = 1 + styles)"
             )
         return cls(codebook_size, groups, blocks, block_size, group_size)
 
@@ -107,17 +112,20 @@ class RenderSettings:
 class Renderer:
     """Draws records as token grids; object motif patterns are fixed by ``pattern_seed``."""
 
-    def __init__(self, settings: RenderSettings, pattern_seed: int, layout: Optional[CodeLayout] = None):
+    def __init__(self, settings: RenderSettings, pattern_seed: int, layout: Optional[CodeLayout] = None,
+                 vocab: Optional[Vocabulary] = None):
         if settings.grid_side < 4:
             raise ValueError(f"world.grid_side={settings.grid_side}: must be >= 4 (an object needs room to move)")
         self.settings = settings
-        self.layout = layout if layout is not None else CodeLayout.build(settings.codebook_size)
+        self.vocab = vocab or planted()
+        self.layout = layout if layout is not None else CodeLayout.build(settings.codebook_size, self.vocab)
+        self._style_block = {name: 1 + i for i, name in enumerate(self.vocab.styles)}
         lo, hi = settings.motif_size_bounds()
         self.motif_lo, self.motif_hi = lo, hi
         rng = np.random.default_rng(np.random.SeedSequence([pattern_seed, 0x6D6F74]))
         # each object's motif: a fixed hi x hi pattern of offsets into its code group
         self.patterns = {
-            name: rng.integers(0, self.layout.group_size, size=(hi, hi)) for name in OBJECTS
+            name: rng.integers(0, self.layout.group_size, size=(hi, hi)) for name in self.vocab.objects
         }
 
     @property
@@ -172,7 +180,7 @@ class Renderer:
         grid[noisy] = noise[rng.integers(0, len(noise), size=int(noisy.sum()))]
 
         if record.style:
-            block = 1 + list(STYLES).index(record.style)
+            block = self._style_block[record.style]
             styled = (rng.random((side, side)) < s.style_strength) & ~in_motif
             grid[styled] += block * lay.block_size
         return grid.reshape(-1)

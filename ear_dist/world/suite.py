@@ -23,7 +23,6 @@ import numpy as np
 from ear_dist.config import Config
 from ear_dist.eval.suites import EvalPrompt, Suite, SuiteError
 from ear_dist.world.colour import grid_to_image
-from ear_dist.world.grammar import OBJECTS, STYLES
 from ear_dist.world.var_world import world_for
 from ear_dist.world.world import World
 
@@ -31,19 +30,35 @@ EVAL_STREAM = 101
 UNRELATED = "unrelated"
 
 
-def world_groups(concept: str) -> tuple[dict, dict, dict]:
-    """(concept groups, preservation groups, unrelated sampling) as ``World.sample`` keyword arguments."""
-    if concept in OBJECTS:
-        groups = {f"held-out sentences ({w})": dict(objects=[concept], object_words=[w]) for w in OBJECTS[concept]}
-        others = {o: dict(objects=[o], styles=[None]) for o in OBJECTS if o != concept}
-        unrelated = dict(objects=[o for o in OBJECTS if o != concept])
-    elif concept in STYLES:
-        groups = {"held-out sentences": dict(styles=[concept])}
-        others = {s: dict(styles=[s]) for s in STYLES if s != concept}
-        others.update({o: dict(objects=[o], styles=[None]) for o in list(OBJECTS)[:3]})
+def world_groups(concept: str, world=None) -> tuple[dict, dict, dict]:
+    """(concept groups, preservation groups, unrelated sampling) as ``World.sample`` keyword arguments, in
+    ``world``'s vocabulary (default: the planted world's).
+
+    The first concept group is the test group (the canonical word on held-out sentences); the others
+    are the concept's held-out words (synonyms the training pairs never use). A planted style has one
+    name: one group."""
+    from ear_dist.world.concepts import concept_words
+    from ear_dist.world.vocabulary import planted
+
+    vocab = world.vocab if world is not None else planted()
+    objects, styles = vocab.objects, vocab.styles
+    if concept in objects:
+        words = (objects[concept][0], *concept_words(world, concept, "heldout"))
+        groups = {f"held-out sentences ({w})": dict(objects=[concept], object_words=[w]) for w in words}
+        others = {o: dict(objects=[o], styles=[None]) for o in objects if o != concept}
+        unrelated = dict(objects=[o for o in objects if o != concept])
+    elif concept in styles:
+        names = vocab.all_words(concept)
+        if len(names) == 1:
+            groups = {"held-out sentences": dict(styles=[concept])}
+        else:
+            words = (names[0], *concept_words(world, concept, "heldout"))
+            groups = {f"held-out sentences ({w})": dict(style_words=[w]) for w in words}
+        others = {s: dict(styles=[s]) for s in styles if s != concept}
+        others.update({o: dict(objects=[o], styles=[None]) for o in list(objects)[:3]})
         unrelated = dict(styles=[None])
     else:
-        raise SuiteError(f"suite world:{concept}: the world's concepts are {', '.join(list(OBJECTS) + list(STYLES))}")
+        raise SuiteError(f"suite world:{concept}: the world's concepts are {', '.join(vocab.concepts)}")
     return groups, others, unrelated
 
 
@@ -53,7 +68,7 @@ def world_suite(cfg: Config, concept: str = "", world: Optional[World] = None) -
     concept = (concept or cfg.erase.concept).strip().lower()
     world = world or world_for(cfg.world, cfg.model.family)
     n = cfg.eval.world_prompts
-    groups, others, unrelated = world_groups(concept)
+    groups, others, unrelated = world_groups(concept, world)
     prompts: list[EvalPrompt] = []
 
     def add(stream: int, group: str, role: str, judged_on: str, kw: dict, kind: str = "") -> None:

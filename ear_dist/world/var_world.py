@@ -52,30 +52,34 @@ FIELDS = (("palette", 2), ("noise", 1), ("motif", 1), ("traces", 1), ("object", 
 BITS = sum(width for _, width in FIELDS)
 
 
-def bit_layout(codebook_size: int) -> CodeLayout:
+def bit_layout(codebook_size: int, vocab=None) -> CodeLayout:
     """The Janus world's groups and palettes, placed on bit boundaries: code = palette * 64 + group * 2 + variant."""
     if codebook_size != 1 << GRID_BITS:
         raise ValueError(f"world.codebook_size={codebook_size}: the VAR world renders {GRID_BITS}-bit codes "
                          f"(codebook_size {1 << GRID_BITS})")
-    plain = CodeLayout.build(codebook_size)
+    plain = CodeLayout.build(codebook_size, vocab)
     if len(plain.group_names) > 1 << GROUP_BITS or len(plain.block_names) > 1 << PALETTE_BITS:
         raise ValueError(f"{len(plain.group_names)} groups and {len(plain.block_names)} palettes do not fit "
-                         f"{GROUP_BITS} + {PALETTE_BITS} bits")
+                         f"{GROUP_BITS} + {PALETTE_BITS} bits (the VAR world holds at most 7 objects and 3 styles)")
     return dataclasses.replace(plain, block_size=1 << (GRID_BITS - PALETTE_BITS), group_size=2)
 
 
 class FieldCodec:
     """Janus-layout codes (``bit_layout``) <-> the VAR world's 12-bit field codes, image by image."""
 
-    def __init__(self, layout: CodeLayout):
-        from ear_dist.world.grammar import OBJECTS, SCENES
+    def __init__(self, layout: CodeLayout, vocab=None):
         from ear_dist.world.render import NOISE, PLAIN_BACKGROUND, trace_group
+        from ear_dist.world.vocabulary import planted
 
+        vocab = vocab or planted()
         self.layout = layout
         names = list(layout.group_names)
-        self.objects = [names.index(o) for o in OBJECTS]
-        self.traces = [names.index(trace_group(o)) for o in OBJECTS]
-        self.backgrounds = [names.index(s) for s in SCENES] + [names.index(PLAIN_BACKGROUND)]
+        self.objects = [names.index(o) for o in vocab.objects]
+        self.traces = [names.index(trace_group(o)) for o in vocab.objects]
+        self.backgrounds = [names.index(s) for s in vocab.scenes] + [names.index(PLAIN_BACKGROUND)]
+        if len(self.objects) >= 1 << 3 or len(self.backgrounds) >= 1 << 3:
+            raise ValueError(f"the VAR world's 3-bit object and scene fields hold at most 7 objects and 6 "
+                             f"backgrounds, not {len(self.objects)} and {len(self.backgrounds)}")
         self.noise = names.index(NOISE)
         self.unused = layout.codebook_size - 1  # no group: the codes past the last palette block
         assert layout.group_of_code()[self.unused] == -1
@@ -140,9 +144,12 @@ class VarWorld:
     family = "var"
 
     def __init__(self, config: Optional[WorldConfig] = None):
+        from ear_dist.world.vocabulary import vocabulary_for
+
         config = config or WorldConfig()
-        self.grids = World(config, layout=bit_layout(config.codebook_size))
-        self.codec = FieldCodec(self.grids.layout)
+        vocab = vocabulary_for(config)
+        self.grids = World(config, layout=bit_layout(config.codebook_size, vocab))
+        self.codec = FieldCodec(self.grids.layout, vocab)
         self.config = config
         self.scales = var_scales(config.grid_side)
         # larger than the sum of the coarser scales' codes, so the finest tokens are the grid itself
@@ -184,9 +191,13 @@ class VarWorld:
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
 
-    @staticmethod
-    def vocabulary() -> list[str]:
-        return World.vocabulary()
+    @property
+    def vocab(self):
+        """The vocabulary of the Janus world beneath (``World.vocab``)."""
+        return self.grids.vocab
+
+    def vocabulary(self) -> list[str]:
+        return self.grids.vocabulary()
 
     # ------------------------------------------------------------------ images
     def to_tokens(self, grids: np.ndarray) -> np.ndarray:

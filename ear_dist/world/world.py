@@ -19,10 +19,10 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ear_dist.config import WorldConfig
-from ear_dist.world import grammar as grammar_mod
 from ear_dist.world.classifier import ConceptClassifier
 from ear_dist.world.grammar import SPLITS, Grammar, WorldRecord
 from ear_dist.world.render import CodeLayout, Renderer, RenderSettings
+from ear_dist.world.vocabulary import Vocabulary, vocabulary_for
 
 # Bump when the grammar or rendering rule changes meaning, so cached models are rebuilt.
 WORLD_VERSION = 2  # 2: a style leaves the object motif in its own codes
@@ -55,10 +55,12 @@ class World:
     def __init__(self, config: Optional[WorldConfig] = None, layout: Optional[CodeLayout] = None):
         self.config = config or WorldConfig()
         self.settings = RenderSettings(grid_side=self.config.grid_side, codebook_size=self.config.codebook_size)
-        self.grammar = Grammar()
-        self.renderer = Renderer(self.settings, pattern_seed=self.config.seed, layout=layout)
+        self.vocab: Vocabulary = vocabulary_for(self.config)
+        self.grammar = Grammar(self.vocab)
+        self.renderer = Renderer(self.settings, pattern_seed=self.config.seed, layout=layout, vocab=self.vocab)
         self.layout = self.renderer.layout
-        self.classifier = ConceptClassifier(self.layout, self.config.grid_side, window=self.renderer.motif_lo)
+        self.classifier = ConceptClassifier(self.layout, self.config.grid_side, window=self.renderer.motif_lo,
+                                            vocab=self.vocab)
         calibration = self.sample(self.config.calibration_samples, split="all", stream=_CALIBRATION_STREAM)
         self.classifier.calibrate(calibration.tokens, calibration.records)
 
@@ -79,12 +81,7 @@ class World:
             "seed": self.config.seed,
             "calibration_samples": self.config.calibration_samples,
             "render": asdict(self.settings),
-            "objects": {k: list(v) for k, v in grammar_mod.OBJECTS.items()},
-            "scenes": grammar_mod.SCENES,
-            "styles": grammar_mod.STYLES,
-            "adjectives": list(grammar_mod.ADJECTIVES),
-            "train_templates": list(grammar_mod.TRAIN_TEMPLATES),
-            "heldout_templates": list(grammar_mod.HELDOUT_TEMPLATES),
+            **self.vocab.describe(),
         }
 
     @property
@@ -93,10 +90,9 @@ class World:
         text = json.dumps(self.describe(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    @staticmethod
-    def vocabulary() -> list[str]:
-        """Every word a world prompt can contain, lowercased (for the tiny model's tokenizer)."""
-        return grammar_mod.vocabulary()
+    def vocabulary(self) -> list[str]:
+        """Every word a prompt of this world can contain, lowercased (for the tiny model's tokenizer)."""
+        return self.vocab.tokens()
 
     # ------------------------------------------------------------------ data
 
@@ -115,14 +111,16 @@ class World:
         objects: Optional[Iterable[str]] = None,
         styles: Optional[Iterable[Optional[str]]] = None,
         object_words: Optional[Iterable[str]] = None,
+        style_words: Optional[Iterable[str]] = None,
     ) -> WorldBatch:
         """``n`` records of a split with their images.
 
         split: ``all`` (every template and word: the pretraining distribution), ``train``
-        (training templates, canonical object words only: what erasure pairs may use) or
-        ``heldout`` (held-out templates, every word). ``stream`` selects an independent
-        random stream; ``objects``, ``styles`` (None = no style) and ``object_words``
-        restrict what is drawn.
+        (training templates, the concepts' train words only: what erasure pairs may use),
+        ``validation`` (validation templates and words: for choosing settings; generated
+        vocabularies only) or ``heldout`` (held-out templates, every word). ``stream``
+        selects an independent random stream; ``objects``, ``styles`` (None = no style),
+        ``object_words`` and ``style_words`` restrict what is drawn.
         """
         if n < 0:
             raise ValueError(f"sample: n must be >= 0, got {n}")
@@ -130,9 +128,11 @@ class World:
         objects = list(objects) if objects is not None else None
         styles = list(styles) if styles is not None else None
         object_words = list(object_words) if object_words is not None else None
+        style_words = list(style_words) if style_words is not None else None
         records, grids = [], []
         for _ in range(n):
-            rec = self.grammar.sample(rng, split, objects=objects, styles=styles, object_words=object_words)
+            rec = self.grammar.sample(rng, split, objects=objects, styles=styles, object_words=object_words,
+                                      style_words=style_words)
             records.append(rec)
             grids.append(self.renderer.render(rec, rng))
         tokens = np.stack(grids) if grids else np.zeros((0, self.num_image_tokens), dtype=np.int64)
