@@ -45,7 +45,7 @@ def register(sub) -> None:
 
 def run_demo(args) -> int:
     from ear_dist.world.erasure import bar_report, markdown_table, run_world_erasure
-    from ear_dist.world.pretrain import build_world_model
+    from ear_dist.world.pretrain import build_world_model, refuse_missed_target
     from ear_dist.world.var_world import world_for
 
     t0 = time.perf_counter()
@@ -69,7 +69,8 @@ def run_demo(args) -> int:
     if args.pairs is None:
         args.pairs = 32 if family == "var" else 16
     print(f"1/3 world model ({family}; built once, then cached)")
-    model_path, _ = build_world_model(cfg.world, progress=True, family=family)
+    model_path, info = build_world_model(cfg.world, progress=True, family=family)
+    refuse_missed_target(info, cfg.world, f"ear-dist demo ({model_path})")
     world = world_for(cfg.world, family)
     if args.multi:
         from ear_dist.world.erasure import run_joint_vs_composed

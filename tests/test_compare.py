@@ -44,7 +44,8 @@ def test_composed_runs_with_surrogate_anchors_are_trained_as_array_tasks(tmp_pat
 
     # a 2-step model draws no church for the visual filter to keep: the pairs go in unfiltered
     monkeypatch.setattr(compare_module, "training_pairs", lambda world, base, c, n: make_pairs(world, c, n))
-    cfg = WorldConfig(cache_dir=str(tmp_path / "cache"), **SMALL)
+    # a 2-step model misses its target: the comparison measures with it only when told to
+    cfg = WorldConfig(cache_dir=str(tmp_path / "cache"), allow_missed_target=True, **SMALL)
     path, _ = build_world_model(cfg, progress=False, log=lambda _: None)
     method = Method("surrogates", ["preserve.nullspace=true", "preserve.surrogates=8"], anchors=4)
     res = compare(str(path), World(cfg), [method], tmp_path / "cmp", ["church"], ["church", "barn"], [0], "validation",

@@ -191,6 +191,9 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
     if world.family != family:
         raise InputError(f"{model_path}: a {family} model cannot be judged on a {world.family} world "
                          "(world_for(config, family) gives the family's world)")
+    from ear_dist.world.pretrain import model_build_info, refuse_missed_target
+
+    refuse_missed_target(model_build_info(model_path), world.config, f"the comparison ({model_path})", log)
     base = load_model(model_path, family, device="cpu", dtype="float32")
     base_hits = hit_rates(world, base, split, n_eval, g)
     log(f"base: {json.dumps({k: round(v, 3) for k, v in base_hits.items()})}")

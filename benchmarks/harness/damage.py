@@ -75,7 +75,10 @@ def run_damage(cfg0, short_steps: int = 10, prompts: int = 48, out: str = "runs/
     from ear_dist.world.pretrain import build_world_model
     from ear_dist.world.world import World
 
-    model_path, _ = build_world_model(cfg0.world, progress=True)
+    model_path, info = build_world_model(cfg0.world, progress=True)
+    from ear_dist.world.pretrain import refuse_missed_target
+
+    refuse_missed_target(info, cfg0.world, f"the damage check ({model_path})")
     world = World(cfg0.world)
     base = load_janus(str(model_path), device="cpu", dtype="float32")
     kept, _ = visual_filter(world, base, make_pairs(world, "church", 32), "church")

@@ -331,15 +331,48 @@ def build_world_model(config: WorldConfig, force: bool = False, progress: bool =
 
 
 def missed_target_message(info: dict) -> str:
-    """'' when the build reached its target; else a one-line warning naming the weakest concept."""
+    """'' when the build reached its target; else a one-line warning naming the weakest concept or word."""
     if info.get("reached_target", False):
         return ""
     worst = min(required_concepts(info["accuracy"]).items(), key=lambda kv: kv[1])
-    return (f"WARNING: this world model MISSED its pretraining target (every concept >= "
+    return (f"WARNING: this world model MISSED its pretraining target (every concept and word >= "
             f"{info.get('min_accuracy', '?')}, mean >= {info['target_accuracy']}): lowest {worst[0]} "
             f"{worst[1]:.3f}, mean {info.get('mean_accuracy', float('nan')):.3f} after {info['steps']} steps, so "
             "erasure and preservation measured on it are not the method's alone (rebuild with more steps: "
             "ear-dist world build --force --set world.max_steps=...)")
+
+
+def refuse_missed_target(info: dict, config: WorldConfig, where: str = "", log: Callable[[str], None] = print
+                         ) -> None:
+    """Stop a command that measures with a world model which missed its pretraining target: an ``InputError``
+    (one line, exit 2) naming the weakest concept or word and how to rebuild, unless
+    ``world.allow_missed_target`` is set, when the WARNING line is logged instead (never silent).
+
+    ``info`` is the build's ``world_build.json``; one without a verdict (no ``reached_target``) passes."""
+    if info.get("reached_target", True):
+        return
+    if config.allow_missed_target:
+        log(missed_target_message(info))
+        return
+    from ear_dist.errors import InputError
+
+    worst = min(required_concepts(info["accuracy"]).items(), key=lambda kv: kv[1])
+    place = f"{where}: " if where else ""
+    raise InputError(
+        f"{place}the world model missed its pretraining target: weakest {worst[0]} {worst[1]:.3f} (every concept "
+        f"and word >= {info.get('min_accuracy', '?')}, mean {info.get('mean_accuracy', float('nan')):.3f} >= "
+        f"{info['target_accuracy']} wanted) after {info['steps']} steps; rebuild it with more steps (ear-dist "
+        f"world build --force, the same --recipe/--set, and --set world.max_steps={2 * int(info['steps'])}) or "
+        "measure anyway with --set world.allow_missed_target=true")
+
+
+def model_build_info(model_path) -> dict:
+    """The ``world_build.json`` of a world model directory ({} for a model that is no world build)."""
+    path = Path(str(model_path)) / BUILD_INFO_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _warn_if_short(info: dict, log: Callable[[str], None]) -> None:

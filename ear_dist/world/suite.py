@@ -65,8 +65,14 @@ def world_groups(concept: str, world=None) -> tuple[dict, dict, dict]:
 def world_suite(cfg: Config, concept: str = "", world: Optional[World] = None) -> Suite:
     """The world suite for ``concept`` (default ``erase.concept``), ``eval.world_prompts`` prompts per group;
     the world of ``model.family`` (a VAR model's images are judged and drawn by their finest scale)."""
-    concept = (concept or cfg.erase.concept).strip().lower()
+    from ear_dist.world.pretrain import model_build_info, refuse_missed_target
+
+    # a world model that missed its pretraining target measures its own gaps, not the erasure: refused
+    refuse_missed_target(model_build_info(cfg.model.path), cfg.world, f"suite world ({cfg.model.path})")
+    concept = (concept or cfg.erase.concept).strip()
     world = world or world_for(cfg.world, cfg.model.family)
+    if concept not in world.vocab.concepts:
+        concept = concept.lower()
     n = cfg.eval.world_prompts
     groups, others, unrelated = world_groups(concept, world)
     prompts: list[EvalPrompt] = []
