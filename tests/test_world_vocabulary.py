@@ -178,6 +178,7 @@ def test_a_short_mini_build_judges_every_word_and_measuring_with_it_is_refused(t
     concept = world_concepts(world)[0]
     with pytest.raises(InputError, match=r"missed its pretraining target: weakest .* world.max_steps=4"):
         world_suite(run, concept, world)
+    capsys.readouterr()  # the build's own output
     argv = ["eval", "--suite", f"world:{concept}", "--out", str(tmp_path / "eval"),
             "--set", f"model.path={path}", "--set", "eval.world_prompts=2"]
     assert main(argv + [a for s in sets for a in ("--set", s)]) == 2

@@ -43,27 +43,29 @@ import torch
 from ear_dist.data.pairs import PromptPair
 from ear_dist.eval import figures
 from ear_dist.errors import InputError, RunFailure
-from ear_dist.world.grammar import OBJECTS, STYLES
+from ear_dist.world.vocabulary import Vocabulary, planted
 from ear_dist.world.world import World
 
 SPLITS = ("validation", "synonym-validation", "heldout")
 _EVAL_STREAM = {"validation": 41_000, "heldout": 42_000, "synonym-validation": 43_000}
 _WORDS = {"validation": 1, "synonym-validation": 2, "heldout": None}  # how many of a concept's words, canonical first
 _PROBE_STREAM = 44_000  # anchors: erasure.PRESERVE_ANCHOR_STREAM
-CONCEPTS = tuple(OBJECTS) + tuple(STYLES)
+CONCEPTS = tuple(planted().concepts)  # the planted world's; a world's own: world.vocab.concepts
 
 
-def concept_groups(concept: str, split: str) -> dict[str, dict]:
-    """The prompt groups that show ``concept`` in a split: name -> world.sample filters."""
+def concept_groups(concept: str, split: str, vocab: Optional[Vocabulary] = None) -> dict[str, dict]:
+    """The prompt groups that show ``concept`` in a split: name -> world.sample filters (in ``vocab``, default the
+    planted world's: its objects' words, canonical first; a style is one group)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
-    if concept in OBJECTS:
-        words = OBJECTS[concept][:_WORDS[split]]
+    vocab = vocab or planted()
+    if concept in vocab.objects:
+        words = vocab.objects[concept][:_WORDS[split]]
         return {f"{concept} ({w})" if w != concept else concept: dict(objects=[concept], object_words=[w],
                                                                      styles=[None]) for w in words}
-    if concept in STYLES:
+    if concept in vocab.styles:
         return {concept: dict(styles=[concept])}
-    raise InputError(f"concept {concept!r}: the world's concepts are {', '.join(CONCEPTS)}")
+    raise InputError(f"concept {concept!r}: the world's concepts are {', '.join(vocab.concepts)}")
 
 
 def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, batch_size: int = 64,
@@ -76,8 +78,8 @@ def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, 
     """
     world_split = "heldout" if split == "heldout" else "train"
     out = {}
-    for c_index, concept in enumerate(CONCEPTS):
-        for g_index, (name, filters) in enumerate(concept_groups(concept, split).items()):
+    for c_index, concept in enumerate(world.vocab.concepts):
+        for g_index, (name, filters) in enumerate(concept_groups(concept, split, world.vocab).items()):
             stream = _EVAL_STREAM[split] + 16 * c_index + g_index
             batch = world.sample(n, world_split, stream=stream, **filters)
             with torch.no_grad():
@@ -116,9 +118,9 @@ class Outcome:
 
 
 def outcome(base_hits: dict[str, float], hits: dict[str, float], erased: Sequence[str],
-            base_floor: float = figures.BASE_FLOOR) -> Outcome:
+            base_floor: float = figures.BASE_FLOOR, vocab: Optional[Vocabulary] = None) -> Outcome:
     """Erasure of the erased concepts' groups, preservation ratio of every other group (zero base: excluded)."""
-    erased_groups = {g for c in erased for g in concept_groups(c, "heldout")}
+    erased_groups = {g for c in erased for g in concept_groups(c, "heldout", vocab)}
     erased_hits = {g: v for g, v in hits.items() if g in erased_groups}
     # the concept's own test prompts are the canonical word's group, named as the concept
     gone = figures.erasure(erased_hits, test_groups=[c for c in erased if c in erased_hits])
@@ -230,7 +232,7 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
                 settings += [("joint: " + ", ".join(multi), list(multi), [joint]),
                              ("composed: " + ", ".join(multi), list(multi), composed)]
             for setting, erased, deltas in settings:
-                res = outcome(base_hits, judge(deltas), erased)
+                res = outcome(base_hits, judge(deltas), erased, vocab=world.vocab)
                 results["runs"].append({"method": method.name, "seed": seed, "setting": setting,
                                         "erased": erased, "erasure": res.erasure, "preservation": res.preservation,
                                         "preservation_excluded": res.excluded, "hits": res.hits})
