@@ -33,7 +33,7 @@ def main() -> None:
     from ear_dist.config import load_config
     from ear_dist.models.family import load_model
     from benchmarks.harness.compare import SPLITS, hit_rates, outcome
-    from ear_dist.world.pretrain import build_world_model, missed_target_message
+    from ear_dist.world.pretrain import build_world_model, refuse_missed_target
     from ear_dist.world.var_world import world_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,8 +51,7 @@ def main() -> None:
     for ws in [int(s) for s in args.world_seeds.split(",")]:
         wcfg = load_config(overrides=[f"world.seed={ws}"]).world
         path, info = build_world_model(wcfg, progress=True)
-        if missed_target_message(info):
-            print(missed_target_message(info))
+        refuse_missed_target(info, wcfg, f"world seed {ws} ({path})")  # measured only with world.allow_missed_target
         world = world_for(wcfg, "janus")
         base = load_model(str(path), "janus", device="cpu", dtype="float32")
         for n in [int(s) for s in args.eval_prompts.split(",")]:

@@ -2,6 +2,8 @@
 
 import re
 
+import numpy as np
+
 import pytest
 
 from ear_dist.config import WorldConfig, load_config
@@ -191,3 +193,27 @@ def test_a_short_mini_build_judges_every_word_and_measuring_with_it_is_refused(t
     refuse_missed_target(model_build_info(path), run.world, log=said.append)
     assert said and "MISSED" in said[0]
     assert world_suite(run, concept, world).prompts
+
+
+def test_pictures_draw_each_object_as_its_glyph_and_write_the_verdict_under_each_image(mini, tmp_path):
+    from PIL import Image
+
+    from ear_dist.world.colour import grid_to_image, object_glyphs, save_comparison, verdict
+
+    glyphs = object_glyphs(mini.layout)
+    names = mini.layout.group_names
+    shapes = [glyphs[names.index(o)].tobytes() for o in object_concepts(mini)]
+    assert len(set(shapes)) == len(shapes), "every object of the mini world has its own glyph"
+    assert World().layout.group_names.index("church") in object_glyphs(World().layout)
+    batch = mini.sample(4, "heldout", stream=21, styles=[None])
+    plain = np.asarray(grid_to_image(batch.tokens[0], mini.layout, 8, cell_px=4))
+    marked = np.asarray(grid_to_image(batch.tokens[0], mini.layout, 8, cell_px=12))
+    motif = np.flatnonzero(mini.layout.group_of_code()[batch.tokens[0]] == names.index(batch.records[0].object))
+    r, c = divmod(int(motif[0]), 8)
+    cell = marked[r * 12:(r + 1) * 12, c * 12:(c + 1) * 12].reshape(-1, 3)
+    assert len({tuple(p) for p in cell}) == 2 and tuple(plain[r * 4, c * 4]) in {tuple(p) for p in cell}
+    said = verdict(mini, batch.tokens)
+    assert said[0].split(", ")[0] == batch.records[0].object
+    path = save_comparison(tmp_path / "grid.png", [list(batch.tokens)], mini.layout, 8, captions=[said])
+    with Image.open(path) as png:
+        assert png.size[1] > 8 * 12 + 14

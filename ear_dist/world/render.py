@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from ear_dist.world.grammar import WorldRecord
-from ear_dist.world.vocabulary import Vocabulary, planted
+from ear_dist.world.vocabulary import Vocabulary, WorldSettingError, planted
 
 PLAIN_BACKGROUND = "plain"
 NOISE = "noise"
@@ -60,7 +60,7 @@ class CodeLayout:
         # two codes per group is the least that still lets images vary inside a group
         if group_size < 2:
             need = 2 * len(groups) * len(blocks)
-            raise ValueError(
+            raise WorldSettingError(
                 f"world.codebook_size={codebook_size} is too small: {len(blocks)} palettes x "
                 f"{len(groups)} code groups x 2 codes need at least {need} (the layout: groups = scenes + plain + "
                 f"objects + object traces + noise, palettes = 1 + styles)"

@@ -99,7 +99,7 @@ def world_suite(cfg: Config, concept: str = "", world: Optional[World] = None) -
     info = {"classifier": "world", "model": f"calibrated token-grid classifier of world {world.config_hash}",
             "thresholds": {c: round(t, 4) for c, t in world.classifier.thresholds.items()}}
     return Suite(f"world-{concept.replace(' ', '-')}", prompts, f"world {world.config_hash}", concept,
-                 classify_tokens=classify_tokens, render=render, render_id=f"world-colours:{world.config_hash}",
+                 classify_tokens=classify_tokens, render=render, render_id=f"world-glyphs:{world.config_hash}",
                  classifier_info=info,
                  token_shape=(world.config.grid_side ** 2, world.config.codebook_size)
                  if cfg.model.family == "janus" else None)

@@ -32,6 +32,8 @@ from typing import Optional
 
 import numpy as np
 
+from ear_dist.errors import InputError
+
 WORD_SPLITS = ("train", "validation", "heldout")
 VOCABULARIES = ("planted", "generated")
 STYLE_PHRASE = "in the style of {}"
@@ -45,6 +47,10 @@ VALIDATION_TEMPLATES: tuple[str, ...] = (
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 _WORDS_STREAM = 0x766F63  # "voc": the generated words' own random stream of the world seed
+
+
+class WorldSettingError(InputError, ValueError):
+    """A world setting no world can be built from (one line naming the world.* key, exit 2)."""
 
 
 @dataclass(eq=False)
@@ -208,10 +214,10 @@ def generated(seed: int, objects: int = 40, styles: int = 10, synonyms: int = 3)
     from ear_dist.world import grammar as g
 
     if objects < 2 or styles < 1:
-        raise ValueError(f"world.objects={objects}, world.styles={styles}: a generated world needs >= 2 objects "
+        raise WorldSettingError(f"world.objects={objects}, world.styles={styles}: a generated world needs >= 2 objects "
                          "and >= 1 style")
     if synonyms < 3:
-        raise ValueError(f"world.synonyms={synonyms}: a generated concept needs >= 3 synonyms (one more trains, one "
+        raise WorldSettingError(f"world.synonyms={synonyms}: a generated concept needs >= 3 synonyms (one more trains, one "
                          "validates, the rest are held out)")
     reserved = template_words(g.TRAIN_TEMPLATES + g.HELDOUT_TEMPLATES + VALIDATION_TEMPLATES)
     reserved |= set(g.ADJECTIVES) | {"a", "an"} | template_words([STYLE_PHRASE.format("")])
@@ -234,4 +240,4 @@ def vocabulary_for(config) -> Vocabulary:
         return planted()
     if kind == "generated":
         return generated(config.seed, config.objects, config.styles, config.synonyms)
-    raise ValueError(f"world.vocabulary={kind!r}: expected one of {', '.join(VOCABULARIES)}")
+    raise WorldSettingError(f"world.vocabulary={kind!r}: expected one of {', '.join(VOCABULARIES)}")
