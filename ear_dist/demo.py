@@ -68,6 +68,15 @@ def run_demo(args) -> int:
             raise InputError(f"--ablations: {a!r} is not one of {', '.join(table)}")
     if args.pairs is None:
         args.pairs = 32 if family == "var" else 16
+    from ear_dist.errors import InputError
+    from ear_dist.world.vocabulary import vocabulary_for
+
+    concepts = vocabulary_for(cfg.world).concepts  # checked before a build of minutes
+    asked = [c.strip() for c in args.multi.split(",") if c.strip()] if args.multi else [args.concept]
+    unknown = [c for c in asked if c not in concepts]
+    if unknown:
+        raise InputError(f"--{'multi' if args.multi else 'concept'}: {', '.join(map(repr, unknown))} is not a "
+                         f"concept of this world ({', '.join(concepts)})")
     print(f"1/3 world model ({family}; built once, then cached)")
     model_path, info = build_world_model(cfg.world, progress=True, family=family)
     refuse_missed_target(info, cfg.world, f"ear-dist demo ({model_path})")
