@@ -359,9 +359,9 @@ def refuse_missed_target(info: dict, config: WorldConfig, where: str = "", log: 
     worst = min(required_concepts(info["accuracy"]).items(), key=lambda kv: kv[1])
     place = f"{where}: " if where else ""
     raise InputError(
-        f"{place}the world model missed its pretraining target: weakest {worst[0]} {worst[1]:.3f} (every concept "
-        f"and word >= {info.get('min_accuracy', '?')}, mean {info.get('mean_accuracy', float('nan')):.3f} >= "
-        f"{info['target_accuracy']} wanted) after {info['steps']} steps; rebuild it with more steps (ear-dist "
+        f"{place}the world model missed its pretraining target: weakest {worst[0]} {worst[1]:.3f}, mean "
+        f"{info.get('mean_accuracy', float('nan')):.3f} after {info['steps']} steps (wanted: every concept and word "
+        f">= {info.get('min_accuracy', '?')}, mean >= {info['target_accuracy']}); rebuild it with more steps (ear-dist "
         f"world build --force, the same --recipe/--set, and --set world.max_steps={2 * int(info['steps'])}) or "
         "measure anyway with --set world.allow_missed_target=true")
 
