@@ -76,12 +76,6 @@ def default_world_model(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def large_world_mini_model(request, tmp_path_factory):
-    """The large world's preset, small (recipe world-large-mini: 8 generated objects, 3 styles, 3 synonyms each)."""
-    return _world_model(request, "large_world_mini_model", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
 def short_var_world_model(request, tmp_path_factory):
     """A 600-step VAR world build (the field layout reaches its target already: README, "The VAR family")."""
     return _world_model(request, "short_var_world_model", tmp_path_factory)

@@ -25,7 +25,6 @@ SHORT_VAR_BUILD = ["world.max_steps=600", "world.decay_steps=600", "world.eval_e
 BUILDS: dict[str, tuple[str, list[str]]] = {
     "default_world_model": ("janus", []),
     "short_var_world_model": ("var", SHORT_VAR_BUILD),
-    "large_world_mini_model": ("janus", ["recipe:world-large-mini"]),  # the large world's preset, small
 }
 
 
@@ -35,9 +34,7 @@ def build(name: str, cache: Path):
     from ear_dist.world.pretrain import build_world_model
 
     family, overrides = BUILDS[name]
-    recipes = [o.split(":", 1)[1] for o in overrides if o.startswith("recipe:")]
-    overrides = [o for o in overrides if not o.startswith("recipe:")]
-    cfg = load_config(recipes=recipes, overrides=[f"world.cache_dir={cache}", *overrides]).world
+    cfg = load_config(overrides=[f"world.cache_dir={cache}", *overrides]).world
     path, info = build_world_model(cfg, progress=False, family=family)
     return cfg, path, info
 
