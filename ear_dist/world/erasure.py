@@ -90,25 +90,48 @@ def _unknown_concept(world: World, concept: str) -> ValueError:
     return ValueError(f"concept {concept!r}: the world's concepts are {', '.join(world.vocab.concepts)}")
 
 
-def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM) -> list[PromptPair]:
+def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM, avoid: Sequence[str] = ()
+               ) -> list[PromptPair]:
     """ECG from templates: training-template prompts with the concept and their surrogates.
 
     An object concept is replaced by another object (church -> barn, castle, ...); a
     style concept is removed (the same sentence without "in the style of ..."). Targets use
     the concept's train words only (the planted world: the canonical word; a generated world:
     the canonical word and one synonym), never a validation or held-out word.
+
+    ``avoid``: the other concepts a many-concept job erases. Neither side of a pair then shows
+    one of them: a surrogate object is drawn from the objects not avoided, a sentence's style
+    (an object's pair) or object (a style's pair) from those not avoided, so no pair teaches the
+    student to draw what another pair of the same job removes (church -> barn while barn is
+    erased too). Empty: the single-concept pairs, as before.
     """
     from ear_dist.world.concepts import concept_words
 
     rng = np.random.default_rng([world.seed, stream])
     vocab = world.vocab
     words = concept_words(world, concept, "train") if concept in vocab.concepts else ()
+    avoid = [a for a in avoid if a != concept]
+    unknown = [a for a in avoid if a not in vocab.concepts]
+    if unknown:
+        raise _unknown_concept(world, unknown[0])
+    kept_objects = [o for o in vocab.objects if o not in avoid]
+    restrict: dict = {}
     if concept in vocab.objects:
-        batch = world.sample(n, split="train", stream=stream, objects=[concept], object_words=list(words))
-        others = [o for o in vocab.objects if o != concept]
+        if avoid:  # a kept style or none; the plain draw otherwise (the single-concept pairs, unchanged)
+            restrict["styles"] = [None, *(s for s in vocab.styles if s not in avoid)]
+        batch = world.sample(n, split="train", stream=stream, objects=[concept], object_words=list(words), **restrict)
+        others = [o for o in kept_objects if o != concept]
+        if not others:
+            raise InputError(f"concept {concept!r}: no object is left to be its surrogate when "
+                             f"{', '.join(avoid)} are erased too")
         pairs = [(r, r.replace(vocab, object=others[int(rng.integers(len(others)))])) for r in batch.records]
     elif concept in vocab.styles:
-        batch = world.sample(n, split="train", stream=stream, styles=[concept])
+        if avoid:
+            if not kept_objects:
+                raise InputError(f"concept {concept!r}: every object is erased too, so no sentence is left to "
+                                 "carry the style")
+            restrict["objects"] = kept_objects
+        batch = world.sample(n, split="train", stream=stream, styles=[concept], **restrict)
         pairs = [(r, r.replace(vocab, style=None)) for r in batch.records]
     else:
         raise _unknown_concept(world, concept)
