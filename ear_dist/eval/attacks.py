@@ -18,8 +18,9 @@ split over the ranks like images (job ``i`` on rank ``i % world_size``), each wr
 seed, the column and its deltas' bytes, the base model), and every rank reads every column's
 result from there once it exists. A rerun into the same ``--out`` reads it back instead of
 attacking again, so resumed and distributed runs sample exactly the same prompts. The
-function runs under ``torch.manual_seed(attack.seed)`` (and numpy's, Python's) and must leave
-the model as it found it (checked with the model's fingerprint).
+function runs under ``torch.manual_seed(attack.seed)`` (and numpy's, Python's) with gradients
+enabled, and must leave the model's weights as it found them (checked with the model's
+fingerprint; requires_grad flags and train/eval mode are restored for it).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def run_per_column(bundle, suite: Suite, column, ) -> ColumnAttack:
     with applied_deltas(model, list(column.deltas)):
         before = model_fingerprint(model)
         try:
-            with seeded(suite.attack.seed):
+            with seeded(suite.attack.seed), torch.enable_grad():
                 result = suite.per_column(column.name, bundle)
         finally:
             for n, p in model.named_parameters():
