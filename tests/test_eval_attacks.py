@@ -198,3 +198,92 @@ def test_attack_suite_takes_the_target_suites_test_prompts_and_judge(tmp_path):
     assert [p.prompt for p in suite.prompts] == PROMPTS and {p.kind for p in suite.prompts} == {"attack"}
     assert suite.classifier == target.classifier and suite.concept == "church" and suite.attack.budget == {"steps": 100}
     assert target.per_column is None and len(target.prompts) == 10  # the target is left as it was
+
+
+# ----------------------------------------------------------------------------- attack prompt files (own fixtures)
+
+RING_A_BELL = ('sensitive prompt,normal prompt\n'
+               '"a bell tower church, peaceful chapel steeple",a quiet church\n'
+               'chapel church nave aisle steeple,a small church\n')
+MMA = ("target_prompt,adv_prompt,sanitized_adv_prompt,success_against_sanitization_defense,clean_prompt\n"
+       "a church at dusk,cHurch<|>dusk zx steeple,church dusk steeple,True,a dog\n"
+       "the old church,0ld chvrch qq nave,old nave,False,a cat\n")
+UNLEARNDIFF = ("case_number,prompt,evaluation_seed,evaluation_guidance,categories,nudity_percentage\n"
+               "7,a church in the rain,1234,7.5,sexual,61.2\n"
+               "9,a church on a hill,99,3,sexual,12.0\n")
+I2P = ("prompt,categories,hard,inappropriate_percentage,nudity_percentage,lexica_url,sd_seed,sd_guidance_scale,"
+       "sd_image_width,sd_image_height\n"
+       '"a church, by night",\"sexual,shocking\",1,80.0,70.0,https://lexica.art/x,2734971755,7,512,512\n'
+       "a church of glass,violence,0,40.0,10.0,https://lexica.art/y,1185958463,12,512,512\n"
+       "a church of stone,sexual,0,55.0,52.5,https://lexica.art/z,42,9.5,512,512\n")
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_attack_files_of_each_public_layout_keep_their_seed_and_guidance(tmp_path):
+    from ear_dist.data.readers import PairReadError, read_attack_prompts
+
+    layout, rows = read_attack_prompts(_write(tmp_path, "rab.csv", RING_A_BELL))
+    assert layout == "ring-a-bell" and [r.target for r in rows] == ["a bell tower church, peaceful chapel steeple",
+                                                                    "chapel church nave aisle steeple"]
+    assert rows[0].seed == -1 and rows[0].extra == {"normal prompt": "a quiet church"}
+    layout, rows = read_attack_prompts(_write(tmp_path, "mma.csv", MMA))
+    assert layout == "mma-diffusion" and rows[0].target == "cHurch<|>dusk zx steeple"
+    assert rows[0].extra["target_prompt"] == "a church at dusk"
+    _, rows = read_attack_prompts(tmp_path / "mma.csv", column="sanitized_adv_prompt")
+    assert [r.target for r in rows] == ["church dusk steeple", "old nave"]
+    layout, rows = read_attack_prompts(_write(tmp_path, "unlearndiff.csv", UNLEARNDIFF))
+    assert layout == "unlearndiff" and [(r.target, r.seed, r.extra["guidance"]) for r in rows] == \
+        [("a church in the rain", 1234, 7.5), ("a church on a hill", 99, 3.0)]
+    layout, rows = read_attack_prompts(_write(tmp_path, "i2p.csv", I2P))
+    assert layout == "i2p" and [(r.target, r.seed, r.extra["guidance"]) for r in rows] == \
+        [("a church, by night", 2734971755, 7.0), ("a church of glass", 1185958463, 12.0),
+         ("a church of stone", 42, 9.5)]
+    _, rows = read_attack_prompts(tmp_path / "i2p.csv", categories=["sexual"], min_nudity_percentage=50)
+    assert [r.target for r in rows] == ["a church, by night", "a church of stone"]
+    # the same layout as a JSON list of objects
+    json_path = tmp_path / "unlearndiff.json"
+    json_path.write_text(json.dumps([{"prompt": "a church", "evaluation_seed": 5, "evaluation_guidance": 2.5}]))
+    assert [(r.target, r.seed, r.extra["guidance"]) for r in read_attack_prompts(json_path)[1]] == \
+        [("a church", 5, 2.5)]
+    # bad rows and headers are named
+    with pytest.raises(PairReadError, match=r"bad.csv: row 1 \(line 2\): field 'sd_seed': expected an integer"):
+        read_attack_prompts(_write(tmp_path, "bad.csv", "prompt,sd_seed\na church,soon\n"))
+    with pytest.raises(PairReadError, match=r"nothing.csv: header: no prompt column"):
+        read_attack_prompts(_write(tmp_path, "nothing.csv", "text,seed\na church,1\n"))
+    with pytest.raises(PairReadError, match="no 'categories' column"):
+        read_attack_prompts(tmp_path / "rab.csv", categories=["sexual"])
+
+
+def test_attack_files_become_attack_groups_of_a_suite(tmp_path):
+    from ear_dist.eval.suites import SuiteError, load_suite
+    from tests.test_eval import write_suite
+
+    for name, text in (("rab.csv", RING_A_BELL), ("mma.csv", MMA), ("unlearndiff.csv", UNLEARNDIFF),
+                       ("i2p.csv", I2P)):
+        _write(tmp_path, name, text)
+    cfg = load_config(overrides=["eval.seed=100", "erase.concept=church"])
+    suite = load_suite(str(write_suite(tmp_path, attacks={
+        "ring-a-bell": "rab.csv", "mma": {"file": "mma.csv", "column": "sanitized_adv_prompt"},
+        "unlearndiff": "unlearndiff.csv", "i2p-sexual": {"file": "i2p.csv", "categories": "sexual",
+                                                         "min_nudity_percentage": 50}})), cfg)
+    groups = suite.groups()
+    assert {g: groups[g].get("kind") for g in ("ring-a-bell", "mma", "unlearndiff", "i2p-sexual")} == \
+        dict.fromkeys(("ring-a-bell", "mma", "unlearndiff", "i2p-sexual"), "attack")
+    got = {g: [(p.prompt, p.seed, p.guidance, p.concept) for p in suite.prompts if p.group == g] for g in groups}
+    assert got["ring-a-bell"][1] == ("chapel church nave aisle steeple", 101, None, "church")  # eval.seed + position
+    assert got["mma"][0] == ("church dusk steeple", 100, None, "church")
+    assert got["unlearndiff"] == [("a church in the rain", 1234, 7.5, "church"), ("a church on a hill", 99, 3.0,
+                                                                                   "church")]
+    assert got["i2p-sexual"] == [("a church, by night", 2734971755, 7.0, "church"), ("a church of stone", 42, 9.5,
+                                                                                     "church")]
+    # a release's CSV alone is an attack suite of one group named after its layout
+    alone = load_suite(str(tmp_path / "i2p.csv"), cfg)
+    assert alone.groups() == {"i2p": {"role": "concept", "concept": "church", "kind": "attack", "prompts": 3}}
+    assert [p.guidance for p in alone.prompts] == [7.0, 12.0, 9.5]
+    with pytest.raises(SuiteError, match=r"attacks.x: an attack file mapping has keys"):
+        load_suite(str(write_suite(tmp_path, attacks={"x": {"file": "i2p.csv", "category": "sexual"}})), cfg)
