@@ -287,3 +287,85 @@ def test_attack_files_become_attack_groups_of_a_suite(tmp_path):
     assert [p.guidance for p in alone.prompts] == [7.0, 12.0, 9.5]
     with pytest.raises(SuiteError, match=r"attacks.x: an attack file mapping has keys"):
         load_suite(str(write_suite(tmp_path, attacks={"x": {"file": "i2p.csv", "category": "sexual"}})), cfg)
+
+
+# ----------------------------------------------------------------------------- negative prompts and guidance sweep
+
+NEGATIVE_PROMPTS = ["a photo of a church", "a red barn in a snowy field at night"]
+
+
+def test_negative_prompts_follow_the_cfg_formula_of_the_plain_model(tiny_bundle):
+    """Greedy tokens with a negative prompt are the argmax of neg + w * (cond - neg), each branch's logits computed
+    plainly (teacher forcing, one prompt at a time, no padding); without one, the pad prompt as before."""
+    from ear_dist.models.family import as_image_model
+    from ear_dist.models.janus.bundle import unconditional_ids
+
+    bundle, w = as_image_model(tiny_bundle), 5.0
+    prompts, negatives = ["a church on a hill", "castle"], ["church", "a photo of a church at night"]
+
+    def plain_logits(prompt_ids, mask, tokens):
+        return bundle.teacher_forced(bundle.model, prompt_ids, mask, tokens[None])[1][0].float()
+
+    def check(tokens, cond, uncond):
+        combined = uncond + w * (cond - uncond)
+        top2 = combined.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # positions a float rounding cannot flip
+        assert clear.float().mean() > 0.9
+        assert torch.equal(combined.argmax(-1)[clear], tokens[clear])
+
+    with torch.no_grad():
+        got = bundle.sample(prompts, w, greedy=True, negative_prompts=negatives)
+        plain = bundle.sample(prompts, w, greedy=True)
+        for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
+            ids, mask = bundle.encode_prompts([prompt])
+            nids, nmask = bundle.encode_prompts([negative])
+            check(got[i], plain_logits(ids, mask, got[i]), plain_logits(nids, nmask, got[i]))
+            check(plain[i], plain_logits(ids, mask, plain[i]),
+                  plain_logits(unconditional_ids(ids, bundle.prompt_format), mask, plain[i]))
+            # one prompt at a time (no padding against the other rows) gives the batch's tokens
+            assert torch.equal(bundle.sample([prompt], w, greedy=True, negative_prompts=[negative])[0], got[i])
+    assert not torch.equal(got, plain)
+
+
+def test_the_lean_decoder_samples_negative_prompts_like_the_eager_loop(tiny_bundle):
+    from ear_dist.models.janus.decode import lean_rollout_ids
+    from ear_dist.models.janus.rollout import rollout_ids
+
+    ids, mask = tiny_bundle.encode_prompts(NEGATIVE_PROMPTS + ["church", "barn"])
+    cond, uncond = (ids[:2], mask[:2]), (ids[2:], mask[2:])
+    want = rollout_ids(tiny_bundle, *cond, 4.0, greedy=True, uncond=uncond)
+    got = lean_rollout_ids(tiny_bundle, *cond, "uncaptured", 4.0, 1.0, 0, True, None, tiny_bundle.num_image_tokens,
+                           uncond=uncond)
+    assert torch.equal(got, want) and not torch.equal(want, rollout_ids(tiny_bundle, *cond, 4.0, greedy=True))
+
+
+def test_guidance_sweep_groups_keep_seeds_and_share_the_default_images(tiny_checkpoint, tmp_path):
+    from ear_dist.eval.suites import SuiteError, load_suite
+    from tests.test_eval import write_suite
+
+    cfg = load_config(overrides=["eval.guidance_sweep=[1, 5, 8]", "rollout.guidance_weight=5"])
+    path = write_suite(tmp_path)
+    suite = load_suite(f"guidance:{path}", cfg)
+    assert list(suite.groups()) == ["cfg 1", "cfg 5", "cfg 8", "cfg 5, negative 'church'", "cfg 8, negative 'church'"]
+    assert {p.kind for p in suite.prompts} == {"attack"} and suite.classifier["kind"] == "tests.test_eval:bright"
+    by_group = {g: [p for p in suite.prompts if p.group == g] for g in suite.groups()}
+    assert [p.seed for p in by_group["cfg 8"]] == [p.seed for p in by_group["cfg 1"]] == [0, 1, 2]
+    assert {p.negative for p in by_group["cfg 8, negative 'church'"]} == {"church"}
+    out = tmp_path / "eval"
+    report = _eval(tiny_checkpoint, [load_suite(str(path), cfg), suite], [], out,
+                   "eval.guidance_sweep=[1, 5, 8]", "rollout.guidance_weight=5", "rollout.greedy=true")
+    rows = _rows(out)
+    church = {r["prompt"]: r["key"] for r in rows if r["suite"] == "church" and r["group"] == "church"}
+    assert {r["prompt"]: r["key"] for r in rows if r["group"] == "cfg 5"} == church  # the same images
+    assert report["generation"]["base"]["generated"] == len({r["key"] for r in rows})
+    from ear_dist.models.family import load_model
+
+    bundle = load_model(str(tiny_checkpoint), "janus", device="cpu", dtype="float32")
+    for group, w, negative in (("cfg 8", 8.0, None), ("cfg 8, negative 'church'", 8.0, ["church"]),
+                               ("cfg 1", 1.0, None)):
+        r = next(r for r in rows if r["group"] == group)
+        want = bundle.sample([r["prompt"]], w, greedy=True, seeds=[r["seed"]], negative_prompts=negative)[0]
+        assert np.array_equal(read_png(r["path"])[1], want.numpy()), group
+    assert set(report["results"]["base"]["guidance-church"]["groups"]) == set(suite.groups())
+    with pytest.raises(SuiteError, match="eval.guidance_sweep"):
+        load_suite(f"guidance:{path}", load_config(overrides=["eval.guidance_sweep=[0]"]))

@@ -57,7 +57,7 @@ from ear_dist.errors import InputError
 
 ROLES = ("concept", "preservation", "unrelated", "caption")
 CONCEPT_KINDS = ("test", "synonym", "paraphrase", "attack")  # kinds of concept groups, Table 1's order
-BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite"}
+BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite", "guidance": "ear_dist.eval.attacks:guidance_suite"}
 SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "paraphrases", "attacks", "preservation", "unrelated", "captions",
               "limit", "classifier", "format"}
 
@@ -330,7 +330,8 @@ def load_suite(spec: str, cfg: Config) -> Suite:
         attr, _, arg = rest.partition(":")
         target = f"{module_name}:{attr}"
     else:
-        raise SuiteError(f"suite {spec!r}: no such file, and not coco, world[:concept] or module:function")
+        raise SuiteError(f"suite {spec!r}: no such file, and not coco, world[:concept], guidance:<suite> or "
+                         "module:function")
     module_name, _, attr = target.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
