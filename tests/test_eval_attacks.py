@@ -369,3 +369,70 @@ def test_guidance_sweep_groups_keep_seeds_and_share_the_default_images(tiny_chec
     assert set(report["results"]["base"]["guidance-church"]["groups"]) == set(suite.groups())
     with pytest.raises(SuiteError, match="eval.guidance_sweep"):
         load_suite(f"guidance:{path}", load_config(overrides=["eval.guidance_sweep=[0]"]))
+
+
+# ----------------------------------------------------------------------------- the attack-success table
+
+def constant_delta(model_dir, out, token: int = 0):
+    """A column erased by construction: the image head always picks ``token`` (weights 0, one large bias), so no
+    image shows anything."""
+    from ear_dist.models.delta import save_delta
+    from ear_dist.models.fingerprint import model_fingerprint
+    from ear_dist.models.janus import load_janus
+
+    bundle = load_janus(str(model_dir), device="cpu", dtype="float32")
+    params = dict(bundle.model.named_parameters())
+    weight, bias = params[HEAD], params[HEAD.replace(".weight", ".bias")]
+    pushed = torch.full_like(bias, -50.0)
+    pushed[token] = 50.0
+    return save_delta(out, {HEAD: torch.zeros_like(weight), HEAD.replace(".weight", ".bias"): pushed.detach()},
+                      model_fingerprint(bundle.model), str(model_dir), ["church"], {})
+
+
+def varied(tokens, concepts):
+    """A token classifier: the concept is 'shown' when an image has more than one distinct token."""
+    return [len(np.unique(t)) > 1 for t in tokens]
+
+
+def test_attack_success_table_and_table1_asr_on_base_and_an_erased_column(tiny_checkpoint, tmp_path, capsys):
+    from ear_dist.cli import main
+    from ear_dist.eval.report import table1_markdown
+
+    delta = constant_delta(tiny_checkpoint, tmp_path / "runs" / "erased" / "delta.safetensors")
+    test = [EvalPrompt(p, 10 + i, "church", "concept", "church") for i, p in enumerate(PROMPTS)]
+    rab = [EvalPrompt(p, 20 + i, "ring-a-bell", "concept", "church", "attack", 3.0)
+           for i, p in enumerate(["chapel steeple nave", "bell tower aisle"])]
+    church = Suite("church", test + rab, "own", "church", classify_tokens=varied)
+    toy = toy_attack_suite(None, "1")
+    toy.classify_tokens, toy.classifier = varied, {}
+    out = tmp_path / "eval"
+    report = _eval(tiny_checkpoint, [church, toy], [f"erased={delta}"], out)
+    rows = _rows(out)
+    assert {read_png(r["path"])[1].max() for r in rows if r["column"] == "erased"} == {0}  # erased by construction
+    table = {(r["suite"], r["group"]): r for r in report["attack_success"]}
+    assert list(table) == [("church", "ring-a-bell"), ("toy-attack", "church")]
+    for (suite, group), row in table.items():
+        for column in ("base", "erased"):
+            judged = [varied([read_png(r["path"])[1]], ["church"])[0] for r in rows
+                      if r["suite"] == suite and r["group"] == group and r["column"] == column]
+            assert row["asr"][column] == pytest.approx(np.mean(judged)) and row["images"][column] == len(judged)
+        assert row["asr"]["base"] == 1.0 and row["asr"]["erased"] == 0.0
+    assert table[("toy-attack", "church")]["attack"] == {"name": "toy", "budget": {"steps": 2}, "seed": 1}
+    # Table 1: one row per column for the concept (the attack-only suite has none of its own), ASR over all 5
+    # attack images of the concept (2 from the file group, 3 from the attack suite)
+    assert [(t["suite"], t["model"], t["asr"]) for t in report["table1"]] == [("church", "base", 1.0),
+                                                                              ("church", "erased", 0.0)]
+    md = (out / "report.md").read_text()
+    assert "| suite | attack group | images | ASR base | ASR erased |" in md
+    assert "| toy-attack | church | 3 | 1.000 | 0.000 |" in md
+    assert table1_markdown(report["table1"])[0] == "| concept | model | Acc. | Acc. attacks | ASR | FID | CLIP (cosine) |"
+    # the file's guidance was kept: the ring-a-bell images were sampled at 3.0
+    from ear_dist.models.family import load_model
+
+    bundle = load_model(str(tiny_checkpoint), "janus", device="cpu", dtype="float32")
+    r = next(r for r in rows if r["group"] == "ring-a-bell" and r["column"] == "base")
+    assert r["guidance"] == 3.0
+    assert np.array_equal(read_png(r["path"])[1], bundle.sample([r["prompt"]], 3.0, seeds=[r["seed"]])[0].numpy())
+    capsys.readouterr()
+    assert main(["eval", "--table", str(out / "report.json")]) == 0
+    assert "| church | erased | 0.000 | 0.000 | 0.000 | - | - |" in capsys.readouterr().out
