@@ -436,3 +436,33 @@ def test_attack_success_table_and_table1_asr_on_base_and_an_erased_column(tiny_c
     capsys.readouterr()
     assert main(["eval", "--table", str(out / "report.json")]) == 0
     assert "| church | erased | 0.000 | 0.000 | 0.000 | - | - |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first to run waits for the session's default world build
+def test_world_guidance_sweep_and_attack_success_with_an_erased_by_construction_column(default_world_model, tmp_path):
+    """On the planted-concept world: the guidance sweep of world:church as an attack suite, the base column and a
+    column that can draw nothing (erased by construction); the sweep's default-weight group is the suite's own
+    test images, the erased column's ASR is 0 at every weight, the base's is the share the world's classifier
+    finds."""
+    cfg, model, _ = default_world_model
+    delta = constant_delta(model, tmp_path / "runs" / "erased" / "delta.safetensors")
+    out = tmp_path / "eval"
+    sets = [f"world.cache_dir={cfg.cache_dir}", "eval.world_prompts=8", "eval.guidance_sweep=[1, 5]",
+            "rollout.guidance_weight=5"]
+    report = _eval(model, ["world:church", "guidance:world:church"], [f"erased={delta}"], out, *sets)
+    table = {(r["suite"], r["group"]): r["asr"] for r in report["attack_success"]}
+    assert list(table) == [("guidance-world-church", g) for g in
+                           ("cfg 1", "cfg 5", "cfg 5, negative 'church'", "(all attack groups)")]
+    base = report["results"]["base"]
+    assert table[("guidance-world-church", "cfg 5")]["base"] == base["world-church"]["concept_accuracy"]
+    assert table[("guidance-world-church", "cfg 5")]["base"] >= 0.5  # the world model draws its church
+    assert all(asr["erased"] == 0.0 for asr in table.values())
+    rows = _rows(out)
+    same = {r["key"] for r in rows if r["group"] == "cfg 5"}
+    assert same == {r["key"] for r in rows if r["suite"] == "world-church" and r["group"].endswith("(church)")}
+    # Table 1: the world suite's rows carry the sweep's pooled ASR (24 attack images per column)
+    t1 = {t["model"]: t for t in report["table1"]}
+    assert set(t1) == {"base", "erased"} and t1["erased"]["asr"] == 0.0
+    assert t1["base"]["asr"] == pytest.approx(table[("guidance-world-church", "(all attack groups)")]["base"])
+    assert report["attack_success"][-1]["images"] == {"base": 24, "erased": 24}
