@@ -466,3 +466,27 @@ def test_world_guidance_sweep_and_attack_success_with_an_erased_by_construction_
     assert set(t1) == {"base", "erased"} and t1["erased"]["asr"] == 0.0
     assert t1["base"]["asr"] == pytest.approx(table[("guidance-world-church", "(all attack groups)")]["base"])
     assert report["attack_success"][-1]["images"] == {"base": 24, "erased": 24}
+
+
+def test_a_failed_preparation_stops_the_waiting_ranks_and_a_stale_failure_is_cleared(tiny_bundle, tmp_path):
+    from ear_dist.errors import RunFailure
+    from ear_dist.eval.attacks import attack_id, prepare_attacks
+    from ear_dist.eval.generate import Column
+    from ear_dist.models.family import as_image_model
+
+    bundle = as_image_model(tiny_bundle)
+    suite = toy_attack_suite(None, "2")
+    columns = [Column("base"), Column("other")]
+    # rank 1 of 2 prepares "other"; "base" (rank 0's) failed: rank 1 says so instead of waiting
+    failed = tmp_path / "attacks" / "toy-attack"
+    failed.mkdir(parents=True)
+    done = prepare_attacks(bundle, [suite], columns[1:], "fp", tmp_path, rank=0, world_size=1)  # writes "other"
+    stem = f"base-{attack_id(suite.attack, 'base', 'fp', [])}"
+    with pytest.raises(RunFailure, match="against column base failed: rank 0: boom"):
+        (failed / f"{stem}.failed").write_text("rank 0: boom\n")
+        prepare_attacks(bundle, [suite], columns, "fp", tmp_path, rank=1, world_size=2, wait_s=5)
+    # rank 0 of a rerun removes the stale marker, then prepares its own job
+    CALLS.clear()
+    got = prepare_attacks(bundle, [suite], columns, "fp", tmp_path, rank=0, world_size=1)
+    assert [c for c, _ in CALLS] == ["base"] and not list(failed.glob("*.failed"))
+    assert got[("toy-attack", "other")][1] == done[("toy-attack", "other")][1]

@@ -123,7 +123,8 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     check_deltas(bundle.model, [d for c in columns for d in c.deltas])
     fingerprint = model_fingerprint(bundle.model)
     # attack suites: each column's prompts (and learned tensors), prepared once per (suite, column) over the ranks
-    attacks = prepare_attacks(bundle, suites, columns, fingerprint, out_dir, rt.rank, rt.world_size, log)
+    attacks = prepare_attacks(bundle, suites, columns, fingerprint, out_dir, rt.rank, rt.world_size, log,
+                              barrier=dist.barrier if rt.distributed else None)
     entries = plan(suites, columns, cfg, fingerprint, out_dir, attacks)
     tools = build_tools(suites, cfg, str(rt.device)) if main else Tools()
     for message in tools.not_run:
