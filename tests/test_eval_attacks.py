@@ -490,3 +490,15 @@ def test_a_failed_preparation_stops_the_waiting_ranks_and_a_stale_failure_is_cle
     got = prepare_attacks(bundle, [suite], columns, "fp", tmp_path, rank=0, world_size=1)
     assert [c for c, _ in CALLS] == ["base"] and not list(failed.glob("*.failed"))
     assert got[("toy-attack", "other")][1] == done[("toy-attack", "other")][1]
+
+
+def test_negative_prompts_on_a_var_model_are_refused_before_any_image(tmp_path):
+    from ear_dist.errors import InputError
+    from ear_dist.models.var.bundle import save_tiny_var_checkpoint
+
+    model = save_tiny_var_checkpoint(tmp_path / "var", seed=0)
+    suite = Suite("neg", [EvalPrompt("a church", 0, "church", "concept", "church", "attack", 5.0, "church")],
+                  classify_tokens=varied)
+    with pytest.raises(InputError, match="suite neg: negative prompts are implemented for the janus family only"):
+        _eval(model, [suite], [], tmp_path / "eval", "model.family=var")
+    assert not (tmp_path / "eval" / "images").exists()

@@ -120,6 +120,9 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
                         seed=cfg.model.seed)
     for suite in suites:
         suite.check_model(bundle.num_image_tokens, bundle.codebook_size, cfg.model.path)
+        if bundle.family != "janus" and any(p.negative for p in suite.prompts):
+            raise InputError(f"suite {suite.name}: negative prompts are implemented for the janus family only (model "
+                             f"{cfg.model.path} is {bundle.family}); set eval.guidance_negative=false")
     check_deltas(bundle.model, [d for c in columns for d in c.deltas])
     fingerprint = model_fingerprint(bundle.model)
     # attack suites: each column's prompts (and learned tensors), prepared once per (suite, column) over the ranks
