@@ -502,3 +502,14 @@ def test_negative_prompts_on_a_var_model_are_refused_before_any_image(tmp_path):
     with pytest.raises(InputError, match="suite neg: negative prompts are implemented for the janus family only"):
         _eval(model, [suite], [], tmp_path / "eval", "model.family=var")
     assert not (tmp_path / "eval" / "images").exists()
+
+
+def test_a_bad_attack_file_alone_is_named_once_by_the_cli(tmp_path, capsys):
+    from ear_dist.cli import main
+
+    bad = _write(tmp_path, "i2p.csv", "prompt,categories,nudity_percentage,sd_seed,sd_guidance_scale\n"
+                                      "a church,sexual,60,12,7\na barn,sexual,60,soon,7\n")
+    assert main(["eval", "--no-progress", "--suite", str(bad), "--set", "model.path=tiny", "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ear-dist: error: {bad}: row 2 (line 3): field 'sd_seed': expected an integer, got 'soon'"]
