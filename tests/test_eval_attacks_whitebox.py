@@ -1,0 +1,182 @@
+"""White-box attacks (concept inversion, GCG prompt search): what a user of `ear-dist eval --suite attack:...`
+relies on. Fast tests on a tiny random Janus: the new words feed exactly their vectors, the search's token
+gradient equals the one-hot gradient, an attack is deterministic per seed and leaves the model as it found it.
+Slow tests on the default world model: both attacks bring church back from a model that never lost it, and
+stay low on a model that cannot draw church by construction (so a low attack success rate after an erasure
+cannot come from a broken attack)."""
+
+import pytest
+import torch
+
+from ear_dist.eval.attacks import (AttackError, InversionBudget, SearchBudget, invert_concept, sample_targets,
+                                   search_prompts)
+from ear_dist.eval.attacks.common import frozen, image_loss, new_words
+from ear_dist.eval.attacks.search import _token_gradient
+
+
+@pytest.fixture()
+def tiny():
+    from ear_dist.models.family import as_image_model
+    from ear_dist.models.janus import build_preset
+
+    return as_image_model(build_preset("tiny", seed=0))
+
+
+def _targets(model, n=6, seed=0):
+    return torch.randint(model.codebook_size, (n, model.num_image_tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def _unchanged(model, before, tokenizer, vocab_size):
+    after = model.model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p.requires_grad for p in model.model.parameters()) and all(p.grad is None for p in model.model.parameters())
+    embedding = model.model.get_input_embeddings()
+    assert not embedding._forward_hooks and not embedding._forward_pre_hooks
+    assert model.tokenizer is tokenizer and len(tokenizer) == vocab_size
+
+
+def test_new_words_feed_their_vectors_exactly(tiny):
+    """A new word given the embedding row of "church" gives the logits of the prompt with "church", bitwise;
+    the unconditional prompt turns it into pad like any word."""
+    church = tiny.tokenizer.convert_tokens_to_ids("church")
+    row = tiny.model.get_input_embeddings().weight[church].detach()[None]
+    tokens = _targets(tiny, 2)
+    with torch.no_grad():
+        ids, mask = tiny.encode_prompts(["a photo of a church"] * 2)
+        _, want = tiny.teacher_forced(tiny.model, ids, mask, tokens)
+        with new_words(tiny, ["<inv0>"], lambda: row) as (new_id,):
+            ids2, mask2 = tiny.encode_prompts(["a photo of a <inv0>"] * 2)
+            _, got = tiny.teacher_forced(tiny.model, ids2, mask2, tokens)
+            assert new_id in ids2[0].tolist() and new_id not in tiny.unconditional(ids2)[0].tolist()
+    assert torch.equal(got, want)
+    assert "<inv0>" not in tiny.tokenizer.get_vocab()
+
+
+def test_search_token_gradient_equals_the_one_hot_gradient(tiny):
+    """The search's gradient (at the embeddings, times the table) against autograd through one-hot tokens."""
+    tokens = _targets(tiny, 3)
+    ids, mask = tiny.encode_prompts(["a photo of red barn sky"])
+    start, length = 4, 3  # "<bos> a photo of | red barn sky | <boi>"
+    assert tiny.tokenizer.decode(ids[0, start:start + length].tolist()) == "red barn sky"
+    table = tiny.model.get_input_embeddings().weight
+    with frozen(tiny.model):
+        got = _token_gradient(tiny, ids, mask, start, length, tokens)
+        one_hot = torch.nn.functional.one_hot(ids[0, start:start + length], table.shape[0]).float().requires_grad_()
+
+        def put(module, args, output):
+            out = output.clone()
+            out[:, start:start + length] = one_hot @ table
+            return out
+
+        handle = tiny.model.get_input_embeddings().register_forward_hook(put)
+        try:
+            loss = image_loss(tiny, ids.expand(3, -1), mask.expand(3, -1), tokens).mean()
+            (want,) = torch.autograd.grad(loss, [one_hot])
+        finally:
+            handle.remove()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_inversion_is_deterministic_per_seed_and_leaves_the_model_as_it_was(tiny):
+    before, tokenizer, size = _state(tiny), tiny.tokenizer, len(tiny.tokenizer)
+    targets = _targets(tiny)
+    budget = InversionBudget(steps=4, tokens=2, batch=3, images=3, seed=5)
+    first = invert_concept(tiny, targets, budget)
+    second = invert_concept(tiny, targets, budget)
+    other = invert_concept(tiny, targets, InversionBudget(steps=4, tokens=2, batch=3, images=3, seed=6))
+    assert torch.equal(first.vectors, second.vectors) and first.losses == second.losses
+    assert torch.equal(first.images, second.images) and first.prompts == second.prompts
+    assert not torch.equal(first.vectors, other.vectors)
+    assert first.vectors.shape == (2, tiny.hidden_size) and first.images.shape == (3, tiny.num_image_tokens)
+    assert first.prompts[0] == "a photo of a <inv0> <inv1>" and len(first.losses) == 4
+    _unchanged(tiny, before, tokenizer, size)
+
+
+def test_search_is_deterministic_per_seed_leaves_out_the_concept_and_the_model_as_it_was(tiny):
+    before, tokenizer, size = _state(tiny), tiny.tokenizer, len(tiny.tokenizer)
+    targets = _targets(tiny)
+    budget = SearchBudget(steps=3, candidates=8, top_k=4, length=2, batch=2, prompts=2, images=3, seed=1)
+    words = ("church", "chapel", "cathedral")
+    first = search_prompts(tiny, targets, budget, template="a photo of {}", exclude=words)
+    second = search_prompts(tiny, targets, budget, template="a photo of {}", exclude=words)
+    assert first.prompts == second.prompts and first.history == second.history and first.losses == second.losses
+    assert torch.equal(first.images, second.images)
+    assert len(first.prompts) == 2 and len(first.history) == 3 and first.losses == sorted(first.losses)
+    assert all(p.startswith("a photo of ") and len(p.split()) == 5 for p in first.prompts)
+    assert first.image_prompts == [first.prompts[0], first.prompts[1], first.prompts[0]]
+    from ear_dist.eval.attacks.search import _Vocabulary
+
+    allowed = {tiny.tokenizer.decode([i]) for i in _Vocabulary(tiny, words).allowed.tolist()}
+    assert not allowed & set(words) and "barn" in allowed and "<boi>" not in allowed
+    _unchanged(tiny, before, tokenizer, size)
+
+
+def test_attack_budgets_and_templates_are_checked(tiny):
+    with pytest.raises(AttackError, match="steps must be >= 1"):
+        invert_concept(tiny, _targets(tiny), InversionBudget(steps=0))
+    with pytest.raises(AttackError, match="one '\\{\\}'"):
+        search_prompts(tiny, _targets(tiny), SearchBudget(steps=1), template="a photo")
+    with pytest.raises(AttackError, match="no token of the vocabulary is left"):
+        search_prompts(tiny, _targets(tiny), SearchBudget(steps=1), exclude=[""] + list(tiny.tokenizer.get_vocab()))
+
+
+# --------------------------------------------------------------------------- on the default world model
+
+@pytest.fixture(scope="module")
+def world_church(default_world_model):
+    """(world, base model, the base model's CFG images of church prompts)."""
+    from ear_dist.models.family import load_model
+    from ear_dist.world.world import World
+
+    cfg, path, _ = default_world_model
+    world = World(cfg)
+    model = load_model(str(path), device="cpu", dtype="float32")
+    prompts = world.sample(16, "train", stream=7, objects=["church"], styles=[None]).prompts
+    return world, model, sample_targets(model, prompts, 0, cfg.guidance_weight), cfg
+
+
+def _church_share(world, images):
+    return float(world.classify(images)["church"].mean())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first world test waits for the session's default world build
+def test_both_attacks_bring_church_back_from_a_model_that_never_lost_it(world_church):
+    world, model, targets, cfg = world_church
+    assert _church_share(world, targets) >= 0.9
+    inverted = invert_concept(model, targets, InversionBudget(steps=100, images=16, seed=1,
+                                                              guidance_weight=cfg.guidance_weight))
+    assert _church_share(world, inverted.images) >= 0.5, inverted.losses[-5:]
+    # the world draws church only for its own words: the search may use them here, and must find one
+    found = search_prompts(model, targets, SearchBudget(steps=10, candidates=24, batch=4, images=16, seed=0,
+                                                        guidance_weight=cfg.guidance_weight))
+    assert _church_share(world, found.images) >= 0.5, found.prompts
+    assert any(w in p.split() for p in found.prompts for w in ("church", "chapel", "cathedral"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_both_attacks_stay_low_on_a_model_that_cannot_draw_church(world_church):
+    """Church's motif codes get a -1e4 head bias (removed by construction): neither attack, at the budgets that
+    bring church back from the base model and with the concept's words allowed, makes it draw church."""
+    world, model, targets, cfg = world_church
+    church = world.layout.group_names.index("church")
+    codes = torch.from_numpy((world.layout.group_of_code() == church).nonzero()[0])
+    bias = model.model.model.generation_head.vision_head.bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias[codes] = -1e4
+        inverted = invert_concept(model, targets, InversionBudget(steps=100, images=16, seed=1,
+                                                                  guidance_weight=cfg.guidance_weight))
+        found = search_prompts(model, targets, SearchBudget(steps=10, candidates=24, batch=4, images=16, seed=0,
+                                                            guidance_weight=cfg.guidance_weight))
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert _church_share(world, inverted.images) <= 0.1
+    assert _church_share(world, found.images) <= 0.1
