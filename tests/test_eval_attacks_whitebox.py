@@ -180,3 +180,27 @@ def test_both_attacks_stay_low_on_a_model_that_cannot_draw_church(world_church):
             bias.copy_(saved)
     assert _church_share(world, inverted.images) <= 0.1
     assert _church_share(world, found.images) <= 0.1
+
+
+def test_attacks_sample_nothing_when_asked_for_no_images(tiny):
+    inverted = invert_concept(tiny, _targets(tiny), InversionBudget(steps=1, batch=2, images=0))
+    found = search_prompts(tiny, _targets(tiny), SearchBudget(steps=1, candidates=2, batch=2, images=0))
+    assert inverted.images.shape == (0, tiny.num_image_tokens) and found.images.shape == (0, tiny.num_image_tokens)
+    assert inverted.prompts == [] and len(found.prompts) >= 1
+
+
+def test_attack_flops_by_hand():
+    """A one-layer shape with N = 10, h = 2; prompt 2 + image 3 tokens: a sequence of 4. Per token: a gradient pass
+    2N + 4Lhs + 2N (input gradients) + 8Lhs = 20 + 32 + 20 + 64 = 136, a scoring pass 2N + 4Lhs = 52."""
+    from ear_dist.eval.attacks.cost import inversion_flops, search_flops
+    from ear_dist.telemetry.flops import JanusFlopsShape, rollout_flops
+
+    shape = JanusFlopsShape(num_layers=1, attention_width=2, decoder_layer_params=10, final_norm_params=0,
+                            gen_aligner_params=0, gen_head_params=0)
+    inv = inversion_flops(shape, InversionBudget(steps=3, batch=2, images=4), targets=5, prompt_len=2, image_tokens=3)
+    assert inv["optimisation"] == 3 * 2 * 4 * 136
+    assert inv["targets"] == rollout_flops(shape, 2, 3, 5) and inv["images"] == rollout_flops(shape, 2, 3, 4)
+    assert inv["total"] == inv["targets"] + inv["optimisation"] + inv["images"]
+    found = search_flops(shape, SearchBudget(steps=1, batch=1, candidates=2, prompts=1, images=0), targets=5,
+                         prompt_len=2, image_tokens=3)
+    assert found["optimisation"] == 4 * 136 + 3 * 4 * 52 + 2 * 5 * 4 * 52 and found["images"] == 0

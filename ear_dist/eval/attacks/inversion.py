@@ -9,7 +9,7 @@ its images show the concept again, the erasure did not remove it, it only moved 
 
     targets = sample_targets(base, concept_prompts, seed, guidance_weight)   # before the delta
     with applied_deltas(base.model, [delta]):
-        result = invert_concept(base, targets, InversionBudget(steps=60, seed=0))
+        result = invert_concept(base, targets, InversionBudget(steps=100, seed=0))
     shown = world.classify(result.images)["church"]
 """
 
@@ -31,20 +31,20 @@ DEFAULT_TEMPLATES = ("a photo of a {}", "a picture of a {}", "a painting of a {}
 @dataclass(frozen=True)
 class InversionBudget:
     """What one inversion may spend: optimisation ``steps`` over ``tokens`` new words (Adam at ``lr``), each step
-    on ``batch`` of the target images; then ``images`` samples with the learned words. ``seed`` fixes the
-    initial vectors, the batches and the sampling seeds."""
+    on ``batch`` of the target images; then ``images`` samples with the learned words (0: none, when
+    ``ear-dist eval`` samples them). ``seed`` fixes the initial vectors, the batches and the sampling seeds."""
 
-    steps: int = 60
+    steps: int = 100
     tokens: int = 2
     batch: int = 16
-    lr: float = 5e-2
+    lr: float = 2e-2
     images: int = 32
     seed: int = 0
     guidance_weight: float = 5.0
 
     def check(self) -> None:
         for name in ("steps", "tokens", "batch", "images"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) < (0 if name == "images" else 1):
                 raise AttackError(f"inversion budget: {name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise AttackError(f"inversion budget: lr must be > 0, got {self.lr}")
@@ -111,6 +111,8 @@ def invert_concept(model: ImageModel, targets: torch.Tensor, budget: InversionBu
         learned = vectors.detach().clone()
         prompts = attack_prompts(words, templates, budget.images)
         seeds = [budget.seed * 100_000 + i for i in range(budget.images)]
-        with torch.no_grad():
-            images = model.sample(prompts, guidance_weight=budget.guidance_weight, seeds=seeds, batch_size=64)
+        images = torch.zeros(0, model.num_image_tokens, dtype=torch.long)
+        if prompts:
+            with torch.no_grad():
+                images = model.sample(prompts, guidance_weight=budget.guidance_weight, seeds=seeds, batch_size=64)
     return InversionResult(words, learned.cpu(), prompts, images.cpu(), losses, seeds)

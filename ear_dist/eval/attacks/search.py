@@ -33,7 +33,7 @@ ROWS_PER_PASS = 256  # (candidate, image) rows scored in one teacher-forced pass
 class SearchBudget:
     """What one search may spend: ``steps`` of ``candidates`` single-token swaps drawn from the ``top_k``
     tokens per position, on prompts of ``length`` tokens, each scored on ``batch`` target images; then
-    ``images`` samples with the ``prompts`` best prompts. ``seed`` fixes the start, the swaps and the batches."""
+    ``images`` samples with the ``prompts`` best prompts (0: none; ``ear-dist eval`` samples them itself). ``seed`` fixes the start, the swaps and the batches."""
 
     steps: int = 30
     candidates: int = 48
@@ -47,7 +47,7 @@ class SearchBudget:
 
     def check(self) -> None:
         for name in ("steps", "candidates", "top_k", "length", "batch", "prompts", "images"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) < (0 if name == "images" else 1):
                 raise AttackError(f"search budget: {name} must be >= 1, got {getattr(self, name)}")
 
 
@@ -208,6 +208,9 @@ def search_prompts(model: ImageModel, targets: torch.Tensor, budget: SearchBudge
         losses = [float(totals[i]) for i in order]
         image_prompts = [prompts[i % len(prompts)] for i in range(budget.images)]
         seeds = [budget.seed * 100_000 + i for i in range(budget.images)]
-        with torch.no_grad():
-            images = model.sample(image_prompts, guidance_weight=budget.guidance_weight, seeds=seeds, batch_size=64)
+        images = torch.zeros(0, model.num_image_tokens, dtype=torch.long)
+        if image_prompts:
+            with torch.no_grad():
+                images = model.sample(image_prompts, guidance_weight=budget.guidance_weight, seeds=seeds,
+                                      batch_size=64)
     return SearchResult(prompts, losses, history, images.cpu(), image_prompts, seeds)
