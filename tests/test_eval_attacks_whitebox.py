@@ -204,3 +204,22 @@ def test_attack_flops_by_hand():
     found = search_flops(shape, SearchBudget(steps=1, batch=1, candidates=2, prompts=1, images=0), targets=5,
                          prompt_len=2, image_tokens=3)
     assert found["optimisation"] == 4 * 136 + 3 * 4 * 52 + 2 * 5 * 4 * 52 and found["images"] == 0
+
+
+def test_both_attacks_run_on_a_checkpoint_in_janus_pro_format(tmp_path):
+    """The released format: a byte-level BPE tokenizer and the chat template. The new words are single tokens in
+    the encoded prompt; the search's prompts tokenize back to what it scored; the model is left as it was."""
+    from ear_dist.models.family import load_model
+    from tests.real_format import save_real_format_checkpoint
+
+    model = load_model(str(save_real_format_checkpoint(tmp_path / "m")), device="cpu", dtype="float32")
+    before, tokenizer, size = _state(model), model.tokenizer, len(model.tokenizer)
+    with new_words(model, ["<inv0>", "<inv1>"], lambda: torch.zeros(2, model.hidden_size)) as ids:
+        encoded, _ = model.encode_prompts(["a photo of a <inv0> <inv1>"])
+    assert [t for t in encoded[0].tolist() if t in ids] == ids
+    inverted = invert_concept(model, _targets(model, 4), InversionBudget(steps=2, batch=2, images=2))
+    assert inverted.prompts == ["a photo of a <inv0> <inv1>", "a picture of a <inv0> <inv1>"]
+    found = search_prompts(model, _targets(model, 4), SearchBudget(steps=2, candidates=8, batch=2, images=1),
+                           template="a photo of a {}", exclude=["church"])
+    assert all(p.startswith("a photo of a ") and "church" not in p for p in found.prompts)
+    _unchanged(model, before, tokenizer, size)

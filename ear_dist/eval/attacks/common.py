@@ -60,10 +60,10 @@ def image_loss(model: ImageModel, ids: torch.Tensor, mask: torch.Tensor, tokens:
 
 
 def sample_targets(model: ImageModel, prompts: Sequence[str], seed: int, guidance_weight: float,
-                   batch_size: int = 64) -> torch.Tensor:
+                   temperature: float = 1.0, top_k: int = 0, batch_size: int = 64) -> torch.Tensor:
     """The model's own CFG images [N, T] of ``prompts`` (seeds ``seed + i``): what an attack tries to bring back."""
     with torch.no_grad():
-        return model.sample(list(prompts), guidance_weight=guidance_weight,
+        return model.sample(list(prompts), guidance_weight=guidance_weight, temperature=temperature, top_k=top_k,
                             seeds=[seed + i for i in range(len(prompts))], batch_size=batch_size)
 
 
