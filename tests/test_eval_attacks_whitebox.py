@@ -23,7 +23,8 @@ def tiny():
 
 
 def _targets(model, n=6, seed=0):
-    return torch.randint(model.codebook_size, (n, model.num_image_tokens), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(model.codebook_size, (n, model.num_image_tokens), generator=gen)
 
 
 def _state(model):
@@ -33,7 +34,8 @@ def _state(model):
 def _unchanged(model, before, tokenizer, vocab_size):
     after = model.model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
-    assert all(p.requires_grad for p in model.model.parameters()) and all(p.grad is None for p in model.model.parameters())
+    params = list(model.model.parameters())
+    assert all(p.requires_grad for p in params) and all(p.grad is None for p in params)
     embedding = model.model.get_input_embeddings()
     assert not embedding._forward_hooks and not embedding._forward_pre_hooks
     assert model.tokenizer is tokenizer and len(tokenizer) == vocab_size
@@ -223,3 +225,19 @@ def test_both_attacks_run_on_a_checkpoint_in_janus_pro_format(tmp_path):
                            template="a photo of a {}", exclude=["church"])
     assert all(p.startswith("a photo of a ") and "church" not in p for p in found.prompts)
     _unchanged(model, before, tokenizer, size)
+
+
+def test_attacks_split_into_passes_give_what_one_pass_gives(tiny, monkeypatch):
+    """A large model's batch goes through the teacher-forced passes a few rows at a time (logits memory): the
+    losses and the learned vectors match one pass over the whole batch."""
+    import ear_dist.eval.attacks.common as common
+
+    targets = _targets(tiny)
+    budget = InversionBudget(steps=3, batch=4, images=0)
+    search = SearchBudget(steps=2, candidates=6, batch=3, images=0)
+    whole, found = invert_concept(tiny, targets, budget), search_prompts(tiny, targets, search)
+    monkeypatch.setattr(common, "LOGITS_BYTES_PER_PASS", 1)  # one row a pass
+    split, found_split = invert_concept(tiny, targets, budget), search_prompts(tiny, targets, search)
+    torch.testing.assert_close(split.vectors, whole.vectors, rtol=1e-5, atol=1e-6)
+    assert split.losses == pytest.approx(whole.losses, rel=1e-6)
+    assert found_split.prompts == found.prompts and found_split.history == pytest.approx(found.history, rel=1e-6)

@@ -51,6 +51,14 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
         module.train(training)
 
 
+LOGITS_BYTES_PER_PASS = 1 << 30  # float32 head logits one teacher-forced pass may hold (~28 rows at the 7B shape)
+
+
+def rows_per_pass(model: ImageModel) -> int:
+    """Sequences one teacher-forced pass takes, so its logits stay under ``LOGITS_BYTES_PER_PASS``."""
+    return max(1, LOGITS_BYTES_PER_PASS // (4 * model.num_image_tokens * model.head_width))
+
+
 def image_loss(model: ImageModel, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Teacher-forced cross-entropy of ``tokens`` [B, T] under the encoded prompts, one value per row [B]."""
     _, logits = model.teacher_forced(model.model, ids, mask, tokens)

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from ear_dist.eval.attacks.common import (AttackError, check_family, frozen, generator, image_loss, new_words,
-                                          pick)
+                                          pick, rows_per_pass)
 from ear_dist.models.interface import ImageModel
 
 # Prompt templates around the new words ("{}"): the sentence shapes of the world's training prompts.
@@ -95,19 +95,21 @@ def invert_concept(model: ImageModel, targets: torch.Tensor, budget: InversionBu
     vectors = initial_vectors(model, budget.tokens, budget.seed).requires_grad_(True)
     optimizer = torch.optim.Adam([vectors], lr=budget.lr)
     gen = generator(budget.seed + 1)
-    losses = []
+    losses, chunk = [], rows_per_pass(model)
     with frozen(model.model), new_words(model, words, lambda: vectors):
         for step in range(budget.steps):
             rows = pick(len(targets), budget.batch, gen)
             shapes = torch.randint(len(templates), (budget.batch,), generator=gen).tolist()
             prompts = [templates[s].format(" ".join(words)) for s in shapes]
             ids, mask = model.encode_prompts(prompts)
-            loss = image_loss(model, ids, mask, targets[rows.to(targets.device)]).mean()
-            (grad,) = torch.autograd.grad(loss, [vectors])
-            optimizer.zero_grad(set_to_none=True)
+            batch, total, grad = targets[rows.to(targets.device)], 0.0, torch.zeros_like(vectors)
+            for s in range(0, budget.batch, chunk):  # the batch's mean loss, its gradient summed over passes
+                loss = image_loss(model, ids[s:s + chunk], mask[s:s + chunk], batch[s:s + chunk]).sum() / budget.batch
+                grad += torch.autograd.grad(loss, [vectors])[0]
+                total += float(loss.detach())
             vectors.grad = grad
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(total)
         learned = vectors.detach().clone()
         prompts = attack_prompts(words, templates, budget.images)
         seeds = [budget.seed * 100_000 + i for i in range(budget.images)]

@@ -23,17 +23,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from ear_dist.eval.attacks.common import AttackError, check_family, frozen, generator, image_loss, pick
+from ear_dist.eval.attacks.common import AttackError, check_family, frozen, generator, image_loss, pick, rows_per_pass
 from ear_dist.models.interface import ImageModel
-
-ROWS_PER_PASS = 256  # (candidate, image) rows scored in one teacher-forced pass
 
 
 @dataclass(frozen=True)
 class SearchBudget:
     """What one search may spend: ``steps`` of ``candidates`` single-token swaps drawn from the ``top_k``
     tokens per position, on prompts of ``length`` tokens, each scored on ``batch`` target images; then
-    ``images`` samples with the ``prompts`` best prompts (0: none; ``ear-dist eval`` samples them itself). ``seed`` fixes the start, the swaps and the batches."""
+    ``images`` samples with the ``prompts`` best prompts (0: none, when ``ear-dist eval`` samples them).
+    ``seed`` fixes the start, the swaps and the batches."""
 
     steps: int = 30
     candidates: int = 48
@@ -126,11 +125,10 @@ def _scores(model: ImageModel, ids: torch.Tensor, mask: torch.Tensor, targets: t
     c, m = ids.shape[0], targets.shape[0]
     all_ids, all_mask = ids.repeat_interleave(m, 0), mask.repeat_interleave(m, 0)
     all_targets = targets.repeat(c, 1)
-    out = []
+    out, step = [], rows_per_pass(model)
     with torch.no_grad():
-        for s in range(0, c * m, ROWS_PER_PASS):
-            out.append(image_loss(model, all_ids[s:s + ROWS_PER_PASS], all_mask[s:s + ROWS_PER_PASS],
-                                  all_targets[s:s + ROWS_PER_PASS]))
+        for s in range(0, c * m, step):
+            out.append(image_loss(model, all_ids[s:s + step], all_mask[s:s + step], all_targets[s:s + step]))
     return torch.cat(out).reshape(c, m).mean(1)
 
 
