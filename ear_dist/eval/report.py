@@ -149,6 +149,21 @@ def grid_prompts(suite: Suite, n: int) -> list[tuple[str, int]]:
     return list(dict.fromkeys(picked))[:n]
 
 
+def per_column_grid(suite: Suite, names: Sequence[str], entries: Sequence[Entry],
+                    n: int) -> tuple[list[tuple[str, int]], dict]:
+    """An attack suite's grid, whose columns sample prompts of their own: row i holds each column's i-th prompt,
+    labelled with the first column's; (rows, paths) as ``before_after_grid`` takes them."""
+    by_index = {(e.column, e.prompt_index): e for e in entries if e.suite == suite.name and e.image_index == 0}
+    count = min(sum(1 for c, _ in by_index if c == name) for name in names)
+    rows, paths = [], {}
+    for i in range(min(n, count)):
+        first = by_index[(names[0], i)]
+        label = f"{first.prompt} [{names[0]}'s; each column samples its own {suite.attack.name} prompt]"
+        rows.append((label, first.seed))
+        paths.update({(name, label, first.seed): by_index[(name, i)].path for name in names})
+    return rows, paths
+
+
 def tradeoff_plot(points: Sequence[dict], size: tuple[int, int] = (600, 440)) -> Image.Image:
     """Erasure rate (x) vs preservation ratio (y, mean of per-concept ratios; filled dot) and the worst concept's
     ratio (hollow ring, joined to the dot), one labelled pair per column (FID in the label when known)."""
@@ -244,6 +259,8 @@ def write_report(out_dir: Path, cfg: Config, suites: Sequence[Suite], columns: S
     grids = {}
     for suite in suites:
         prompts = grid_prompts(suite, cfg.eval.grid_prompts)
+        if suite.per_column is not None:
+            prompts, paths = per_column_grid(suite, names, entries, cfg.eval.grid_prompts)
         if prompts:
             path = out_dir / f"grid_{suite.name}.png"
             before_after_grid(prompts, names, paths).save(path)

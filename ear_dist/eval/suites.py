@@ -76,6 +76,18 @@ class EvalPrompt:
     role: str = "concept"
     concept: str = ""
     kind: str = ""  # a concept group's kind (CONCEPT_KINDS); empty: "test"
+    guidance: Optional[float] = None  # its own CFG weight (an attack file's, the guidance sweep's); None: rollout's
+    negative: str = ""  # the CFG unconditional branch's prompt (negative prompt); empty: the pad prompt
+
+
+@dataclass(frozen=True)
+class Attack:
+    """What an attack suite's images depend on beyond prompt and seed (part of every image key with the column):
+    the attack's name, its budget (steps, candidates...: any JSON value) and the seed its preparation runs under."""
+
+    name: str
+    budget: Any = None
+    seed: int = 0
 
 
 @dataclass
@@ -99,6 +111,12 @@ class Suite:
     classifier_info: dict = field(default_factory=dict)
     # a suite judged on image tokens: the (image tokens, codebook size) of the models it can judge
     token_shape: Optional[tuple[int, int]] = None
+    # an attack suite (ear_dist/eval/attacks.py, docs/attacks.md): ``attack`` goes into every image key with the
+    # column; ``per_column(column_name, model) -> ColumnAttack`` gives each column its own prompts (and tensors),
+    # ``patch(model, tensors)`` is a context manager applied while that column's prompts of the suite are sampled
+    attack: Optional[Attack] = None
+    per_column: Optional[Callable[[str, Any], Any]] = None
+    patch: Optional[Callable[[Any, dict], Any]] = None
 
     def check_model(self, num_image_tokens: int, codebook_size: int, model: str) -> None:
         """Refuse a model whose images this suite cannot judge (a token-grid suite on another model)."""
@@ -286,4 +304,10 @@ def load_suites(specs: Sequence[Union[str, Suite]], cfg: Config) -> list[Suite]:
         bad = sorted({p.role for p in s.prompts} - set(ROLES))
         if bad:
             raise SuiteError(f"suite {s.name}: unknown role(s) {', '.join(bad)} (roles: {', '.join(ROLES)})")
+        if (s.per_column is not None or s.patch is not None) and s.attack is None:
+            raise SuiteError(f"suite {s.name}: per_column / patch need attack=Attack(name, budget, seed) (its image "
+                             "keys name the attack's budget and seed)")
+        if s.patch is not None and s.per_column is None:
+            raise SuiteError(f"suite {s.name}: patch(model, tensors) is applied with the tensors per_column returns; "
+                             "give per_column too")
     return suites
