@@ -111,7 +111,7 @@ class Suite:
     classifier_info: dict = field(default_factory=dict)
     # a suite judged on image tokens: the (image tokens, codebook size) of the models it can judge
     token_shape: Optional[tuple[int, int]] = None
-    # an attack suite (ear_dist/eval/attacks.py, docs/attacks.md): ``attack`` goes into every image key with the
+    # an attack suite (ear_dist/eval/attacks/columns.py, docs/attacks.md): ``attack`` goes into every image key with the
     # column; ``per_column(column_name, model) -> ColumnAttack`` gives each column its own prompts (and tensors),
     # ``patch(model, tensors)`` is a context manager applied while that column's prompts of the suite are sampled
     attack: Optional[Attack] = None
