@@ -407,10 +407,10 @@ class EvalClassifierConfig:
 
 @dataclass
 class EvalAttackConfig:
-    """The white-box attack suites (attack:inversion:<concept>, attack:search:<concept>; docs/attacks.md): their
+    """The white-box attack suites (attack:inversion:<concept>, attack:search:<concept>; docs/attacks-whitebox.md): their
     targets and budgets."""
 
-    targets: int = setting(32, "the base model's CFG images of the concept the attacks fit (its training prompts)")
+    targets: int = setting(32, "the base model's CFG images of the concept the attacks fit (its plain training prompts)")
     seed: int = setting(0, "seed of the targets, the attacks' starts, batches and swaps")
     inversion_steps: int = setting(100, "inversion: Adam steps on the new words' embeddings")
     inversion_tokens: int = setting(2, "inversion: new words learned (<inv0> <inv1> ...)")
@@ -432,7 +432,8 @@ class EvalConfig:
 
     suites: list[str] = setting(
         factory=list, help="suite files (YAML/JSON suite specs or prompt files) or built-in names: coco, "
-                           "world, world:<concept>; --suite adds to them")
+                           "world, world:<concept>, attack:inversion:<concept>, attack:search:<concept>; "
+                           "--suite adds to them")
     deltas: list[str] = setting(factory=list, help="delta files, each one report column beside the base; "
                                                    "--delta adds to them (NAME=PATH names the column)")
     out_dir: str = setting("runs/eval", "images, manifest and report; --out overrides")

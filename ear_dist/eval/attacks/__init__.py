@@ -1,6 +1,6 @@
 """Attacks on an erased model in ``ear-dist eval`` (docs/attacks-whitebox.md).
 
-- ``columns``: the per-column hook: an attack suite's prompts (and a model patch) prepared against each column,
+- ``hook``: the per-column hook: an attack suite's prompts (and a model patch) prepared against each column,
   once per (suite, column), over the ranks, resumed from the output directory;
 - ``inversion``, ``search``: the white-box attacks, concept inversion (learned word embeddings) and a GCG-style
   discrete prompt search, both driven by the teacher-forced likelihood of the base model's own images of the
@@ -8,7 +8,7 @@
 - ``cost``: their FLOPs at any Janus shape.
 """
 
-from ear_dist.eval.attacks.columns import (ColumnAttack, attack_id, attack_suite, patch_context, prepare_attacks,
+from ear_dist.eval.attacks.hook import (ColumnAttack, attack_id, attack_suite, patch_context, prepare_attacks,
                                            read_prepared, run_per_column, seeded, tensors_digest)
 from ear_dist.eval.attacks.common import AttackError, sample_targets
 from ear_dist.eval.attacks.inversion import InversionBudget, InversionResult, invert_concept
