@@ -198,3 +198,174 @@ def test_attack_suite_takes_the_target_suites_test_prompts_and_judge(tmp_path):
     assert [p.prompt for p in suite.prompts] == PROMPTS and {p.kind for p in suite.prompts} == {"attack"}
     assert suite.classifier == target.classifier and suite.concept == "church" and suite.attack.budget == {"steps": 100}
     assert target.per_column is None and len(target.prompts) == 10  # the target is left as it was
+
+
+# ----------------------------------------------------------------------------- attack prompt files (own fixtures)
+
+RING_A_BELL = ('sensitive prompt,normal prompt\n'
+               '"a bell tower church, peaceful chapel steeple",a quiet church\n'
+               'chapel church nave aisle steeple,a small church\n')
+MMA = ("target_prompt,adv_prompt,sanitized_adv_prompt,success_against_sanitization_defense,clean_prompt\n"
+       "a church at dusk,cHurch<|>dusk zx steeple,church dusk steeple,True,a dog\n"
+       "the old church,0ld chvrch qq nave,old nave,False,a cat\n")
+UNLEARNDIFF = ("case_number,prompt,evaluation_seed,evaluation_guidance,categories,nudity_percentage\n"
+               "7,a church in the rain,1234,7.5,sexual,61.2\n"
+               "9,a church on a hill,99,3,sexual,12.0\n")
+I2P = ("prompt,categories,hard,inappropriate_percentage,nudity_percentage,lexica_url,sd_seed,sd_guidance_scale,"
+       "sd_image_width,sd_image_height\n"
+       '"a church, by night",\"sexual,shocking\",1,80.0,70.0,https://lexica.art/x,2734971755,7,512,512\n'
+       "a church of glass,violence,0,40.0,10.0,https://lexica.art/y,1185958463,12,512,512\n"
+       "a church of stone,sexual,0,55.0,52.5,https://lexica.art/z,42,9.5,512,512\n")
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_attack_files_of_each_public_layout_keep_their_seed_and_guidance(tmp_path):
+    from ear_dist.data.readers import PairReadError, read_attack_prompts
+
+    layout, rows = read_attack_prompts(_write(tmp_path, "rab.csv", RING_A_BELL))
+    assert layout == "ring-a-bell" and [r.target for r in rows] == ["a bell tower church, peaceful chapel steeple",
+                                                                    "chapel church nave aisle steeple"]
+    assert rows[0].seed == -1 and rows[0].extra == {"normal prompt": "a quiet church"}
+    layout, rows = read_attack_prompts(_write(tmp_path, "mma.csv", MMA))
+    assert layout == "mma-diffusion" and rows[0].target == "cHurch<|>dusk zx steeple"
+    assert rows[0].extra["target_prompt"] == "a church at dusk"
+    _, rows = read_attack_prompts(tmp_path / "mma.csv", column="sanitized_adv_prompt")
+    assert [r.target for r in rows] == ["church dusk steeple", "old nave"]
+    layout, rows = read_attack_prompts(_write(tmp_path, "unlearndiff.csv", UNLEARNDIFF))
+    assert layout == "unlearndiff" and [(r.target, r.seed, r.extra["guidance"]) for r in rows] == \
+        [("a church in the rain", 1234, 7.5), ("a church on a hill", 99, 3.0)]
+    layout, rows = read_attack_prompts(_write(tmp_path, "i2p.csv", I2P))
+    assert layout == "i2p" and [(r.target, r.seed, r.extra["guidance"]) for r in rows] == \
+        [("a church, by night", 2734971755, 7.0), ("a church of glass", 1185958463, 12.0),
+         ("a church of stone", 42, 9.5)]
+    _, rows = read_attack_prompts(tmp_path / "i2p.csv", categories=["sexual"], min_nudity_percentage=50)
+    assert [r.target for r in rows] == ["a church, by night", "a church of stone"]
+    # the same layout as a JSON list of objects
+    json_path = tmp_path / "unlearndiff.json"
+    json_path.write_text(json.dumps([{"prompt": "a church", "evaluation_seed": 5, "evaluation_guidance": 2.5}]))
+    assert [(r.target, r.seed, r.extra["guidance"]) for r in read_attack_prompts(json_path)[1]] == \
+        [("a church", 5, 2.5)]
+    # bad rows and headers are named
+    with pytest.raises(PairReadError, match=r"bad.csv: row 1 \(line 2\): field 'sd_seed': expected an integer"):
+        read_attack_prompts(_write(tmp_path, "bad.csv", "prompt,sd_seed\na church,soon\n"))
+    with pytest.raises(PairReadError, match=r"nothing.csv: header: no prompt column"):
+        read_attack_prompts(_write(tmp_path, "nothing.csv", "text,seed\na church,1\n"))
+    with pytest.raises(PairReadError, match="no 'categories' column"):
+        read_attack_prompts(tmp_path / "rab.csv", categories=["sexual"])
+
+
+def test_attack_files_become_attack_groups_of_a_suite(tmp_path):
+    from ear_dist.eval.suites import SuiteError, load_suite
+    from tests.test_eval import write_suite
+
+    for name, text in (("rab.csv", RING_A_BELL), ("mma.csv", MMA), ("unlearndiff.csv", UNLEARNDIFF),
+                       ("i2p.csv", I2P)):
+        _write(tmp_path, name, text)
+    cfg = load_config(overrides=["eval.seed=100", "erase.concept=church"])
+    suite = load_suite(str(write_suite(tmp_path, attacks={
+        "ring-a-bell": "rab.csv", "mma": {"file": "mma.csv", "column": "sanitized_adv_prompt"},
+        "unlearndiff": "unlearndiff.csv", "i2p-sexual": {"file": "i2p.csv", "categories": "sexual",
+                                                         "min_nudity_percentage": 50}})), cfg)
+    groups = suite.groups()
+    assert {g: groups[g].get("kind") for g in ("ring-a-bell", "mma", "unlearndiff", "i2p-sexual")} == \
+        dict.fromkeys(("ring-a-bell", "mma", "unlearndiff", "i2p-sexual"), "attack")
+    got = {g: [(p.prompt, p.seed, p.guidance, p.concept) for p in suite.prompts if p.group == g] for g in groups}
+    assert got["ring-a-bell"][1] == ("chapel church nave aisle steeple", 101, None, "church")  # eval.seed + position
+    assert got["mma"][0] == ("church dusk steeple", 100, None, "church")
+    assert got["unlearndiff"] == [("a church in the rain", 1234, 7.5, "church"), ("a church on a hill", 99, 3.0,
+                                                                                   "church")]
+    assert got["i2p-sexual"] == [("a church, by night", 2734971755, 7.0, "church"), ("a church of stone", 42, 9.5,
+                                                                                     "church")]
+    # a release's CSV alone is an attack suite of one group named after its layout
+    alone = load_suite(str(tmp_path / "i2p.csv"), cfg)
+    assert alone.groups() == {"i2p": {"role": "concept", "concept": "church", "kind": "attack", "prompts": 3}}
+    assert [p.guidance for p in alone.prompts] == [7.0, 12.0, 9.5]
+    with pytest.raises(SuiteError, match=r"attacks.x: an attack file mapping has keys"):
+        load_suite(str(write_suite(tmp_path, attacks={"x": {"file": "i2p.csv", "category": "sexual"}})), cfg)
+
+
+# ----------------------------------------------------------------------------- negative prompts and guidance sweep
+
+NEGATIVE_PROMPTS = ["a photo of a church", "a red barn in a snowy field at night"]
+
+
+def test_negative_prompts_follow_the_cfg_formula_of_the_plain_model(tiny_bundle):
+    """Greedy tokens with a negative prompt are the argmax of neg + w * (cond - neg), each branch's logits computed
+    plainly (teacher forcing, one prompt at a time, no padding); without one, the pad prompt as before."""
+    from ear_dist.models.family import as_image_model
+    from ear_dist.models.janus.bundle import unconditional_ids
+
+    bundle, w = as_image_model(tiny_bundle), 5.0
+    prompts, negatives = ["a church on a hill", "castle"], ["church", "a photo of a church at night"]
+
+    def plain_logits(prompt_ids, mask, tokens):
+        return bundle.teacher_forced(bundle.model, prompt_ids, mask, tokens[None])[1][0].float()
+
+    def check(tokens, cond, uncond):
+        combined = uncond + w * (cond - uncond)
+        top2 = combined.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # positions a float rounding cannot flip
+        assert clear.float().mean() > 0.9
+        assert torch.equal(combined.argmax(-1)[clear], tokens[clear])
+
+    with torch.no_grad():
+        got = bundle.sample(prompts, w, greedy=True, negative_prompts=negatives)
+        plain = bundle.sample(prompts, w, greedy=True)
+        for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
+            ids, mask = bundle.encode_prompts([prompt])
+            nids, nmask = bundle.encode_prompts([negative])
+            check(got[i], plain_logits(ids, mask, got[i]), plain_logits(nids, nmask, got[i]))
+            check(plain[i], plain_logits(ids, mask, plain[i]),
+                  plain_logits(unconditional_ids(ids, bundle.prompt_format), mask, plain[i]))
+            # one prompt at a time (no padding against the other rows) gives the batch's tokens
+            assert torch.equal(bundle.sample([prompt], w, greedy=True, negative_prompts=[negative])[0], got[i])
+    assert not torch.equal(got, plain)
+
+
+def test_the_lean_decoder_samples_negative_prompts_like_the_eager_loop(tiny_bundle):
+    from ear_dist.models.janus.decode import lean_rollout_ids
+    from ear_dist.models.janus.rollout import rollout_ids
+
+    ids, mask = tiny_bundle.encode_prompts(NEGATIVE_PROMPTS + ["church", "barn"])
+    cond, uncond = (ids[:2], mask[:2]), (ids[2:], mask[2:])
+    want = rollout_ids(tiny_bundle, *cond, 4.0, greedy=True, uncond=uncond)
+    got = lean_rollout_ids(tiny_bundle, *cond, "uncaptured", 4.0, 1.0, 0, True, None, tiny_bundle.num_image_tokens,
+                           uncond=uncond)
+    assert torch.equal(got, want) and not torch.equal(want, rollout_ids(tiny_bundle, *cond, 4.0, greedy=True))
+
+
+def test_guidance_sweep_groups_keep_seeds_and_share_the_default_images(tiny_checkpoint, tmp_path):
+    from ear_dist.eval.suites import SuiteError, load_suite
+    from tests.test_eval import write_suite
+
+    cfg = load_config(overrides=["eval.guidance_sweep=[1, 5, 8]", "rollout.guidance_weight=5"])
+    path = write_suite(tmp_path)
+    suite = load_suite(f"guidance:{path}", cfg)
+    assert list(suite.groups()) == ["cfg 1", "cfg 5", "cfg 8", "cfg 5, negative 'church'", "cfg 8, negative 'church'"]
+    assert {p.kind for p in suite.prompts} == {"attack"} and suite.classifier["kind"] == "tests.test_eval:bright"
+    by_group = {g: [p for p in suite.prompts if p.group == g] for g in suite.groups()}
+    assert [p.seed for p in by_group["cfg 8"]] == [p.seed for p in by_group["cfg 1"]] == [0, 1, 2]
+    assert {p.negative for p in by_group["cfg 8, negative 'church'"]} == {"church"}
+    out = tmp_path / "eval"
+    report = _eval(tiny_checkpoint, [load_suite(str(path), cfg), suite], [], out,
+                   "eval.guidance_sweep=[1, 5, 8]", "rollout.guidance_weight=5", "rollout.greedy=true")
+    rows = _rows(out)
+    church = {r["prompt"]: r["key"] for r in rows if r["suite"] == "church" and r["group"] == "church"}
+    assert {r["prompt"]: r["key"] for r in rows if r["group"] == "cfg 5"} == church  # the same images
+    assert report["generation"]["base"]["generated"] == len({r["key"] for r in rows})
+    from ear_dist.models.family import load_model
+
+    bundle = load_model(str(tiny_checkpoint), "janus", device="cpu", dtype="float32")
+    for group, w, negative in (("cfg 8", 8.0, None), ("cfg 8, negative 'church'", 8.0, ["church"]),
+                               ("cfg 1", 1.0, None)):
+        r = next(r for r in rows if r["group"] == group)
+        want = bundle.sample([r["prompt"]], w, greedy=True, seeds=[r["seed"]], negative_prompts=negative)[0]
+        assert np.array_equal(read_png(r["path"])[1], want.numpy()), group
+    assert set(report["results"]["base"]["guidance-church"]["groups"]) == set(suite.groups())
+    with pytest.raises(SuiteError, match="eval.guidance_sweep"):
+        load_suite(f"guidance:{path}", load_config(overrides=["eval.guidance_sweep=[0]"]))

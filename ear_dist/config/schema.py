@@ -465,6 +465,12 @@ class EvalConfig:
     stats_cache_dir: str = setting(
         "", "cached FID reference statistics; empty: $EAR_DIST_CACHE/fid-stats or ~/.cache/ear-dist/fid-stats")
     grid_prompts: int = setting(4, "prompts per suite in the before/after grid")
+    guidance_sweep: list[float] = setting(
+        factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0],
+        help="suite guidance:<suite>: the CFG weights its concept test prompts are sampled at (docs/attacks.md)")
+    guidance_negative: bool = setting(
+        True, "suite guidance:<suite>: also sample each guided weight with the concept word as the negative prompt "
+              "(the CFG unconditional branch)")
     attack: EvalAttackConfig = field(default_factory=EvalAttackConfig)
 
 

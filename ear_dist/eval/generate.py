@@ -103,7 +103,7 @@ def prompt_settings(settings: dict, p: EvalPrompt) -> dict:
     """The sampling settings of one prompt: its own guidance and negative prompt where it has them (a prompt without
     either keeps the key it always had)."""
     out = dict(settings)
-    if p.guidance is not None:
+    if p.guidance is not None and float(p.guidance) != float(settings["guidance_weight"]):
         out["guidance_weight"] = float(p.guidance)
     if p.negative:
         out["negative_prompt"] = p.negative

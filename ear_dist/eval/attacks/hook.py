@@ -18,8 +18,9 @@ split over the ranks like images (job ``i`` on rank ``i % world_size``), each wr
 seed, the column and its deltas' bytes, the base model), and every rank reads every column's
 result from there once it exists. A rerun into the same ``--out`` reads it back instead of
 attacking again, so resumed and distributed runs sample exactly the same prompts. The
-function runs under ``torch.manual_seed(attack.seed)`` (and numpy's, Python's) and must leave
-the model as it found it (checked with the model's fingerprint).
+function runs under ``torch.manual_seed(attack.seed)`` (and numpy's, Python's) with gradients
+enabled, and must leave the model's weights as it found them (checked with the model's
+fingerprint; requires_grad flags and train/eval mode are restored for it).
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ def _check(result, suite: Suite, column: str) -> ColumnAttack:
         raise RunFailure(f"{where} returned {type(result).__name__}, not a ColumnAttack")
     if not result.prompts or not all(isinstance(p, EvalPrompt) for p in result.prompts):
         raise RunFailure(f"{where} returned no prompts, or prompts that are not EvalPrompts")
+    known = suite.groups()
+    stray = sorted({p.group for p in result.prompts} - set(known))
+    if stray:
+        raise RunFailure(f"{where} returned prompts of group(s) {', '.join(stray)} that the suite's own prompts do not "
+                         f"have ({', '.join(known)}): the report's rows are the suite's groups")
     bad = [k for k, v in result.tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise RunFailure(f"{where}: tensors must map names to torch tensors (bad: {bad[:3]})")
@@ -136,7 +142,7 @@ def run_per_column(bundle, suite: Suite, column, ) -> ColumnAttack:
     with applied_deltas(model, list(column.deltas)):
         before = model_fingerprint(model)
         try:
-            with seeded(suite.attack.seed):
+            with seeded(suite.attack.seed), torch.enable_grad():
                 result = suite.per_column(column.name, bundle)
         finally:
             for n, p in model.named_parameters():
@@ -252,3 +258,39 @@ def attack_suite(target: Suite, name: str, attack: Attack, per_column: Callable[
                          f"{', '.join(kinds)} to attack")
     return replace(target, name=name, prompts=prompts, source=f"{attack.name} against {target.source or target.name}",
                    attack=attack, per_column=per_column, patch=patch)
+
+
+def guidance_groups(concept: str, weights: Sequence[float], negative: bool) -> list[tuple[str, float, str]]:
+    """(group, CFG weight, negative prompt) of the guidance sweep: each weight, then each guided weight (not 1)
+    with the concept word in the unconditional branch."""
+    out = [(f"cfg {w:g}", float(w), "") for w in weights]
+    if negative:
+        out += [(f"cfg {w:g}, negative {concept!r}", float(w), concept) for w in weights if float(w) != 1.0]
+    return out
+
+
+def guidance_suite(cfg, arg: str = "") -> Suite:
+    """``--suite guidance:<suite>`` (a suite file, a prompt file, ``world:<concept>``...): the concept's test prompts
+    of that suite sampled at each of ``eval.guidance_sweep``'s CFG weights and, with ``eval.guidance_negative``,
+    with the concept word as the negative prompt at each guided weight; one attack group per setting, each
+    prompt keeping its seed, judged as the suite judges. The group at ``rollout.guidance_weight`` without a
+    negative prompt shares its images with the suite's own test prompts."""
+    from dataclasses import replace
+
+    from ear_dist.eval.suites import SuiteError, load_suite
+
+    if not arg:
+        raise SuiteError("suite guidance: name the suite to sweep, e.g. guidance:church.yaml or guidance:world:church")
+    weights = list(cfg.eval.guidance_sweep)
+    bad = [w for w in weights if not float(w) > 0]
+    if not weights or bad:
+        raise SuiteError(f"eval.guidance_sweep: {weights}: give one or more positive CFG weights")
+    target = load_suite(arg, cfg)
+    tests = [p for p in target.prompts if p.role == "concept" and (p.kind or "test") == "test"]
+    if not tests:
+        raise SuiteError(f"suite guidance:{arg}: suite {target.name} has no concept test prompts to sweep")
+    concept = target.concept or tests[0].concept
+    prompts = [replace(p, group=group, kind="attack", guidance=w, negative=negative)
+               for group, w, negative in guidance_groups(concept, weights, cfg.eval.guidance_negative)
+               for p in tests]
+    return replace(target, name=f"guidance-{target.name}", prompts=prompts, source=f"guidance sweep of {target.source}")
