@@ -1,6 +1,7 @@
 """The white-box attacks' cost and success on the planted-concept world, projected to Janus-Pro-7B.
 
-For one concept: the base model's CFG images of the concept's training prompts (the targets), then concept
+For one concept: the base model's CFG images of the concept's plain training prompts (the targets, as the
+``attack:`` eval suites take them), then concept
 inversion and GCG prompt search against the base model and each erased model (``--delta NAME=PATH``, applied in
 memory), their images judged by the world's classifier (attack success rate: the share showing the concept).
 Seconds are wall-clock on this machine at the world's size; FLOPs of the same budget at the world's shape and
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     from benchmarks.common import run_header
     from ear_dist.eval.attacks import InversionBudget, SearchBudget, invert_concept, sample_targets, search_prompts
     from ear_dist.eval.attacks.cost import inversion_flops, search_flops
+    from ear_dist.eval.attacks.whitebox import target_prompts
     from ear_dist.models.delta import applied_deltas
     from ear_dist.models.family import load_model
     from ear_dist.models.janus.presets import preset_config
@@ -55,9 +57,11 @@ def main(argv=None) -> int:
     model = load_model(str(path), device="cpu", dtype="float32")
     gw = cfg.world.guidance_weight
     words = [w for split in ("train", "validation", "heldout") for w in concept_words(world, args.concept, split)]
-    prompts = world.sample(args.targets, "train", stream=7, objects=[args.concept], styles=[None]).prompts
+    prompts = target_prompts(args.concept, args.targets)
     inversion, search = InversionBudget(guidance_weight=gw), SearchBudget(guidance_weight=gw)
     print("\n".join(run_header("white-box attacks")))
+    print("| model | inversion ASR | search ASR | search ASR, concept words allowed | inversion s | search s | "
+          "best search prompt | best prompt, words allowed |")
     t = time.perf_counter()
     targets = sample_targets(model, prompts, 0, gw)
     target_s = time.perf_counter() - t
@@ -70,12 +74,14 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             found = search_prompts(model, targets, search, template="a photo of a {}", exclude=words)
             search_s = time.perf_counter() - t
+            allowed = search_prompts(model, targets, search, template="a photo of a {}")
         share = lambda images: float(world.classify(images)[args.concept].mean())  # noqa: E731
         rows.append({"model": name, "inversion_asr": share(inv.images), "search_asr": share(found.images),
-                     "inversion_s": inv_s, "search_s": search_s, "search_prompts": found.prompts,
+                     "search_words_allowed_asr": share(allowed.images), "inversion_s": inv_s, "search_s": search_s,
+                     "search_prompts": found.prompts, "search_words_allowed_prompts": allowed.prompts,
                      "inversion_final_loss": inv.losses[-1]})
-        print(f"| {name} | {share(inv.images):.3f} | {share(found.images):.3f} | {inv_s:.1f} | {search_s:.1f} | "
-              f"{found.prompts[0]!r} |", flush=True)
+        print(f"| {name} | {share(inv.images):.3f} | {share(found.images):.3f} | {share(allowed.images):.3f} | "
+              f"{inv_s:.1f} | {search_s:.1f} | {found.prompts[0]!r} | {allowed.prompts[0]!r} |", flush=True)
     ids, _ = model.encode_prompts(["a photo of a church"])
     world_shape, big = janus_flops_shape(model.model.config), janus_flops_shape(preset_config("janus-pro-7b"))
     prompt_len = int(ids.shape[1]) + inversion.tokens - 1
