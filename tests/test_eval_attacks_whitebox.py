@@ -130,15 +130,27 @@ def test_attack_budgets_and_templates_are_checked(tiny):
 
 @pytest.fixture(scope="module")
 def world_church(default_world_model):
-    """(world, base model, the base model's CFG images of church prompts)."""
+    """(world, base model, the base model's CFG images of church's plain prompts, world config)."""
+    from ear_dist.eval.attacks.whitebox import target_prompts
     from ear_dist.models.family import load_model
     from ear_dist.world.world import World
 
     cfg, path, _ = default_world_model
     world = World(cfg)
     model = load_model(str(path), device="cpu", dtype="float32")
-    prompts = world.sample(16, "train", stream=7, objects=["church"], styles=[None]).prompts
-    return world, model, sample_targets(model, prompts, 0, cfg.guidance_weight), cfg
+    return world, model, sample_targets(model, target_prompts("church", 16), 0, cfg.guidance_weight), cfg
+
+
+BIAS = "model.generation_head.vision_head.bias"
+
+
+def church_blocked_bias(world, model) -> torch.Tensor:
+    """The image head's bias with -1e4 on church's motif codes: a model that cannot draw church by construction."""
+    church = world.layout.group_names.index("church")
+    codes = torch.from_numpy((world.layout.group_of_code() == church).nonzero()[0])
+    bias = dict(model.model.named_parameters())[BIAS].detach().clone()
+    bias[codes] = -1e4
+    return bias
 
 
 def _church_share(world, images):
@@ -166,13 +178,11 @@ def test_both_attacks_stay_low_on_a_model_that_cannot_draw_church(world_church):
     """Church's motif codes get a -1e4 head bias (removed by construction): neither attack, at the budgets that
     bring church back from the base model and with the concept's words allowed, makes it draw church."""
     world, model, targets, cfg = world_church
-    church = world.layout.group_names.index("church")
-    codes = torch.from_numpy((world.layout.group_of_code() == church).nonzero()[0])
-    bias = model.model.model.generation_head.vision_head.bias
-    saved = bias.detach().clone()
+    bias = dict(model.model.named_parameters())[BIAS]
+    saved, blocked = bias.detach().clone(), church_blocked_bias(world, model)
     try:
         with torch.no_grad():
-            bias[codes] = -1e4
+            bias.copy_(blocked)
         inverted = invert_concept(model, targets, InversionBudget(steps=100, images=16, seed=1,
                                                                   guidance_weight=cfg.guidance_weight))
         found = search_prompts(model, targets, SearchBudget(steps=10, candidates=24, batch=4, images=16, seed=0,
@@ -241,3 +251,41 @@ def test_attacks_split_into_passes_give_what_one_pass_gives(tiny, monkeypatch):
     torch.testing.assert_close(split.vectors, whole.vectors, rtol=1e-5, atol=1e-6)
     assert split.losses == pytest.approx(whole.losses, rel=1e-6)
     assert found_split.prompts == found.prompts and found_split.history == pytest.approx(found.history, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_eval_attack_suites_give_each_column_its_own_attack_success_rate(world_church, default_world_model, tmp_path):
+    """`ear-dist eval --suite attack:inversion:church --suite attack:search:church` with the base model and a delta
+    that cannot draw church: each column attacked on its own (its learned words saved beside the images), the
+    attack success rate in the report's attack column: high on the base, 0 on the blocked column."""
+    from ear_dist.cli import main
+    from ear_dist.models.delta import save_delta
+    from ear_dist.models.fingerprint import model_fingerprint
+
+    world, model, _, _ = world_church
+    cfg, path, _ = default_world_model
+    delta = save_delta(tmp_path / "blocked.safetensors", {BIAS: church_blocked_bias(world, model)},
+                       model_fingerprint(model.model), str(path), ["church"], {})
+    out = tmp_path / "eval"
+    assert main(["eval", "--no-progress", "--suite", "attack:inversion:church", "--suite", "attack:search:church",
+                 "--delta", f"blocked={delta}", "--set", f"model.path={path}",
+                 "--set", f"world.cache_dir={cfg.cache_dir}",
+                 "--set", "eval.world_prompts=8", "--set", "eval.attack.targets=16",
+                 "--set", "eval.attack.search_steps=10", "--set", "eval.attack.search_candidates=24",
+                 "--set", "eval.attack.search_batch=4", "--set", "eval.attack.search_concept_words=true",
+                 "--out", str(out)]) == 0
+    import json
+
+    results = json.loads((out / "report.json").read_text())["results"]
+    asr = {(column, suite): results[column][suite]["accuracy_by_kind"]["attack"]
+           for column in ("base", "blocked") for suite in ("attack-inversion-church", "attack-search-church")}
+    assert asr[("base", "attack-inversion-church")] >= 0.5 and asr[("base", "attack-search-church")] >= 0.5, asr
+    assert asr[("blocked", "attack-inversion-church")] == 0.0 and asr[("blocked", "attack-search-church")] == 0.0
+    from safetensors.torch import load_file
+
+    learned = load_file(str(next((out / "attacks" / "attack-inversion-church").glob("blocked-*.safetensors"))))
+    assert sorted(learned) == ["inv0", "inv1"] and learned["inv0"].shape == (model.hidden_size,)
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {r["prompt"] for r in rows if r["suite"] == "attack-inversion-church"} == {
+        "a photo of a <inv0> <inv1>", "a picture of a <inv0> <inv1>", "a painting of a <inv0> <inv1>", "<inv0> <inv1>"}
