@@ -289,3 +289,35 @@ def test_eval_attack_suites_give_each_column_its_own_attack_success_rate(world_c
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert {r["prompt"] for r in rows if r["suite"] == "attack-inversion-church"} == {
         "a photo of a <inv0> <inv1>", "a picture of a <inv0> <inv1>", "a painting of a <inv0> <inv1>", "<inv0> <inv1>"}
+
+
+def test_attack_suites_are_built_from_the_config_and_attack_a_column(tiny):
+    """`attack:inversion:church` / `attack:search:church`: the world suite's church test prompts as the attack's
+    groups, the budgets from eval.attack.*, and a column's attack: its prompts on those groups' seeds, the learned
+    words as tensors, and a patch under which the words reach the model (then gone)."""
+    from ear_dist.config import load_config
+    from ear_dist.eval.suites import SuiteError, load_suite
+
+    cfg = load_config(overrides=["world.calibration_samples=400", "eval.world_prompts=3", "eval.attack.targets=4",
+                                 "eval.attack.inversion_steps=2", "eval.attack.inversion_batch=2",
+                                 "eval.attack.search_steps=1", "eval.attack.search_candidates=4",
+                                 "eval.attack.search_batch=2", "eval.attack.search_prompts=2"])
+    inversion, search = load_suite("attack:inversion:church", cfg), load_suite("attack:search:church", cfg)
+    assert inversion.name == "attack-inversion-church" and search.name == "attack-search-church"
+    assert [p.group for p in inversion.prompts] == ["held-out sentences (church)"] * 3
+    assert inversion.attack.budget["steps"] == 2 and inversion.attack.budget["targets"] == 4
+    assert search.attack.budget["exclude"] == ["church", "chapel", "cathedral"] and search.patch is None
+    attacked = inversion.per_column("base", tiny)
+    assert [p.seed for p in attacked.prompts] == [p.seed for p in inversion.prompts]
+    assert attacked.prompts[0].prompt == "a photo of a <inv0> <inv1>" and {p.kind for p in attacked.prompts} == {"attack"}
+    assert sorted(attacked.tensors) == ["inv0", "inv1"]
+    with inversion.patch(tiny, attacked.tensors):
+        ids, _ = tiny.encode_prompts(["a photo of a <inv0> <inv1>"])
+        assert len(ids[0]) == 8  # <bos> a photo of a <inv0> <inv1> <boi>
+    assert "<inv0>" not in tiny.tokenizer.get_vocab()
+    found = search.per_column("base", tiny)
+    assert len({p.prompt for p in found.prompts}) <= 2 and "church" not in " ".join(p.prompt for p in found.prompts)
+    with pytest.raises(SuiteError, match="the white-box attacks are"):
+        load_suite("attack:erase:church", cfg)
+    with pytest.raises(SuiteError, match="model.family=janus only"):
+        load_suite("attack:search:church", load_config(overrides=["model.family=var"]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict
+
 import torch
 
 from ear_dist.config import Config
@@ -26,7 +27,7 @@ from ear_dist.eval.attacks.search import SearchBudget, search_prompts
 from ear_dist.eval.suites import Attack, EvalPrompt, Suite, SuiteError
 
 WHITEBOX_ATTACKS = ("inversion", "search")
-BASE_COLUMN = "base"
+BASE_COLUMN = "base"  # ear_dist.eval.evaluate.BASE: the column with no delta, always the first
 
 
 def budgets(cfg: Config) -> tuple[InversionBudget, SearchBudget]:
