@@ -309,7 +309,8 @@ def test_attack_suites_are_built_from_the_config_and_attack_a_column(tiny):
     assert search.attack.budget["exclude"] == ["church", "chapel", "cathedral"] and search.patch is None
     attacked = inversion.per_column("base", tiny)
     assert [p.seed for p in attacked.prompts] == [p.seed for p in inversion.prompts]
-    assert attacked.prompts[0].prompt == "a photo of a <inv0> <inv1>" and {p.kind for p in attacked.prompts} == {"attack"}
+    assert attacked.prompts[0].prompt == "a photo of a <inv0> <inv1>"
+    assert {p.kind for p in attacked.prompts} == {"attack"}
     assert sorted(attacked.tensors) == ["inv0", "inv1"]
     with inversion.patch(tiny, attacked.tensors):
         ids, _ = tiny.encode_prompts(["a photo of a <inv0> <inv1>"])
