@@ -36,7 +36,8 @@ def check_family(model: ImageModel, attack: str) -> None:
 @contextlib.contextmanager
 def frozen(module: torch.nn.Module) -> Iterator[None]:
     """Every parameter with ``requires_grad`` off for the block (so no ``.grad`` lands on the model), then the
-    flags and the train/eval mode restored."""
+    flags and the train/eval mode restored; gradients enabled inside (for the attack's own tensors) even when the
+    caller samples under ``torch.no_grad``."""
     params = list(module.parameters())
     flags = [p.requires_grad for p in params]
     training = module.training
@@ -44,7 +45,8 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
     for p in params:
         p.requires_grad_(False)
     try:
-        yield
+        with torch.enable_grad():
+            yield
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
