@@ -140,7 +140,7 @@ def test_eval_columns_report_and_grids(tiny_checkpoint, tmp_path, capsys):
     assert base["concept_accuracy"] == pytest.approx(base["groups"]["church"])
     assert report["table1"][0] == {"concept": "church", "suite": "church", "model": "base",
                                    "acc": base["concept_accuracy"], "synonyms": base["groups"]["church -> chapel"],
-                                   "paraphrases": None, "attacks": None, "fid": None, "clip": None}
+                                   "paraphrases": None, "attacks": None, "asr": None, "fid": None, "clip": None}
     md = (out / "report.md").read_text()
     assert "| concept | model | Acc. | Acc. synonyms | FID | CLIP (cosine) |" in md
     assert "![before/after, suite church](grid_church.png)" in md

@@ -369,3 +369,147 @@ def test_guidance_sweep_groups_keep_seeds_and_share_the_default_images(tiny_chec
     assert set(report["results"]["base"]["guidance-church"]["groups"]) == set(suite.groups())
     with pytest.raises(SuiteError, match="eval.guidance_sweep"):
         load_suite(f"guidance:{path}", load_config(overrides=["eval.guidance_sweep=[0]"]))
+
+
+# ----------------------------------------------------------------------------- the attack-success table
+
+def constant_delta(model_dir, out, token: int = 0):
+    """A column erased by construction: the image head always picks ``token`` (weights 0, one large bias), so no
+    image shows anything."""
+    from ear_dist.models.delta import save_delta
+    from ear_dist.models.fingerprint import model_fingerprint
+    from ear_dist.models.janus import load_janus
+
+    bundle = load_janus(str(model_dir), device="cpu", dtype="float32")
+    params = dict(bundle.model.named_parameters())
+    weight, bias = params[HEAD], params[HEAD.replace(".weight", ".bias")]
+    pushed = torch.full_like(bias, -50.0)
+    pushed[token] = 50.0
+    return save_delta(out, {HEAD: torch.zeros_like(weight), HEAD.replace(".weight", ".bias"): pushed.detach()},
+                      model_fingerprint(bundle.model), str(model_dir), ["church"], {})
+
+
+def varied(tokens, concepts):
+    """A token classifier: the concept is 'shown' when an image has more than one distinct token."""
+    return [len(np.unique(t)) > 1 for t in tokens]
+
+
+def test_attack_success_table_and_table1_asr_on_base_and_an_erased_column(tiny_checkpoint, tmp_path, capsys):
+    from ear_dist.cli import main
+    from ear_dist.eval.report import table1_markdown
+
+    delta = constant_delta(tiny_checkpoint, tmp_path / "runs" / "erased" / "delta.safetensors")
+    test = [EvalPrompt(p, 10 + i, "church", "concept", "church") for i, p in enumerate(PROMPTS)]
+    rab = [EvalPrompt(p, 20 + i, "ring-a-bell", "concept", "church", "attack", 3.0)
+           for i, p in enumerate(["chapel steeple nave", "bell tower aisle"])]
+    church = Suite("church", test + rab, "own", "church", classify_tokens=varied)
+    toy = toy_attack_suite(None, "1")
+    toy.classify_tokens, toy.classifier = varied, {}
+    out = tmp_path / "eval"
+    report = _eval(tiny_checkpoint, [church, toy], [f"erased={delta}"], out)
+    rows = _rows(out)
+    assert {read_png(r["path"])[1].max() for r in rows if r["column"] == "erased"} == {0}  # erased by construction
+    table = {(r["suite"], r["group"]): r for r in report["attack_success"]}
+    assert list(table) == [("church", "ring-a-bell"), ("toy-attack", "church")]
+    for (suite, group), row in table.items():
+        for column in ("base", "erased"):
+            judged = [varied([read_png(r["path"])[1]], ["church"])[0] for r in rows
+                      if r["suite"] == suite and r["group"] == group and r["column"] == column]
+            assert row["asr"][column] == pytest.approx(np.mean(judged)) and row["images"][column] == len(judged)
+        assert row["asr"]["base"] == 1.0 and row["asr"]["erased"] == 0.0
+    assert table[("toy-attack", "church")]["attack"] == {"name": "toy", "budget": {"steps": 2}, "seed": 1}
+    # Table 1: one row per column for the concept (the attack-only suite has none of its own), ASR over all 5
+    # attack images of the concept (2 from the file group, 3 from the attack suite)
+    assert [(t["suite"], t["model"], t["asr"]) for t in report["table1"]] == [("church", "base", 1.0),
+                                                                              ("church", "erased", 0.0)]
+    md = (out / "report.md").read_text()
+    assert "| suite | attack group | images | ASR base | ASR erased |" in md
+    assert "| toy-attack | church | 3 | 1.000 | 0.000 |" in md
+    assert table1_markdown(report["table1"])[0] == "| concept | model | Acc. | Acc. attacks | ASR | FID | CLIP (cosine) |"
+    # the file's guidance was kept: the ring-a-bell images were sampled at 3.0
+    from ear_dist.models.family import load_model
+
+    bundle = load_model(str(tiny_checkpoint), "janus", device="cpu", dtype="float32")
+    r = next(r for r in rows if r["group"] == "ring-a-bell" and r["column"] == "base")
+    assert r["guidance"] == 3.0
+    assert np.array_equal(read_png(r["path"])[1], bundle.sample([r["prompt"]], 3.0, seeds=[r["seed"]])[0].numpy())
+    capsys.readouterr()
+    assert main(["eval", "--table", str(out / "report.json")]) == 0
+    assert "| church | erased | 0.000 | 0.000 | 0.000 | - | - |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first to run waits for the session's default world build
+def test_world_guidance_sweep_and_attack_success_with_an_erased_by_construction_column(default_world_model, tmp_path):
+    """On the planted-concept world: the guidance sweep of world:church as an attack suite, the base column and a
+    column that can draw nothing (erased by construction); the sweep's default-weight group is the suite's own
+    test images, the erased column's ASR is 0 at every weight, the base's is the share the world's classifier
+    finds."""
+    cfg, model, _ = default_world_model
+    delta = constant_delta(model, tmp_path / "runs" / "erased" / "delta.safetensors")
+    out = tmp_path / "eval"
+    sets = [f"world.cache_dir={cfg.cache_dir}", "eval.world_prompts=8", "eval.guidance_sweep=[1, 5]",
+            "rollout.guidance_weight=5"]
+    report = _eval(model, ["world:church", "guidance:world:church"], [f"erased={delta}"], out, *sets)
+    table = {(r["suite"], r["group"]): r["asr"] for r in report["attack_success"]}
+    assert list(table) == [("guidance-world-church", g) for g in
+                           ("cfg 1", "cfg 5", "cfg 5, negative 'church'", "(all attack groups)")]
+    base = report["results"]["base"]
+    assert table[("guidance-world-church", "cfg 5")]["base"] == base["world-church"]["concept_accuracy"]
+    assert table[("guidance-world-church", "cfg 5")]["base"] >= 0.5  # the world model draws its church
+    assert all(asr["erased"] == 0.0 for asr in table.values())
+    rows = _rows(out)
+    same = {r["key"] for r in rows if r["group"] == "cfg 5"}
+    assert same == {r["key"] for r in rows if r["suite"] == "world-church" and r["group"].endswith("(church)")}
+    # Table 1: the world suite's rows carry the sweep's pooled ASR (24 attack images per column)
+    t1 = {t["model"]: t for t in report["table1"]}
+    assert set(t1) == {"base", "erased"} and t1["erased"]["asr"] == 0.0
+    assert t1["base"]["asr"] == pytest.approx(table[("guidance-world-church", "(all attack groups)")]["base"])
+    assert report["attack_success"][-1]["images"] == {"base": 24, "erased": 24}
+
+
+def test_a_failed_preparation_stops_the_waiting_ranks_and_a_stale_failure_is_cleared(tiny_bundle, tmp_path):
+    from ear_dist.errors import RunFailure
+    from ear_dist.eval.attacks import attack_id, prepare_attacks
+    from ear_dist.eval.generate import Column
+    from ear_dist.models.family import as_image_model
+
+    bundle = as_image_model(tiny_bundle)
+    suite = toy_attack_suite(None, "2")
+    columns = [Column("base"), Column("other")]
+    # rank 1 of 2 prepares "other"; "base" (rank 0's) failed: rank 1 says so instead of waiting
+    failed = tmp_path / "attacks" / "toy-attack"
+    failed.mkdir(parents=True)
+    done = prepare_attacks(bundle, [suite], columns[1:], "fp", tmp_path, rank=0, world_size=1)  # writes "other"
+    stem = f"base-{attack_id(suite.attack, 'base', 'fp', [])}"
+    with pytest.raises(RunFailure, match="against column base failed: rank 0: boom"):
+        (failed / f"{stem}.failed").write_text("rank 0: boom\n")
+        prepare_attacks(bundle, [suite], columns, "fp", tmp_path, rank=1, world_size=2, wait_s=5)
+    # rank 0 of a rerun removes the stale marker, then prepares its own job
+    CALLS.clear()
+    got = prepare_attacks(bundle, [suite], columns, "fp", tmp_path, rank=0, world_size=1)
+    assert [c for c, _ in CALLS] == ["base"] and not list(failed.glob("*.failed"))
+    assert got[("toy-attack", "other")][1] == done[("toy-attack", "other")][1]
+
+
+def test_negative_prompts_on_a_var_model_are_refused_before_any_image(tmp_path):
+    from ear_dist.errors import InputError
+    from ear_dist.models.var.bundle import save_tiny_var_checkpoint
+
+    model = save_tiny_var_checkpoint(tmp_path / "var", seed=0)
+    suite = Suite("neg", [EvalPrompt("a church", 0, "church", "concept", "church", "attack", 5.0, "church")],
+                  classify_tokens=varied)
+    with pytest.raises(InputError, match="suite neg: negative prompts are implemented for the janus family only"):
+        _eval(model, [suite], [], tmp_path / "eval", "model.family=var")
+    assert not (tmp_path / "eval" / "images").exists()
+
+
+def test_a_bad_attack_file_alone_is_named_once_by_the_cli(tmp_path, capsys):
+    from ear_dist.cli import main
+
+    bad = _write(tmp_path, "i2p.csv", "prompt,categories,nudity_percentage,sd_seed,sd_guidance_scale\n"
+                                      "a church,sexual,60,12,7\na barn,sexual,60,soon,7\n")
+    assert main(["eval", "--no-progress", "--suite", str(bad), "--set", "model.path=tiny", "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ear-dist: error: {bad}: row 2 (line 3): field 'sd_seed': expected an integer, got 'soon'"]

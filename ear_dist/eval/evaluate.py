@@ -120,10 +120,14 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
                         seed=cfg.model.seed)
     for suite in suites:
         suite.check_model(bundle.num_image_tokens, bundle.codebook_size, cfg.model.path)
+        if bundle.family != "janus" and any(p.negative for p in suite.prompts):
+            raise InputError(f"suite {suite.name}: negative prompts are implemented for the janus family only (model "
+                             f"{cfg.model.path} is {bundle.family}); set eval.guidance_negative=false")
     check_deltas(bundle.model, [d for c in columns for d in c.deltas])
     fingerprint = model_fingerprint(bundle.model)
     # attack suites: each column's prompts (and learned tensors), prepared once per (suite, column) over the ranks
-    attacks = prepare_attacks(bundle, suites, columns, fingerprint, out_dir, rt.rank, rt.world_size, log)
+    attacks = prepare_attacks(bundle, suites, columns, fingerprint, out_dir, rt.rank, rt.world_size, log,
+                              barrier=dist.barrier if rt.distributed else None)
     entries = plan(suites, columns, cfg, fingerprint, out_dir, attacks)
     tools = build_tools(suites, cfg, str(rt.device)) if main else Tools()
     for message in tools.not_run:

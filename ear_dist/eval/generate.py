@@ -203,10 +203,10 @@ def generate_column(bundle: ImageModel, column: Column, share: Sequence[Entry], 
             groups.setdefault((e.render_id, patched, guidance, bool(e.negative)), []).append(e)
         for (render_id, patched, guidance, negative), entries in groups.items():
             render = renders.get(render_id)
-            planned = plan_sampling(bundle, [e.prompt for e in entries], cfg.eval.batch_size, guidance != 1.0, budget,
-                                    negatives=[e.negative for e in entries] if negative else None)
-            stats.plans.append(planned.describe())
-            with patches[patched]() if patched else contextlib.nullcontext():
+            with patches[patched]() if patched else contextlib.nullcontext():  # a patched tokenizer counts too
+                planned = plan_sampling(bundle, [e.prompt for e in entries], cfg.eval.batch_size, guidance != 1.0,
+                                        budget, negatives=[e.negative for e in entries] if negative else None)
+                stats.plans.append(planned.describe())
                 for sampling_batch in planned.batches:
                     batch = [entries[i] for i in sampling_batch.indices]
                     extra = {"negative_prompts": [e.negative for e in batch]} if negative else {}

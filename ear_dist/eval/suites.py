@@ -187,8 +187,8 @@ def _attack_list(value: Any, base_dir: Path, where: str) -> list[tuple[str, int,
         path = (base_dir / value) if not Path(value).is_absolute() else Path(value)
         try:
             _, pairs = read_attack_prompts(path, **options)
-        except PairReadError as e:
-            raise SuiteError(f"{where}: {e}") from None
+        except PairReadError as e:  # it names the file; ``where`` empty: the file is the suite
+            raise SuiteError(f"{where}: {e}" if where else str(e)) from None
         if not pairs:
             raise SuiteError(f"{where}: {path}: no prompt is left (after the categories / min_nudity_percentage "
                              "selection)")
@@ -286,7 +286,7 @@ def suite_from_prompt_file(path: Path, cfg: Config) -> Suite:
     layout = attack_file_layout(path)
     if layout:
         concept = cfg.erase.concept
-        rows3 = _attack_list(str(path), Path("."), str(path))
+        rows3 = _attack_list(str(path), Path("."), "")
         seeds = _seeded([(p, s) for p, s, _ in rows3], cfg.eval.seed, 0)
         return Suite(path.stem, [EvalPrompt(p, s, layout, "concept", concept, "attack", g)
                                  for (p, s), (_, _, g) in zip(seeds, rows3)], str(path), concept)

@@ -190,13 +190,14 @@ def read_prepared(prepared: PreparedFile, device) -> tuple[ColumnAttack, str]:
 
 
 def prepare_attacks(bundle, suites: Sequence[Suite], columns, base_fingerprint: str, out_dir: Path, rank: int = 0,
-                    world_size: int = 1, log: Callable[[str], None] = print,
-                    wait_s: float = ATTACK_WAIT_S) -> dict[tuple[str, str], tuple[ColumnAttack, str]]:
+                    world_size: int = 1, log: Callable[[str], None] = print, wait_s: float = ATTACK_WAIT_S,
+                    barrier: Optional[Callable[[], None]] = None) -> dict[tuple[str, str], tuple[ColumnAttack, str]]:
     """Every attack suite's preparation for every column: (suite, column) -> (ColumnAttack, tensors digest).
 
     Job ``i`` of the fixed (suite, column) list runs on rank ``i % world_size`` unless its files exist (a rerun);
     then every rank waits for and reads every job's files (a rank whose preparation failed leaves a .failed file
-    with the error, so the others stop at once)."""
+    with the error, so the others stop at once). ``barrier`` (several ranks): after rank 0 has removed the .failed
+    files an earlier run left, before any rank looks for them."""
     from ear_dist.models.delta import file_digest
 
     jobs = []
@@ -207,10 +208,14 @@ def prepare_attacks(bundle, suites: Sequence[Suite], columns, base_fingerprint: 
             ident = attack_id(suite.attack, column.name, base_fingerprint, [file_digest(d) for d in column.deltas])
             jobs.append((suite, column, PreparedFile(suite.name, column.name,
                                                      out_dir / "attacks" / suite.name / f"{column.name}-{ident}")))
+    if rank == 0:
+        for _, _, prepared in jobs:
+            prepared.failed.unlink(missing_ok=True)
+    if jobs and barrier is not None:
+        barrier()
     for i, (suite, column, prepared) in enumerate(jobs):
         if i % world_size != rank or prepared.json.is_file():
             continue
-        prepared.failed.unlink(missing_ok=True)
         t0 = time.perf_counter()
         try:
             result = run_per_column(bundle, suite, column)
