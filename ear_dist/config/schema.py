@@ -407,7 +407,7 @@ class EvalClassifierConfig:
 
 @dataclass
 class EvalAttackConfig:
-    """The white-box attack suites (attack:inversion:<concept>, attack:search:<concept>; docs/attacks-whitebox.md): their
+    """The white-box attack suites (attack:inversion:<concept>, attack:search:<concept>; docs/attacks.md): their
     targets and budgets."""
 
     targets: int = setting(32, "the base model's CFG images of the concept the attacks fit (its plain training prompts)")

@@ -1,4 +1,4 @@
-"""Attacks on an erased model in ``ear-dist eval`` (docs/attacks-whitebox.md).
+"""Attacks on an erased model in ``ear-dist eval`` (docs/attacks.md).
 
 - ``hook``: the per-column hook: an attack suite's prompts (and a model patch) prepared against each column,
   once per (suite, column), over the ranks, resumed from the output directory; the guidance sweep suite;
