@@ -279,9 +279,10 @@ def test_eval_attack_suites_give_each_column_its_own_attack_success_rate(world_c
                  "--out", str(out)]) == 0
     import json
 
-    results = json.loads((out / "report.json").read_text())["results"]
-    asr = {(column, suite): results[column][suite]["accuracy_by_kind"]["attack"]
-           for column in ("base", "blocked") for suite in ("attack-inversion-church", "attack-search-church")}
+    table = json.loads((out / "report.json").read_text())["attack_success"]
+    asr = {(column, row["suite"]): row["asr"][column] for row in table for column in ("base", "blocked")}
+    assert {row["suite"] for row in table} == {"attack-inversion-church", "attack-search-church"}
+    assert all(row["images"] == {"base": 8, "blocked": 8} for row in table)
     assert asr[("base", "attack-inversion-church")] >= 0.5 and asr[("base", "attack-search-church")] >= 0.5, asr
     assert asr[("blocked", "attack-inversion-church")] == 0.0 and asr[("blocked", "attack-search-church")] == 0.0
     from safetensors.torch import load_file
