@@ -83,7 +83,7 @@ class _Vocabulary:
         banned = [w.strip().lower() for w in exclude if w.strip()]
         self.tokenizer = tok
         allowed = []
-        for token, i in tok.get_vocab().items():
+        for i in tok.get_vocab().values():
             if i in special or i >= rows:
                 continue
             text = tok.decode([i]).strip().lower()
