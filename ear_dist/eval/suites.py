@@ -32,6 +32,8 @@ Where suites come from (``--suite`` / ``eval.suites``):
   one ``concept`` group; the concept comes from the file's concept column or
   ``erase.concept``; a COCO CSV becomes a ``caption`` suite;
 - ``coco``: the first ``eval.coco_size`` captions of ``eval.coco_prompts``;
+- ``attack:inversion:<concept>``, ``attack:search:<concept>``: the white-box attacks against the world suite's
+  concept, each column attacked on its own (``ear_dist.eval.attacks.whitebox``);
 - ``module:function`` (``world`` and ``world:<concept>`` are built-in names of
   ``ear_dist.world.suite:world_suite``): ``function(cfg, argument) -> Suite``.
 
@@ -57,7 +59,8 @@ from ear_dist.errors import InputError
 
 ROLES = ("concept", "preservation", "unrelated", "caption")
 CONCEPT_KINDS = ("test", "synonym", "paraphrase", "attack")  # kinds of concept groups, Table 1's order
-BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite", "guidance": "ear_dist.eval.attacks:guidance_suite"}
+BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite", "guidance": "ear_dist.eval.attacks:guidance_suite",
+                   "attack": "ear_dist.eval.attacks.whitebox:whitebox_suite"}
 SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "paraphrases", "attacks", "preservation", "unrelated", "captions",
               "limit", "classifier", "format"}
 
@@ -111,7 +114,7 @@ class Suite:
     classifier_info: dict = field(default_factory=dict)
     # a suite judged on image tokens: the (image tokens, codebook size) of the models it can judge
     token_shape: Optional[tuple[int, int]] = None
-    # an attack suite (ear_dist/eval/attacks.py, docs/attacks.md): ``attack`` goes into every image key with the
+    # an attack suite (ear_dist/eval/attacks/hook.py, docs/attacks.md): ``attack`` goes into every image key with the
     # column; ``per_column(column_name, model) -> ColumnAttack`` gives each column its own prompts (and tensors),
     # ``patch(model, tensors)`` is a context manager applied while that column's prompts of the suite are sampled
     attack: Optional[Attack] = None
@@ -314,7 +317,8 @@ def coco_suite(cfg: Config) -> Suite:
 
 
 def load_suite(spec: str, cfg: Config) -> Suite:
-    """One suite from a ``--suite`` value: a file, ``coco``, ``world[:concept]`` or ``module:function[:arg]``."""
+    """One suite from a ``--suite`` value: a file, ``coco``, ``world[:concept]``, ``attack:<kind>:<concept>`` or
+    ``module:function[:arg]``."""
     if spec == "coco":
         return coco_suite(cfg)
     path = Path(spec)
@@ -330,7 +334,8 @@ def load_suite(spec: str, cfg: Config) -> Suite:
         attr, _, arg = rest.partition(":")
         target = f"{module_name}:{attr}"
     else:
-        raise SuiteError(f"suite {spec!r}: no such file, and not coco, world[:concept], guidance:<suite> or "
+        raise SuiteError(f"suite {spec!r}: no such file, and not coco, world[:concept], guidance:<suite>, "
+                         "attack:<kind>:<concept> or "
                          "module:function")
     module_name, _, attr = target.partition(":")
     try:
