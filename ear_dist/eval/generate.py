@@ -31,7 +31,8 @@ from ear_dist.config import Config
 from ear_dist.eval.batching import KvBudget, plan_sampling
 from ear_dist.eval.suites import Suite
 from ear_dist.models.janus.decode import release_decoders
-from ear_dist.models.delta import applied_deltas, file_digest
+from ear_dist.models.compose import ComposeSpec, composed_in_memory
+from ear_dist.models.delta import file_digest
 from ear_dist.models.interface import ImageModel
 from ear_dist.errors import InputError
 
@@ -42,10 +43,16 @@ IMAGE_SEED_STRIDE = 1000003
 
 @dataclass(frozen=True)
 class Column:
-    """One column of the report: the base model with these deltas applied (none: the base itself)."""
+    """One column of the report: the base model with these deltas applied (none: the base itself), composed by
+    ``compose`` (None: summed, as ``merge`` does by default; ``ear_dist.models.compose``)."""
 
     name: str
     deltas: tuple[str, ...] = ()
+    compose: Optional[ComposeSpec] = None
+
+    def key_parts(self) -> list:
+        """What the column's images depend on: its deltas' bytes and, when not summed, how they are composed."""
+        return [file_digest(d) for d in self.deltas] + (self.compose.key() if self.compose else [])
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,7 @@ def plan(suites: Sequence[Suite], columns: Sequence[Column], cfg: Config, base_f
     settings = sampling_settings(cfg)
     entries = []
     for column in columns:
-        digests = [file_digest(d) for d in column.deltas]
+        digests = column.key_parts()
         for suite in suites:
             for i, p in enumerate(suite.prompts):
                 for j in range(cfg.eval.images_per_prompt):
@@ -162,7 +169,7 @@ def generate_column(bundle: ImageModel, column: Column, share: Sequence[Entry], 
     t0 = time.perf_counter()
     release_decoders(bundle.model)  # a lean decoder's cache from earlier batches would hide free memory
     budget = KvBudget.of(bundle.device, cfg.eval.kv_cache_gib)
-    with applied_deltas(bundle.model, list(column.deltas)):
+    with composed_in_memory(bundle, list(column.deltas), column.compose):
         by_render: dict[str, list[Entry]] = {}
         for e in todo:
             by_render.setdefault(e.render_id, []).append(e)
