@@ -56,6 +56,8 @@ def register(sub) -> None:
                         "targets); default: the pairs its run trained on (data.pairs of its config)")
     m.add_argument("--keep-prompts", default=None, metavar="FILE",
                    help="--compose project: prompts whose outputs no delta may change (.txt or a pairs file)")
+    m.add_argument("--project-kept-only", action="store_true",
+                   help="--compose project: project off the --keep-prompts' inputs only, not the other concepts'")
     m.add_argument("--compose-energy", type=float, default=0.999,
                    help="--compose project: share of each prompt set's input energy projected off (default 0.999)")
     m.add_argument("--ties-density", type=float, default=0.2,
@@ -184,9 +186,9 @@ def compose_spec(args):
     from ear_dist.models.compose import ComposeSpec, concept_prompts_for, read_prompts_file
     from ear_dist.models.delta import delta_metadata
 
+    if args.compose != "project" and (args.concept_prompts or args.keep_prompts or args.project_kept_only):
+        raise InputError("--concept-prompts/--keep-prompts/--project-kept-only: only --compose project reads prompts")
     if args.compose == "sum":
-        if args.concept_prompts or args.keep_prompts:
-            raise InputError("--concept-prompts/--keep-prompts: only --compose project reads prompts")
         return None
     if not 0 < args.compose_energy <= 1:
         raise InputError(f"--compose-energy {args.compose_energy}: expected a share in (0, 1]")
@@ -194,11 +196,13 @@ def compose_spec(args):
         raise InputError(f"--ties-density {args.ties_density}: expected a share in (0, 1]")
     if args.compose == "ties":
         return ComposeSpec("ties", density=args.ties_density)
-    prompts = concept_prompts_for(args.delta, args.concept_prompts)
+    if args.project_kept_only and not args.keep_prompts:
+        raise InputError("--project-kept-only: give the prompts to keep with --keep-prompts FILE")
+    prompts = [] if args.project_kept_only else concept_prompts_for(args.delta, args.concept_prompts)
     kept = read_prompts_file(args.keep_prompts, "--keep-prompts") if args.keep_prompts else []
     rollout = (delta_metadata(args.delta[0]).get("config") or {}).get("rollout") or {}
     return ComposeSpec("project", tuple(tuple(p) for p in prompts), tuple(kept), args.compose_energy,
-                       float(rollout.get("guidance_weight", 5.0)))
+                       float(rollout.get("guidance_weight", 5.0)), other_concepts=not args.project_kept_only)
 
 
 def run_convert_cmd(args) -> int:

@@ -60,11 +60,14 @@ class Composition:
 def compose_deltas(base, deltas: Sequence[Union[str, Path]], concept_prompts: Sequence[Sequence[str]] = (),
                    kept_prompts: Sequence[str] = (), method: str = "sum", energy: float = 0.999,
                    weights: Optional[Sequence[float]] = None, check_base: bool = True, guidance_weight: float = 5.0,
-                   seed: int = 0, density: float = 0.2, batch_size: int = 16) -> Composition:
+                   seed: int = 0, density: float = 0.2, batch_size: int = 16,
+                   other_concepts: bool = True) -> Composition:
     """Compose ``deltas`` of the loaded ``base`` (a Janus bundle or an ``ImageModel``) by ``method``.
 
     ``concept_prompts[i]``: prompts of delta i's concept(s) (``project`` needs one non-empty list per delta);
-    ``kept_prompts``: prompts no delta may change (``project``); ``weights`` scale each delta's change first.
+    ``kept_prompts``: prompts no delta may change (``project``); ``weights`` scale each delta's change first;
+    ``other_concepts=False``: ``project`` projects off the kept prompts' inputs only (each delta may still change
+    the other erased concepts' outputs; their prompts are not read).
     Prompt set k is sampled with seeds from ``seed + k`` (deterministic). Nothing of ``base`` is changed:
     ``apply_composition`` applies the result.
     """
@@ -92,7 +95,12 @@ def compose_deltas(base, deltas: Sequence[Union[str, Path]], concept_prompts: Se
     out = Composition(method, {}, paths, concepts,
                       overlaps={n: [paths[i] for i in o] for n, o in owners.items() if len(o) > 1},
                       summed=sorted(n for n, o in owners.items() if len(o) > 1 and n not in linear))
-    if method == "project":
+    if method == "project" and not other_concepts:
+        if not list(kept_prompts):
+            raise InputError("compose project of the kept prompts only: no kept prompts given")
+        _project(bundle, per_delta, paths, sorted(linear), [], list(kept_prompts), energy, guidance_weight,
+                 seed + len(paths), batch_size, out, shared=True)
+    elif method == "project":
         if len(concept_prompts) != len(paths) or any(not list(p) for p in concept_prompts):
             missing = [paths[i] for i in range(len(paths)) if i >= len(concept_prompts) or not list(concept_prompts[i])]
             raise InputError(f"compose project: no prompts of the concept of {', '.join(missing)}")
@@ -115,8 +123,9 @@ def apply_composition(model: torch.nn.Module, composition: Composition) -> dict:
 
 def _project(bundle, per_delta: list[dict], paths: list[str], linear: list[str], concept_prompts: list[list[str]],
              kept_prompts: list[str], energy: float, guidance_weight: float, seed: int, batch_size: int,
-             out: Composition) -> None:
-    """Each delta's linear changes projected off the other prompt sets' principal input subspaces, in place."""
+             out: Composition, shared: bool = False) -> None:
+    """Each delta's linear changes projected off the other prompt sets' principal input subspaces, in place
+    (``shared``: every delta off every set: the kept prompts alone)."""
     from ear_dist.train.adapters import input_second_moments, principal_basis
     from ear_dist.train.preserve import anchor_rollouts, teacher_forced_feed
 
@@ -132,7 +141,7 @@ def _project(bundle, per_delta: list[dict], paths: list[str], linear: list[str],
             found[name] = principal_basis(moments[name], energy)[0]
         bases.append(found)
     for i, changes in enumerate(per_delta):
-        others = [b for k, b in enumerate(bases) if k != i]
+        others = [b for k, b in enumerate(bases) if shared or k != i]
         before = after = 0.0
         out.ranks[paths[i]] = {}
         for name in linear:
@@ -268,6 +277,7 @@ class ComposeSpec:
     energy: float = 0.999
     guidance_weight: float = 5.0
     density: float = 0.2
+    other_concepts: bool = True  # project: off the other concepts' inputs too, not the kept prompts' alone
 
     def key(self) -> list:
         """What an image of the column depends on beyond the deltas' bytes (empty for ``sum``)."""
@@ -276,7 +286,7 @@ class ComposeSpec:
         if self.method == "ties":
             return [f"compose={self.method}", self.density]
         return [f"compose={self.method}", self.energy, self.guidance_weight, [list(p) for p in self.concept_prompts],
-                list(self.kept_prompts)]
+                list(self.kept_prompts), *([] if self.other_concepts else ["kept prompts only"])]
 
 
 _CACHE: dict = {}
@@ -298,7 +308,8 @@ def composed_in_memory(bundle, deltas: Sequence[str], spec: Optional[ComposeSpec
     if key not in _CACHE:
         _CACHE.clear()  # one column at a time: the changes of the last one only
         _CACHE[key] = compose_deltas(bundle, deltas, spec.concept_prompts, spec.kept_prompts, spec.method,
-                                     spec.energy, guidance_weight=spec.guidance_weight, density=spec.density)
+                                     spec.energy, guidance_weight=spec.guidance_weight, density=spec.density,
+                                     other_concepts=spec.other_concepts)
     composition = _CACHE[key]
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in composition.changes}

@@ -453,12 +453,13 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     guidance = load_config(overrides=list(overrides)).rollout.guidance_weight
     kept = tuple(anchor_prompts(world, concepts, kept_anchors)) if kept_anchors else ()
     columns = []
-    for item in compose:  # "project", "project:0.9" (its energy), "ties:0.5" (its density)
+    for item in compose:  # "project", "project:0.9" (its energy), "project-kept" (off the kept prompts only), "ties:0.5"
         method, _, share = item.partition(":")
+        projects = method.startswith("project")
         spec = None if method == "sum" else ComposeSpec(
-            method, tuple(tuple(dict.fromkeys(p.target for p in pairs[c])) for c in concepts), kept,
-            float(share) if share and method == "project" else energy, guidance,
-            float(share) if share and method == "ties" else ComposeSpec.density)
+            "project" if projects else method, tuple(tuple(dict.fromkeys(p.target for p in pairs[c])) for c in concepts),
+            kept, float(share) if share and projects else energy, guidance,
+            float(share) if share and method == "ties" else ComposeSpec.density, other_concepts=method != "project-kept")
         columns.append(Column("composed" if item == "sum" else f"composed-{item.replace(':', '-')}", tuple(deltas),
                               spec))
     if joint:
