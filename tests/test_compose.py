@@ -134,6 +134,27 @@ def test_project_leaves_each_other_concept_and_the_kept_prompts_as_their_own_del
     assert set(composition.ranks) == set(deltas) and all(set(r) == set(LAYER0) for r in composition.ranks.values())
 
 
+def test_project_off_the_kept_prompts_only_keeps_them_and_leaves_the_concepts_to_the_sum(model, tmp_path):
+    energy = 0.999999
+    tokens = _tokens(model)
+    deltas = _separable_deltas(model, tmp_path, tokens, energy)
+    kept, tok = KEPT, tokens[-1]
+    base = _logits(model, kept, tok)
+    with applied_deltas(model.model, deltas):
+        summed = {j: _logits(model, CONCEPTS[c], tokens[j]) for j, c in enumerate(CONCEPTS)}
+        summed_kept = _logits(model, kept, tok)
+    spec = ComposeSpec("project", (), tuple(KEPT), energy, GUIDANCE, other_concepts=False)
+    with composed_in_memory(model, deltas, spec) as report:
+        projected = {j: _logits(model, CONCEPTS[c], tokens[j]) for j, c in enumerate(CONCEPTS)}
+        projected_kept = _logits(model, kept, tok)
+    assert (summed_kept - base).abs().max() > 1e-4
+    assert (projected_kept - base).abs().max() < 1e-2 * (summed_kept - base).abs().max()
+    # the deltas' changes on each other's concepts stay (each concept's inputs are only partly the kept prompts')
+    assert all((projected[j] - summed[j]).abs().max() < (summed[j] - _logits(model, CONCEPTS[c], tokens[j])).abs().max()
+               for j, c in enumerate(CONCEPTS))
+    assert all(0 < v <= 1 for v in report["kept_norm"].values())
+
+
 def test_each_projected_change_is_zero_on_every_other_prompt_set_at_every_layer(model, tmp_path):
     """Random deltas over two layers' attention and MLP: at every layer, delta_i projected applied to concept j's
     (and the kept prompts') inputs is ~0 relative to delta_i itself; the sum leaves it whole."""
@@ -308,6 +329,7 @@ def test_merge_compose_sum_equals_todays_merge_bitwise(model, tmp_path, tiny_che
     (["--concept-prompts", "church=missing.txt"], r"ear-dist: error: --concept-prompts church: .*missing\.txt: file not found"),
     (["--concept-prompts", "castle=x.txt"], r"ear-dist: error: --concept-prompts castle: no delta erases this concept"),
     (["--concept-prompts", "church"], r"ear-dist: error: --concept-prompts 'church': expected CONCEPT=FILE"),
+    (["--project-kept-only"], r"ear-dist: error: --project-kept-only: give the prompts to keep with --keep-prompts"),
 ])
 def test_merge_compose_project_without_prompts_is_a_one_line_error(model, tmp_path, tiny_checkpoint, capsys,
                                                                     monkeypatch, extra, message):

@@ -140,14 +140,17 @@ def _project(bundle, per_delta: list[dict], paths: list[str], linear: list[str],
                 raise DeltaError(f"compose project: layer {name} saw no input on the prompts of set {k}")
             found[name] = principal_basis(moments[name], energy)[0]
         bases.append(found)
+    unions: dict[tuple, torch.Tensor] = {}  # (layer, the sets) -> basis: the kept prompts' alone is one per layer
     for i, changes in enumerate(per_delta):
-        others = [b for k, b in enumerate(bases) if shared or k != i]
+        others = tuple(k for k in range(len(bases)) if shared or k != i)
         before = after = 0.0
         out.ranks[paths[i]] = {}
         for name in linear:
             if name not in changes:
                 continue
-            q = _union_basis([b[name] for b in others], changes[name].shape[1])
+            if (name, others) not in unions:
+                unions[(name, others)] = _union_basis([bases[k][name] for k in others], changes[name].shape[1])
+            q = unions[(name, others)]
             change = changes[name].float()
             projected = change - (change @ q.float()) @ q.float().T
             before += float(change.double().pow(2).sum())
