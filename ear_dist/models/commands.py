@@ -58,6 +58,9 @@ def register(sub) -> None:
                    help="--compose project: prompts whose outputs no delta may change (.txt or a pairs file)")
     m.add_argument("--project-kept-only", action="store_true",
                    help="--compose project: project off the --keep-prompts' inputs only, not the other concepts'")
+    m.add_argument("--project-subspace", choices=["union", "pooled"], default="union",
+                   help="--compose project: off the union of each prompt set's principal input subspace (default), "
+                        "or off the principal subspace of their pooled inputs (smaller: more of each delta is left)")
     m.add_argument("--compose-energy", type=float, default=0.999,
                    help="--compose project: share of each prompt set's input energy projected off (default 0.999)")
     m.add_argument("--ties-density", type=float, default=0.2,
@@ -202,7 +205,8 @@ def compose_spec(args):
     kept = read_prompts_file(args.keep_prompts, "--keep-prompts") if args.keep_prompts else []
     rollout = (delta_metadata(args.delta[0]).get("config") or {}).get("rollout") or {}
     return ComposeSpec("project", tuple(tuple(p) for p in prompts), tuple(kept), args.compose_energy,
-                       float(rollout.get("guidance_weight", 5.0)), other_concepts=not args.project_kept_only)
+                       float(rollout.get("guidance_weight", 5.0)), other_concepts=not args.project_kept_only,
+                       subspace=args.project_subspace)
 
 
 def run_convert_cmd(args) -> int:

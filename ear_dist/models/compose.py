@@ -36,6 +36,7 @@ from ear_dist.errors import InputError
 from ear_dist.models.delta import DeltaError, add_changes, delta_changes, delta_metadata
 
 METHODS = ("sum", "project", "ties")
+SUBSPACES = ("union", "pooled")
 
 
 @dataclass
@@ -61,13 +62,16 @@ def compose_deltas(base, deltas: Sequence[Union[str, Path]], concept_prompts: Se
                    kept_prompts: Sequence[str] = (), method: str = "sum", energy: float = 0.999,
                    weights: Optional[Sequence[float]] = None, check_base: bool = True, guidance_weight: float = 5.0,
                    seed: int = 0, density: float = 0.2, batch_size: int = 16,
-                   other_concepts: bool = True) -> Composition:
+                   other_concepts: bool = True, subspace: str = "union") -> Composition:
     """Compose ``deltas`` of the loaded ``base`` (a Janus bundle or an ``ImageModel``) by ``method``.
 
     ``concept_prompts[i]``: prompts of delta i's concept(s) (``project`` needs one non-empty list per delta);
     ``kept_prompts``: prompts no delta may change (``project``); ``weights`` scale each delta's change first;
     ``other_concepts=False``: ``project`` projects off the kept prompts' inputs only (each delta may still change
-    the other erased concepts' outputs; their prompts are not read).
+    the other erased concepts' outputs; their prompts are not read). ``subspace``: ``union`` projects off the
+    union of each prompt set's principal subspace (every set keeps ``energy`` of its input energy unchanged);
+    ``pooled`` off the principal subspace of the sets' moments pooled (each normalised to unit trace), as
+    ``preserve.nullspace`` pools its anchors: a smaller subspace, so more of each delta is left.
     Prompt set k is sampled with seeds from ``seed + k`` (deterministic). Nothing of ``base`` is changed:
     ``apply_composition`` applies the result.
     """
@@ -77,6 +81,8 @@ def compose_deltas(base, deltas: Sequence[Union[str, Path]], concept_prompts: Se
         raise InputError(f"compose energy {energy}: expected a share in (0, 1]")
     if not 0 < density <= 1:
         raise InputError(f"compose density {density}: expected a share in (0, 1]")
+    if subspace not in SUBSPACES:
+        raise InputError(f"compose subspace {subspace!r}: expected one of {', '.join(SUBSPACES)}")
     from ear_dist.models.family import as_image_model
     from ear_dist.train.adapters import linear_weights
 
@@ -99,13 +105,13 @@ def compose_deltas(base, deltas: Sequence[Union[str, Path]], concept_prompts: Se
         if not list(kept_prompts):
             raise InputError("compose project of the kept prompts only: no kept prompts given")
         _project(bundle, per_delta, paths, sorted(linear), [], list(kept_prompts), energy, guidance_weight,
-                 seed + len(paths), batch_size, out, shared=True)
+                 seed + len(paths), batch_size, out, shared=True, subspace=subspace)
     elif method == "project":
         if len(concept_prompts) != len(paths) or any(not list(p) for p in concept_prompts):
             missing = [paths[i] for i in range(len(paths)) if i >= len(concept_prompts) or not list(concept_prompts[i])]
             raise InputError(f"compose project: no prompts of the concept of {', '.join(missing)}")
         _project(bundle, per_delta, paths, sorted(linear), [list(p) for p in concept_prompts], list(kept_prompts),
-                 energy, guidance_weight, seed, batch_size, out)
+                 energy, guidance_weight, seed, batch_size, out, subspace=subspace)
     elif method == "ties":
         _ties(per_delta, sorted(linear), density)
     for i, changes in enumerate(per_delta):  # what remains of each delta is summed
@@ -123,33 +129,38 @@ def apply_composition(model: torch.nn.Module, composition: Composition) -> dict:
 
 def _project(bundle, per_delta: list[dict], paths: list[str], linear: list[str], concept_prompts: list[list[str]],
              kept_prompts: list[str], energy: float, guidance_weight: float, seed: int, batch_size: int,
-             out: Composition, shared: bool = False) -> None:
+             out: Composition, shared: bool = False, subspace: str = "union") -> None:
     """Each delta's linear changes projected off the other prompt sets' principal input subspaces, in place
     (``shared``: every delta off every set: the kept prompts alone)."""
     from ear_dist.train.adapters import input_second_moments, principal_basis
     from ear_dist.train.preserve import anchor_rollouts, teacher_forced_feed
 
     sets = [*concept_prompts, *([kept_prompts] if kept_prompts else [])]
-    bases: list[dict[str, torch.Tensor]] = []  # per prompt set: layer -> U [in, k] (float64)
+    moments: list[dict[str, torch.Tensor]] = []  # per prompt set: layer -> its inputs' moment / trace (float64)
     for k, prompts in enumerate(sets):
         tokens = anchor_rollouts(bundle, prompts, guidance_weight, seed + k, batch_size)
-        moments = input_second_moments(bundle.model, linear, teacher_forced_feed(bundle, prompts, tokens, batch_size))
-        found: dict[str, torch.Tensor] = {}
+        found = input_second_moments(bundle.model, linear, teacher_forced_feed(bundle, prompts, tokens, batch_size))
         for name in linear:
-            if name not in moments:
+            if name not in found:
                 raise DeltaError(f"compose project: layer {name} saw no input on the prompts of set {k}")
-            found[name] = principal_basis(moments[name], energy)[0]
-        bases.append(found)
+        moments.append({n: m / torch.trace(m).clamp(min=1e-300) for n, m in found.items()})
+    # union: per set, its principal basis U [in, k]; pooled: computed per (layer, sets) below
+    bases = [{n: principal_basis(m[n], energy)[0] for n in linear} for m in moments] if subspace == "union" else []
     unions: dict[tuple, torch.Tensor] = {}  # (layer, the sets) -> basis: the kept prompts' alone is one per layer
     for i, changes in enumerate(per_delta):
-        others = tuple(k for k in range(len(bases)) if shared or k != i)
+        others = tuple(k for k in range(len(moments)) if shared or k != i)
         before = after = 0.0
         out.ranks[paths[i]] = {}
         for name in linear:
             if name not in changes:
                 continue
             if (name, others) not in unions:
-                unions[(name, others)] = _union_basis([bases[k][name] for k in others], changes[name].shape[1])
+                dim = changes[name].shape[1]
+                if subspace == "union":
+                    unions[(name, others)] = _union_basis([bases[k][name] for k in others], dim)
+                else:
+                    unions[(name, others)] = principal_basis(sum(moments[k][name] for k in others), energy)[0] \
+                        if others else torch.zeros(dim, 0, dtype=torch.float64)
             q = unions[(name, others)]
             change = changes[name].float()
             projected = change - (change @ q.float()) @ q.float().T
@@ -281,6 +292,7 @@ class ComposeSpec:
     guidance_weight: float = 5.0
     density: float = 0.2
     other_concepts: bool = True  # project: off the other concepts' inputs too, not the kept prompts' alone
+    subspace: str = "union"  # project: union of each set's principal subspace, or that of the pooled moments
 
     def key(self) -> list:
         """What an image of the column depends on beyond the deltas' bytes (empty for ``sum``)."""
@@ -289,7 +301,8 @@ class ComposeSpec:
         if self.method == "ties":
             return [f"compose={self.method}", self.density]
         return [f"compose={self.method}", self.energy, self.guidance_weight, [list(p) for p in self.concept_prompts],
-                list(self.kept_prompts), *([] if self.other_concepts else ["kept prompts only"])]
+                list(self.kept_prompts), *([] if self.other_concepts else ["kept prompts only"]),
+                *([] if self.subspace == "union" else [self.subspace])]
 
 
 _CACHE: dict = {}
@@ -312,7 +325,7 @@ def composed_in_memory(bundle, deltas: Sequence[str], spec: Optional[ComposeSpec
         _CACHE.clear()  # one column at a time: the changes of the last one only
         _CACHE[key] = compose_deltas(bundle, deltas, spec.concept_prompts, spec.kept_prompts, spec.method,
                                      spec.energy, guidance_weight=spec.guidance_weight, density=spec.density,
-                                     other_concepts=spec.other_concepts)
+                                     other_concepts=spec.other_concepts, subspace=spec.subspace)
     composition = _CACHE[key]
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in composition.changes}

@@ -103,7 +103,8 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
     else:
         composition = compose_deltas(bundle, deltas, compose.concept_prompts, compose.kept_prompts, method,
                                      compose.energy, weights, check_base, compose.guidance_weight,
-                                     density=compose.density, other_concepts=compose.other_concepts)
+                                     density=compose.density, other_concepts=compose.other_concepts,
+                                     subspace=compose.subspace)
         applied = apply_composition(bundle.model, composition)
 
     tmp = temp_sibling(out)

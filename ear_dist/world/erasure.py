@@ -453,13 +453,15 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     guidance = load_config(overrides=list(overrides)).rollout.guidance_weight
     kept = tuple(anchor_prompts(world, concepts, kept_anchors)) if kept_anchors else ()
     columns = []
-    for item in compose:  # "project", "project:0.9" (its energy), "project-kept" (off the kept prompts only), "ties:0.5"
+    for item in compose:  # "project", "project:0.9" (its energy), "project-kept" (off the kept prompts only),
+        # "project-pooled" (the pooled subspace), "ties:0.5" (its density)
         method, _, share = item.partition(":")
         projects = method.startswith("project")
         spec = None if method == "sum" else ComposeSpec(
             "project" if projects else method, tuple(tuple(dict.fromkeys(p.target for p in pairs[c])) for c in concepts),
             kept, float(share) if share and projects else energy, guidance,
-            float(share) if share and method == "ties" else ComposeSpec.density, other_concepts=method != "project-kept")
+            float(share) if share and method == "ties" else ComposeSpec.density, other_concepts="kept" not in method,
+            subspace="pooled" if "pooled" in method else "union")
         columns.append(Column("composed" if item == "sum" else f"composed-{item.replace(':', '-')}", tuple(deltas),
                               spec))
     if joint:
