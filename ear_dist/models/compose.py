@@ -88,16 +88,19 @@ def compose_deltas(base, deltas: Sequence[Union[str, Path]], concept_prompts: Se
 
     bundle = as_image_model(base)
     model = bundle.model
-    paths, per_delta, concepts = [], [], []
+    paths, per_delta, concepts, linear = [], [], [], set()
     for d, meta, changes in delta_changes(model, deltas, weights, check_base):
         paths.append(d)
+        if method != "sum":  # the linear changes are projected or merged in float32: held so (half the memory)
+            found = set(linear_weights(model, sorted(changes)))
+            linear |= found
+            changes = {n: c.float() if n in found else c for n, c in changes.items()}
         per_delta.append(changes)
         concepts += meta["concepts"]
     owners: dict[str, list[int]] = {}
     for i, changes in enumerate(per_delta):
         for name in changes:
             owners.setdefault(name, []).append(i)
-    linear = set(linear_weights(model, sorted(owners))) if method != "sum" else set()
     out = Composition(method, {}, paths, concepts,
                       overlaps={n: [paths[i] for i in o] for n, o in owners.items() if len(o) > 1},
                       summed=sorted(n for n, o in owners.items() if len(o) > 1 and n not in linear))
@@ -114,8 +117,9 @@ def compose_deltas(base, deltas: Sequence[Union[str, Path]], concept_prompts: Se
                  energy, guidance_weight, seed, batch_size, out, subspace=subspace)
     elif method == "ties":
         _ties(per_delta, sorted(linear), density)
-    for i, changes in enumerate(per_delta):  # what remains of each delta is summed
+    for i, changes in enumerate(per_delta):  # what remains of each delta is summed, in float64
         for name, diff in changes.items():
+            diff = diff.double()
             out.changes[name] = out.changes[name] + diff if name in out.changes else diff
     return out
 
@@ -166,7 +170,7 @@ def _project(bundle, per_delta: list[dict], paths: list[str], linear: list[str],
             projected = change - (change @ q.float()) @ q.float().T
             before += float(change.double().pow(2).sum())
             after += float(projected.double().pow(2).sum())
-            changes[name] = projected.double()
+            changes[name] = projected
             out.ranks[paths[i]][name] = q.shape[1]
         out.kept_norm[paths[i]] = math.sqrt(after / before) if before > 0 else 1.0
 
@@ -203,7 +207,7 @@ def _ties(per_delta: list[dict], linear: list[str], density: float) -> None:
     """Each linear weight's changes replaced by their TIES merge (held by the first delta that changes it)."""
     for name in linear:
         holders = [i for i, c in enumerate(per_delta) if name in c]
-        merged = ties_merge([per_delta[i][name] for i in holders], density).double()
+        merged = ties_merge([per_delta[i][name] for i in holders], density)
         for i in holders:
             del per_delta[i][name]
         per_delta[holders[0]][name] = merged
