@@ -166,7 +166,7 @@ def test_each_projected_change_is_zero_on_every_other_prompt_set_at_every_layer(
     g = torch.Generator().manual_seed(1)
     params = dict(model.model.named_parameters())
     deltas = [_save(tmp_path / f"{c}.safetensors", model,
-                    {n: 0.02 * float(params[n].std()) * torch.randn(params[n].shape, generator=g) for n in DEEP}, c)
+                    {n: 0.02 * float(params[n].detach().std()) * torch.randn(params[n].shape, generator=g) for n in DEEP}, c)
               for c in CONCEPTS]
     composition = compose_deltas(model, deltas, list(CONCEPTS.values()), KEPT, "project", energy,
                                  guidance_weight=GUIDANCE)
@@ -259,7 +259,7 @@ def test_ties_matches_a_plain_per_entry_reference():
                                    rtol=1e-6, atol=1e-7)
 
 
-def test_ties_composition_of_deltas_matches_the_reference_and_sums_norms(model, tmp_path):
+def test_ties_composition_matches_the_reference_and_every_method_sums_norms(model, tmp_path):
     g = torch.Generator().manual_seed(3)
     params = dict(model.model.named_parameters())
     norm = "model.language_model.layers.0.input_layernorm.weight"
@@ -271,9 +271,11 @@ def test_ties_composition_of_deltas_matches_the_reference_and_sums_norms(model, 
         exact = [load_file(d)[n].double() - params[n].detach().double() for d in deltas]
         torch.testing.assert_close(composition.changes[n], _ties_reference([e.float() for e in exact], 0.3),
                                    rtol=1e-5, atol=1e-7)
-    assert composition.summed == [norm]
+    projected = compose_deltas(model, deltas, list(CONCEPTS.values())[:2], KEPT, "project")
     exact = sum(load_file(d)[norm].double() - params[norm].detach().double() for d in deltas)
-    assert torch.equal(composition.changes[norm], exact)
+    for c in (composition, projected):  # a norm weight is no linear weight: summed, and named
+        assert c.summed == [norm]
+        assert torch.equal(c.changes[norm], exact)
 
 
 def test_compose_sum_equals_apply_deltas_bitwise(model, tmp_path, tiny_checkpoint):
@@ -300,7 +302,7 @@ def test_merge_compose_project_via_the_cli_equals_the_library_bitwise(model, tmp
     g = torch.Generator().manual_seed(5)
     params = dict(model.model.named_parameters())
     deltas = [_save(tmp_path / f"{c}.safetensors", model,
-                    {n: 0.02 * float(params[n].std()) * torch.randn(params[n].shape, generator=g) for n in LAYER0},
+                    {n: 0.02 * float(params[n].detach().std()) * torch.randn(params[n].shape, generator=g) for n in LAYER0},
                     c) for c in CONCEPTS]
     argv = ["merge", "--base", str(tiny_checkpoint), "--compose", "project", "--out", str(tmp_path / "merged"),
             "--keep-prompts", _write_prompts(tmp_path, "kept", KEPT)]
