@@ -196,7 +196,7 @@ def sampling_throughput(columns: Sequence[Column], gathered: Sequence[dict]) -> 
 
 
 def _perplexities(bundle, column: Column, suites: Sequence[Suite], cfg: Config, tools: Tools) -> dict:
-    from ear_dist.models.delta import applied_deltas
+    from ear_dist.models.compose import composed_in_memory
 
     texts = {}
     if cfg.eval.perplexity_text:
@@ -209,7 +209,7 @@ def _perplexities(bundle, column: Column, suites: Sequence[Suite], cfg: Config, 
     if concept_prompts:
         texts["concept prompts"] = concept_prompts
     out = {}
-    with applied_deltas(bundle.model, list(column.deltas)):
+    with composed_in_memory(bundle, list(column.deltas), column.compose):
         for name, lines in texts.items():
             try:
                 out[name] = perplexity(bundle, lines)

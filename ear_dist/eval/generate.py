@@ -32,7 +32,8 @@ from ear_dist.config import Config
 from ear_dist.eval.batching import KvBudget, plan_sampling
 from ear_dist.eval.suites import EvalPrompt, Suite
 from ear_dist.models.janus.decode import release_decoders
-from ear_dist.models.delta import applied_deltas, file_digest
+from ear_dist.models.compose import ComposeSpec, composed_in_memory
+from ear_dist.models.delta import file_digest
 from ear_dist.models.interface import ImageModel
 from ear_dist.errors import InputError
 
@@ -43,10 +44,16 @@ IMAGE_SEED_STRIDE = 1000003
 
 @dataclass(frozen=True)
 class Column:
-    """One column of the report: the base model with these deltas applied (none: the base itself)."""
+    """One column of the report: the base model with these deltas applied (none: the base itself), composed by
+    ``compose`` (None: summed, as ``merge`` does by default; ``ear_dist.models.compose``)."""
 
     name: str
     deltas: tuple[str, ...] = ()
+    compose: Optional[ComposeSpec] = None
+
+    def key_parts(self) -> list:
+        """What the column's images depend on: its deltas' bytes and, when not summed, how they are composed."""
+        return [file_digest(d) for d in self.deltas] + (self.compose.key() if self.compose else [])
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,7 @@ def plan(suites: Sequence[Suite], columns: Sequence[Column], cfg: Config, base_f
     settings = sampling_settings(cfg)
     entries = []
     for column in columns:
-        digests = [file_digest(d) for d in column.deltas]
+        digests = column.key_parts()
         for suite in suites:
             prompts, extra = suite.prompts, {}
             if suite.attack is not None:
@@ -195,7 +202,7 @@ def generate_column(bundle: ImageModel, column: Column, share: Sequence[Entry], 
     release_decoders(bundle.model)  # a lean decoder's cache from earlier batches would hide free memory
     budget = KvBudget.of(bundle.device, cfg.eval.kv_cache_gib)
     patches = patches or {}
-    with applied_deltas(bundle.model, list(column.deltas)):
+    with composed_in_memory(bundle, list(column.deltas), column.compose):
         groups: dict[tuple, list[Entry]] = {}
         for e in todo:
             guidance = r.guidance_weight if e.guidance is None else float(e.guidance)

@@ -334,7 +334,8 @@ def write_report(out_dir: Path, cfg: Config, suites: Sequence[Suite], columns: S
                                 "classifier": judge.info if judge else None}
     report = {
         "model": cfg.model.path,
-        "columns": [{"name": c.name, "deltas": list(c.deltas)} for c in columns],
+        "columns": [{"name": c.name, "deltas": list(c.deltas), **({"compose": c.compose.method} if c.compose else {})}
+                    for c in columns],
         "suites": describe,
         "results": results,
         "table1": table1_rows(suites, columns, results, cfg.eval.clip_convention),
