@@ -83,6 +83,54 @@ def recipe_method(name: str, overrides=(), anchors=None):
                   (64 if anchors is None else anchors) if preserves else 0)
 
 
+def draw_concepts(concepts, n: int, world_seed: int, seed: int) -> list[str]:
+    """``n`` of the world's concepts (objects and styles mixed) drawn at random, fixed by the world and erasure seed."""
+    import numpy as np
+
+    if not 1 <= n <= len(concepts):
+        raise SystemExit(f"--draw {n}: the world has {len(concepts)} concepts")
+    rng = np.random.default_rng([world_seed, seed, n, 0x5CA1E])
+    return [concepts[i] for i in sorted(rng.choice(len(concepts), size=n, replace=False))]
+
+
+def scaling_table(runs: list[dict], info: dict) -> str:
+    """Per method, N and route: erasure (worst erased group), preservation (mean, worst), optimizer steps, training
+    wall time and seconds per concept, each as mean (min-max) over world builds and erasure seeds."""
+    from ear_dist.eval import figures
+
+    def spread(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+    def seconds(values):
+        return f"{sum(values) / len(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
+    groups: dict = {}
+    for r in runs:
+        route = "alone" if r["n"] == 1 else r["setting"].split(":")[0]
+        groups.setdefault((r["method"], r["n"], route), []).append(r)
+    lines = ["| method | concepts | route | runs | erasure, worst erased group | preservation ratio (mean) | "
+             "worst kept concept | bar met | steps | training s | s per concept |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (method, n, route), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        worst = [min(r["erasure"].values()) for r in rs]
+        mean = [sum(r["preservation"].values()) / len(r["preservation"]) if r["preservation"] else None for r in rs]
+        low = [min(r["preservation"].values()) if r["preservation"] else None for r in rs]
+        met = sum(1 for w, m, lo in zip(worst, mean, low)
+                  if w >= figures.BAR and m is not None and m >= figures.BAR and lo is not None and lo >= 0.90)
+        train = [r["train"] for r in rs if r.get("train")]
+        lines.append(f"| {method} | {n} | {route} | {len(rs)} | {spread(worst)} | {spread(mean)} | {spread(low)} | "
+                     f"{met} of {len(rs)} | {seconds([t['steps'] for t in train]) if train else '-'} | "
+                     f"{seconds([t['seconds'] for t in train]) if train else '-'} | "
+                     f"{seconds([t['seconds'] / n for t in train]) if train else '-'} |")
+    head = (f"Command: `{info['command']}`; machine {info['machine']} ({info['cpus']} CPUs); date {info['date']}; "
+            f"split {info['split']}; pairs {info.get('multi_pairs', 'avoid')}. The bar: every erased group >= "
+            f"{figures.BAR}, the kept concepts' mean ratio >= {figures.BAR} and the worst >= 0.90.")
+    return head + "\n\n" + "\n".join(lines)
+
+
 def main() -> None:
     from ear_dist.config import load_config
     from benchmarks.harness.compare import compare, write
@@ -108,8 +156,20 @@ def main() -> None:
                          "settings (repeatable)")
     ap.add_argument("--set", action="append", default=[], dest="overrides",
                     help="an override for every method, applied after the method's own settings")
+    ap.add_argument("--draw", default="", metavar="N1,N2",
+                    help="the scaling table: for every erasure seed and each N, N concepts drawn at random from the "
+                         "world's objects and styles, erased jointly and composed (N = 1: alone); replaces "
+                         "--concepts/--multi")
+    ap.add_argument("--multi-pairs", default="avoid", choices=["avoid", "plain"],
+                    help="avoid: the joint run's and array tasks' pairs show none of the job's other concepts "
+                         "(ear-dist erase-many); plain: every run the single-concept pairs (earlier tables)")
+    ap.add_argument("--world-recipe", action="append", default=[], metavar="NAME",
+                    help="a world recipe for the builds, e.g. world-large or world-large-mini (before --world-set)")
     ap.add_argument("--out", default="runs/preservation")
     args = ap.parse_args()
+    if args.split == "heldout" and args.overrides:
+        ap.error("--set with --split heldout: settings are chosen on the validation split; the held-out split "
+                 "measures methods and recipes as they are (--methods, --recipe)")
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -127,18 +187,40 @@ def main() -> None:
     t0 = time.perf_counter()
     by_world, builds = {}, {}
     erase_settings = VAR_WORLD_ERASE if args.family == "var" else WORLD_ERASE
+    draws = [int(n) for n in args.draw.split(",") if n.strip()]
+    scaling: list[dict] = []
     for ws in [int(s) for s in args.world_seeds.split(",")]:
-        wcfg = load_config(overrides=[*args.world_overrides, f"world.seed={ws}"]).world
+        wcfg = load_config(overrides=[*args.world_overrides, f"world.seed={ws}"], recipes=args.world_recipe).world
         path, info = build_world_model(wcfg, progress=True, family=args.family)
         builds[ws] = {"path": str(path), "steps": info["steps"], "reached_target": info["reached_target"]}
         refuse_missed_target(info, wcfg, f"world seed {ws} ({path})")  # measured only with world.allow_missed_target
-        by_world[ws] = compare(str(path), world_for(wcfg, args.family), methods, out / f"world{ws}", singles, multi,
-                               seeds, args.split, args.pairs, args.eval_prompts, base_overrides=erase_settings)
+        world = world_for(wcfg, args.family)
+        if not draws:
+            by_world[ws] = compare(str(path), world, methods, out / f"world{ws}", singles, multi, seeds, args.split,
+                                   args.pairs, args.eval_prompts, base_overrides=erase_settings,
+                                   avoid_erased=args.multi_pairs == "avoid")
+            continue
+        by_world[ws] = {"base": None, "runs": []}
+        for seed in seeds:
+            for n in draws:
+                drawn = draw_concepts(world.vocab.concepts, n, ws, seed)
+                res = compare(str(path), world, methods, out / f"world{ws}" / f"seed{seed}-n{n}",
+                              drawn if n == 1 else [], drawn if n > 1 else [], [seed], args.split, args.pairs,
+                              args.eval_prompts, base_overrides=erase_settings,
+                              avoid_erased=args.multi_pairs == "avoid")
+                by_world[ws]["base"] = res["base"]
+                by_world[ws]["runs"] += res["runs"]
+                scaling += [dict(r, world_seed=ws, n=n) for r in res["runs"]]
     info = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(), "machine": platform.node(),
             "cpus": __import__("os").cpu_count(), "seconds": round(time.perf_counter() - t0), "builds": builds,
             "split": args.split, "family": args.family, "world_overrides": args.world_overrides,
-            "methods": {m.name: m.overrides for m in methods}, "overrides": args.overrides}
+            "methods": {m.name: m.overrides for m in methods}, "overrides": args.overrides,
+            "multi_pairs": args.multi_pairs, "world_recipes": args.world_recipe}
     payload = write(out, by_world, info)
+    if draws:
+        info["draws"] = draws
+        (out / "scaling.md").write_text(scaling_table(scaling, info) + "\n")
+        print((out / "scaling.md").read_text())
     print((out / "results.md").read_text())
     print(f"{len(payload['runs'])} evaluations in {info['seconds']} s; {out / 'results.json'}")
 

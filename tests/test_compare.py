@@ -24,7 +24,7 @@ def test_a_method_with_anchors_and_probes_trains_with_the_other_concepts_prompts
     world = World(cfg)
     pairs = {"church": make_pairs(world, "church", 4)}
     method = Method("anchored", ["preserve.weight=1.0"], anchors=6, probes=3)
-    delta, step_s = run_method(method, str(path), world, pairs, ["church"], tmp_path / "run", 0,
+    delta, step_s, _ = run_method(method, str(path), world, pairs, ["church"], tmp_path / "run", 0,
                                [*WORLD_ERASE, "train.steps=2"])
     assert delta.endswith(".safetensors") and step_s > 0
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
@@ -43,7 +43,13 @@ def test_composed_runs_with_surrogate_anchors_are_trained_as_array_tasks(tmp_pat
     from benchmarks.harness.compare import compare
 
     # a 2-step model draws no church for the visual filter to keep: the pairs go in unfiltered
-    monkeypatch.setattr(compare_module, "training_pairs", lambda world, base, c, n: make_pairs(world, c, n))
+    asked = []
+
+    def unfiltered(world, base, c, n, avoid=()):
+        asked.append((c, tuple(avoid)))
+        return make_pairs(world, c, n, avoid=avoid)
+
+    monkeypatch.setattr(compare_module, "training_pairs", unfiltered)
     # a 2-step model misses its target: the comparison measures with it only when told to
     cfg = WorldConfig(cache_dir=str(tmp_path / "cache"), allow_missed_target=True, **SMALL)
     path, _ = build_world_model(cfg, progress=False, log=lambda _: None)
@@ -60,6 +66,8 @@ def test_composed_runs_with_surrogate_anchors_are_trained_as_array_tasks(tmp_pat
     for concept in ("church", "barn"):
         assert saved(f"array/{concept}")["slurm"]["concepts"] == ["church", "barn"]
     assert not (runs / "barn").exists()  # barn is erased only in the array
+    # the concept alone gets the single-concept pairs; the joint run and the array tasks pairs that avoid the others
+    assert asked == [("church", ()), ("barn", ()), ("church", ("church", "barn")), ("barn", ("church", "barn"))]
 
 
 def test_the_synonym_validation_split_judges_chapel_on_training_templates_and_never_cathedral(tmp_path):

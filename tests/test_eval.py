@@ -140,7 +140,7 @@ def test_eval_columns_report_and_grids(tiny_checkpoint, tmp_path, capsys):
     assert base["concept_accuracy"] == pytest.approx(base["groups"]["church"])
     assert report["table1"][0] == {"concept": "church", "suite": "church", "model": "base",
                                    "acc": base["concept_accuracy"], "synonyms": base["groups"]["church -> chapel"],
-                                   "paraphrases": None, "attacks": None, "fid": None, "clip": None}
+                                   "paraphrases": None, "attacks": None, "asr": None, "fid": None, "clip": None}
     md = (out / "report.md").read_text()
     assert "| concept | model | Acc. | Acc. synonyms | FID | CLIP (cosine) |" in md
     assert "![before/after, suite church](grid_church.png)" in md
@@ -310,6 +310,21 @@ def test_resume_after_a_kill_generates_only_what_is_missing(tmp_path):
     assert not list(images.glob("*.tmp"))
 
 
+def eval_on_two_ranks_and_one(common: list, two: Path, one: Path) -> None:
+    """`ear-dist eval` with the arguments ``common`` on two torchrun ranks into ``two``, then in this process into
+    ``one``; both must succeed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "ear_dist", "eval", *common, "--out", str(two)]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert main(["eval", *common, "--out", str(one)]) == 0
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_two_ranks_produce_exactly_the_images_of_one(tiny_checkpoint, tmp_path):
@@ -317,16 +332,7 @@ def test_two_ranks_produce_exactly_the_images_of_one(tiny_checkpoint, tmp_path):
     delta = make_delta(tiny_checkpoint, tmp_path / "runs" / "church" / "delta.safetensors")
     common = ["--no-progress", "--set", f"model.path={tiny_checkpoint}", "--set", "eval.batch_size=3",
               "--suite", str(suite), "--delta", str(delta)]
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "ear_dist", "eval", *common, "--out", str(tmp_path / "two")]
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert main(["eval", *common, "--out", str(tmp_path / "one")]) == 0
+    eval_on_two_ranks_and_one(common, tmp_path / "two", tmp_path / "one")
 
     def images(out):
         rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]

@@ -217,3 +217,35 @@ def test_pictures_draw_each_object_as_its_glyph_and_write_the_verdict_under_each
     path = save_comparison(tmp_path / "grid.png", [list(batch.tokens)], mini.layout, 8, captions=[said])
     with Image.open(path) as png:
         assert png.size[1] > 8 * 12 + 14
+
+
+@pytest.mark.parametrize("make", [lambda: World(), lambda: World(WorldConfig(**MINI))], ids=["planted", "generated"])
+def test_many_concept_pairs_show_none_of_the_jobs_other_concepts(make):
+    world = make()
+    vocab = world.vocab
+    objects, styles = list(vocab.objects), list(vocab.styles)
+    erased = [objects[0], objects[2], styles[0]]
+    words = {c: {w.lower() for s in WORD_SPLITS for w in concept_words(world, c, s)} | {c.lower()} for c in erased}
+
+    def shows(text: str, concept: str) -> bool:
+        return any(re.search(rf"\b{re.escape(w)}\b", text.lower()) for w in words[concept])
+
+    for concept in erased:
+        others = [c for c in erased if c != concept]
+        pairs = make_pairs(world, concept, 40, avoid=erased)
+        assert len(pairs) == 40
+        for p in pairs:
+            assert shows(p.target, concept) and not shows(p.surrogate, concept), (p.target, p.surrogate)
+            assert not any(shows(p.target, o) or shows(p.surrogate, o) for o in others), (concept, p.target, p.surrogate)
+        # without avoid, the single-concept pairs do show other erased concepts: the check above can fail
+        plain = make_pairs(world, concept, 40)
+        assert any(shows(p.target, o) or shows(p.surrogate, o) for p in plain for o in others), concept
+    # the single-concept pairs are the ones they always were
+    assert [p.target for p in make_pairs(world, objects[0], 8, avoid=[objects[0]])] == \
+        [p.target for p in make_pairs(world, objects[0], 8)]
+
+
+def test_many_concept_pairs_refuse_a_job_that_leaves_no_surrogate():
+    world = World()
+    with pytest.raises(Exception, match="no object is left"):
+        make_pairs(world, "church", 4, avoid=list(world.vocab.objects))

@@ -32,6 +32,7 @@ concepts, never from the evaluation prompts.
 from __future__ import annotations
 
 import json
+import time
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +60,16 @@ def concept_groups(concept: str, split: str, vocab: Optional[Vocabulary] = None)
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     vocab = vocab or planted()
+    if vocab.validation_templates and split in ("validation", "heldout"):
+        # a generated world: the canonical word and the split's own words (validation or held-out), never a word
+        # of the other split; the sentences are that split's templates (hit_rates)
+        words = tuple(dict.fromkeys([vocab.words(concept, "train")[0], *vocab.words(concept, split)]))
+        if concept in vocab.objects:
+            return {f"{concept} ({w})" if w != concept else concept: dict(objects=[concept], object_words=[w],
+                                                                         styles=[None]) for w in words}
+        if concept in vocab.styles:
+            return {f"{concept} ({w})" if w != words[0] else concept: dict(styles=[concept], style_words=[w])
+                    for w in words}
     if concept in vocab.objects:
         words = vocab.objects[concept][:_WORDS[split]]
         return {f"{concept} ({w})" if w != concept else concept: dict(objects=[concept], object_words=[w],
@@ -76,7 +87,8 @@ def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, 
     The prompts of a group are fixed by the split; ``draw`` picks another set of sampling seeds for
     them (0: the seeds every comparison uses), which measures the judge's own sampling noise.
     """
-    world_split = "heldout" if split == "heldout" else "train"
+    world_split = "heldout" if split == "heldout" else "validation" if (
+        split == "validation" and world.vocab.validation_templates) else "train"
     out = {}
     for c_index, concept in enumerate(world.vocab.concepts):
         for g_index, (name, filters) in enumerate(concept_groups(concept, split, world.vocab).items()):
@@ -128,11 +140,12 @@ def outcome(base_hits: dict[str, float], hits: dict[str, float], erased: Sequenc
     return Outcome(list(erased), gone.groups, kept.ratios, hits, kept.excluded, kept, gone)
 
 
-def training_pairs(world: World, base, concept: str, n_pairs: int) -> list[PromptPair]:
-    """ECG pairs of the training templates, kept by the visual filter (surrogate rollouts stored)."""
+def training_pairs(world: World, base, concept: str, n_pairs: int, avoid: Sequence[str] = ()) -> list[PromptPair]:
+    """ECG pairs of the training templates, kept by the visual filter (surrogate rollouts stored); ``avoid``: the
+    other concepts of a many-concept job, which no pair shows (``make_pairs``)."""
     from ear_dist.world.erasure import make_pairs, visual_filter
 
-    kept, _ = visual_filter(world, base, make_pairs(world, concept, n_pairs), concept,
+    kept, _ = visual_filter(world, base, make_pairs(world, concept, n_pairs, avoid=avoid), concept,
                             guidance_weight=world.config.guidance_weight)
     if not kept:
         raise RunFailure(f"the visual filter kept no pair for {concept!r}: the world model does not draw it")
@@ -152,7 +165,7 @@ class Method:
 def run_method(method: Method, model_path: str, world: World, pairs: dict[str, list[PromptPair]],
                concepts: Sequence[str], out_dir: Path, seed: int, base_overrides: Sequence[str],
                steps_factor: int = 1, progress: bool = False, extra: Sequence[str] = ()) -> tuple[str, float]:
-    """Train ``method`` on the pairs of ``concepts`` (one run, joint when several); returns (delta, seconds per step).
+    """Train ``method`` on the pairs of ``concepts`` (one run, joint when several); returns (delta, seconds per step, steps).
 
     ``extra``: overrides after the method's (the composed runs' ``slurm.concepts``)."""
     from ear_dist.config import load_config
@@ -173,16 +186,18 @@ def run_method(method: Method, model_path: str, world: World, pairs: dict[str, l
     cfg.train.steps *= steps_factor
     train_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
     summary = run_erase(cfg, train_pairs, progress=progress)
-    return summary["delta"], summary["seconds"] / max(cfg.train.steps, 1)
+    return summary["delta"], summary["seconds"] / max(cfg.train.steps, 1), cfg.train.steps
 
 
 def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: Path, singles: Sequence[str],
             multi: Sequence[str], seeds: Sequence[int], split: str, n_pairs: int = 32, n_eval: int = 48,
-            base_overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
+            base_overrides: Sequence[str] = (), log: Callable[[str], None] = print, avoid_erased: bool = True) -> dict:
     """Every method on every single concept, on ``multi`` jointly and composed, for each erasure seed.
 
     ``world`` is the world of the model's family (``world_for``); ``base_overrides`` select the
-    family's erasure settings (``model.family=var`` for a VAR world model).
+    family's erasure settings (``model.family=var`` for a VAR world model). ``avoid_erased``: the joint
+    run's and the array tasks' pairs avoid the other concepts of ``multi`` (what ``ear-dist erase-many``
+    does); False gives every run the single-concept pairs (the tables before the many-concept job).
     """
     from ear_dist.models.delta import apply_deltas
     from ear_dist.models.family import detect_family, load_model
@@ -201,6 +216,8 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
     log(f"base: {json.dumps({k: round(v, 3) for k, v in base_hits.items()})}")
     every = list(dict.fromkeys(list(singles) + list(multi)))
     pairs = {c: training_pairs(world, base, c, n_pairs) for c in every}
+    # the joint run and the array tasks know the job's other concepts: their pairs avoid them
+    multi_pairs = {c: training_pairs(world, base, c, n_pairs, avoid=multi) for c in multi} if avoid_erased else pairs
     results: dict = {"base": base_hits, "split": split, "runs": []}
 
     def judge(deltas: list[str]) -> dict[str, float]:
@@ -213,31 +230,54 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
         array = [f"slurm.concepts={json.dumps(list(multi))}"] if _uses_surrogates(method.overrides) else []
         for seed in seeds:
             singles_done: dict[str, str] = {}
+            single_cost: dict[str, dict] = {}
             for concept in every:
                 if concept not in singles and array:
                     continue  # trained below, as an array task
                 run_dir = out_dir / "runs" / _slug(method.name) / f"seed{seed}" / _slug(concept)
-                singles_done[concept], step_s = run_method(method, model_path, world, pairs, [concept], run_dir,
+                started = time.perf_counter()
+                singles_done[concept], step_s, steps = run_method(method, model_path, world, pairs, [concept], run_dir,
                                                            seed, base_overrides)
+                single_cost[concept] = _cost(time.perf_counter() - started, steps)
                 results.setdefault("step_seconds", {}).setdefault(method.name, []).append(step_s)
             settings = [(c, [c], [singles_done[c]]) for c in singles]
+            cost = {c: single_cost[c] for c in singles}
             if len(multi) > 1:
                 joint_dir = out_dir / "runs" / _slug(method.name) / f"seed{seed}" / "joint"
-                joint, _ = run_method(method, model_path, world, pairs, list(multi), joint_dir, seed, base_overrides,
-                                      steps_factor=len(multi))
-                composed = [singles_done[c] for c in multi] if not array else [
-                    run_method(method, model_path, world, pairs, [c], out_dir / "runs" / _slug(method.name) /
-                               f"seed{seed}" / "array" / _slug(c), seed, base_overrides, extra=array)[0]
-                    for c in multi]
+                started = time.perf_counter()
+                joint, _, steps = run_method(method, model_path, world, multi_pairs, list(multi), joint_dir, seed,
+                                             base_overrides, steps_factor=len(multi))
+                cost["joint: " + ", ".join(multi)] = _cost(time.perf_counter() - started, steps)
+                if not array:
+                    composed = [singles_done[c] for c in multi]
+                    seconds = sum(single_cost[c]["seconds"] for c in multi)
+                    steps = sum(single_cost[c]["steps"] for c in multi)
+                else:
+                    composed, seconds, steps = [], 0.0, 0
+                    for c in multi:
+                        started = time.perf_counter()
+                        delta, _, one_steps = run_method(method, model_path, world, multi_pairs, [c], out_dir / "runs" /
+                                                   _slug(method.name) / f"seed{seed}" / "array" / _slug(c), seed,
+                                                   base_overrides, extra=array)
+                        one = _cost(time.perf_counter() - started, one_steps)
+                        composed.append(delta)
+                        seconds, steps = seconds + one["seconds"], steps + one["steps"]
+                cost["composed: " + ", ".join(multi)] = {"seconds": round(seconds, 1), "steps": steps}
                 settings += [("joint: " + ", ".join(multi), list(multi), [joint]),
                              ("composed: " + ", ".join(multi), list(multi), composed)]
             for setting, erased, deltas in settings:
                 res = outcome(base_hits, judge(deltas), erased, vocab=world.vocab)
                 results["runs"].append({"method": method.name, "seed": seed, "setting": setting,
                                         "erased": erased, "erasure": res.erasure, "preservation": res.preservation,
-                                        "preservation_excluded": res.excluded, "hits": res.hits})
+                                        "preservation_excluded": res.excluded, "hits": res.hits,
+                                        "train": cost.get(setting)})
                 log(f"{method.name} | seed {seed} | {setting}: {figures_line(res)}")
     return results
+
+
+def _cost(seconds: float, steps: int) -> dict:
+    """A run's wall time (training with its set-up: teacher, anchors, projectors) and its optimizer steps."""
+    return {"seconds": round(seconds, 1), "steps": int(steps)}
 
 
 def _uses_surrogates(overrides: Sequence[str]) -> bool:

@@ -44,7 +44,9 @@ def validate(cfg: Any) -> None:
         "world.calibration_samples", "world.hidden_size", "world.num_layers", "world.num_heads",
         "world.batch_size", "world.max_steps", "world.decay_steps", "world.eval_every", "world.eval_prompts_per_word",
         "world.threads", "eval.images_per_prompt", "eval.batch_size", "eval.coco_size", "eval.world_prompts",
-        "eval.classifier.top_k",
+        "eval.classifier.top_k", *(f"eval.attack.{k}" for k in (
+            "targets", "inversion_steps", "inversion_tokens", "inversion_batch", "search_steps", "search_candidates",
+            "search_top_k", "search_length", "search_batch", "search_prompts")),
     ]
     for key in positives:
         if get_key(cfg, key) < 1:
@@ -55,6 +57,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"erase.svare_scales: must be >= 0, got {cfg.erase.svare_scales}")
     if cfg.erase.loss_threshold < 0:
         raise ConfigError(f"erase.loss_threshold: must be >= 0, got {cfg.erase.loss_threshold}")
+    if cfg.eval.attack.search_template.count("{}") != 1:
+        raise ConfigError(f"eval.attack.search_template: must hold one '{{}}' for the searched tokens, got "
+                          f"{cfg.eval.attack.search_template!r}")
     if cfg.eval.kv_cache_gib < 0:
         raise ConfigError(f"eval.kv_cache_gib: must be >= 0, got {cfg.eval.kv_cache_gib}")
     if cfg.optim.lr <= 0:
@@ -152,6 +157,7 @@ FLOAT_RANGES = {
     "world.min_accuracy": (0.0, 1.0, True, True),
     "world.guidance_weight": (0.0, 1000.0, True, True),
     "eval.classifier.threshold": (0.0, 1.0, True, True),
+    "eval.attack.inversion_lr": (0.0, 10.0, False, True),
 }
 # integer settings that may be 0 but never negative (the >= 1 ones are in ``validate``)
 NON_NEGATIVE_INTS = ["rollout.top_k", "data.num_workers", "data.ecg.num_pairs", "data.ecg.llm_max_retries",

@@ -416,12 +416,34 @@ class EvalClassifierConfig:
 
 
 @dataclass
+class EvalAttackConfig:
+    """The white-box attack suites (attack:inversion:<concept>, attack:search:<concept>; docs/attacks.md): their
+    targets and budgets."""
+
+    targets: int = setting(32, "the base model's CFG images of the concept the attacks fit (its plain training prompts)")
+    seed: int = setting(0, "seed of the targets, the attacks' starts, batches and swaps")
+    inversion_steps: int = setting(100, "inversion: Adam steps on the new words' embeddings")
+    inversion_tokens: int = setting(2, "inversion: new words learned (<inv0> <inv1> ...)")
+    inversion_batch: int = setting(16, "inversion: target images per step")
+    inversion_lr: float = setting(2e-2, "inversion: Adam learning rate")
+    search_steps: int = setting(30, "search: GCG steps")
+    search_candidates: int = setting(48, "search: random single-token swaps scored per step")
+    search_top_k: int = setting(16, "search: tokens per position the gradient proposes")
+    search_length: int = setting(3, "search: searched tokens in the prompt")
+    search_batch: int = setting(8, "search: target images a step scores the candidates on")
+    search_prompts: int = setting(4, "search: best prompts kept; the column's images cycle through them")
+    search_template: str = setting("a photo of a {}", "search: the prompt around the searched tokens ({})")
+    search_concept_words: bool = setting(False, "search: may the concept's own words be searched (default: left out)")
+
+
+@dataclass
 class EvalConfig:
     """`ear-dist eval`: suites, classifiers and feature models, generation, outputs."""
 
     suites: list[str] = setting(
         factory=list, help="suite files (YAML/JSON suite specs or prompt files) or built-in names: coco, "
-                           "world, world:<concept>; --suite adds to them")
+                           "world, world:<concept>, attack:inversion:<concept>, attack:search:<concept>; "
+                           "--suite adds to them")
     deltas: list[str] = setting(factory=list, help="delta files, each one report column beside the base; "
                                                    "--delta adds to them (NAME=PATH names the column)")
     out_dir: str = setting("runs/eval", "images, manifest and report; --out overrides")
@@ -453,6 +475,13 @@ class EvalConfig:
     stats_cache_dir: str = setting(
         "", "cached FID reference statistics; empty: $EAR_DIST_CACHE/fid-stats or ~/.cache/ear-dist/fid-stats")
     grid_prompts: int = setting(4, "prompts per suite in the before/after grid")
+    guidance_sweep: list[float] = setting(
+        factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0],
+        help="suite guidance:<suite>: the CFG weights its concept test prompts are sampled at (docs/attacks.md)")
+    guidance_negative: bool = setting(
+        True, "suite guidance:<suite>: also sample each guided weight with the concept word as the negative prompt "
+              "(the CFG unconditional branch)")
+    attack: EvalAttackConfig = field(default_factory=EvalAttackConfig)
 
 
 @dataclass

@@ -434,3 +434,119 @@ def write_jsonl(pairs: Iterable[PromptPair], path: Union[str, Path]) -> int:
             f.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+# --------------------------------------------------------------------------- attack prompt files
+
+# the layouts of the public attack prompt releases, told apart by their columns (first match wins):
+# name, the column that marks it, the prompt column
+ATTACK_LAYOUTS = (
+    ("ring-a-bell", "sensitive prompt", "sensitive prompt"),  # Ring-A-Bell: sensitive prompt, normal prompt
+    ("mma-diffusion", "adv_prompt", "adv_prompt"),  # MMA-Diffusion: target_prompt, adv_prompt, sanitized_adv_prompt, ...
+    ("unlearndiff", "evaluation_guidance", "prompt"),  # UnlearnDiffAtk: prompt, evaluation_seed, evaluation_guidance
+    ("i2p", "sd_seed", "prompt"),  # I2P: prompt, categories, nudity_percentage, sd_seed, sd_guidance_scale, ...
+    ("i2p", "sd_guidance_scale", "prompt"),
+    ("i2p", "nudity_percentage", "prompt"),
+)
+SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")  # the first present gives a prompt's seed
+GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "guidance_scale", "guidance")
+
+
+def attack_layout(columns) -> tuple[str, str]:
+    """(layout name, prompt column) of an attack prompt file from its column names; a plain ``prompt`` file is
+    ``prompts``; raises PairReadError-free ValueError when no prompt column is known."""
+    columns = set(columns)
+    for name, marker, prompt in ATTACK_LAYOUTS:
+        if marker in columns and prompt in columns:
+            return name, prompt
+    if "prompt" in columns:
+        return "prompts", "prompt"
+    raise ValueError("no prompt column: expected one of 'sensitive prompt' (Ring-A-Bell), 'adv_prompt' "
+                     "(MMA-Diffusion) or 'prompt' (I2P, UnlearnDiff, a prompt list)")
+
+
+def _float(row: dict, name: str) -> Optional[float]:
+    value = row.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _FieldError(name, f"expected a number, got {value!r}") from None
+
+
+def _categories(value) -> set[str]:
+    if isinstance(value, list):
+        return {str(v).strip().lower() for v in value}
+    return {c.strip().lower() for c in str(value or "").split(",") if c.strip()}
+
+
+def read_attack_prompts(path: Union[str, Path], column: str = "", categories: Iterable[str] = (),
+                        min_nudity_percentage: Optional[float] = None) -> tuple[str, list[PromptPair]]:
+    """(layout, prompts) of an attack prompt file as its public release lays it out (``ATTACK_LAYOUTS``; CSV or a
+    JSON list of objects): each prompt keeps the file's seed (``evaluation_seed``, else I2P's ``sd_seed``; -1
+    none) and its guidance scale in ``extra["guidance"]`` (``evaluation_guidance``, else ``sd_guidance_scale``);
+    the other columns stay in ``extra``. ``column`` picks another prompt column (MMA-Diffusion's
+    ``sanitized_adv_prompt``); ``categories`` keeps rows of any of these I2P categories; ``min_nudity_percentage``
+    keeps rows whose ``nudity_percentage`` is at least that."""
+    p = Path(path)
+    if not p.is_file():
+        raise PairReadError(f"{p}: file not found")
+    from ear_dist.paths import check_input_file
+
+    check_input_file(p, "attack prompt file")
+    text = _decode(p, p.read_bytes(), "fail")
+    if p.suffix.lower() == ".json":
+        data = _load_json(p, text)
+        rows = list(_json_list_rows(p, data))
+        first = next((r for _, r in rows if isinstance(r, dict)), {})
+        columns = list(first)
+    elif p.suffix.lower() in (".csv", ".tsv"):
+        rows = list(_csv_rows(p, text, (), "fail"))
+        header = next(csv.reader(io.StringIO(text, newline="")), [])
+        columns = [h.strip() for h in header]
+    else:
+        raise PairReadError(f"{p}: an attack prompt file is a CSV or a JSON list of objects (got {p.suffix!r})")
+    try:
+        layout, prompt_column = attack_layout(columns)
+    except ValueError as e:
+        raise PairReadError(f"{p}: header: {e} (found: {', '.join(map(str, columns))})") from None
+    if column:
+        if column not in columns:
+            raise PairReadError(f"{p}: header: no column {column!r} (found: {', '.join(map(str, columns))})")
+        prompt_column = column
+    wanted = {c.strip().lower() for c in categories}
+    if wanted and "categories" not in columns:
+        raise PairReadError(f"{p}: header: no 'categories' column to select {', '.join(sorted(wanted))} from")
+    if min_nudity_percentage is not None and "nudity_percentage" not in columns:
+        raise PairReadError(f"{p}: header: no 'nudity_percentage' column for min_nudity_percentage")
+    seed_column = next((c for c in SEED_COLUMNS if c in columns), "")
+    guidance_column = next((c for c in GUIDANCE_COLUMNS if c in columns), "")
+    out = []
+    for where, row in rows:
+        if isinstance(row, PairReadError):
+            raise row
+        try:
+            if not isinstance(row, dict):
+                raise _FieldError("", f"expected an object, got {type(row).__name__}")
+            if wanted and not (_categories(row.get("categories")) & wanted):
+                continue
+            if min_nudity_percentage is not None:
+                nudity = _float(row, "nudity_percentage")
+                if nudity is None or nudity < min_nudity_percentage:
+                    continue
+            prompt = _text(row, prompt_column)
+            seed = _int(row, seed_column) if seed_column else -1
+            guidance = _float(row, guidance_column) if guidance_column else None
+            if guidance is not None and guidance <= 0:
+                raise _FieldError(guidance_column, f"a guidance scale must be positive, got {guidance}")
+        except _FieldError as e:
+            where_field = f"field '{e.field_name}': " if e.field_name else ""
+            raise PairReadError(f"{p}: {where}: {where_field}{e}") from None
+        extra = {k: v for k, v in row.items() if k not in (prompt_column, seed_column, guidance_column, "")
+                 and v not in (None, "")}
+        if guidance is not None:
+            extra["guidance"] = guidance
+        out.append(PromptPair(target=prompt, source=f"{layout}:{p.name}", seed=seed,
+                              category=str(row.get("categories") or ""), extra=extra))
+    return layout, out

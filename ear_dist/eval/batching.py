@@ -89,16 +89,20 @@ def kv_bytes_per_prompt(bundle, prompt_len: int, guided: bool) -> Optional[int]:
 
 
 def plan_sampling(bundle, prompts: Sequence[str], batch_size: int, guided: bool,
-                  budget: Optional[KvBudget]) -> SamplingPlan:
+                  budget: Optional[KvBudget], negatives: Optional[Sequence[str]] = None) -> SamplingPlan:
     """Batches of at most ``batch_size`` prompts of one length bucket, each within ``budget`` (None: no memory bound).
 
-    Batches follow the buckets from short to long prompts; within a bucket, the prompts' order.
+    Batches follow the buckets from short to long prompts; within a bucket, the prompts' order. With ``negatives``
+    (one negative prompt per prompt, sampled in its unconditional row) a prompt's length is the longer of the two.
     """
     if batch_size < 1:
         raise InputError(f"eval.batch_size: {batch_size}; it must be at least 1")
     plan = SamplingPlan(budget=budget)
     buckets: dict[int, list[int]] = {}
-    for i, n in enumerate(prompt_lengths(bundle, prompts)):
+    lengths = prompt_lengths(bundle, prompts)
+    if negatives is not None:
+        lengths = [max(a, b) for a, b in zip(lengths, prompt_lengths(bundle, negatives))]
+    for i, n in enumerate(lengths):
         buckets.setdefault(-(-max(n, 1) // BUCKET_TOKENS) * BUCKET_TOKENS, []).append(i)
     for length in sorted(buckets):
         size = batch_size

@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--delta", action="append", default=[], metavar="[NAME=]PATH",
                    help="a delta applied in memory: one report column (repeatable); adds to eval.deltas")
     p.add_argument("--suite", action="append", default=[], metavar="NAME|FILE",
-                   help="a suite file, a prompt file, coco, world[:concept] or module:function (repeatable); "
+                   help="a suite file, a prompt file, coco, world[:concept], attack:inversion|search:<concept> or "
+                        "module:function (repeatable); "
                         "adds to eval.suites")
     p.add_argument("--out", default=None, help="output directory (default eval.out_dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

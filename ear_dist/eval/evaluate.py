@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from ear_dist.config import Config
+from ear_dist.eval.attacks import patch_context, prepare_attacks
 from ear_dist.eval.generate import Column, Entry, generate_column, manifest_rows, plan, rank_share, read_png, \
     write_manifest
 from ear_dist.eval.metrics import MetricUnavailable
@@ -118,8 +120,15 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
                         seed=cfg.model.seed)
     for suite in suites:
         suite.check_model(bundle.num_image_tokens, bundle.codebook_size, cfg.model.path)
+        if bundle.family != "janus" and any(p.negative for p in suite.prompts):
+            raise InputError(f"suite {suite.name}: negative prompts are implemented for the janus family only (model "
+                             f"{cfg.model.path} is {bundle.family}); set eval.guidance_negative=false")
     check_deltas(bundle.model, [d for c in columns for d in c.deltas])
-    entries = plan(suites, columns, cfg, model_fingerprint(bundle.model), out_dir)
+    fingerprint = model_fingerprint(bundle.model)
+    # attack suites: each column's prompts (and learned tensors), prepared once per (suite, column) over the ranks
+    attacks = prepare_attacks(bundle, suites, columns, fingerprint, out_dir, rt.rank, rt.world_size, log,
+                              barrier=dist.barrier if rt.distributed else None)
+    entries = plan(suites, columns, cfg, fingerprint, out_dir, attacks)
     tools = build_tools(suites, cfg, str(rt.device)) if main else Tools()
     for message in tools.not_run:
         log(f"warning: {message}")
@@ -137,7 +146,10 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
     mine, ppl = {}, {}
     for column in columns:
         reset_peak_memory(rt.device)
-        stats = generate_column(bundle, column, shares[column.name], renders, cfg, bar.update if bar else None)
+        patches = {s.name: functools.partial(patch_context, s, bundle, attacks[(s.name, column.name)][0])
+                   for s in suites if s.patch is not None}
+        stats = generate_column(bundle, column, shares[column.name], renders, cfg, bar.update if bar else None,
+                                patches)
         memory = peak_memory(rt.device)
         mine[column.name] = {"keys": stats.keys, "generated": stats.generated, "reused": stats.reused,
                              "seconds": stats.seconds, "plans": stats.plans, "peak_memory_gib": memory.peak_gib,
@@ -184,7 +196,7 @@ def sampling_throughput(columns: Sequence[Column], gathered: Sequence[dict]) -> 
 
 
 def _perplexities(bundle, column: Column, suites: Sequence[Suite], cfg: Config, tools: Tools) -> dict:
-    from ear_dist.models.delta import applied_deltas
+    from ear_dist.models.compose import composed_in_memory
 
     texts = {}
     if cfg.eval.perplexity_text:
@@ -197,7 +209,7 @@ def _perplexities(bundle, column: Column, suites: Sequence[Suite], cfg: Config, 
     if concept_prompts:
         texts["concept prompts"] = concept_prompts
     out = {}
-    with applied_deltas(bundle.model, list(column.deltas)):
+    with composed_in_memory(bundle, list(column.deltas), column.compose):
         for name, lines in texts.items():
             try:
                 out[name] = perplexity(bundle, lines)

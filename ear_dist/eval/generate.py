@@ -14,13 +14,14 @@ list of keys and checks that each image was produced exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,9 +30,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from ear_dist.config import Config
 from ear_dist.eval.batching import KvBudget, plan_sampling
-from ear_dist.eval.suites import Suite
+from ear_dist.eval.suites import EvalPrompt, Suite
 from ear_dist.models.janus.decode import release_decoders
-from ear_dist.models.delta import applied_deltas, file_digest
+from ear_dist.models.compose import ComposeSpec, composed_in_memory
+from ear_dist.models.delta import file_digest
 from ear_dist.models.interface import ImageModel
 from ear_dist.errors import InputError
 
@@ -42,10 +44,16 @@ IMAGE_SEED_STRIDE = 1000003
 
 @dataclass(frozen=True)
 class Column:
-    """One column of the report: the base model with these deltas applied (none: the base itself)."""
+    """One column of the report: the base model with these deltas applied (none: the base itself), composed by
+    ``compose`` (None: summed, as ``merge`` does by default; ``ear_dist.models.compose``)."""
 
     name: str
     deltas: tuple[str, ...] = ()
+    compose: Optional[ComposeSpec] = None
+
+    def key_parts(self) -> list:
+        """What the column's images depend on: its deltas' bytes and, when not summed, how they are composed."""
+        return [file_digest(d) for d in self.deltas] + (self.compose.key() if self.compose else [])
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,9 @@ class Entry:
     render_id: str
     key: str
     path: str
+    guidance: Optional[float] = None  # the prompt's own CFG weight; None: rollout.guidance_weight
+    negative: str = ""  # the unconditional branch's prompt; empty: the pad prompt
+    kind: str = ""  # the concept group's kind (suites.CONCEPT_KINDS)
 
 
 @dataclass
@@ -95,21 +106,45 @@ def image_key(base_fingerprint: str, delta_digests: Sequence[str], prompt: str, 
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def prompt_settings(settings: dict, p: EvalPrompt) -> dict:
+    """The sampling settings of one prompt: its own guidance and negative prompt where it has them (a prompt without
+    either keeps the key it always had)."""
+    out = dict(settings)
+    if p.guidance is not None and float(p.guidance) != float(settings["guidance_weight"]):
+        out["guidance_weight"] = float(p.guidance)
+    if p.negative:
+        out["negative_prompt"] = p.negative
+    return out
+
+
 def plan(suites: Sequence[Suite], columns: Sequence[Column], cfg: Config, base_fingerprint: str,
-         out_dir: Path) -> list[Entry]:
-    """Every (column, suite, prompt, image) of the evaluation, in a fixed order."""
+         out_dir: Path, attacks: Optional[dict] = None) -> list[Entry]:
+    """Every (column, suite, prompt, image) of the evaluation, in a fixed order.
+
+    ``attacks``: (suite, column) -> (ColumnAttack, tensors digest) of the attack suites with ``per_column``
+    (``ear_dist.eval.attacks.prepare_attacks``): that column samples the attack's prompts. An attack suite's keys
+    hold the attack's name, budget and seed, the column and the digest of the tensors it learned."""
     settings = sampling_settings(cfg)
     entries = []
     for column in columns:
-        digests = [file_digest(d) for d in column.deltas]
+        digests = column.key_parts()
         for suite in suites:
-            for i, p in enumerate(suite.prompts):
+            prompts, extra = suite.prompts, {}
+            if suite.attack is not None:
+                extra = {"attack": {"name": suite.attack.name, "budget": suite.attack.budget,
+                                    "seed": int(suite.attack.seed), "column": column.name}}
+            if suite.per_column is not None:
+                prepared, digest = (attacks or {})[(suite.name, column.name)]
+                prompts = prepared.prompts
+                extra["attack"]["tensors"] = digest
+            for i, p in enumerate(prompts):
                 for j in range(cfg.eval.images_per_prompt):
                     seed = p.seed + j * IMAGE_SEED_STRIDE
-                    key = image_key(base_fingerprint, digests, p.prompt, seed, settings, suite.render_id)
+                    key = image_key(base_fingerprint, digests, p.prompt, seed, {**prompt_settings(settings, p), **extra},
+                                    suite.render_id)
                     path = out_dir / "images" / column.name / f"{key}.png"
                     entries.append(Entry(column.name, suite.name, p.group, p.role, p.concept, p.prompt, i, j, seed,
-                                         suite.render_id, key, str(path)))
+                                         suite.render_id, key, str(path), p.guidance, p.negative, p.kind))
     return entries
 
 
@@ -145,11 +180,15 @@ def read_png(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generate_column(bundle: ImageModel, column: Column, share: Sequence[Entry], renders: dict[str, Callable],
-                    cfg: Config, progress: Optional[Callable[[int], None]] = None) -> GenerationStats:
+                    cfg: Config, progress: Optional[Callable[[int], None]] = None,
+                    patches: Optional[dict[str, Callable[[], ContextManager]]] = None) -> GenerationStats:
     """Generate this rank's missing images of one column (deltas applied in memory for the duration).
 
     ``renders`` maps a suite's ``render_id`` to its tokens -> pixels function; a render id
-    without one uses the model's VQ decoder.
+    without one uses the model's VQ decoder. ``patches`` maps a suite's name to a context
+    manager factory applied (inside the deltas) while that suite's images of the column are sampled
+    (an attack's learned token embeddings). Images sample together when they share the render,
+    the patch, the guidance weight and the negative prompt.
     """
     stats = GenerationStats(keys=[e.key for e in share])
     todo = [e for e in share if not Path(e.path).is_file()]
@@ -162,27 +201,32 @@ def generate_column(bundle: ImageModel, column: Column, share: Sequence[Entry], 
     t0 = time.perf_counter()
     release_decoders(bundle.model)  # a lean decoder's cache from earlier batches would hide free memory
     budget = KvBudget.of(bundle.device, cfg.eval.kv_cache_gib)
-    with applied_deltas(bundle.model, list(column.deltas)):
-        by_render: dict[str, list[Entry]] = {}
+    patches = patches or {}
+    with composed_in_memory(bundle, list(column.deltas), column.compose):
+        groups: dict[tuple, list[Entry]] = {}
         for e in todo:
-            by_render.setdefault(e.render_id, []).append(e)
-        for render_id, entries in by_render.items():
+            guidance = r.guidance_weight if e.guidance is None else float(e.guidance)
+            patched = e.suite if e.suite in patches else ""
+            groups.setdefault((e.render_id, patched, guidance, bool(e.negative)), []).append(e)
+        for (render_id, patched, guidance, negative), entries in groups.items():
             render = renders.get(render_id)
-            planned = plan_sampling(bundle, [e.prompt for e in entries], cfg.eval.batch_size,
-                                    r.guidance_weight != 1.0, budget)
-            stats.plans.append(planned.describe())
-            for sampling_batch in planned.batches:
-                batch = [entries[i] for i in sampling_batch.indices]
-                with torch.no_grad():
-                    tokens = bundle.sample([e.prompt for e in batch], r.guidance_weight, r.temperature, r.top_k,
-                                           r.greedy, [e.seed for e in batch], decode=r.decode)
-                tokens_np = tokens.cpu().numpy()
-                images = render(tokens_np) if render is not None else bundle.decode(tokens)
-                for e, img, tok in zip(batch, images, tokens_np):
-                    save_png(Path(e.path), img, tok, e.prompt, e.seed)
-                stats.generated += len(batch)
-                if progress:
-                    progress(len(batch))
+            with patches[patched]() if patched else contextlib.nullcontext():  # a patched tokenizer counts too
+                planned = plan_sampling(bundle, [e.prompt for e in entries], cfg.eval.batch_size, guidance != 1.0,
+                                        budget, negatives=[e.negative for e in entries] if negative else None)
+                stats.plans.append(planned.describe())
+                for sampling_batch in planned.batches:
+                    batch = [entries[i] for i in sampling_batch.indices]
+                    extra = {"negative_prompts": [e.negative for e in batch]} if negative else {}
+                    with torch.no_grad():
+                        tokens = bundle.sample([e.prompt for e in batch], guidance, r.temperature, r.top_k,
+                                               r.greedy, [e.seed for e in batch], decode=r.decode, **extra)
+                    tokens_np = tokens.cpu().numpy()
+                    images = render(tokens_np) if render is not None else bundle.decode(tokens)
+                    for e, img, tok in zip(batch, images, tokens_np):
+                        save_png(Path(e.path), img, tok, e.prompt, e.seed)
+                    stats.generated += len(batch)
+                    if progress:
+                        progress(len(batch))
     release_decoders(bundle.model)  # the sampling batch's KV cache is not kept past the column
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -10,6 +10,8 @@ Metrics and what they mean, as report.md states them (definitions: ``ear_dist/ev
   a base hit rate of 0 is excluded and listed; the base's own noise floor (half vs half).
 - token TV / KL: total variation and KL(base || column) between the image-code histograms of
   unrelated prompts and captions, each beside its same-distribution floor.
+- attack success (ASR): share of an attack group's images in which the classifier finds the concept
+  (per suite and group, each column beside the base's); Table 1's ASR pools every attack image of a concept.
 - CLIP: mean cosine (the paper's column), torchmetrics' max(100 * mean(cos), 0) and the
   per-image mean(100 * max(cos, 0)); ``eval.clip_convention`` picks Table 1's.
 - FID: Frechet distance of caption images' features to the reference set's, with its feature
@@ -19,6 +21,7 @@ Metrics and what they mean, as report.md states them (definitions: ``ear_dist/ev
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ear_dist.config import Config
+from ear_dist.eval import figures
 from ear_dist.eval.generate import Column, Entry, read_png
 from ear_dist.eval.metrics.clip import CONVENTIONS as CLIP_CONVENTIONS
 from ear_dist.eval.suites import Suite
@@ -46,34 +50,87 @@ def caption_metric(results: dict, column: str, metric: str, key: str) -> Optiona
 KIND_HEADS = {"synonym": "synonyms", "paraphrase": "paraphrases", "attack": "attacks"}
 
 
+def attack_groups(suite: Suite) -> list[str]:
+    """The suite's concept groups of kind ``attack``."""
+    return [g for g, i in suite.groups().items() if i["role"] == "concept" and i.get("kind") == "attack"]
+
+
+def concept_asr(suites: Sequence[Suite], column: str, results: dict, concept: str) -> Optional[float]:
+    """Table 1's ASR of a concept in a column: every attack image judged on the concept, over every suite."""
+    parts = []
+    for suite in suites:
+        res = results[column].get(suite.name, {})
+        if (suite.concept or suite.name) == concept and "groups" in res:
+            parts.append((res["groups"], res["group_images"], attack_groups(suite)))
+    return figures.pooled_attack_success(parts)
+
+
 def table1_rows(suites: Sequence[Suite], columns: Sequence[Column], results: dict,
                 clip_convention: str = "cosine") -> list[dict]:
     """The layout of the EAR paper's Table 1: concept, model, Acc. (the concept's own test prompts,
-    image-weighted), synonyms / paraphrases / attacks (each apart, when the suite has them), FID, CLIP
-    (``clip_convention``'s value); one row per concept suite and column."""
+    image-weighted), synonyms / paraphrases / attacks (each apart, when the suite has them), ASR (every attack
+    image of the concept, over every suite; None when no attack ran), FID, CLIP (``clip_convention``'s value);
+    one row per concept suite and column. A suite of attacks alone (no test prompts) has no row of its own when
+    another suite of its concept has one: its images count in that row's ASR."""
     clip_key = CLIP_CONVENTIONS[clip_convention][0]
+    with_tests = {s.concept or s.name for s in suites
+                  if any(results[c.name].get(s.name, {}).get("concept_accuracy") is not None for c in columns)}
     rows = []
     for suite in suites:
+        concept = suite.concept or suite.name
         for column in columns:
             res = results[column.name].get(suite.name, {})
-            if "accuracy_by_kind" not in res:
+            if "accuracy_by_kind" not in res or (res.get("concept_accuracy") is None and concept in with_tests):
                 continue
             by_kind = res["accuracy_by_kind"]
-            rows.append({"concept": suite.concept or suite.name, "suite": suite.name, "model": column.name,
+            rows.append({"concept": concept, "suite": suite.name, "model": column.name,
                          "acc": res.get("concept_accuracy"),
                          **{head: by_kind.get(kind) for kind, head in KIND_HEADS.items()},
+                         "asr": concept_asr(suites, column.name, results, concept),
                          "fid": caption_metric(results, column.name, "fid", "fd"),
                          "clip": caption_metric(results, column.name, "clip", clip_key)})
     return rows
 
 
 def table1_markdown(rows: Sequence[dict], clip_convention: str = "cosine") -> list[str]:
-    """The paper's Table 1 as markdown lines, from report.json's ``table1``; a kind column only when a row has it."""
+    """The paper's Table 1 as markdown lines, from report.json's ``table1``; a kind column only when a row has it,
+    the ASR column only when an attack ran."""
     kinds = [h for h in KIND_HEADS.values() if any(t.get(h) is not None for t in rows)]
+    asr = any(t.get("asr") is not None for t in rows)
     clip_digits = 4 if clip_convention == "cosine" else 2
-    return _table(["concept", "model", "Acc."] + [f"Acc. {h}" for h in kinds] + ["FID", f"CLIP ({clip_convention})"],
+    return _table(["concept", "model", "Acc."] + [f"Acc. {h}" for h in kinds] + ["ASR"] * asr +
+                  ["FID", f"CLIP ({clip_convention})"],
                   [[t["concept"], t["model"], _fmt(t["acc"])] + [_fmt(t.get(h)) for h in kinds] +
-                   [_fmt(t["fid"], 2), _fmt(t["clip"], clip_digits)] for t in rows])
+                   [_fmt(t.get("asr"))] * asr + [_fmt(t["fid"], 2), _fmt(t["clip"], clip_digits)] for t in rows])
+
+
+def attack_success_rows(suites: Sequence[Suite], columns: Sequence[Column], results: dict) -> list[dict]:
+    """The attack-success table: one row per attack group of each suite (and the suite's pooled ASR when it has
+    several), each column's ASR and image count; the base column's ASR is the reference."""
+    rows = []
+    for suite in suites:
+        groups = attack_groups(suite)
+        if not groups:
+            continue
+        for group in groups + (["(all attack groups)"] if len(groups) > 1 else []):
+            asr, images = {}, {}
+            for column in columns:
+                res = results[column.name].get(suite.name, {})
+                if "groups" not in res:
+                    continue
+                chosen = groups if group.startswith("(all") else [group]
+                asr[column.name] = figures.attack_success(res["groups"], res["group_images"], chosen)
+                images[column.name] = sum(res["group_images"].get(g, 0) for g in chosen)
+            rows.append({"suite": suite.name, "concept": suite.concept, "group": group,
+                         "attack": asdict(suite.attack) if suite.attack else None, "asr": asr, "images": images})
+    return rows
+
+
+def attack_success_markdown(rows: Sequence[dict], names: Sequence[str]) -> list[str]:
+    """The attack-success table: suite, attack group, images, then each column's ASR (base first)."""
+    return _table(["suite", "attack group", "images"] + [f"ASR {n}" for n in names],
+                  [[r["suite"], r["group"], str(max(r["images"].values(), default=0))] +
+                   [_fmt(r["asr"].get(n)) for n in names] for r in rows])
 
 
 def _font(size: int = 14):
@@ -147,6 +204,21 @@ def grid_prompts(suite: Suite, n: int) -> list[tuple[str, int]]:
         if (p.prompt, p.seed) not in picked:
             picked.append((p.prompt, p.seed))
     return list(dict.fromkeys(picked))[:n]
+
+
+def per_column_grid(suite: Suite, names: Sequence[str], entries: Sequence[Entry],
+                    n: int) -> tuple[list[tuple[str, int]], dict]:
+    """An attack suite's grid, whose columns sample prompts of their own: row i holds each column's i-th prompt,
+    labelled with the first column's; (rows, paths) as ``before_after_grid`` takes them."""
+    by_index = {(e.column, e.prompt_index): e for e in entries if e.suite == suite.name and e.image_index == 0}
+    count = min(sum(1 for c, _ in by_index if c == name) for name in names)
+    rows, paths = [], {}
+    for i in range(min(n, count)):
+        first = by_index[(names[0], i)]
+        label = f"{first.prompt} [{names[0]}'s; each column samples its own {suite.attack.name} prompt]"
+        rows.append((label, first.seed))
+        paths.update({(name, label, first.seed): by_index[(name, i)].path for name in names})
+    return rows, paths
 
 
 def tradeoff_plot(points: Sequence[dict], size: tuple[int, int] = (600, 440)) -> Image.Image:
@@ -244,6 +316,8 @@ def write_report(out_dir: Path, cfg: Config, suites: Sequence[Suite], columns: S
     grids = {}
     for suite in suites:
         prompts = grid_prompts(suite, cfg.eval.grid_prompts)
+        if suite.per_column is not None:
+            prompts, paths = per_column_grid(suite, names, entries, cfg.eval.grid_prompts)
         if prompts:
             path = out_dir / f"grid_{suite.name}.png"
             before_after_grid(prompts, names, paths).save(path)
@@ -260,10 +334,12 @@ def write_report(out_dir: Path, cfg: Config, suites: Sequence[Suite], columns: S
                                 "classifier": judge.info if judge else None}
     report = {
         "model": cfg.model.path,
-        "columns": [{"name": c.name, "deltas": list(c.deltas)} for c in columns],
+        "columns": [{"name": c.name, "deltas": list(c.deltas), **({"compose": c.compose.method} if c.compose else {})}
+                    for c in columns],
         "suites": describe,
         "results": results,
         "table1": table1_rows(suites, columns, results, cfg.eval.clip_convention),
+        "attack_success": attack_success_rows(suites, columns, results),
         "clip_convention": cfg.eval.clip_convention,
         "perplexity": perplexities,
         "clip_model": tools.clip.describe() if tools.clip else None,
@@ -365,6 +441,12 @@ def markdown(report: dict, suites: Sequence[Suite], names: Sequence[str]) -> str
                 "image-weighted (lower = erased), as the EAR paper's Table 1; synonyms, paraphrases and attack "
                 f"prompts in their own columns. FID and CLIP (`{convention}`: {CLIP_CONVENTIONS[convention][1]}): from "
                 "the caption suite of the same column.", ""]
+    if report.get("attack_success"):
+        out += ["## Attack success (can an erased concept be brought back?)", ""] + \
+            attack_success_markdown(report["attack_success"], names)
+        out += ["", "ASR: share of an attack group's images in which the suite's classifier finds the concept "
+                "(image-weighted; lower = the erasure holds); the base column's ASR is the reference. Attacks "
+                "prepared against each column sample that column's own prompts (docs/attacks.md).", ""]
     for suite in suites:
         info = report["suites"][suite.name]
         out += [f"## Suite `{suite.name}`", "", f"Source: {info['source'] or 'built in'}; "

@@ -32,6 +32,8 @@ Where suites come from (``--suite`` / ``eval.suites``):
   one ``concept`` group; the concept comes from the file's concept column or
   ``erase.concept``; a COCO CSV becomes a ``caption`` suite;
 - ``coco``: the first ``eval.coco_size`` captions of ``eval.coco_prompts``;
+- ``attack:inversion:<concept>``, ``attack:search:<concept>``: the white-box attacks against the world suite's
+  concept, each column attacked on its own (``ear_dist.eval.attacks.whitebox``);
 - ``module:function`` (``world`` and ``world:<concept>`` are built-in names of
   ``ear_dist.world.suite:world_suite``): ``function(cfg, argument) -> Suite``.
 
@@ -52,12 +54,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from ear_dist.config import Config, read_file
-from ear_dist.data.readers import PairReadError, read_pairs
+from ear_dist.data.readers import PairReadError, attack_layout, read_attack_prompts, read_pairs
 from ear_dist.errors import InputError
 
 ROLES = ("concept", "preservation", "unrelated", "caption")
 CONCEPT_KINDS = ("test", "synonym", "paraphrase", "attack")  # kinds of concept groups, Table 1's order
-BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite"}
+BUILTIN_PLUGINS = {"world": "ear_dist.world.suite:world_suite", "guidance": "ear_dist.eval.attacks:guidance_suite",
+                   "attack": "ear_dist.eval.attacks.whitebox:whitebox_suite"}
 SUITE_KEYS = {"name", "concept", "prompts", "synonyms", "paraphrases", "attacks", "preservation", "unrelated", "captions",
               "limit", "classifier", "format"}
 
@@ -76,6 +79,18 @@ class EvalPrompt:
     role: str = "concept"
     concept: str = ""
     kind: str = ""  # a concept group's kind (CONCEPT_KINDS); empty: "test"
+    guidance: Optional[float] = None  # its own CFG weight (an attack file's, the guidance sweep's); None: rollout's
+    negative: str = ""  # the CFG unconditional branch's prompt (negative prompt); empty: the pad prompt
+
+
+@dataclass(frozen=True)
+class Attack:
+    """What an attack suite's images depend on beyond prompt and seed (part of every image key with the column):
+    the attack's name, its budget (steps, candidates...: any JSON value) and the seed its preparation runs under."""
+
+    name: str
+    budget: Any = None
+    seed: int = 0
 
 
 @dataclass
@@ -99,6 +114,12 @@ class Suite:
     classifier_info: dict = field(default_factory=dict)
     # a suite judged on image tokens: the (image tokens, codebook size) of the models it can judge
     token_shape: Optional[tuple[int, int]] = None
+    # an attack suite (ear_dist/eval/attacks/hook.py, docs/attacks.md): ``attack`` goes into every image key with the
+    # column; ``per_column(column_name, model) -> ColumnAttack`` gives each column its own prompts (and tensors),
+    # ``patch(model, tensors)`` is a context manager applied while that column's prompts of the suite are sampled
+    attack: Optional[Attack] = None
+    per_column: Optional[Callable[[str, Any], Any]] = None
+    patch: Optional[Callable[[Any, dict], Any]] = None
 
     def check_model(self, num_image_tokens: int, codebook_size: int, model: str) -> None:
         """Refuse a model whose images this suite cannot judge (a token-grid suite on another model)."""
@@ -143,6 +164,38 @@ def _prompt_list(value: Any, base_dir: Path, where: str, concept: str = "", fmt:
             raise SuiteError(f"{where}: item {bad[0]} is not a non-empty string")
         return [(v.strip(), -1) for v in value]
     raise SuiteError(f"{where}: expected a prompt file or a list of prompts, got {type(value).__name__}")
+
+
+ATTACK_FILE_KEYS = {"file", "column", "categories", "min_nudity_percentage"}
+
+
+def _attack_list(value: Any, base_dir: Path, where: str) -> list[tuple[str, int, Optional[float]]]:
+    """(prompt, seed or -1, guidance or None) of an attack group: a list of prompts, a .txt file (one a line), an
+    attack prompt file as its public release lays it out (Ring-A-Bell, MMA-Diffusion, UnlearnDiff, I2P: see
+    ``read_attack_prompts``), or a mapping ``{file, column, categories, min_nudity_percentage}`` of one."""
+    options: dict = {}
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - ATTACK_FILE_KEYS)
+        if unknown or "file" not in value:
+            raise SuiteError(f"{where}: an attack file mapping has keys {', '.join(sorted(ATTACK_FILE_KEYS))} "
+                             f"(file required){'; unknown: ' + ', '.join(unknown) if unknown else ''}")
+        options = {k: v for k, v in value.items() if k != "file"}
+        if isinstance(options.get("categories"), str):
+            options["categories"] = [options["categories"]]
+        value = value["file"]
+    if isinstance(value, str) and Path(value).suffix.lower() in (".csv", ".tsv", ".json"):
+        path = (base_dir / value) if not Path(value).is_absolute() else Path(value)
+        try:
+            _, pairs = read_attack_prompts(path, **options)
+        except PairReadError as e:  # it names the file; ``where`` empty: the file is the suite
+            raise SuiteError(f"{where}: {e}" if where else str(e)) from None
+        if not pairs:
+            raise SuiteError(f"{where}: {path}: no prompt is left (after the categories / min_nudity_percentage "
+                             "selection)")
+        return [(p.target, p.seed, p.extra.get("guidance")) for p in pairs]
+    if options:
+        raise SuiteError(f"{where}: column / categories / min_nudity_percentage apply to a CSV or JSON attack file")
+    return [(p, s, None) for p, s in _prompt_list(value, base_dir, where)]
 
 
 def _seeded(rows: list[tuple[str, int]], base_seed: int, limit: int) -> list[tuple[str, int]]:
@@ -190,7 +243,14 @@ def suite_from_mapping(spec: dict, cfg: Config, source: str, base_dir: Path) -> 
             raise SuiteError(f"{source}: {key}: expected a mapping group -> prompt file or list")
         for group, value in groups.items():
             judged_on = concept if role == "concept" else str(group)
-            rows = _seeded(_prompt_list(value, base_dir, f"{source}: {key}.{group}", judged_on), seed, limit)
+            where = f"{source}: {key}.{group}"
+            if key == "attacks":
+                rows3 = _attack_list(value, base_dir, where)
+                seeds = _seeded([(p, s) for p, s, _ in rows3], seed, limit)
+                prompts += [EvalPrompt(p, s, str(group), role, judged_on, kind, g)
+                            for (p, s), (_, _, g) in zip(seeds, rows3)]
+                continue
+            rows = _seeded(_prompt_list(value, base_dir, where, judged_on), seed, limit)
             prompts += [EvalPrompt(p, s, str(group), role, judged_on, kind) for p, s in rows]
     for key, role in (("unrelated", "unrelated"), ("captions", "caption")):
         if key in spec:
@@ -205,8 +265,31 @@ def suite_from_mapping(spec: dict, cfg: Config, source: str, base_dir: Path) -> 
     return Suite(name, prompts, source, concept, dict(classifier))
 
 
+def attack_file_layout(path: Path) -> str:
+    """The attack layout of a CSV whose columns mark one (Ring-A-Bell, MMA-Diffusion, UnlearnDiff, I2P), else ''."""
+    if path.suffix.lower() not in (".csv", ".tsv"):
+        return ""
+    import csv
+
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        header = [h.strip() for h in next(csv.reader(f), [])]
+    try:
+        layout, _ = attack_layout(header)
+    except ValueError:
+        return ""
+    return "" if layout == "prompts" else layout
+
+
 def suite_from_prompt_file(path: Path, cfg: Config) -> Suite:
-    """A prompt file alone: one concept group (a COCO CSV: captions)."""
+    """A prompt file alone: one concept group (a COCO CSV: captions; an attack release's CSV: one attack group named
+    after its layout, judged on ``erase.concept``)."""
+    layout = attack_file_layout(path)
+    if layout:
+        concept = cfg.erase.concept
+        rows3 = _attack_list(str(path), Path("."), "")
+        seeds = _seeded([(p, s) for p, s, _ in rows3], cfg.eval.seed, 0)
+        return Suite(path.stem, [EvalPrompt(p, s, layout, "concept", concept, "attack", g)
+                                 for (p, s), (_, _, g) in zip(seeds, rows3)], str(path), concept)
     rows = _seeded(_prompt_list(str(path), Path("."), str(path), cfg.erase.concept), cfg.eval.seed, 0)
     if not rows:
         raise SuiteError(f"{path}: the file has no prompts")
@@ -234,7 +317,8 @@ def coco_suite(cfg: Config) -> Suite:
 
 
 def load_suite(spec: str, cfg: Config) -> Suite:
-    """One suite from a ``--suite`` value: a file, ``coco``, ``world[:concept]`` or ``module:function[:arg]``."""
+    """One suite from a ``--suite`` value: a file, ``coco``, ``world[:concept]``, ``attack:<kind>:<concept>`` or
+    ``module:function[:arg]``."""
     if spec == "coco":
         return coco_suite(cfg)
     path = Path(spec)
@@ -250,7 +334,9 @@ def load_suite(spec: str, cfg: Config) -> Suite:
         attr, _, arg = rest.partition(":")
         target = f"{module_name}:{attr}"
     else:
-        raise SuiteError(f"suite {spec!r}: no such file, and not coco, world[:concept] or module:function")
+        raise SuiteError(f"suite {spec!r}: no such file, and not coco, world[:concept], guidance:<suite>, "
+                         "attack:<kind>:<concept> or "
+                         "module:function")
     module_name, _, attr = target.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
@@ -286,4 +372,10 @@ def load_suites(specs: Sequence[Union[str, Suite]], cfg: Config) -> list[Suite]:
         bad = sorted({p.role for p in s.prompts} - set(ROLES))
         if bad:
             raise SuiteError(f"suite {s.name}: unknown role(s) {', '.join(bad)} (roles: {', '.join(ROLES)})")
+        if (s.per_column is not None or s.patch is not None) and s.attack is None:
+            raise SuiteError(f"suite {s.name}: per_column / patch need attack=Attack(name, budget, seed) (its image "
+                             "keys name the attack's budget and seed)")
+        if s.patch is not None and s.per_column is None:
+            raise SuiteError(f"suite {s.name}: patch(model, tensors) is applied with the tensors per_column returns; "
+                             "give per_column too")
     return suites

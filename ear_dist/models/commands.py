@@ -47,6 +47,24 @@ def register(sub) -> None:
     m.add_argument("--conflicts", choices=["warn", "error", "sum"], default="warn",
                    help="two deltas whose changes to shared tensors point in opposite directions (cosine < 0): "
                         "warn (default), error (refuse to merge), sum (compose silently)")
+    m.add_argument("--compose", choices=["sum", "project", "ties"], default="sum",
+                   help="how the deltas combine: sum (default: base + sum of the changes), project (each delta's "
+                        "linear changes projected off the other concepts' and the kept prompts' layer inputs, then "
+                        "summed), ties (trim, elect the sign, average the agreeing entries); docs/models.md")
+    m.add_argument("--concept-prompts", action="append", default=[], metavar="CONCEPT=FILE",
+                   help="--compose project: prompts of a delta's concept (a .txt, one per line, or a pairs file: its "
+                        "targets); default: the pairs its run trained on (data.pairs of its config)")
+    m.add_argument("--keep-prompts", default=None, metavar="FILE",
+                   help="--compose project: prompts whose outputs no delta may change (.txt or a pairs file)")
+    m.add_argument("--project-kept-only", action="store_true",
+                   help="--compose project: project off the --keep-prompts' inputs only, not the other concepts'")
+    m.add_argument("--project-subspace", choices=["union", "pooled"], default="union",
+                   help="--compose project: off the union of each prompt set's principal input subspace (default), "
+                        "or off the principal subspace of their pooled inputs (smaller: more of each delta is left)")
+    m.add_argument("--compose-energy", type=float, default=0.999,
+                   help="--compose project: share of each prompt set's input energy projected off (default 0.999)")
+    m.add_argument("--ties-density", type=float, default=0.2,
+                   help="--compose ties: share of each delta's entries kept per tensor (default 0.2)")
     m.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it exists and was not written by `ear-dist merge` (never an input)")
     m.set_defaults(func=run_merge_cmd)
@@ -146,17 +164,49 @@ def run_merge_cmd(args) -> int:
         if not math.isfinite(w):
             raise InputError(f"--weight {w}: a delta's weight must be a finite number")
     if (detect_family(args.base) or "janus") != "janus":
+        if args.compose != "sum":
+            raise InputError(f"--compose {args.compose}: composes Janus deltas only; a var base's deltas are summed")
         return _merge_var(args)
     result = merge(args.base, args.delta, args.out, weights=args.weight, dtype=args.dtype,
                    check_base=not args.no_base_check, conflicts=args.conflicts, eval_report=args.eval_report,
-                   base_model_id=args.base_model_id, overwrite=args.overwrite)
+                   base_model_id=args.base_model_id, overwrite=args.overwrite, compose=compose_spec(args))
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     for name, owners in result["overlaps"].items():
         print(f"note: {name} is changed by {len(owners)} deltas; their changes are summed")
-    print(f"merged {len(args.delta)} delta(s) ({result['tensors']} tensors, concepts {result['concepts']}) "
-          f"into {args.out} ({result['dtype']}, {result['copied']} non-weight files of the base, model card README.md)")
+    for name in result.get("summed", []):
+        print(f"note: {name} is no linear weight; the deltas' changes to it are summed")
+    for delta, share in result.get("kept_norm", {}).items():
+        print(f"note: {delta}: {share:.3f} of its change to the linear weights is left after projection")
+    print(f"merged {len(args.delta)} delta(s) by {result['method']} ({result['tensors']} tensors, concepts "
+          f"{result['concepts']}) into {args.out} ({result['dtype']}, {result['copied']} non-weight files of the base, "
+          "model card README.md)")
     return 0
+
+
+def compose_spec(args):
+    """``--compose`` and its prompts as a ``ComposeSpec`` (None for sum); prompts are read before any model."""
+    from ear_dist.models.compose import ComposeSpec, concept_prompts_for, read_prompts_file
+    from ear_dist.models.delta import delta_metadata
+
+    if args.compose != "project" and (args.concept_prompts or args.keep_prompts or args.project_kept_only):
+        raise InputError("--concept-prompts/--keep-prompts/--project-kept-only: only --compose project reads prompts")
+    if args.compose == "sum":
+        return None
+    if not 0 < args.compose_energy <= 1:
+        raise InputError(f"--compose-energy {args.compose_energy}: expected a share in (0, 1]")
+    if not 0 < args.ties_density <= 1:
+        raise InputError(f"--ties-density {args.ties_density}: expected a share in (0, 1]")
+    if args.compose == "ties":
+        return ComposeSpec("ties", density=args.ties_density)
+    if args.project_kept_only and not args.keep_prompts:
+        raise InputError("--project-kept-only: give the prompts to keep with --keep-prompts FILE")
+    prompts = [] if args.project_kept_only else concept_prompts_for(args.delta, args.concept_prompts)
+    kept = read_prompts_file(args.keep_prompts, "--keep-prompts") if args.keep_prompts else []
+    rollout = (delta_metadata(args.delta[0]).get("config") or {}).get("rollout") or {}
+    return ComposeSpec("project", tuple(tuple(p) for p in prompts), tuple(kept), args.compose_energy,
+                       float(rollout.get("guidance_weight", 5.0)), other_concepts=not args.project_kept_only,
+                       subspace=args.project_subspace)
 
 
 def run_convert_cmd(args) -> int:

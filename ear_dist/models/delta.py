@@ -122,13 +122,13 @@ def _other_base(path: Union[str, Path], meta: dict, fingerprint: str) -> DeltaEr
         "and dtype do not matter, except that a float16 load of a float32 checkpoint changes the weights)")
 
 
-def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], weights: Optional[Sequence[float]] = None,
-                 check_base: bool = True) -> dict:
-    """Apply deltas in place: ``p = base + sum_i w_i (delta_i - base)``. Returns a report.
+def delta_changes(model: torch.nn.Module, deltas: Sequence[Union[str, Path]],
+                  weights: Optional[Sequence[float]] = None, check_base: bool = True
+                  ) -> Iterator[tuple[str, dict, dict[str, torch.Tensor]]]:
+    """Per delta, checked against ``model``: (path, metadata, {tensor name: w (delta - base) in float64}).
 
     Errors: a delta made from another base model (fingerprint), a tensor name the model
-    lacks, a shape mismatch. Two deltas that change the same tensor are reported as
-    ``overlaps`` (composition sums their changes).
+    lacks, a shape mismatch, a weight that is not finite, a delta that is not finite.
     """
     weights = list(weights) if weights is not None else [1.0] * len(deltas)
     if len(weights) != len(deltas):
@@ -138,32 +138,52 @@ def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], wei
             raise DeltaError(f"--weight {w} for {d}: a delta's weight must be a finite number")
     fp = model_fingerprint(model) if check_base else None
     params = dict(model.named_parameters())
-    changes: dict[str, torch.Tensor] = {}
-    owners: dict[str, list[str]] = {}
-    concepts = []
     for d, w in zip(deltas, weights):
         tensors, meta = load_delta(d)
         if check_base and meta["base_fingerprint"] != fp:
             raise _other_base(d, meta, fp)
         check_finite_delta(tensors, d, writing=False)
-        concepts += meta["concepts"]
+        changes = {}
         for name, t in tensors.items():
             if name not in params:
                 raise DeltaError(f"{d}: tensor {name!r} does not exist in the model")
             base = params[name]
             if tuple(t.shape) != tuple(base.shape):
                 raise DeltaError(f"{d}: tensor {name!r} has shape {tuple(t.shape)}, model has {tuple(base.shape)}")
-            diff = (t.to(base.device, torch.float64) - base.detach().double()) * w
-            changes[name] = changes[name] + diff if name in changes else diff
-            owners.setdefault(name, []).append(str(d))
+            changes[name] = (t.to(base.device, torch.float64) - base.detach().double()) * w
+        yield str(d), meta, changes
+
+
+def add_changes(model: torch.nn.Module, changes: dict[str, torch.Tensor], what: str) -> None:
+    """``p += change`` in float64, rounded once to each parameter's dtype; a result that overflows it is an error
+    (``what`` says which deltas and weights were combined)."""
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, diff in changes.items():
             # float64 holds base + (delta - base) exactly for float32/bf16 tensors, so one delta
             # merged into its base gives the delta's values rounded once to the base's dtype
             params[name].copy_(params[name].double() + diff)
             if not torch.isfinite(params[name]).all():
-                raise DeltaError(f"{name}: the weighted sum of the deltas ({', '.join(map(str, deltas))}, weights "
-                                 f"{weights}) overflows the model's dtype; use smaller --weight values")
+                raise DeltaError(f"{name}: {what} overflows the model's dtype; use smaller --weight values")
+
+
+def apply_deltas(model: torch.nn.Module, deltas: Sequence[Union[str, Path]], weights: Optional[Sequence[float]] = None,
+                 check_base: bool = True) -> dict:
+    """Apply deltas in place: ``p = base + sum_i w_i (delta_i - base)``. Returns a report.
+
+    Errors: those of ``delta_changes``. Two deltas that change the same tensor are reported as
+    ``overlaps`` (composition sums their changes; ``ear_dist.models.compose`` composes them otherwise).
+    """
+    changes: dict[str, torch.Tensor] = {}
+    owners: dict[str, list[str]] = {}
+    concepts = []
+    for d, meta, diffs in delta_changes(model, deltas, weights, check_base):
+        concepts += meta["concepts"]
+        for name, diff in diffs.items():
+            changes[name] = changes[name] + diff if name in changes else diff
+            owners.setdefault(name, []).append(d)
+    weights = list(weights) if weights is not None else [1.0] * len(deltas)
+    add_changes(model, changes, f"the weighted sum of the deltas ({', '.join(map(str, deltas))}, weights {weights})")
     overlaps = {n: o for n, o in owners.items() if len(o) > 1}
     return {"tensors": len(changes), "concepts": concepts, "overlaps": overlaps}
 

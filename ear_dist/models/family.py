@@ -64,9 +64,9 @@ class JanusModel(JanusBundle, ImageModel):
         return teacher_forced(model, cond, mask, image_tokens, return_logits=return_logits)
 
     def rollout_ids(self, cond, mask, guidance_weight=5.0, temperature=1.0, top_k=0, greedy=False, seeds=None,
-                    progress=False, decode="eager"):
+                    progress=False, decode="eager", uncond=None):
         return rollout_ids(self, cond, mask, guidance_weight, temperature, top_k, greedy, seeds,
-                           progress=progress, decode=decode)
+                           progress=progress, decode=decode, uncond=uncond)
 
     def decode(self, image_tokens, batch_size=16):
         return decode_tokens(self.model, image_tokens, batch_size=batch_size)

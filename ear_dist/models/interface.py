@@ -92,9 +92,11 @@ class ImageModel(ABC):
     def rollout_ids(self, cond: torch.Tensor, mask: torch.Tensor, guidance_weight: float = 5.0,
                     temperature: float = 1.0, top_k: int = 0, greedy: bool = False,
                     seeds: Optional[Sequence[int]] = None, progress: bool = False,
-                    decode: str = "eager") -> torch.Tensor:
+                    decode: str = "eager", uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                    ) -> torch.Tensor:
         """Image tokens [B, T] sampled with classifier-free guidance and a KV cache, one seed per row
-        (``decode``: rollout.decode, the decode loop where a family has several)."""
+        (``decode``: rollout.decode, the decode loop where a family has several; ``uncond``: the encoded negative
+        prompts of the unconditional rows, padded like ``cond``; None: the family's unconditional form)."""
 
     @abstractmethod
     def decode(self, image_tokens: torch.Tensor, batch_size: int = 16) -> np.ndarray:
@@ -107,8 +109,11 @@ class ImageModel(ABC):
     # ------------------------------------------------------------------ built on the above
     def sample(self, prompts: Sequence[str], guidance_weight: float = 5.0, temperature: float = 1.0,
                top_k: int = 0, greedy: bool = False, seeds: Optional[Sequence[int]] = None,
-               batch_size: int = 0, progress: bool = False, decode: str = "eager") -> torch.Tensor:
-        """Image tokens [N, T] for prompts, in batches of ``batch_size`` (0 = all at once)."""
+               batch_size: int = 0, progress: bool = False, decode: str = "eager",
+               negative_prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Image tokens [N, T] for prompts, in batches of ``batch_size`` (0 = all at once); ``negative_prompts`` (one
+        per prompt): the classifier-free-guidance unconditional branch's prompts instead of the family's own."""
         return in_batches(self, prompts, seeds, batch_size, progress,
-                          lambda ids, mask, chunk_seeds: self.rollout_ids(
-                              ids, mask, guidance_weight, temperature, top_k, greedy, chunk_seeds, progress, decode))
+                          lambda ids, mask, chunk_seeds, uncond=None: self.rollout_ids(
+                              ids, mask, guidance_weight, temperature, top_k, greedy, chunk_seeds, progress, decode,
+                              **({"uncond": uncond} if uncond is not None else {})), negative_prompts)

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ear_dist.errors import InputError
+from ear_dist.models.compose import ComposeSpec, apply_composition, compose_deltas
 from ear_dist.models.delta import apply_deltas, compare_changes, delta_metadata
 from ear_dist.models.fingerprint import model_fingerprint
 from ear_dist.models.janus import JanusBundle, load_janus, save_janus
@@ -82,11 +83,12 @@ def check_conflicts(bundle: JanusBundle, deltas: Sequence[str], policy: str) -> 
 
 def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[float]] = None, dtype: str = "auto",
           check_base: bool = True, conflicts: str = "warn", eval_report: Optional[str] = None,
-          base_model_id: str = "", overwrite: bool = False) -> dict:
+          base_model_id: str = "", overwrite: bool = False, compose: Optional[ComposeSpec] = None) -> dict:
     """Apply ``deltas`` to ``base`` and write the full model, its non-weight files and a model card to ``out``.
 
     ``out`` follows the output-path rule (``ear_dist.paths``): an existing directory that ``merge`` did not
-    write is replaced only with ``overwrite``, and never when it is (or holds) the base or a delta."""
+    write is replaced only with ``overwrite``, and never when it is (or holds) the base or a delta.
+    ``compose``: how the deltas combine (``ear_dist.models.compose``; None or ``sum``: summed)."""
     out = merge_output(out, base, deltas, overwrite, eval_report)
     resolved = checkpoint_dtype(base) if dtype == "auto" else dtype
     if resolved not in DTYPES:
@@ -95,7 +97,15 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
     bundle = load_janus(base, device="cpu", dtype=DTYPES[resolved])
     fingerprint = model_fingerprint(bundle.model)
     warnings = check_conflicts(bundle, deltas, conflicts)
-    applied = apply_deltas(bundle.model, deltas, weights, check_base=check_base)
+    method = compose.method if compose is not None else "sum"
+    if method == "sum":
+        applied = apply_deltas(bundle.model, deltas, weights, check_base=check_base)
+    else:
+        composition = compose_deltas(bundle, deltas, compose.concept_prompts, compose.kept_prompts, method,
+                                     compose.energy, weights, check_base, compose.guidance_weight,
+                                     density=compose.density, other_concepts=compose.other_concepts,
+                                     subspace=compose.subspace)
+        applied = apply_composition(bundle.model, composition)
 
     tmp = temp_sibling(out)
     with removed_on_error(tmp):
@@ -110,10 +120,12 @@ def merge(base: str, deltas: Sequence[str], out, weights: Optional[Sequence[floa
             save_janus(bundle, tmp)
         metas = [delta_metadata(d) for d in deltas]
         card = model_card(base, base_model_id, fingerprint, deltas, list(weights or [1.0] * len(deltas)), metas,
-                          resolved, report_data, has_processor=any((tmp / f).is_file() for f in PROCESSOR_FILES))
+                          resolved, report_data, has_processor=any((tmp / f).is_file() for f in PROCESSOR_FILES),
+                          compose=method)
         card.save(str(tmp / "README.md"))
     finish_dir(tmp, out, "merge")
-    return {**applied, "dtype": resolved, "warnings": warnings, "out": str(out), "copied": len(copied)}
+    return {**applied, "method": method, "dtype": resolved, "warnings": warnings, "out": str(out),
+            "copied": len(copied)}
 
 
 def merge_output(out, base: str, deltas: Sequence[str], overwrite: bool, eval_report: Optional[str] = None) -> Path:
@@ -196,7 +208,8 @@ def use_section(has_processor: bool) -> str:
 
 
 def model_card(base: str, base_model_id: str, fingerprint: str, deltas: Sequence[str], weights: Sequence[float],
-               metas: Sequence[dict], dtype: str, eval_report: Optional[dict], has_processor: bool = True):
+               metas: Sequence[dict], dtype: str, eval_report: Optional[dict], has_processor: bool = True,
+               compose: str = "sum"):
     """A Hugging Face ``ModelCard`` for a merged model: base, concepts, method, settings, configs, eval results."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -214,7 +227,7 @@ def model_card(base: str, base_model_id: str, fingerprint: str, deltas: Sequence
                  f"in {dtype}; every other file is the base model's."),
         base_section=_base_section(base, base_model_id, fingerprint, metas),
         method_section=_method_section(metas),
-        deltas_section=_deltas_section(deltas, weights, metas),
+        deltas_section=_deltas_section(deltas, weights, metas, compose),
         eval_section=_eval_section(eval_report),
         config_section=_config_section(deltas, metas),
         use_section=use_section(has_processor),
@@ -257,11 +270,22 @@ def _method_section(metas: Sequence[dict]) -> str:
             "skipped.\n\n" + "\n".join(rows))
 
 
-def _deltas_section(deltas: Sequence[str], weights: Sequence[float], metas: Sequence[dict]) -> str:
+COMPOSED_AS = {
+    "sum": "Merged as `base + sum_i w_i (delta_i - base)`.",
+    "project": ("Composed by `project`: each delta's change to a linear weight projected off the principal input "
+                "subspace of the other deltas' concept prompts and the kept prompts, then summed "
+                "(`base + sum_i w_i (delta_i - base) (I - P_i)`; other tensors summed)."),
+    "ties": ("Composed by `ties`: per entry of each linear weight, the deltas' changes trimmed to their largest "
+             "magnitudes, the sign elected, the agreeing ones averaged (other tensors summed)."),
+}
+
+
+def _deltas_section(deltas: Sequence[str], weights: Sequence[float], metas: Sequence[dict],
+                    compose: str = "sum") -> str:
     rows = ["| delta | weight | concepts | tensors trained |", "| --- | --- | --- | --- |"]
     for d, w, meta in zip(deltas, weights, metas):
         rows.append(f"| `{Path(d).name}` | {w:g} | {', '.join(meta['concepts'])} | {meta['tensors']} |")
-    return ("Merged as `base + sum_i w_i (delta_i - base)`.\n\n" + "\n".join(rows))
+    return (COMPOSED_AS[compose] + "\n\n" + "\n".join(rows))
 
 
 def _eval_section(report: Optional[dict]) -> str:

@@ -143,17 +143,23 @@ def input_second_moments(model: torch.nn.Module, weight_names: list[str], run) -
     return moments
 
 
-def null_space_projector(moment: torch.Tensor, energy: float) -> tuple[torch.Tensor, int]:
-    """``P = I - U U^T``, U the top eigenvectors of the second moment holding ``energy`` of its trace.
-
-    Returns (P in float32, the rank of the preserved span).
-    """
+def principal_basis(moment: torch.Tensor, energy: float) -> tuple[torch.Tensor, int]:
+    """(U [in, k] in the moment's dtype, the rank counted): the top eigenvectors of a second moment holding
+    ``energy`` of its trace."""
     values, vectors = torch.linalg.eigh(moment)  # ascending
     values = values.clamp(min=0).flip(0)
     vectors = vectors.flip(1)
     share = values.cumsum(0) / values.sum().clamp(min=1e-300)
     rank = int((share < energy).sum()) + 1
-    u = vectors[:, :rank]
+    return vectors[:, :rank], rank
+
+
+def null_space_projector(moment: torch.Tensor, energy: float) -> tuple[torch.Tensor, int]:
+    """``P = I - U U^T``, U the top eigenvectors of the second moment holding ``energy`` of its trace.
+
+    Returns (P in float32, the rank of the preserved span).
+    """
+    u, rank = principal_basis(moment, energy)
     p = torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device) - u @ u.T
     return p.float(), rank
 

@@ -71,6 +71,25 @@ def student_logits(model, bundle: ImageModel, prompts: Sequence[str], tokens: to
     return logits[:b], logits[b:]
 
 
+@torch.no_grad()
+def anchor_rollouts(bundle: ImageModel, prompts: Sequence[str], guidance_weight: float, seed: int,
+                    batch_size: int = 16) -> torch.Tensor:
+    """The model's own CFG samples [M, T] of ``prompts``, one seed per prompt (``seed`` names the set)."""
+    bundle = as_image_model(bundle)
+    return bundle.sample(list(prompts), guidance_weight=guidance_weight,
+                         seeds=[seed * 1_000_003 + i for i in range(len(prompts))], batch_size=batch_size)
+
+
+def teacher_forced_feed(bundle: ImageModel, prompts: Sequence[str], tokens: torch.Tensor, batch_size: int = 16):
+    """A ``run()`` for ``adapters.input_second_moments``: the prompts teacher-forced on ``tokens``, at prompt and
+    image positions, with their unconditional prompts (every input a trained layer sees while sampling)."""
+    def feed() -> None:
+        for s in range(0, len(prompts), batch_size):
+            student_logits(bundle.model, bundle, prompts[s: s + batch_size], tokens[s: s + batch_size])
+
+    return feed
+
+
 @dataclass
 class AnchorSet:
     """Prompts with the frozen teacher's rollouts and its next-token log-probabilities on them, per branch."""
@@ -90,8 +109,7 @@ class AnchorSet:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("preserve: no anchor prompts")
-        tokens = bundle.sample(prompts, guidance_weight=guidance_weight,
-                               seeds=[seed * 1_000_003 + i for i in range(len(prompts))], batch_size=batch_size)
+        tokens = anchor_rollouts(bundle, prompts, guidance_weight, seed, batch_size)
         store = torch.device("cpu") if tokens.device.type == "cuda" else tokens.device
         parts: dict[str, list] = {b: [] for b in branches}
         for s in range(0, len(prompts), batch_size):
@@ -235,11 +253,7 @@ def build_preserving_parts(cfg, rt, bundle: ImageModel, trainable: list[str], pa
         anchors = AnchorSet.snapshot(bundle, given + surrogates, guidance, p.seed, p.branches)
     projectors, ranks = {}, None
     if p.nullspace:
-        def feed(batch_size: int = 16) -> None:  # anchors at prompt and image positions, and their uncond prompt
-            for s in range(0, len(anchors), batch_size):
-                student_logits(bundle.model, bundle, anchors.prompts[s: s + batch_size],
-                               anchors.tokens[s: s + batch_size])
-
+        feed = teacher_forced_feed(bundle, anchors.prompts, anchors.tokens)
         projectors, ranks = nullspace_projectors(bundle.model, trainable, feed, p.nullspace_energy)
     edits = EditSpec(cfg.trainable.adapter, cfg.trainable.lora_rank, cfg.trainable.lora_alpha, projectors)
     preservation = None

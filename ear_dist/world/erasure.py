@@ -90,25 +90,48 @@ def _unknown_concept(world: World, concept: str) -> ValueError:
     return ValueError(f"concept {concept!r}: the world's concepts are {', '.join(world.vocab.concepts)}")
 
 
-def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM) -> list[PromptPair]:
+def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM, avoid: Sequence[str] = ()
+               ) -> list[PromptPair]:
     """ECG from templates: training-template prompts with the concept and their surrogates.
 
     An object concept is replaced by another object (church -> barn, castle, ...); a
     style concept is removed (the same sentence without "in the style of ..."). Targets use
     the concept's train words only (the planted world: the canonical word; a generated world:
     the canonical word and one synonym), never a validation or held-out word.
+
+    ``avoid``: the other concepts a many-concept job erases. Neither side of a pair then shows
+    one of them: a surrogate object is drawn from the objects not avoided, a sentence's style
+    (an object's pair) or object (a style's pair) from those not avoided, so no pair teaches the
+    student to draw what another pair of the same job removes (church -> barn while barn is
+    erased too). Empty: the single-concept pairs, as before.
     """
     from ear_dist.world.concepts import concept_words
 
     rng = np.random.default_rng([world.seed, stream])
     vocab = world.vocab
     words = concept_words(world, concept, "train") if concept in vocab.concepts else ()
+    avoid = [a for a in avoid if a != concept]
+    unknown = [a for a in avoid if a not in vocab.concepts]
+    if unknown:
+        raise _unknown_concept(world, unknown[0])
+    kept_objects = [o for o in vocab.objects if o not in avoid]
+    restrict: dict = {}
     if concept in vocab.objects:
-        batch = world.sample(n, split="train", stream=stream, objects=[concept], object_words=list(words))
-        others = [o for o in vocab.objects if o != concept]
+        if avoid:  # a kept style or none; the plain draw otherwise (the single-concept pairs, unchanged)
+            restrict["styles"] = [None, *(s for s in vocab.styles if s not in avoid)]
+        batch = world.sample(n, split="train", stream=stream, objects=[concept], object_words=list(words), **restrict)
+        others = [o for o in kept_objects if o != concept]
+        if not others:
+            raise InputError(f"concept {concept!r}: no object is left to be its surrogate when "
+                             f"{', '.join(avoid)} are erased too")
         pairs = [(r, r.replace(vocab, object=others[int(rng.integers(len(others)))])) for r in batch.records]
     elif concept in vocab.styles:
-        batch = world.sample(n, split="train", stream=stream, styles=[concept])
+        if avoid:
+            if not kept_objects:
+                raise InputError(f"concept {concept!r}: every object is erased too, so no sentence is left to "
+                                 "carry the style")
+            restrict["objects"] = kept_objects
+        batch = world.sample(n, split="train", stream=stream, styles=[concept], **restrict)
         pairs = [(r, r.replace(vocab, style=None)) for r in batch.records]
     else:
         raise _unknown_concept(world, concept)
@@ -419,12 +442,19 @@ def run_world_erasure(model_path: str, world: World, out_dir: Path, concept: str
 
 
 def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts: Sequence[str], n_pairs: int = 32,
-                          n_eval: int = 48, overrides: Sequence[str] = (), progress: bool = False, log=print) -> dict:
-    """Several concepts erased two ways, each concept evaluated on both models.
+                          n_eval: int = 48, overrides: Sequence[str] = (), progress: bool = False, log=print,
+                          compose: Sequence[str] = ("sum",), joint: bool = True, energy: float = 0.999,
+                          kept_anchors: int = PRESERVE_ANCHORS) -> dict:
+    """Several concepts erased two ways, each concept evaluated on both models (its preservation ratio over the
+    concepts none of ``concepts`` is).
 
-    composed: one run per concept (as a Slurm job array would), deltas summed onto the base
-    in memory by ``ear-dist eval``; joint: one run on all concepts' pairs (each pair carries its
-    concept), with as many steps as the per-concept runs together.
+    composed: one run per concept (as a Slurm job array would), deltas composed onto the base
+    in memory by ``ear-dist eval``, one column per method of ``compose`` ("composed" sums them,
+    "composed-project" and "composed-ties" are ``ear_dist.models.compose``'s, "project:0.9" with energy 0.9,
+    "ties:0.5" with density 0.5; project reads each
+    concept's training targets and ``kept_anchors`` training prompts of the other concepts); joint:
+    one run on all concepts' pairs (each pair carries its concept), with as many steps as the
+    per-concept runs together (``joint=False``: not trained).
     """
     from ear_dist.config import load_config
     from ear_dist.train.trainer import run_erase
@@ -451,19 +481,36 @@ def run_joint_vs_composed(model_path: str, world: World, out_dir: Path, concepts
     for c in concepts:
         cfg = cfg_for(c.replace(" ", "-"), [c])
         deltas.append(run_erase(cfg, [PromptPair(**asdict(p)) for p in pairs[c]], progress=progress)["delta"])
-    joint_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
-    joint = run_erase(cfg_for("joint", list(concepts), len(concepts)), joint_pairs, progress=progress)["delta"]
-
-    # ear-dist eval's world suite, "before" included; the composed column sums the deltas in memory
+    # ear-dist eval's world suite, "before" included; the composed columns compose the deltas in memory
     from ear_dist.eval.generate import Column
+    from ear_dist.models.compose import ComposeSpec
 
-    columns = [Column("composed", tuple(deltas)), Column("joint", (joint,))]
+    guidance = load_config(overrides=list(overrides)).rollout.guidance_weight
+    kept = tuple(anchor_prompts(world, concepts, kept_anchors)) if kept_anchors else ()
+    columns = []
+    for item in compose:  # "project", "project:0.9" (its energy), "project-kept" (off the kept prompts only),
+        # "project-pooled" (the pooled subspace), "ties:0.5" (its density)
+        method, _, share = item.partition(":")
+        projects = method.startswith("project")
+        spec = None if method == "sum" else ComposeSpec(
+            "project" if projects else method, tuple(tuple(dict.fromkeys(p.target for p in pairs[c])) for c in concepts),
+            kept, float(share) if share and projects else energy, guidance,
+            float(share) if share and method == "ties" else ComposeSpec.density, other_concepts="kept" not in method,
+            subspace="pooled" if "pooled" in method else "union")
+        columns.append(Column("composed" if item == "sum" else f"composed-{item.replace(':', '-')}", tuple(deltas),
+                              spec))
+    if joint:
+        joint_pairs = [PromptPair(**asdict(p)) for c in concepts for p in pairs[c]]
+        delta = run_erase(cfg_for("joint", list(concepts), len(concepts)), joint_pairs, progress=progress)["delta"]
+        columns.append(Column("joint", (delta,)))
     evaluations, _ = evaluate_world(model_path, world, concepts, columns, out_dir / "eval", n_eval, overrides, log=log)
     table: dict = {}
     for name, by_concept in evaluations.items():
         table[name] = {}
         for c, ev in by_concept.items():
-            kept = ev.preservation_vs(evaluations["before"][c])
+            # the other erased concepts are meant to go: preservation is over the concepts no run erased
+            others = {k: v for k, v in ev.preservation.items() if k not in concepts}
+            kept = figures.preservation(evaluations["before"][c].preservation, others)
             table[name][c] = {"erasure_rate": ev.erasure_rate, "preservation_ratio": kept.mean,
                               "worst_concept": kept.worst_concept, "worst_ratio": kept.worst,
                               "excluded": list(kept.excluded), "preservation_hit_rate": ev.preservation_hit_rate}

@@ -188,12 +188,11 @@ class LeanDecoder:
     # ----------------------------------------------------------------- a batch
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds: torch.Tensor,
-            progress: bool = False) -> torch.Tensor:
-        """Image tokens [B, T] for left-padded prompts ending in begin-of-image (the decoder's shape)."""
+            progress: bool = False, uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Image tokens [B, T] for left-padded prompts ending in begin-of-image (the decoder's shape); ``uncond``:
+        the (ids, mask) of the unconditional rows (negative prompts, same shape), else the pad prompt."""
         model, k = self.bundle.model, self.key
-        rows = torch.cat([input_ids, unconditional_ids(input_ids, self.bundle.prompt_format)]) \
-            if self.guided else input_ids
-        mask = attention_mask.repeat(2, 1) if self.guided else attention_mask
+        rows, mask = guided_rows(self.bundle, input_ids, attention_mask, self.guided, uncond)
         self.cache.reset()
         positions = position_ids_from_mask(mask)
         out = model.model.language_model(inputs_embeds=model.get_input_embeddings()(rows), attention_mask=mask,
@@ -236,7 +235,8 @@ def release_decoders(model: torch.nn.Module) -> bool:
 
 def lean_rollout_ids(bundle: JanusBundle, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str,
                      guidance_weight: float, temperature: float, top_k: int, greedy: bool,
-                     seeds: Optional[Sequence[int]], num_tokens: int, progress: bool = False) -> torch.Tensor:
+                     seeds: Optional[Sequence[int]], num_tokens: int, progress: bool = False,
+                     uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``rollout_ids`` through the lean decoder (``mode``: compiled, cuda_graph or uncaptured)."""
     batch, prompt_len = input_ids.shape
     key = DecoderKey(mode, batch, prompt_len, num_tokens, float(guidance_weight), float(temperature), int(top_k),
@@ -246,4 +246,18 @@ def lean_rollout_ids(bundle: JanusBundle, input_ids: torch.Tensor, attention_mas
     else:
         seed_tensor = torch.tensor([int(s) & _MASK32 for s in seeds], dtype=torch.long)
     decoder = lean_decoder(bundle, key)
-    return decoder.run(input_ids, attention_mask, seed_tensor.to(bundle.device), progress=progress)
+    return decoder.run(input_ids, attention_mask, seed_tensor.to(bundle.device), progress=progress, uncond=uncond)
+
+
+def guided_rows(bundle: JanusBundle, input_ids: torch.Tensor, attention_mask: torch.Tensor, guided: bool,
+                uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout's prompt rows and mask: the conditional rows, then (under CFG) the unconditional ones, the
+    pad prompt as Janus makes it or ``uncond``'s (ids, mask) of negative prompts (padded to the prompts' length)."""
+    if not guided:
+        return input_ids, attention_mask
+    if uncond is None:
+        return torch.cat([input_ids, unconditional_ids(input_ids, bundle.prompt_format)]), attention_mask.repeat(2, 1)
+    ids, mask = uncond
+    if ids.shape != input_ids.shape:
+        raise ValueError(f"negative prompts of shape {tuple(ids.shape)} for prompts of {tuple(input_ids.shape)}")
+    return torch.cat([input_ids, ids]), torch.cat([attention_mask, mask])

@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import StaticCache
 
-from ear_dist.models.janus.bundle import JanusBundle, position_ids_from_mask, unconditional_ids
-from ear_dist.models.janus.decode import lean_rollout_ids, resolve_decode, tempered_logits
+from ear_dist.models.janus.bundle import JanusBundle, position_ids_from_mask
+from ear_dist.models.janus.decode import guided_rows, lean_rollout_ids, resolve_decode, tempered_logits
 from ear_dist.models.sampling import in_batches
 
 
@@ -51,8 +51,10 @@ def rollout_ids(
     num_image_tokens: Optional[int] = None,
     progress: bool = False,
     decode: str = "eager",
+    uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Sample image tokens [B, T] for already-encoded prompts (left-padded, ending in BOI)."""
+    """Sample image tokens [B, T] for already-encoded prompts (left-padded, ending in BOI); ``uncond``: the encoded
+    negative prompts (ids, mask) of the CFG unconditional rows, padded like the prompts; None: the pad prompt."""
     model = bundle.model
     lm = model.model.language_model
     head = model.model.generation_head
@@ -65,13 +67,12 @@ def rollout_ids(
     mode = resolve_decode(decode, device)
     if mode != "eager":
         return lean_rollout_ids(bundle, input_ids, attention_mask, mode, guidance_weight, temperature, top_k, greedy,
-                                seeds, num_tokens, progress)
+                                seeds, num_tokens, progress, uncond)
     generators = None
     if seeds is not None and not greedy:
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
-    rows = torch.cat([input_ids, unconditional_ids(input_ids, bundle.prompt_format)]) if guided else input_ids
-    mask = attention_mask.repeat(2, 1) if guided else attention_mask
+    rows, mask = guided_rows(bundle, input_ids, attention_mask, guided, uncond)
     num_rows = rows.shape[0]
     cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=prompt_len + num_tokens)
 
@@ -117,9 +118,11 @@ def rollout(
     batch_size: int = 0,
     progress: bool = False,
     decode: str = "eager",
+    negative_prompts: Optional[Sequence[str]] = None,
 ) -> torch.Tensor:
-    """Image tokens [N, T] for a list of prompts, in batches of ``batch_size`` (0 = all at once)."""
+    """Image tokens [N, T] for a list of prompts, in batches of ``batch_size`` (0 = all at once); ``negative_prompts``
+    (one per prompt): the CFG unconditional branch's prompts instead of the pad prompt."""
     return in_batches(bundle, prompts, seeds, batch_size, progress,
-                      lambda ids, mask, chunk_seeds: rollout_ids(bundle, ids, mask, guidance_weight, temperature,
-                                                                 top_k, greedy, chunk_seeds, progress=progress,
-                                                                  decode=decode))
+                      lambda ids, mask, chunk_seeds, uncond=None: rollout_ids(
+                          bundle, ids, mask, guidance_weight, temperature, top_k, greedy, chunk_seeds,
+                          progress=progress, decode=decode, uncond=uncond), negative_prompts)

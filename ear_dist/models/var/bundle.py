@@ -129,9 +129,15 @@ class VarBundle(ImageModel):
         return model(cond, mask, inputs, return_logits=return_logits)
 
     def rollout_ids(self, cond, mask, guidance_weight=5.0, temperature=1.0, top_k=0, greedy=False, seeds=None,
-                    progress=False, decode="eager"):
+                    progress=False, decode="eager", uncond=None):
         """Scale-by-scale CFG sampling of the bits (``top_k`` has no effect: a bit has two values; one decode
-        loop whatever ``decode`` says: a scale is one forward, so there is no per-token overhead to remove)."""
+        loop whatever ``decode`` says: a scale is one forward, so there is no per-token overhead to remove).
+        Negative prompts (``uncond``) are not implemented: the family's unconditional rows are learned states."""
+        if uncond is not None:
+            from ear_dist.errors import InputError
+
+            raise InputError("negative prompts: the VAR family's unconditional branch is its learned cfg_uncond "
+                             "states; negative prompts are implemented for the janus family only")
         return sample(self.model, cond, mask, self.unconditional(cond), guidance_weight, temperature, greedy, seeds,
                       progress)
 
