@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ear_dist.config import add_config_args
 
 
@@ -25,7 +27,9 @@ def register(sub) -> None:
 
 
 def run_erase_many(args) -> int:
-    from ear_dist.many.job import ManyConceptJob, check_job, job_config, prepare_out_dir
+    from ear_dist.many.job import ManyConceptJob, Stopped, check_job, job_config, prepare_out_dir
+    from ear_dist.slurm.preempt import PreemptionHandler
+    from ear_dist.train.commands import STOP_SIGNALS
     from ear_dist.many.spec import check_entry_for_route, load_spec
 
     spec = load_spec(args.concepts)
@@ -39,6 +43,13 @@ def run_erase_many(args) -> int:
     out = prepare_out_dir(args.out, spec, cfg, args.overwrite)
     print(f"erase-many: {len(spec.concepts)} concepts ({', '.join(spec.names)}), route {spec.route}, "
           f"{'world' if target.is_world else 'model'} {target.model_path}, out {out}", flush=True)
-    job = ManyConceptJob(spec, cfg, target, out, log=lambda line: print(line, flush=True), progress=args.progress)
-    job.run(args.array_task)
+    with PreemptionHandler(STOP_SIGNALS, abort_on_repeat=True) as handler:
+        job = ManyConceptJob(spec, cfg, target, out, log=lambda line: print(line, flush=True),
+                             progress=args.progress, should_stop=lambda: handler.requested)
+        try:
+            job.run(args.array_task)
+        except Stopped as e:
+            print(f"ear-dist: stopped by {handler.signal_name}: {e}; run the same command to resume",
+                  file=sys.stderr, flush=True)
+            return handler.exit_code
     return 0

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 from ear_dist.config import Config, load_config
 from ear_dist.data.pairs import PromptPair
-from ear_dist.errors import InputError, RunFailure
+from ear_dist.errors import RunFailure
 from ear_dist.many.spec import ConceptEntry, ConceptsFileError, ManySpec
 from ear_dist.storage import write_text_atomic
 
@@ -37,6 +37,10 @@ STAGES = ("pairs", "filter", "train", "merge", "eval")
 WORLD_RECIPE = "world-ear"  # a world model's erasure settings under the user's recipes, as the demo uses
 WORLD_ANCHORS = 64  # anchor prompts of the kept concepts when the method wants anchors and none are given
 WORLD_ANCHOR_STREAM = 43_000
+
+
+class Stopped(Exception):
+    """Training was asked to stop (preemption, Ctrl-C) and checkpointed; the same command resumes it."""
 
 
 # --------------------------------------------------------------------------- the model the job runs on
@@ -210,10 +214,10 @@ class ManyConceptJob:
     """One many-concept job in one directory; ``run`` does every stage not yet complete."""
 
     def __init__(self, spec: ManySpec, cfg: Config, target: Target, out: Path, log: Callable[[str], None] = print,
-                 progress: bool = False):
+                 progress: bool = False, should_stop: Optional[Callable[[], bool]] = None):
         self.spec, self.cfg, self.target = spec, cfg, target
         self.layout = Layout(out)
-        self.log, self.progress = log, progress
+        self.log, self.progress, self.should_stop = log, progress, should_stop
         self.records: list[StageRecord] = []
         self._base = None
 
@@ -370,10 +374,9 @@ class ManyConceptJob:
         steps = self.spec.steps or per_concept * len(erased)
         cfg = self.run_config(name, erased, steps)
         pairs = [p for e in erased for p in _read_pairs(self.layout.pairs("filter", e))]
-        summary = run_erase(cfg, pairs, progress=self.progress)
-        if summary.get("stopped") or not summary.get("delta"):
-            raise RunFailure(f"training {name} stopped at step {summary.get('step')}; run the command again to "
-                             "resume it")
+        summary = run_erase(cfg, pairs, progress=self.progress, should_stop=self.should_stop)
+        if summary.get("stopped"):
+            raise Stopped(f"training {name} stopped after step {summary['step']}, checkpoint {summary['checkpoint']}")
         keep = ("delta", "optimizer_steps", "windows_kept", "windows_total", "seconds", "step")
         return {**{k: summary[k] for k in keep if k in summary}, "steps": steps, "pairs": len(pairs),
                 "anchors": len(cfg.preserve.prompts), "concepts": [e.name for e in erased],
@@ -473,17 +476,24 @@ class ManyConceptJob:
 def prepare_out_dir(out, spec: ManySpec, cfg: Config, overwrite: bool) -> Path:
     """The job's directory by the output-path rule (``ear_dist.paths``): a directory this job wrote (same
     concepts file contents, same settings) is resumed; another is refused, or with ``--overwrite`` cleared."""
-    from ear_dist.paths import output_dir, read_marker, write_marker
+    from ear_dist.paths import MARKER, check_not_an_input, directory_path, output_dir, read_marker, write_marker
 
     settings = cfg.to_dict()
     identity = {"concepts": spec.digest(), "route": spec.route, "settings": _digest(settings)}
     protect = [("model", cfg.model.path), *[("pairs file", e.pairs) for e in spec.concepts if e.pairs],
                ("concepts file", spec.path)]
-    root = output_dir(out, COMMAND, overwrite=overwrite, protect=protect, identity=identity)
+    root = directory_path(out, "--out")
+    # the concepts file `ear-dist submit` copies into <out>/slurm is the job's own, not an input to protect
+    protect = [(label, p) for label, p in protect if not (label == "concepts file" and Path(p).parent == root / "slurm")]
+    if root.is_dir() and {p.name for p in root.iterdir()} <= {"slurm", MARKER}:
+        check_not_an_input(root, protect, "--out")  # only what `ear-dist submit` wrote there: the job's to use
+    else:
+        root = output_dir(out, COMMAND, overwrite=overwrite, protect=protect, identity=identity)
     marker = read_marker(root)
     if overwrite and root.is_dir() and (marker is None or marker.get("identity") != identity):
         for child in root.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if child.name != "slurm":  # the scripts `ear-dist submit` wrote for this job
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     root.mkdir(parents=True, exist_ok=True)
     write_marker(root, COMMAND, identity)
     write_text_atomic(root / "concepts.json", json.dumps({**spec.to_dict(), "settings": settings}, indent=2))
@@ -500,4 +510,3 @@ def records_json(records: list[StageRecord]) -> list[dict]:
     return [asdict(r) for r in records]
 
 
-__all__ = ["ManyConceptJob", "Target", "job_config", "check_job", "prepare_out_dir", "InputError"]

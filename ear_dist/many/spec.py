@@ -77,6 +77,16 @@ class ManySpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def file_dict(self) -> dict:
+        """The spec in the concepts file's own form (paths absolute, empty fields left out)."""
+        top = {"route": self.route, "pairs_per_concept": self.pairs_per_concept, "compose": self.compose}
+        if self.steps:
+            top["steps"] = self.steps
+        if self.keep:
+            top["keep"] = list(self.keep)
+        top["concepts"] = [{k: v for k, v in asdict(c).items() if v} for c in self.concepts]
+        return top
+
     def digest(self) -> str:
         """A hash of what the file asks for (not where it lies): the identity of the output directory."""
         body = {k: v for k, v in self.to_dict().items() if k not in ("path", "route")}
