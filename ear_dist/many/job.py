@@ -277,6 +277,9 @@ class ManyConceptJob:
             source = "ECG templates"
         if not pairs:
             raise RunFailure(f"concept {entry.name!r}: no pairs from {source}")
+        for p in pairs:  # each pair carries the concept it erases, by the file's name where the target says it
+            if entry.name in p.target.lower():
+                p.concept = entry.name
         _write_pairs(self.layout.pairs("pairs", entry), pairs)
         return {"pairs": len(pairs), "source": source, "line": f"{len(pairs)} pairs ({source})"}
 
@@ -290,7 +293,6 @@ class ManyConceptJob:
             share = n // len(words) + (1 if i < n % len(words) else 0)
             for p in template_pairs(word, e.templates, entry.surrogates or e.surrogates, e.slots, share, e.seed + i,
                                     entry.category or e.category):
-                p.concept = entry.name if entry.name in p.target.lower() else word
                 pairs.append(p)
         return pairs
 
