@@ -166,6 +166,33 @@ def test_the_joint_route_renders_one_job(tmp_path, tiny_checkpoint, capsys):
     assert "route joint" in finish and "#SBATCH --array" not in finish
 
 
+@pytest.mark.slow
+def test_array_route_on_a_real_model_trains_each_pairs_file_and_merges(tmp_path, tiny_checkpoint, capsys):
+    """A real model: pairs from each concept's file (no world, no filter), one run per concept, the merge; with no
+    eval suite the report says so instead of inventing figures."""
+    from transformers import JanusForConditionalGeneration
+
+    _pairs(tmp_path)
+    _write(tmp_path / "van_gogh.csv", "unsafe_prompt,safe_prompt\na Van Gogh painting of a field,a painting of a "
+                                      "field\na Van Gogh style cafe,a cafe\n")
+    concepts = _write(tmp_path / "c.yaml", "route: array\nconcepts:\n  - name: church\n    pairs: church_pairs.json\n"
+                                           "  - name: Van Gogh\n    pairs: van_gogh.csv\n")
+    out = tmp_path / "job"
+    sets = [f"model.path={tiny_checkpoint}", "train.steps=2", "erase.window_len=4", "erase.loss_threshold=0",
+            "trainable.first_k_layers=2"]
+    assert main(["erase-many", "--concepts", str(concepts), "--out", str(out), *[a for s in sets
+                                                                               for a in ("--set", s)]]) == 0
+    printed = capsys.readouterr().out
+    assert "[pairs 2/2] van gogh: 2 pairs (file " in printed and "kept 2 of 2 (off)" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == {"church": 2, "van gogh": 2} and not report["world"]
+    assert "no eval suite" in report["eval_skipped"] and report["erasure"] == {}
+    assert "Eval: no eval suite" in (out / "report.md").read_text()
+    pairs = [json.loads(line) for line in (out / "filter" / "van-gogh.jsonl").read_text().splitlines()]
+    assert {p["concept"] for p in pairs} == {"van gogh"}  # each pair carries its concept
+    JanusForConditionalGeneration.from_pretrained(out / "merged")  # the merged model loads with plain transformers
+
+
 # --------------------------------------------------------------------------- the job on the world
 
 

@@ -416,7 +416,7 @@ class ManyConceptJob:
 
             files = [e.suite for e in self.spec.concepts if e.suite] + list(self.cfg.eval.suites)
             suites = load_suites(files, self.cfg) if files else []
-            by_concept = {s.concept: s.name for s in suites if s.concept in self.spec.names}
+            by_concept = {s.concept.lower(): s.name for s in suites if s.concept.lower() in self.spec.names}
             return suites, by_concept, {}
         from ear_dist.world.suite import world_suite
 
