@@ -354,3 +354,41 @@ def test_a_joint_multi_concept_run_on_two_ranks_gives_the_one_process_delta(tmp_
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert any("van gogh" in json.dumps(m) for m in metrics) and any("church" in json.dumps(m) for m in metrics)
+
+
+# --------------------------------------------------------------------------- on a real Slurm cluster
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_the_many_concept_job_runs_as_an_array_and_a_dependent_merge_eval_job(slurm_cluster, tmp_path,
+                                                                              tiny_checkpoint):
+    _pairs(tmp_path)
+    _write(tmp_path / "van_gogh.csv", "unsafe_prompt,safe_prompt\na Van Gogh painting of a field,a painting of a "
+                                      "field\na Van Gogh style cafe,a cafe\n")
+    concepts = _write(tmp_path / "c.yaml", "route: array\nconcepts:\n  - name: church\n    pairs: church_pairs.json\n"
+                                           "  - name: van gogh\n    pairs: van_gogh.csv\n")
+    job = _write(tmp_path / "job.yaml", json.dumps({
+        "model": {"path": str(tiny_checkpoint)}, "train": {"steps": 2, "out_dir": "runs", "tensorboard": False},
+        "erase": {"window_len": 4, "loss_threshold": 0}, "trainable": {"first_k_layers": 2},
+        "slurm": {"cpus_per_task": 1, "launcher": "srun", "job_name": "many"}}))
+    env = {**slurm_cluster.env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "ear_dist", "submit", "--template", "erase_many", "--concepts",
+                          str(concepts), "--config", str(job)], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    array_id, finish_id = res.stdout.split()
+    records = slurm_cluster.wait_job(array_id, timeout_s=240)
+    [final] = slurm_cluster.wait_job(finish_id, timeout_s=240)
+    slurm = tmp_path / "runs" / "slurm"
+    logs = {r["ArrayTaskId"]: (slurm / f"many-{array_id}_{r['ArrayTaskId']}.out").read_text() for r in records}
+    finish_log = (slurm / f"many-{finish_id}.out").read_text()
+    assert all(r["JobState"] == "COMPLETED" for r in records), logs
+    assert final["JobState"] == "COMPLETED", finish_log
+    assert all(final["StartTime"] >= r["EndTime"] for r in records)  # afterok: it waited for every task
+    assert "array task 0 (church) done" in logs["0"] and "array task 1 (van gogh) done" in logs["1"]
+    # the second job found every task's stages complete: it merged and reported, nothing else
+    assert finish_log.count("done before, skipped") == 6 and "[merge all]: 2 deltas composed" in finish_log
+    report = json.loads((tmp_path / "runs" / "report.json").read_text())
+    assert report["steps"] == {"church": 2, "van gogh": 2} and report["route"] == "array"
+    assert (tmp_path / "runs" / "merged" / "config.json").is_file()

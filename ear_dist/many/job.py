@@ -487,7 +487,7 @@ def prepare_out_dir(out, spec: ManySpec, cfg: Config, overwrite: bool) -> Path:
     root = directory_path(out, "--out")
     # the concepts file `ear-dist submit` copies into <out>/slurm is the job's own, not an input to protect
     protect = [(label, p) for label, p in protect if not (label == "concepts file" and Path(p).parent == root / "slurm")]
-    if root.is_dir() and {p.name for p in root.iterdir()} <= {"slurm", MARKER}:
+    if root.is_dir() and {p.name for p in root.iterdir()} <= {"slurm", MARKER, MARKER + ".tmp"}:
         check_not_an_input(root, protect, "--out")  # only what `ear-dist submit` wrote there: the job's to use
     else:
         root = output_dir(out, COMMAND, overwrite=overwrite, protect=protect, identity=identity)
@@ -497,9 +497,26 @@ def prepare_out_dir(out, spec: ManySpec, cfg: Config, overwrite: bool) -> Path:
             if child.name != "slurm":  # the scripts `ear-dist submit` wrote for this job
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     root.mkdir(parents=True, exist_ok=True)
-    write_marker(root, COMMAND, identity)
-    write_text_atomic(root / "concepts.json", json.dumps({**spec.to_dict(), "settings": settings}, indent=2))
+    # the array tasks of one Slurm job start together and write the same two files: the first write wins
+    _write_once(root / MARKER, lambda: write_marker(root, COMMAND, identity),
+                lambda: (read_marker(root) or {}).get("identity") == identity)
+    text = json.dumps({**spec.to_dict(), "settings": settings}, indent=2)
+    _write_once(root / "concepts.json", lambda: write_text_atomic(root / "concepts.json", text),
+                lambda: (root / "concepts.json").read_text() == text)
     return root
+
+
+def _write_once(path: Path, write: Callable[[], object], same: Callable[[], bool]) -> None:
+    """``write`` unless ``path`` already holds the same; a write that lost a race to an identical one is fine."""
+    from ear_dist.errors import StorageError
+
+    if path.is_file() and same():
+        return
+    try:
+        write()
+    except StorageError:
+        if not (path.is_file() and same()):
+            raise
 
 
 def _digest(data: dict) -> str:
