@@ -38,7 +38,7 @@ def run_erase_many(args) -> int:
     if args.array_task is not None:
         spec.route = "array"
         check_entry_for_route(spec, args.array_task)
-    cfg, target = job_config(args, spec)
+    cfg, target = job_config(args)
     check_job(spec, target, cfg)
     out = prepare_out_dir(args.out, spec, cfg, args.overwrite)
     print(f"erase-many: {len(spec.concepts)} concepts ({', '.join(spec.names)}), route {spec.route}, "

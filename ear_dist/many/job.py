@@ -72,26 +72,25 @@ def world_of(model_path: str, family: str):
     return world_for(from_dict(WorldConfig, info["config"]), family)
 
 
-def job_config(args, spec: ManySpec) -> tuple[Config, Target]:
+def job_config(args) -> tuple[Config, Target]:
     """The config every stage starts from and the model it runs on. On a world model the world's erasure
-    settings (recipe ``world-ear``) come first, under the user's recipes, config files and ``--set``."""
+    settings (recipe ``world-ear``, on the CPU) come first, under the user's recipes, config files and ``--set``."""
     from ear_dist.models.family import detect_family
 
-    cfg = load_config(files=args.config, overrides=args.overrides, recipes=args.recipe)
     overrides = list(args.overrides)
     if args.world:
         from ear_dist.world.pretrain import build_world_model
 
+        cfg = load_config(files=args.config, overrides=overrides, recipes=args.recipe)
         path, _ = build_world_model(cfg.world, progress=True, family=cfg.model.family)
         overrides.append(f"model.path={path}")
     probe = load_config(files=args.config, overrides=overrides, recipes=args.recipe)
     family = detect_family(probe.model.path) or probe.model.family
     world = world_of(probe.model.path, family)
-    recipes = ([WORLD_RECIPE] if world is not None else []) + list(args.recipe)
-    overrides.append(f"model.family={family}")
     if world is not None:
-        overrides.append("model.device=cpu")
-    cfg = load_config(files=args.config, overrides=overrides, recipes=recipes)
+        overrides.insert(0, "model.device=cpu")
+    recipes = ([WORLD_RECIPE] if world is not None else []) + list(args.recipe)
+    cfg = load_config(files=args.config, overrides=[*overrides, f"model.family={family}"], recipes=recipes)
     if world is not None:
         cfg.world = world.config
     return cfg, Target(cfg.model.path, family, world)

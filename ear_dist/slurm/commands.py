@@ -102,7 +102,8 @@ def _submit_many(args, cfg) -> int:
     from ear_dist.slurm.many_job import check_many_submission, render_many_job, submit_many
 
     args.world = False
-    cfg, _ = job_config(args, load_spec(args.concepts))  # what `ear-dist erase-many` runs: a world's settings too
+    load_spec(args.concepts)  # its errors before the config's
+    cfg, _ = job_config(args)  # what `ear-dist erase-many` runs: a world's settings too
     facts = check_many_submission(cfg)
     scripts = render_many_job(cfg, args.concepts)
     jobs = [j for j in (scripts.array, scripts.finish) if j is not None]
