@@ -126,7 +126,7 @@ def _render(tmp_path, tiny_checkpoint, route, capsys):
 
 def test_the_array_route_renders_an_array_and_a_merge_eval_job_after_it(tmp_path, tiny_checkpoint, capsys):
     from ear_dist.config import load_config
-    from ear_dist.slurm.many_job import ManyJobScripts, RenderedJob, submit_many
+    from ear_dist.many.slurm_job import ManyJobScripts, RenderedJob, submit_many
 
     slurm = _render(tmp_path, tiny_checkpoint, "array", capsys)
     array = (slurm / "ear-dist-erase_many_array.sbatch").read_text()

@@ -3,5 +3,5 @@
 ``spec`` reads and checks the concepts file; ``job`` runs the stages (pairs -> filter ->
 train -> merge -> eval), each resumable in the job's directory; ``report`` writes
 report.md and report.json. Slurm renders the same job as an array plus a merge/eval step
-(``ear_dist.slurm.many_job``).
+(``ear_dist.many.slurm_job``).
 """

@@ -96,10 +96,10 @@ def run_submit(args) -> int:
 
 
 def _submit_many(args, cfg) -> int:
-    """The many-concept job: a job array plus a dependent merge/eval job (``ear_dist.slurm.many_job``)."""
+    """The many-concept job: a job array plus a dependent merge/eval job (``ear_dist.many.slurm_job``)."""
     from ear_dist.many.job import job_config
     from ear_dist.many.spec import load_spec
-    from ear_dist.slurm.many_job import check_many_submission, render_many_job, submit_many
+    from ear_dist.many.slurm_job import check_many_submission, render_many_job, submit_many
 
     args.world = False
     load_spec(args.concepts)  # its errors before the config's

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from ear_dist.config import Config, from_dict
+from ear_dist.many.spec import load_spec
 from ear_dist.slurm.checks import check_inputs_exist, check_submission
 from ear_dist.slurm.render import (TEMPLATE_DIR, RenderedJob, job_config, render_text, resolve_paths,
                                    sbatch_directives)
@@ -52,7 +53,6 @@ def render_many_job(cfg: Config, concepts: str, cwd: Optional[Path] = None) -> M
     import hashlib
 
     from ear_dist.config import save_config
-    from ear_dist.many.spec import load_spec
 
     cwd = Path(cwd or os.getcwd()).resolve()
     spec = load_spec(concepts)
