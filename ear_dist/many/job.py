@@ -390,7 +390,7 @@ class ManyConceptJob:
         from ear_dist.models.family import load_model
 
         deltas = [_done(self.layout.summary("train", e.slug))["delta"] for e in self.spec.concepts]
-        options = {} if self.spec.compose == "sum" else {"compose": self.spec.compose}
+        options = {} if self.spec.compose == "sum" else {"compose": self.compose_option()}
         result = merging.merge(self.target.model_path, deltas, self.layout.merged, conflicts="warn", **options)
         for warning in result["warnings"]:
             self.log(f"warning: {warning}")
@@ -405,6 +405,19 @@ class ManyConceptJob:
         return {"merged": str(self.layout.merged), "delta": str(self.layout.composed_delta), "deltas": deltas,
                 "compose": self.spec.compose, "tensors": len(names), "warnings": result["warnings"],
                 "line": f"{len(deltas)} deltas composed ({self.spec.compose}) into {self.layout.merged}"}
+
+    def compose_option(self):
+        """The ``compose`` argument of ``merge`` for a method other than ``sum`` (``ear_dist.models.compose``):
+        the method, each concept's training prompts and the kept concepts' prompts."""
+        from ear_dist.models.compose import ComposeSpec
+
+        concept_prompts = tuple(tuple(p.target for p in _read_pairs(self.layout.pairs("filter", e)))
+                                for e in self.spec.concepts)
+        kept = [a for e in self.spec.concepts for a in e.anchors]
+        if not kept and self.target.is_world:
+            kept = self._world_anchors(self.spec.names)
+        return ComposeSpec(method=self.spec.compose, concept_prompts=concept_prompts, kept_prompts=tuple(kept),
+                           guidance_weight=self.cfg.rollout.guidance_weight)
 
     # ---- stage 5: eval
     def suites(self) -> tuple[list, dict[str, str], dict[str, str]]:

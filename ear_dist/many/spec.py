@@ -193,10 +193,13 @@ def load_spec(path) -> ManySpec:
 
 
 def compose_methods() -> tuple[str, ...]:
-    """How per-concept deltas may be composed: what ``ear_dist.models.merge`` offers (``sum`` at least)."""
-    from ear_dist.models import merge
-
-    return tuple(getattr(merge, "COMPOSE_METHODS", ("sum",)))
+    """How per-concept deltas may be composed: ``sum``, plus the methods of ``ear_dist.models.compose`` where
+    that module is installed (interference-removing composition)."""
+    try:
+        from ear_dist.models.compose import METHODS
+    except ImportError:
+        return ("sum",)
+    return tuple(dict.fromkeys(("sum", *METHODS)))
 
 
 def check_entry_for_route(spec: ManySpec, index: Optional[int]) -> None:
