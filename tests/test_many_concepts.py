@@ -50,7 +50,7 @@ BAD_FILES = {
     "duplicate": ("concepts:\n  - name: Van Gogh\n  - name: van  gogh\n",
                   r"concepts\[1\] \(van gogh\): field 'name': the same concept as concepts\[0\]"),
     "keep erased": ("concepts: [church]\nkeep: [barn, church]\n", r"field 'keep': church is erased too"),
-    "compose": ("route: array\ncompose: ties\nconcepts: [church]\n", r"field 'compose': 'ties' is not one of sum"),
+    "compose": ("route: array\ncompose: blend\nconcepts: [church]\n", r"field 'compose': 'blend' is not one of sum"),
     "pairs per concept": ("pairs_per_concept: 0\nconcepts: [church]\n", r"field 'pairs_per_concept': expected a "
                                                                         r"positive integer"),
     "unknown top field": ("concepts: [church]\nconcept: barn\n", r"unknown field\(s\) concept"),
