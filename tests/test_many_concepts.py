@@ -427,3 +427,32 @@ def test_the_many_concept_job_runs_as_an_array_and_a_dependent_merge_eval_job(sl
     report = json.loads((tmp_path / "runs" / "report.json").read_text())
     assert report["steps"] == {"church": 2, "van gogh": 2} and report["route"] == "array"
     assert (tmp_path / "runs" / "merged" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_job_stopped_during_training_resumes_from_its_checkpoint(tmp_path, tiny_checkpoint):
+    """Preemption (SIGUSR1/SIGTERM) mid-training: the run checkpoints and the job stops; the same job again trains
+    the remaining steps only and goes on to the report."""
+    from ear_dist.config import load_config
+    from ear_dist.many.job import ManyConceptJob, Stopped, Target
+    from ear_dist.many.spec import load_spec
+
+    _pairs(tmp_path)
+    spec = load_spec(_write(tmp_path / "c.yaml", "concepts:\n  - name: church\n    pairs: church_pairs.json\n"))
+    cfg = load_config(overrides=[f"model.path={tiny_checkpoint}", "train.steps=3", "erase.window_len=4",
+                                 "erase.loss_threshold=0", "trainable.first_k_layers=2", "train.checkpoint_every=1"])
+    lines = []
+    asked = iter([False, True])  # the stop is asked for at the second poll: after two steps
+    job = ManyConceptJob(spec, cfg, Target(str(tiny_checkpoint), "janus"), tmp_path / "job", log=lines.append,
+                         should_stop=lambda: next(asked, True))
+    with pytest.raises(Stopped, match="training joint stopped after step"):
+        job.run()
+    assert not (tmp_path / "job" / "train.json").exists()
+    metrics = tmp_path / "job" / "train" / "joint" / "metrics.jsonl"
+    assert [json.loads(m)["step"] for m in metrics.read_text().splitlines()] == [0, 1]
+    again = ManyConceptJob(spec, cfg, Target(str(tiny_checkpoint), "janus"), tmp_path / "job", log=lines.append)
+    again.run()
+    summary = json.loads((tmp_path / "job" / "train.json").read_text())
+    assert summary["steps"] == 3
+    assert [json.loads(m)["step"] for m in metrics.read_text().splitlines()] == [0, 1, 2]  # resumed: every step trained exactly once
+    assert (tmp_path / "job" / "report.md").is_file()
