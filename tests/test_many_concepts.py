@@ -454,5 +454,7 @@ def test_a_job_stopped_during_training_resumes_from_its_checkpoint(tmp_path, tin
     again.run()
     summary = json.loads((tmp_path / "job" / "train.json").read_text())
     assert summary["steps"] == 3
+    run = json.loads((tmp_path / "job" / "train" / "joint" / "summary.json").read_text())
+    assert run["resumed_from"] == 2  # the checkpoint after the stop, not step 0
     assert [json.loads(m)["step"] for m in metrics.read_text().splitlines()] == [0, 1, 2]  # resumed: every step trained exactly once
     assert (tmp_path / "job" / "report.md").is_file()
