@@ -43,6 +43,7 @@ COMMAND_MODULES = [
     "ear_dist.world.commands",
     "ear_dist.config.commands",
     "ear_dist.eval.commands",
+    "ear_dist.many.commands",
 ]
 
 

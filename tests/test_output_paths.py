@@ -35,7 +35,10 @@ def env(tmp_path_factory, tiny_checkpoint):
     sets = [f"model.path={tiny_checkpoint}", f"data.pairs={pairs}", f"train.out_dir={delta_run}",
             "erase.window_len=4", "trainable.first_k_layers=1", "train.steps=1", "train.pairs_per_step=2"]
     assert main(["erase", "--no-progress", *[x for s in sets for x in ("--set", s)]]) == 0
-    return {"root": root, "model": tiny_checkpoint, "pairs": pairs, "delta": delta_run / "delta.safetensors"}
+    concepts = root / "concepts.yaml"
+    concepts.write_text(f"concepts:\n  - name: church\n    pairs: {pairs}\n")
+    return {"root": root, "model": tiny_checkpoint, "pairs": pairs, "delta": delta_run / "delta.safetensors",
+            "concepts": concepts}
 
 
 def _sets(*items):
@@ -56,6 +59,8 @@ COMMANDS = {
     "erase train.out_dir": (lambda e, out: ["erase", "--no-progress", *_sets(
         f"model.path={e['model']}", f"data.pairs={e['pairs']}", f"train.out_dir={out}", "erase.window_len=4",
         "trainable.first_k_layers=1", "train.steps=1", "train.pairs_per_step=2")], False),
+    "erase-many --out": (lambda e, out: ["erase-many", "--concepts", str(e["concepts"]), "--out", out,
+                                         *_sets(f"model.path={e['model']}")], True),
     "world build world.cache_dir": (lambda e, out: ["world", "build", *_sets(f"world.cache_dir={out}")], False),
     "data build --jsonl": (lambda e, out: ["data", "build", "--pairs", str(e["pairs"]), "--out",
                                           str(e["root"] / "jsonl-shards"), "--jsonl", out], False),

@@ -22,7 +22,9 @@ def register(sub) -> None:
     )
     add_config_args(p)
     p.add_argument("--template", required=True, metavar="NAME|FILE",
-                   help=f"one of {', '.join(TEMPLATES)}, or a template file")
+                   help=f"one of {', '.join(TEMPLATES)}, erase_many (with --concepts), or a template file")
+    p.add_argument("--concepts", default=None, metavar="FILE",
+                   help="erase_many: the concepts file of `ear-dist erase-many`; the job's directory is train.out_dir")
     p.add_argument("--dry-run", action="store_true", help="render and print the script; do not submit")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="script path (default <slurm.output_dir>/<job>-<template>.sbatch)")
@@ -47,12 +49,13 @@ class SubmitError(RunFailure, RuntimeError):
     """sbatch is missing or refused the job; the message carries sbatch's own words."""
 
 
-def submit_script(script: str) -> str:
-    """``sbatch --parsable SCRIPT`` -> the job id; raises SubmitError (a RuntimeError) with sbatch's message."""
+def submit_script(script: str, *sbatch_args: str) -> str:
+    """``sbatch --parsable [ARGS] SCRIPT`` -> the job id; raises SubmitError (a RuntimeError) with sbatch's message."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise SubmitError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run")
-    result = subprocess.run([sbatch, "--parsable", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sbatch, "--parsable", *sbatch_args, script], capture_output=True, text=True,
+                            timeout=120)
     if result.returncode != 0:
         raise SubmitError(f"sbatch {script} failed with exit code {result.returncode}: {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]
@@ -63,6 +66,12 @@ def run_submit(args) -> int:
     from ear_dist.slurm.render import render_job, resolve_paths, template_path
 
     cfg = config_from_args(args)
+    if (args.template == "erase_many") != (args.concepts is not None):
+        from ear_dist.errors import InputError
+
+        raise InputError("--template erase_many and --concepts FILE go together")
+    if args.concepts is not None:
+        return _submit_many(args, cfg)
     if args.out is not None:
         from ear_dist.paths import output_file
 
@@ -83,6 +92,35 @@ def run_submit(args) -> int:
         return 1
     print(f"submitted batch job {job_id}; log {job.log_pattern}", file=sys.stderr)
     print(job_id)
+    return 0
+
+
+def _submit_many(args, cfg) -> int:
+    """The many-concept job: a job array plus a dependent merge/eval job (``ear_dist.many.slurm_job``)."""
+    from ear_dist.many.job import job_config
+    from ear_dist.many.spec import load_spec
+    from ear_dist.many.slurm_job import check_many_submission, render_many_job, submit_many
+
+    args.world = False
+    load_spec(args.concepts)  # its errors before the config's
+    cfg, _ = job_config(args)  # what `ear-dist erase-many` runs: a world's settings too
+    facts = check_many_submission(cfg)
+    scripts = render_many_job(cfg, args.concepts)
+    jobs = [j for j in (scripts.array, scripts.finish) if j is not None]
+    print(f"rendered {', '.join(str(j.script) for j in jobs)} (config {scripts.finish.config}, concepts "
+          f"{scripts.concepts_file}); checks passed: {json.dumps(facts)}", file=sys.stderr)
+    if args.dry_run:
+        print("\n".join(j.text for j in jobs))
+        return 0
+    try:
+        ids = submit_many(scripts, submit_script)
+    except RuntimeError as e:
+        print(f"ear-dist: error: {e}", file=sys.stderr)
+        return 1
+    print(f"submitted batch job(s) {', '.join(ids)}" + (" (the second after the array: afterok)" if len(ids) > 1
+                                                          else "") + f"; logs {', '.join(j.log_pattern for j in jobs)}",
+          file=sys.stderr)
+    print(" ".join(ids))
     return 0
 
 
