@@ -132,38 +132,26 @@ def test_a_real_models_pairs_whose_surrogate_names_another_concept_of_the_job_ar
             assert facts["dropped_naming_other_concepts"] == 0 and surrogates == {"barn", "castle"}, facts
 
 
-def test_a_composition_method_plugs_in_where_the_models_offer_it(tmp_path, monkeypatch):
-    """compose: NAME is checked against ear_dist.models.compose's methods when that module exists, and merge gets
-    the method with each concept's training prompts and the kept prompts."""
-    import types
-    from dataclasses import dataclass
-
+def test_a_composition_method_plugs_in_where_the_models_offer_it(tmp_path):
+    """compose: NAME is checked against ear_dist.models.compose's methods, and merge gets the method with each
+    concept's training prompts and the kept prompts."""
     from ear_dist.config import load_config
     from ear_dist.data.pairs import PromptPair
     from ear_dist.many.job import ManyConceptJob, Target, _write_pairs
     from ear_dist.many.spec import ConceptsFileError, load_spec
+    from ear_dist.models.compose import ComposeSpec
 
+    bad = _write(tmp_path / "bad.yaml", "route: array\ncompose: nope\nconcepts:\n  - name: church\n")
+    with pytest.raises(ConceptsFileError, match="field 'compose': 'nope' is not one of sum, project, ties"):
+        load_spec(bad)
     concepts = _write(tmp_path / "c.yaml", "route: array\ncompose: project\nconcepts:\n  - name: church\n"
                                            "    anchors: [a barn]\n  - name: monet\n")
-    with pytest.raises(ConceptsFileError, match="field 'compose': 'project' is not one of sum"):
-        load_spec(concepts)
-
-    @dataclass(frozen=True)
-    class ComposeSpec:
-        method: str = "sum"
-        concept_prompts: tuple = ()
-        kept_prompts: tuple = ()
-        guidance_weight: float = 5.0
-
-    fake = types.ModuleType("ear_dist.models.compose")
-    fake.METHODS, fake.ComposeSpec = ("sum", "project", "ties"), ComposeSpec
-    monkeypatch.setitem(sys.modules, "ear_dist.models.compose", fake)
     spec = load_spec(concepts)
     job = ManyConceptJob(spec, load_config(), Target("unused", "janus"), tmp_path / "job", log=lambda _: None)
     for entry, prompt in zip(spec.concepts, ["a church", "a field by monet"]):
         _write_pairs(job.layout.pairs("filter", entry), [PromptPair(prompt, "a field", concept=entry.name)])
     option = job.compose_option()
-    assert option == ComposeSpec("project", (("a church",), ("a field by monet",)), ("a barn",), 5.0)
+    assert option == ComposeSpec("project", (("a church",), ("a field by monet",)), ("a barn",), guidance_weight=5.0)
 
 
 # --------------------------------------------------------------------------- Slurm rendering
