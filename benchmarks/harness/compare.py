@@ -191,13 +191,15 @@ def run_method(method: Method, model_path: str, world: World, pairs: dict[str, l
 
 def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: Path, singles: Sequence[str],
             multi: Sequence[str], seeds: Sequence[int], split: str, n_pairs: int = 32, n_eval: int = 48,
-            base_overrides: Sequence[str] = (), log: Callable[[str], None] = print, avoid_erased: bool = True) -> dict:
+            base_overrides: Sequence[str] = (), log: Callable[[str], None] = print, avoid_erased: bool = True,
+            base_hits: Optional[dict[str, float]] = None) -> dict:
     """Every method on every single concept, on ``multi`` jointly and composed, for each erasure seed.
 
     ``world`` is the world of the model's family (``world_for``); ``base_overrides`` select the
     family's erasure settings (``model.family=var`` for a VAR world model). ``avoid_erased``: the joint
     run's and the array tasks' pairs avoid the other concepts of ``multi`` (what ``ear-dist erase-many``
     does); False gives every run the single-concept pairs (the tables before the many-concept job).
+    ``base_hits``: the base model's hit rates on this split and size from an earlier call (not measured again).
     """
     from ear_dist.models.delta import apply_deltas
     from ear_dist.models.family import detect_family, load_model
@@ -212,7 +214,8 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
 
     refuse_missed_target(model_build_info(model_path), world.config, f"the comparison ({model_path})", log)
     base = load_model(model_path, family, device="cpu", dtype="float32")
-    base_hits = hit_rates(world, base, split, n_eval, g)
+    if base_hits is None:
+        base_hits = hit_rates(world, base, split, n_eval, g)
     log(f"base: {json.dumps({k: round(v, 3) for k, v in base_hits.items()})}")
     every = list(dict.fromkeys(list(singles) + list(multi)))
     pairs = {c: training_pairs(world, base, c, n_pairs) for c in every}

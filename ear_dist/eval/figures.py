@@ -30,7 +30,8 @@ concept and the ratio of means, and listed under ``excluded`` with both hit rate
 counts as a ratio of 0 (an unchanged model failing the bar) nor as a huge one (0.05 / 1e-9).
 
 **The bar** (``meets_bar``): worst erased group's erasure, preservation ratio and worst
-concept's ratio all >= 0.95.
+concept's ratio all >= 0.95; many concepts at once (``MANY_WORST_BAR``): the worst kept concept's
+ratio >= 0.90, the rest as before.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 BAR = 0.95
+MANY_WORST_BAR = 0.90  # many concepts at once: the worst kept concept's ratio, the other figures at BAR
 BASE_FLOOR = 0.0  # base hit rates at or below it give no ratio (excluded and listed)
 
 
@@ -144,13 +146,15 @@ def unmeasured(base: Erasure, base_floor: float = BASE_FLOOR) -> list[str]:
 
 
 def meets_bar(erased: Erasure, kept: Preservation, bar: float = BAR, base: Optional[Erasure] = None,
-              base_floor: float = BASE_FLOOR) -> bool:
-    """Worst erased group, preservation ratio and worst concept all >= ``bar`` (no ratio at all: not met); with the
-    base model's own ``base`` erasure, an erased group the base never draws (``unmeasured``) fails the bar too."""
+              base_floor: float = BASE_FLOOR, worst_bar: Optional[float] = None) -> bool:
+    """Worst erased group, preservation ratio and worst concept all >= ``bar`` (the worst concept >= ``worst_bar``
+    when given; no ratio at all: not met); with the base model's own ``base`` erasure, an erased group the base
+    never draws (``unmeasured``) fails the bar too."""
     if base is not None and unmeasured(base, base_floor):
         return False
+    worst_bar = bar if worst_bar is None else worst_bar
     return (erased.worst is not None and erased.worst >= bar and kept.mean is not None and kept.mean >= bar
-            and kept.worst is not None and kept.worst >= bar)
+            and kept.worst is not None and kept.worst >= worst_bar)
 
 
 def split_halves(groups: Sequence[str], present: Sequence[bool]) -> tuple[dict[str, float], dict[str, float]]:

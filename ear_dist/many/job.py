@@ -18,7 +18,6 @@ Where the pieces come from depends on the model, never on the code path:
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import time
@@ -267,10 +266,8 @@ class ManyConceptJob:
             from ear_dist.world.erasure import make_pairs
 
             words = training_words(entry, self.target)
-            # the world's ECG takes the training words once its vocabulary has several (ear_dist/world/concepts.py)
-            extra = {"words": words} if "words" in inspect.signature(make_pairs).parameters else {}
             # no pair shows another concept of the job: a surrogate, a sentence's style or object is a kept one
-            pairs = make_pairs(self.target.world, entry.name, n, avoid=self.spec.names, **extra)
+            pairs = make_pairs(self.target.world, entry.name, n, avoid=self.spec.names)
             source = f"world ECG ({', '.join(words)})"
         else:
             pairs = self._template_pairs(entry, n)
