@@ -47,12 +47,14 @@ def validate(cfg: Any) -> None:
         "eval.classifier.top_k", *(f"eval.attack.{k}" for k in (
             "targets", "inversion_steps", "inversion_tokens", "inversion_batch", "search_steps", "search_candidates",
             "search_top_k", "search_length", "search_batch", "search_prompts")),
+        *(f"erase.adversarial.{k}" for k in ("prompts", "targets", "steps", "candidates", "top_k", "length", "batch")),
     ]
     for key in positives:
         if get_key(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {get_key(cfg, key)}")
     if not 0.0 < cfg.erase.svare_bit_error_share <= 1.0:
         raise ConfigError(f"erase.svare_bit_error_share: must be in (0, 1], got {cfg.erase.svare_bit_error_share}")
+    _check_adversarial(cfg)
     if cfg.erase.svare_scales < 0:
         raise ConfigError(f"erase.svare_scales: must be >= 0, got {cfg.erase.svare_scales}")
     if cfg.erase.loss_threshold < 0:
@@ -276,3 +278,23 @@ def get_key(cfg: Any, dotted: str) -> Any:
     return obj
 
 
+
+
+def _check_adversarial(cfg: Any) -> None:
+    """Adversarial erasure attacks the student in the training process itself: what that needs."""
+    a = cfg.erase.adversarial
+    if a.every < 0:
+        raise ConfigError(f"erase.adversarial.every: must be >= 0 (0: off), got {a.every}")
+    if not a.every:
+        return
+    if a.template.count("{}") != 1:
+        raise ConfigError(f"erase.adversarial.template: {a.template!r} must hold one '{{}}' for the searched tokens")
+    if cfg.model.family != "janus":
+        raise ConfigError(f"erase.adversarial.every: the prompt search supports model.family=janus only, not "
+                          f"{cfg.model.family}")
+    if cfg.dist.teacher_placement != "colocated":
+        raise ConfigError(f"erase.adversarial.every: the attacks need the teacher on the student's rank "
+                          f"(dist.teacher_placement=colocated, not {cfg.dist.teacher_placement})")
+    if "zero3" in str(cfg.dist.deepspeed_config):
+        raise ConfigError(f"erase.adversarial.every: the attacks read the whole student; ZeRO-3 "
+                          f"({cfg.dist.deepspeed_config}) partitions it: use ZeRO-1 or 2")

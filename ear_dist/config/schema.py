@@ -107,6 +107,28 @@ class ConceptOverride:
 
 
 @dataclass
+class AdversarialConfig:
+    """Adversarial erasure (the resisting recipe; docs/attacks.md): every ``every`` steps a GCG prompt search
+    against the current student finds prompts that make it draw the concept again; each joins the erasure pairs
+    (the adversarial prompt as target, an erasure pair's surrogate and stored images) for the rest of the run."""
+
+    every: int = setting(0, "steps between attacks on the current student (0: off)")
+    prompts: int = setting(4, "best prompts of each attack added as erasure pairs (per concept)")
+    targets: int = setting(16, "the concept's base images the search fits (the erasure pairs' stored target images, "
+                               "else the teacher's rollouts of their target prompts)")
+    steps: int = setting(20, "search: GCG steps per attack")
+    candidates: int = setting(48, "search: random single-token swaps scored per step")
+    top_k: int = setting(16, "search: tokens per position the gradient proposes")
+    length: int = setting(3, "search: searched tokens in the prompt")
+    batch: int = setting(8, "search: target images a step scores the candidates on")
+    template: str = setting("a photo of a {}", "search: the prompt around the searched tokens ({})")
+    exclude: list[str] = setting(
+        factory=list, help="words the search leaves out besides the concept's name (its other names: no pair then "
+                           "trains on a word kept for evaluation)")
+    seed: int = setting(0, "seed of the searches (each attack adds its step)")
+
+
+@dataclass
 class EraseConfig:
     """The erasure objective: targets, windows (WGA), loss masking (TLM) and updates."""
 
@@ -159,6 +181,8 @@ class EraseConfig:
         "auto", "windowed loss implementation: auto (Triton on CUDA when importable, else PyTorch), torch, triton")
     concepts: dict[str, ConceptOverride] = setting(
         factory=dict, help="per-concept overrides for joint runs, e.g. {church: {window_len: 48}}")
+    adversarial: AdversarialConfig = setting(
+        factory=AdversarialConfig, help="adversarial erasure: prompt attacks on the student during training join its pairs")
 
 
 @dataclass

@@ -195,6 +195,7 @@ class PairStream:
             raise PairsError(f"train.pairs_per_step: {pairs_per_step} > the {len(pairs)} pairs available")
         self.pairs = list(pairs)
         self.pairs_per_step = pairs_per_step
+        self.seed, self.shuffle = seed, shuffle
         self._batches = self._generate(seed, shuffle)
         self.step = 0
         self.replaced = 0  # read errors skipped: none in memory
@@ -213,6 +214,13 @@ class PairStream:
             order = torch.randperm(n, generator=g).tolist()
             for s in range(0, n - k + 1, k):
                 yield [self.pairs[i] for i in order[s: s + k]]
+
+    def add(self, pairs: Sequence[PromptPair]) -> None:
+        """More pairs from the next batch on (adversarial training): the order starts afresh over all pairs,
+        seeded by the base seed and the batches drawn so far, so a run that adds the same pairs after the
+        same batch draws the same batches (a resumed run replays its additions, ``ear_dist.train.adversarial``)."""
+        self.pairs.extend(pairs)
+        self._batches = self._generate(self.seed + 1_000_003 * self.step, self.shuffle)
 
     def state_dict(self) -> dict:
         """The position a checkpoint saves: the steps drawn so far."""

@@ -28,7 +28,7 @@ from ear_dist.errors import EarDistError
 from ear_dist.models.delta import save_delta
 from ear_dist.models.fingerprint import model_fingerprint
 from ear_dist.storage import write_text_atomic
-from ear_dist.train import checkpoint, run_state
+from ear_dist.train import adversarial, checkpoint, run_state
 from ear_dist.train.job import Job, announce, build_job, check_launch, load_job_model, open_stream
 from ear_dist.train.loop import (Checkpoints, Metrics, NonFiniteError, NonFiniteGuard, RankLostError, Tally,
                                  TrainingError, train_loop)
@@ -70,7 +70,9 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
             run = _Run.of(cfg, rt, fingerprint, pairs)
             resume = run_state.decide(out_dir, cfg.train.resume, run.identity, cfg.train.steps)
             _prepare_out_dir(cfg, rt, run, resume)
+            adversarial.check_stream(cfg, stream)
             if resume.checkpoint is not None:
+                adversarial.replay(cfg, stream, out_dir, int(resume.checkpoint["data"].get("step", 0)))
                 stream.load_state_dict(resume.checkpoint["data"])  # continue with the sample after the last trained
             job = build_job(cfg, rt, bundle, stream, teacher_steps=cfg.train.steps - resume.step)
             if job.serves_teacher:
@@ -80,6 +82,8 @@ def run_erase(cfg: Config, pairs: Optional[Sequence[PromptPair]] = None, progres
                 _restore(job, out_dir, resume.step)
             hooks = [NonFiniteGuard(job), Metrics(job, out_dir, progress, resume.step),
                      Checkpoints(job, out_dir, run.identity)]
+            if adversarial.enabled(cfg):  # its pairs join before a checkpoint of the same step is written
+                hooks.insert(1, adversarial.AdversarialPairs(job, out_dir, resume.step))
             tally = train_loop(job, resume.step, hooks, should_stop)
         finally:
             stream.close()

@@ -33,6 +33,7 @@ from ear_dist.eval import figures
 from ear_dist.models.family import as_image_model, detect_family, load_model
 from ear_dist.models.interface import ImageModel
 from ear_dist.world.world import World
+from ear_dist.world.concepts import concept_words
 
 PAIR_STREAM, ANCHOR_STREAM = 202, 303
 
@@ -69,15 +70,23 @@ def anchor_prompts(world: World, erased: Sequence[str], n: int, stream: int = PR
 def with_anchor_prompts(world: World, erased: Sequence[str], sets: Sequence[str], n: int = PRESERVE_ANCHORS
                         ) -> list[str]:
     """``sets`` plus ``preserve.prompts`` (other concepts' training prompts) when they turn on
-    preservation or null-space updates and name no anchors of their own."""
+    preservation or null-space updates and name no anchors of their own; plus ``erase.adversarial.exclude`` (every
+    word of the erased concepts) when they turn on adversarial erasure and name no words of their own."""
     def value(key):
         found = [x.split("=", 1)[1].strip().lower() for x in sets if x.split("=", 1)[0].strip() == key]
         return found[-1] if found else ""
 
     weight = value("preserve.weight")
     wants = value("preserve.nullspace") == "true" or (weight != "" and float(weight) > 0)
+    sets = list(sets)
+    every = value("erase.adversarial.every")
+    if every not in ("", "0") and not value("erase.adversarial.exclude"):
+        # the adversarial search never proposes an erased concept's words (its held-out ones are evaluation's)
+        words = [w for c in erased for split in ("train", "validation", "heldout")
+                 for w in concept_words(world, c, split)]
+        sets.append(f"erase.adversarial.exclude={json.dumps(list(dict.fromkeys(words)))}")
     if not wants or value("preserve.prompts") or value("preserve.prompts_file"):
-        return list(sets)
+        return sets
     return [*sets, f"preserve.prompts={json.dumps(anchor_prompts(world, erased, n))}"]
 
 
@@ -105,8 +114,6 @@ def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM, av
     student to draw what another pair of the same job removes (church -> barn while barn is
     erased too). Empty: the single-concept pairs, as before.
     """
-    from ear_dist.world.concepts import concept_words
-
     rng = np.random.default_rng([world.seed, stream])
     vocab = world.vocab
     words = concept_words(world, concept, "train") if concept in vocab.concepts else ()
