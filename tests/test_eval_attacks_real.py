@@ -225,3 +225,33 @@ def test_what_the_real_path_cannot_do_is_one_line_and_exit_2(tiny_checkpoint, tm
         assert len(err) == 1 and err[0].startswith("ear-dist: ") and needle in err[0], (argv, err)
         assert "Traceback" not in err[0]
     assert not (out / "attacks").exists() and not (out / "images").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_ranks_attack_and_sample_exactly_what_one_rank_does(tiny_checkpoint, tmp_path):
+    """On two ranks the base column's attacks run on rank 0 and the erased column's on rank 1, which samples the
+    base model's targets from a fresh load of model.path: the learned words and every image are those of one rank
+    (which attacks the base column first, with its own model)."""
+    from ear_dist.eval.generate import read_png
+    from tests.test_eval import eval_on_two_ranks_and_one
+
+    delta = blank_delta(tiny_checkpoint, tmp_path / "runs" / "blank" / "delta.safetensors")
+    common = ["--no-progress", "--set", f"model.path={tiny_checkpoint}", "--suite", "attack:inversion:church",
+              "--suite", "attack:search:church", "--delta", f"blank={delta}",
+              *[a for s in (*FAST, "eval.classifier.kind=tests.test_eval_attacks_real:textured") for a in ("--set", s)]]
+    eval_on_two_ranks_and_one(common, tmp_path / "two", tmp_path / "one")
+
+    def images(out):
+        return {(r["column"], r["suite"], r["prompt"], r["seed"], r["key"]): read_png(r["path"])[1].tolist()
+                for r in _manifest(out)}
+
+    assert images(tmp_path / "two") == images(tmp_path / "one") and len(images(tmp_path / "one")) == 16
+    assert {r["rank"] for r in _manifest(tmp_path / "two")} == {0, 1}
+    for suite in ("attack-inversion-church", "attack-search-church"):
+        for column in ("base", "blank"):
+            two, one = ((tmp_path / run / "attacks" / suite) for run in ("two", "one"))
+            (a,), (b,) = list(two.glob(f"{column}-*.json")), list(one.glob(f"{column}-*.json"))
+            assert a.name == b.name and json.loads(a.read_text())["prompts"] == json.loads(b.read_text())["prompts"]
+            if suite == "attack-inversion-church":
+                assert a.with_suffix(".safetensors").read_bytes() == b.with_suffix(".safetensors").read_bytes()
