@@ -444,7 +444,20 @@ class EvalAttackConfig:
     """The white-box attack suites (attack:inversion:<concept>, attack:search:<concept>; docs/attacks.md): their
     targets and budgets."""
 
+    mode: Literal["auto", "world", "real"] = setting(
+        "auto", "world: the planted-concept world's concept (targets from its training templates, images judged on "
+                "tokens by the world's classifier, eval.world_prompts of them); real: a real model's concept (targets "
+                "from target_prompts, images decoded and judged by eval.classifier, attack.images of them); auto: "
+                "world when model.path is a world build (holds world_build.json) or a preset, else real")
     targets: int = setting(32, "the base model's CFG images of the concept the attacks fit (its plain training prompts)")
+    target_prompts: list[str] = setting(
+        factory=lambda: ["a photo of a {}"],
+        help="real: the concept's plain prompts the targets are sampled from, cycled over the targets; '{}' takes "
+             "each of attack.words in turn, a prompt without it is taken as is")
+    words: list[str] = setting(
+        factory=list, help="real: the concept's words: fill target_prompts' '{}' and are left out of the search "
+                           "(unless search_concept_words); empty: the concept's name")
+    images: int = setting(32, "real: images each column samples with the attack's prompts (seeds eval.seed + i)")
     seed: int = setting(0, "seed of the targets, the attacks' starts, batches and swaps")
     inversion_steps: int = setting(100, "inversion: Adam steps on the new words' embeddings")
     inversion_tokens: int = setting(2, "inversion: new words learned (<inv0> <inv1> ...)")

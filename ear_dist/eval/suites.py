@@ -32,8 +32,9 @@ Where suites come from (``--suite`` / ``eval.suites``):
   one ``concept`` group; the concept comes from the file's concept column or
   ``erase.concept``; a COCO CSV becomes a ``caption`` suite;
 - ``coco``: the first ``eval.coco_size`` captions of ``eval.coco_prompts``;
-- ``attack:inversion:<concept>``, ``attack:search:<concept>``: the white-box attacks against the world suite's
-  concept, each column attacked on its own (``ear_dist.eval.attacks.whitebox``);
+- ``attack:inversion:<concept>``, ``attack:search:<concept>``: the white-box attacks against the concept (the
+  world's, or a real Janus model's judged by ``eval.classifier``), each column attacked on its own
+  (``ear_dist.eval.attacks.whitebox``);
 - ``module:function`` (``world`` and ``world:<concept>`` are built-in names of
   ``ear_dist.world.suite:world_suite``): ``function(cfg, argument) -> Suite``.
 
