@@ -282,7 +282,7 @@ LONG_PROMPT = "a church " + "with a tall stone tower " * 120
 CASES = [
     # ------------------------------------------------------------------ configs
     Case("config-unknown-key", lambda i: erase(i, "erase.windowlen=4"),
-         r"ear-dist: config error: erase\.windowlen: unknown key \(known keys of erase: concept, concepts, "),
+         r"ear-dist: config error: erase\.windowlen: unknown key \(known keys of erase: adversarial, concept, concepts, "),
     Case("config-wrong-type", lambda i: erase(i, "train.steps=many"),
          r"ear-dist: config error: train\.steps: expected an integer, got 'many'$"),
     Case("config-value-not-allowed", lambda i: erase(i, "train.resume=sometimes"),
