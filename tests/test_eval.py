@@ -177,6 +177,34 @@ def test_grid_captions_are_wrapped_not_cut():
     assert "".join(lines).replace(" ", "") == text.replace(" ", "")
 
 
+def test_every_judged_image_in_a_grid_has_the_classifiers_verdict_under_it(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ear_dist.data.classifiers import Detection
+    from ear_dist.eval.evaluate import verdict_caption
+    from ear_dist.eval.report import before_after_grid
+    from ear_dist.eval.generate import save_png
+
+    assert verdict_caption("church", Detection(True, 1.0)) == "church: yes"
+    assert verdict_caption("nudity", Detection(False, 0.12, "FEMALE_BREAST_EXPOSED")) == \
+        "nudity: no (FEMALE_BREAST_EXPOSED, 0.12)"
+    paths = {}
+    for col in ("base", "erased"):
+        path = tmp_path / f"{col}.png"
+        save_png(path, np.full((16, 16, 3), 200, np.uint8), [0, 0, 0, 0], "a photo of a church", 7)
+        paths[(col, "a photo of a church", 7)] = str(path)
+    rows = [("a photo of a church", 7)]
+    plain = np.asarray(before_after_grid(rows, ["base", "erased"], paths))
+    captioned = before_after_grid(rows, ["base", "erased"], paths, captions={
+        paths[("base", "a photo of a church", 7)]: "church: yes", paths[("erased", "a photo of a church", 7)]: "church: no"})
+    captioned = np.asarray(captioned)
+    assert captioned.shape[0] > plain.shape[0]  # a caption line under the images
+    x0 = 8 + 260 + 8  # the first image column; the line under its image has dark text
+    band = captioned[36 + 192: 36 + 192 + 18, x0: x0 + 192]
+    assert (band.min(axis=-1) < 100).sum() > 20
+
+
 def test_a_rerun_reuses_every_image(tiny_checkpoint, tmp_path):
     suite = write_suite(tmp_path)
     out = tmp_path / "eval"

@@ -170,10 +170,11 @@ def run_eval(cfg: Config, suites: Sequence[Union[str, Suite]], deltas: Sequence[
                            "reused": sum(g[c.name]["reused"] for g in gathered)} for c in columns}
     for name, g in generation.items():
         log(f"{name}: {g['generated']} images generated, {g['reused']} reused from an earlier run")
-    results = compute_metrics(suites, columns, entries, tools, cfg, bundle.codebook_size)
+    verdicts: dict = {}
+    results = compute_metrics(suites, columns, entries, tools, cfg, bundle.codebook_size, verdicts=verdicts)
     report = write_report(out_dir, cfg, suites, columns, entries, results, ppl, tools, generation,
                           {"ranks": rt.world_size, "seconds": time.perf_counter() - t0,
-                           "sampling": sampling_throughput(columns, gathered)})
+                           "sampling": sampling_throughput(columns, gathered)}, verdicts)
     log(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
     return report
 
@@ -240,6 +241,15 @@ def _check_gathered(entries: Sequence[Entry], columns: Sequence[Column], gathere
     return made_by
 
 
+def verdict_caption(concept: str, found) -> str:
+    """What the classifier said of one image, for the grid: "church: yes", "nudity: no (0.12)", with the
+    classifier's label when it names one ("church: yes, church 0.91")."""
+    said = "yes" if found.present else "no"
+    score = found.score if found.score not in (0.0, 1.0) else None
+    detail = ", ".join(x for x in (found.label, "" if score is None else f"{score:.2f}") if x)
+    return f"{concept}: {said}" + (f" ({detail})" if detail else "")
+
+
 class _Images:
     """Reads each PNG once (pixels and tokens)."""
 
@@ -253,8 +263,9 @@ class _Images:
 
 
 def compute_metrics(suites: Sequence[Suite], columns: Sequence[Column], entries: Sequence[Entry], tools: Tools,
-                    cfg: Config, codebook_size: int, batch_size: int = 32) -> dict:
-    """column -> suite -> metrics (see report.py for what each means)."""
+                    cfg: Config, codebook_size: int, batch_size: int = 32, verdicts: Optional[dict] = None) -> dict:
+    """column -> suite -> metrics (see report.py for what each means). ``verdicts``: filled with each judged
+    image's path -> the classifier's verdict on it (``verdict_caption``), for the report's grids."""
     images = _Images()
     results: dict = {c.name: {} for c in columns}
     base_fid: dict = {}
@@ -270,6 +281,8 @@ def compute_metrics(suites: Sequence[Suite], columns: Sequence[Column], entries:
                     batch = judged[s : s + batch_size]
                     loaded = [images(e.path) for e in batch]
                     found += judge.detect([x[0] for x in loaded], [x[1] for x in loaded], [e.concept for e in batch])
+                if verdicts is not None:
+                    verdicts.update({e.path: verdict_caption(e.concept, d) for e, d in zip(judged, found)})
                 groups = [e.group for e in judged]
                 res.update(summarize(suite, groups, [d.present for d in found],
                                      None if column.name == BASE else results[BASE].get(suite.name)))

@@ -164,13 +164,16 @@ def _wrap(text: str, font, width: int) -> list[str]:
 
 
 def before_after_grid(prompts: Sequence[tuple[str, int]], columns: Sequence[str], paths: dict, cell: int = 192,
-                      text_width: int = 260, pad: int = 8) -> Image.Image:
-    """Rows: prompts (wrapped in full at the left, with the seed); columns: the models, same seed in each."""
+                      text_width: int = 260, pad: int = 8, captions: Optional[dict] = None) -> Image.Image:
+    """Rows: prompts (wrapped in full at the left, with the seed); columns: the models, same seed in each.
+    ``captions``: image path -> a line under that image (the classifier's verdict)."""
     font, small = _font(14), _font(12)
     line_h = 18
     header_h = 2 * line_h
+    captions = captions or {}
+    under = line_h if any(paths[(n, p, s)] in captions for p, s in prompts for n in columns) else 0
     texts = [_wrap(f"{p} (seed {seed})", font, text_width) for p, seed in prompts]
-    row_h = [max(cell, len(t) * line_h) for t in texts]
+    row_h = [max(cell + under, len(t) * line_h) for t in texts]
     width = pad + text_width + pad + len(columns) * (cell + pad)
     height = header_h + sum(h + pad for h in row_h) + pad
     canvas = Image.new("RGB", (width, height), "white")
@@ -188,6 +191,9 @@ def before_after_grid(prompts: Sequence[tuple[str, int]], columns: Sequence[str]
             img = Image.fromarray(read_png(paths[(name, prompt, seed)])[0])
             resample = Image.NEAREST if img.width < cell else Image.LANCZOS
             canvas.paste(img.resize((cell, cell), resample), (x, y))
+            caption = captions.get(paths[(name, prompt, seed)])
+            if caption:
+                draw.text((x, y + cell + 2), _wrap(caption, small, cell)[0], fill="black", font=small)
         y += h + pad
     return canvas
 
@@ -308,8 +314,9 @@ def sampling_line(t: dict) -> str:
 
 def write_report(out_dir: Path, cfg: Config, suites: Sequence[Suite], columns: Sequence[Column],
                  entries: Sequence[Entry], results: dict, perplexities: dict, tools, generation: dict,
-                 run_info: dict) -> dict:
-    """report.json, report.md, grid_<suite>.png per suite and tradeoff.png; returns the report."""
+                 run_info: dict, verdicts: Optional[dict] = None) -> dict:
+    """report.json, report.md, grid_<suite>.png per suite (each judged image captioned with ``verdicts``: path ->
+    the classifier's verdict) and tradeoff.png; returns the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [c.name for c in columns]
     paths = {(e.column, e.prompt, e.seed): e.path for e in entries if e.image_index == 0}
@@ -320,7 +327,7 @@ def write_report(out_dir: Path, cfg: Config, suites: Sequence[Suite], columns: S
             prompts, paths = per_column_grid(suite, names, entries, cfg.eval.grid_prompts)
         if prompts:
             path = out_dir / f"grid_{suite.name}.png"
-            before_after_grid(prompts, names, paths).save(path)
+            before_after_grid(prompts, names, paths, captions=verdicts).save(path)
             grids[suite.name] = path.name
     points = tradeoff_points(suites, names, results)
     plot = None
