@@ -112,3 +112,25 @@ def test_records_made_after_the_checkpoint_are_dropped_on_resume(tmp_path, tiny_
     run_erase(cfg, _pairs(), progress=False)
     assert "a photo of a stale" not in path.read_text()
     assert [r["after"] for r in read_records(tmp_path / "adv")] == [2, 4]
+
+
+def test_erase_many_leaves_every_word_of_the_erased_concepts_out_of_the_search():
+    from ear_dist.config.schema import WorldConfig
+    from ear_dist.many.job import Target, searched_out_words
+    from ear_dist.many.spec import ConceptEntry
+    from ear_dist.world.concepts import concept_words
+    from ear_dist.world.erasure import with_anchor_prompts
+    from ear_dist.world.world import World
+
+    erased = [ConceptEntry("church"), ConceptEntry("van gogh")]
+    assert searched_out_words(erased, Target("m", "janus")) == ["church", "van gogh"]
+    assert searched_out_words([ConceptEntry("nudity", words=["nude", "naked"])], Target("m", "janus")) == [
+        "nudity", "nude", "naked"]
+    world = World(WorldConfig(calibration_samples=200))
+    words = searched_out_words(erased, Target("m", "janus", world))
+    held_out = list(concept_words(world, "church", "heldout")) + list(concept_words(world, "van gogh", "heldout"))
+    assert held_out and all(w in words for w in held_out)
+    # the world's harness does the same for its runs, and only when adversarial erasure is on
+    sets = with_anchor_prompts(world, ["church"], ["erase.adversarial.every=10"])
+    assert any(s.startswith("erase.adversarial.exclude=") and "cathedral" in s for s in sets)
+    assert not any("adversarial.exclude" in s for s in with_anchor_prompts(world, ["church"], ["train.steps=5"]))

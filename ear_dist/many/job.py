@@ -108,6 +108,18 @@ def training_words(entry: ConceptEntry, target: Target) -> list[str]:
     return entry.words or allowed
 
 
+def searched_out_words(erased: list[ConceptEntry], target: Target) -> list[str]:
+    """What adversarial erasure's search leaves out: every word of the erased concepts (on the world all of
+    their splits, so no adversarial pair trains on a word the evaluation keeps)."""
+    words = [w for e in erased for w in [e.name, *e.words]]
+    if target.is_world:
+        from ear_dist.world.concepts import concept_words
+
+        words += [w for e in erased for split in ("train", "validation", "heldout")
+                  for w in concept_words(target.world, e.name, split)]
+    return list(dict.fromkeys(words))
+
+
 def check_job(spec: ManySpec, target: Target, cfg: Config) -> None:
     """Everything the file and the config must agree on, before a model is loaded (exit 2, naming the field)."""
     for i, entry in enumerate(spec.concepts):
@@ -376,6 +388,8 @@ class ManyConceptJob:
         anchors = self.anchors(self.spec.names, erased)
         if anchors:
             cfg.preserve.prompts = list(cfg.preserve.prompts) + anchors
+        if cfg.erase.adversarial.every and not cfg.erase.adversarial.exclude:
+            cfg.erase.adversarial.exclude = searched_out_words(erased, self.target)
         return cfg.validate()
 
     def train(self, name: str, erased: list[ConceptEntry]) -> dict:
