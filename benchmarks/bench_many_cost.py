@@ -12,7 +12,8 @@ Measured on the world's model (one process, CPU), each figure the median (min-ma
    tensor by tensor, beside the formula of ``ear_dist/many/cost.py`` at the world's shape), the preserved rank;
 3. **composition**: N deltas of the preserving recipe's trained tensors composed by ``sum`` (``merge``'s
    streaming ``apply_deltas``), ``ties`` and ``project`` (``ear_dist/models/compose.py``): seconds and the
-   process's peak resident memory growth (sampled every 2 ms), beside the formula's host bytes; one delta's size.
+   process's peak resident memory growth in a fresh process (sampled every 2 ms), beside the formula's host
+   bytes; one delta's size. Seconds: the composition timed in this process and in the fresh one.
 
 Then the projection to Janus-Pro-7B (``ear_dist/many/cost.py``, FLOPs by ``ear_dist/telemetry/flops.py``'s
 conventions): per method and route (one joint run; N array runs composed by sum, project or ties), the steps,
@@ -20,7 +21,7 @@ FLOPs, H100-seconds at ``--mfu`` of the bf16 peak (the float64 eigendecompositio
 beyond the frozen model, for N = ``--project-n``.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_many_cost.py --set world.cache_dir=/work/cache/runner/default_world_model
-        [--steps 5] [--anchors 16,64,160] [--deltas 1,5,20] [--project-n 1,5,10,20,40] [--mfu 0.3] [--json FILE]
+        [--steps 4] [--anchors 16,64,128] [--deltas 1,5,20] [--project-n 1,5,10,20,40] [--mfu 0.3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concepts", default="church,barn,van gogh,castle,monet", help="the pairs' concepts")
     p.add_argument("--pairs", type=int, default=8, help="pairs per concept")
-    p.add_argument("--steps", type=int, default=5, help="measured steps per recipe and batch (after one warm-up)")
-    p.add_argument("--anchors", default="16,64,160", help="anchor counts M of the anchors section")
+    p.add_argument("--steps", type=int, default=4, help="measured steps per recipe and batch (after one warm-up)")
+    p.add_argument("--anchors", default="16,64,128", help="anchor counts M of the anchors section")
     p.add_argument("--deltas", default="1,5,20", help="delta counts N of the composition section")
-    p.add_argument("--compose-repeats", type=int, default=3)
+    p.add_argument("--compose-repeats", type=int, default=1,
+                   help="compositions timed in this process (one more runs in a fresh process for its memory)")
     p.add_argument("--compose-prompts", type=int, default=4, help="project: prompts per concept (world)")
     p.add_argument("--project-n", default="1,5,10,20,40", help="concept counts of the Janus-Pro-7B projection")
     p.add_argument("--mfu", type=float, default=0.3, help="assumed utilisation of the H100 for the projection")
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
 
     print("\n## Composing N deltas of the preserving recipe's tensors on the world\n")
     print("| deltas N | method | seconds | peak RSS growth, MiB (a fresh process) | formula's host memory, MiB "
-          "(with the bases' bound) |")
+          "(with the unions' bound) |")
     print("|---|---|---|---|---|")
     compose_rows = []
     fp = model_fingerprint(bundle.model)
@@ -296,7 +298,8 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     _compose(bundle, paths[:n], sets, kept, how, gw)
                     secs.append(time.perf_counter() - t)
-                growth = _child_growth(args, n, how, tmp)
+                growth, child_s = _child_growth(args, n, how, tmp)
+                secs.append(child_s)
                 _, _, host = compose_cost(wshape, pshape, n, how, args.compose_prompts, len(kept))
                 s = Stat.of(secs)
                 compose_rows.append({"deltas": n, "method": how, "seconds": s.as_dict(), "rss_growth_mib": growth / MiB,
@@ -304,6 +307,16 @@ def main(argv=None) -> int:
                                      "formula_bound_mib": compose_peak_bytes(host, bound=True) / MiB})
                 print(f"| {n} | {how} | {s.fmt('.3f')} | {growth / MiB:.1f} | {compose_peak_bytes(host) / MiB:.1f} "
                       f"({compose_peak_bytes(host, bound=True) / MiB:.1f}) |", flush=True)
+    counts = sorted({r["deltas"] for r in compose_rows})
+    if len(counts) > 1:
+        lo, hi = counts[0], counts[-1]
+        print(f"\nMemory per added delta, from N = {lo} to {hi} (MiB per delta): measured, formula")
+        for how in ("sum", "ties", "project"):
+            a, b = (next(r for r in compose_rows if r["deltas"] == n and r["method"] == how) for n in (lo, hi))
+            slope = (b["rss_growth_mib"] - a["rss_growth_mib"]) / (hi - lo)
+            formula = (b["formula_host_mib"] - a["formula_host_mib"]) / (hi - lo)
+            print(f"- {how}: {slope:.2f}, {formula:.2f}")
+            out.setdefault("compose_slope_mib", {})[how] = {"measured": slope, "formula": formula}
     print(f"\nOne delta of the preserving recipe's tensors on the world: {delta_bytes:,} bytes "
           f"({len(trainable)} tensors, float32).")
     out["compose"] = compose_rows
@@ -336,8 +349,8 @@ def _compose(bundle, paths, sets, kept, how: str, gw: float) -> None:
         compose_deltas(bundle, paths, sets, kept, how, guidance_weight=gw)
 
 
-def _child_growth(args, n: int, how: str, tmp: str) -> int:
-    """Peak RSS growth of one composition in a fresh process whose freed tensors go back to the system
+def _child_growth(args, n: int, how: str, tmp: str) -> tuple[int, float]:
+    """(Peak RSS growth, seconds) of one composition in a fresh process whose freed tensors go back to the system
     (``MALLOC_MMAP_THRESHOLD_``): what it holds, not what the allocator kept from earlier work."""
     import os
 
@@ -347,7 +360,8 @@ def _child_growth(args, n: int, how: str, tmp: str) -> int:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return int(json.loads(done.stdout.strip().splitlines()[-1])["growth"])
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return int(found["growth"]), float(found["seconds"])
 
 
 def compose_child(args) -> int:
@@ -373,8 +387,10 @@ def compose_child(args) -> int:
     sets = [prompts[i * args.compose_prompts: (i + 1) * args.compose_prompts] for i in range(n)]
     paths = [str(Path(tmp) / f"d{i}.safetensors") for i in range(n)]
     with PeakRss() as rss:
+        t = time.perf_counter()
         _compose(bundle, paths, sets, kept, how, cfg.world.guidance_weight)
-    print(json.dumps({"growth": rss.growth}))
+        seconds = time.perf_counter() - t
+    print(json.dumps({"growth": rss.growth, "seconds": seconds}))
     return 0
 
 
@@ -443,8 +459,8 @@ def projection(args) -> dict:
                           and r["concepts"] == n)["h100_seconds_per_concept"] for n in ns]
             print(f"| {label} | {route} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
     print("\nHost memory at its peak (GiB) by N (joint: the anchors' cached distributions; composed: the "
-          "composition's largest phase; project: with its bases bounded by in x in each, at most the second "
-          "figure):\n")
+          "composition's largest phase; project: with its union bases bounded by in x in each, at most the "
+          "second figure):\n")
     print("| method | route | " + " | ".join(f"N = {n}" for n in ns) + " |")
     print("|---|---|" + "---|" * len(ns))
     for label in RECIPES:

@@ -310,24 +310,25 @@ def compose_cost(model: ModelShape, method: MethodShape, deltas: int, how: str, 
 
     Host memory, by phase (the composition's peak is the largest; ``P`` trained parameters, ``d`` the deltas'
     bytes per value): reading a delta while the one before is still referenced (``delta_changes`` is a
-    generator) holds two float64 change sets and the file's tensors, ``16 P + d P``; ``sum`` adds them to a
+    generator) holds two float64 change sets and the file's tensors, ``16 P + d P`` (one delta: ``8 P + d P``); ``sum`` adds them to a
     float64 sum (``8 P``) and holds nothing else; ``ties`` and ``project`` hold every delta's changes in float32
-    (``4 P`` each), then ``project`` the float64 input moment of every prompt set and linear, and each set's and
-    each delta's union basis (``[in, k]``, ``k <= in``: counted as a bound, under ``BOUND``), and both sum the
-    result in float64.
+    (``4 P`` each), then ``project`` the float64 input moment of every prompt set and linear, each set's basis
+    (a slice of its whole ``in x in`` eigenvector matrix, which it keeps) and each delta's union basis
+    (``[in, k]``, ``k <= in``: counted as a bound, under ``BOUND``), and both sum the result in float64.
     """
     params = trained_params(model, method)
     linears = trained_linears(model, method)
     flops: dict[str, float] = {}
     fp64 = 0.0
-    reading = 16 * params + model.dtype_bytes * params
+    reading = (16 if deltas > 1 else 8) * params + model.dtype_bytes * params
     if how == "sum":  # apply_deltas streams
         return flops, fp64, {"reading and summing": reading + 8 * params}
     linear_params = sum(w.out * w.inp for w in linears)
     held = 4 * params * deltas
     host = {"reading": 4 * params * (deltas - 1) + reading, "summing": held + 8 * params}
     if how == "ties":  # per tensor: trim (top-k), stack, elect, mean: a few passes over N float32 copies
-        host["merging"] = held + 4 * max(w.out * w.inp for w in linears) * deltas
+        # per tensor: the trimmed copies, their stack and the agreeing entries' values, N of each
+        host["merging"] = held + 3 * 4 * max(w.out * w.inp for w in linears) * deltas
         flops["ties (element-wise)"] = 10 * linear_params * deltas
         return flops, fp64, host
     if how != "project":
@@ -340,9 +341,9 @@ def compose_cost(model: ModelShape, method: MethodShape, deltas: int, how: str, 
                                                   + sum(2 * w.inp * w.inp for w in linears))
     flops["projection"] = deltas * sum(4 * w.out * w.inp * w.inp for w in linears)
     fp64 = (len(sets) + deltas) * sum(eigh_flops(w.inp) for w in linears)
-    host["projecting"] = held + len(sets) * moment_bytes(linears)
-    host[f"{BOUND}projecting, with the bases and unions"] = host["projecting"] + (len(sets) + deltas) * moment_bytes(
-        linears)
+    # every set's moment and basis: principal_basis returns a slice of the whole in x in eigenvector matrix
+    host["projecting"] = held + 2 * len(sets) * moment_bytes(linears)
+    host[f"{BOUND}projecting, with the unions"] = host["projecting"] + deltas * moment_bytes(linears)
     return flops, fp64, host
 
 
