@@ -71,6 +71,9 @@ def test_routes_add_up():
     joint = route_cost(MODEL, m, 20, "joint", anchors_per_concept=16, pairs_per_concept=32)
     assert joint.steps == 1000
     assert joint.host_bytes["anchor cache"] == anchor_cache_bytes(MODEL, 384, 2)
+    linears = decoder_linears(CONFIG, (1, 2))
+    assert joint.setup_gpu_bytes == moment_bytes(linears) + projector_bytes(linears, 4)
+    assert joint.gpu_bytes == {"trainable state": 16 * 1088, "projectors": projector_bytes(linears, 4)}
     task = run_cost(MODEL, m, 1, 16, 32)
     for how in ("sum", "project", "ties"):
         composed = route_cost(MODEL, m, 20, how, anchors_per_concept=16, pairs_per_concept=32, kept_prompts=64)

@@ -254,7 +254,7 @@ class RouteCost:
     gpu_bytes: dict[str, float] = field(default_factory=dict)  # on the training GPU, beyond the frozen model
     host_bytes: dict[str, float] = field(default_factory=dict)  # host memory (anchor cache, composition)
     delta_bytes: int = 0  # one run's delta file
-    transient_gpu_bytes: float = 0.0  # the float64 moments while the projectors are built
+    setup_gpu_bytes: float = 0.0  # before the student exists: the float64 moments and the float32 projectors
 
     @property
     def total_flops(self) -> float:
@@ -269,7 +269,7 @@ class RouteCost:
                 "h100_seconds": self.h100_seconds(mfu), "h100_seconds_per_concept": self.h100_seconds(mfu) / self.concepts,
                 "gpu_gib": {k: v / GIB for k, v in self.gpu_bytes.items()},
                 "host_gib": {k: v / GIB for k, v in self.host_bytes.items()},
-                "delta_gib": self.delta_bytes / GIB, "transient_gpu_gib": self.transient_gpu_bytes / GIB}
+                "delta_gib": self.delta_bytes / GIB, "setup_gpu_gib": self.setup_gpu_bytes / GIB}
 
 
 def _add(into: dict, parts: dict, times: float = 1.0) -> None:
@@ -297,7 +297,7 @@ def run_cost(model: ModelShape, method: MethodShape, concepts: int, anchors_per_
     out.gpu_bytes["trainable state"] = train_state_bytes(params, model.dtype_bytes)
     if method.nullspace:
         out.gpu_bytes["projectors"] = projector_bytes(linears, model.dtype_bytes)
-        out.transient_gpu_bytes = moment_bytes(linears)
+        out.setup_gpu_bytes = moment_bytes(linears) + projector_bytes(linears, 4)
     if method.kl_weight > 0:
         out.host_bytes["anchor cache"] = anchor_cache_bytes(model, m, method.branches)
     out.delta_bytes = params * model.dtype_bytes
@@ -361,7 +361,7 @@ def route_cost(model: ModelShape, method: MethodShape, concepts: int, route: str
     task = run_cost(model, method, 1, anchors_per_concept, pairs_per_concept)
     out = RouteCost(method.name, route, concepts, task.steps * concepts, gpu_bytes=dict(task.gpu_bytes),
                     host_bytes=dict(task.host_bytes), delta_bytes=task.delta_bytes,
-                    transient_gpu_bytes=task.transient_gpu_bytes)
+                    setup_gpu_bytes=task.setup_gpu_bytes)
     _add(out.flops, task.flops, concepts)
     out.fp64_flops = task.fp64_flops * concepts
     flops, fp64, host = compose_cost(model, method, concepts, route, pairs_per_concept, kept_prompts)
