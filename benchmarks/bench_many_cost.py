@@ -337,12 +337,15 @@ def _compose_prompts(world, n: int, kept_objects) -> tuple[list[str], list[str]]
             world.sample(8, "train", stream=978, objects=kept_objects, styles=[None]).prompts)
 
 
-def _compose(bundle, paths, sets, kept, how: str, gw: float) -> None:
-    """One composition as ``merge`` runs it: ``sum`` streams (``apply_deltas``), the others ``compose_deltas``."""
+def _compose(bundle, paths, sets, kept, how: str, gw: float, in_place: bool = False) -> None:
+    """One composition as ``merge`` runs it: ``sum`` streams (``apply_deltas``; ``in_place``: into the loaded
+    model, as ``merge`` does, else restored afterwards), the others ``compose_deltas``."""
     from ear_dist.models.compose import compose_deltas
-    from ear_dist.models.delta import applied_deltas
+    from ear_dist.models.delta import applied_deltas, apply_deltas
 
-    if how == "sum":
+    if how == "sum" and in_place:
+        apply_deltas(bundle.model, paths)
+    elif how == "sum":
         with applied_deltas(bundle.model, paths):
             pass
     else:
@@ -388,7 +391,7 @@ def compose_child(args) -> int:
     paths = [str(Path(tmp) / f"d{i}.safetensors") for i in range(n)]
     with PeakRss() as rss:
         t = time.perf_counter()
-        _compose(bundle, paths, sets, kept, how, cfg.world.guidance_weight)
+        _compose(bundle, paths, sets, kept, how, cfg.world.guidance_weight, in_place=True)
         seconds = time.perf_counter() - t
     print(json.dumps({"growth": rss.growth, "seconds": seconds}))
     return 0
@@ -401,7 +404,7 @@ def _host(row: dict) -> str:
 
 def projection(args) -> dict:
     """The Janus-Pro-7B tables: every method and route at N = 20 (and --project-n), per-step parts."""
-    from ear_dist.many.cost import (GIB, PROMPT_LEN_7B, ModelShape, anchor_count, peak_host_bytes, recipe_shape,
+    from ear_dist.many.cost import (GIB, H100_BF16, H100_FP64, PROMPT_LEN_7B, ModelShape, anchor_count, peak_host_bytes, recipe_shape,
                                     route_cost, step_flops)
     from ear_dist.models.janus.presets import preset_config
 
@@ -451,6 +454,20 @@ def projection(args) -> dict:
               f"{r['h100_seconds'] / 3600:,.1f} | {r['h100_seconds_per_concept']:,.0f} | {gpu:,.1f} | "
               f"{r['setup_gpu_gib']:,.1f} | "
               f"{_host(r)} | {r['delta_gib']:.2f} |")
+    print(f"\nThe composition alone at N = {n_main} (in the totals above; `merge` runs it on the CPU, where the "
+          "base model is loaded):\n")
+    print("| method | composition | model FLOPs, PFLOP (rollouts, moments, projection) | float64 eigh, PFLOP | "
+          "H100-s at the same utilisation |")
+    print("|---|---|---|---|---|")
+    for r in res["rows"]:
+        if r["concepts"] != n_main or r["route"] == "joint":
+            continue
+        model_f = sum(v for k, v in r["flops"].items() if k.startswith("compose: "))
+        joint_like = next(x for x in res["rows"] if x["concepts"] == n_main and x["method"] == r["method"]
+                          and x["route"] == "sum")
+        fp64 = r["fp64_flops"] - joint_like["fp64_flops"]  # the tasks' own projector eigh, the same in every route
+        seconds = model_f / (H100_BF16 * args.mfu) + fp64 / (H100_FP64 * args.mfu)
+        print(f"| {r['method']} | {r['route']} | {model_f / 1e15:,.2f} | {fp64 / 1e15:,.2f} | {seconds:,.0f} |")
     print("\nH100-seconds per concept by the number of concepts N:\n")
     print("| method | route | " + " | ".join(f"N = {n}" for n in ns) + " |")
     print("|---|---|" + "---|" * len(ns))

@@ -87,7 +87,7 @@ def test_routes_add_up():
     assert compose_cost(MODEL, m, 1, "sum", 32, 64)[2] == {"reading and summing": (8 + 8 + 4) * params}
     ties = compose_cost(MODEL, m, 20, "ties", 32, 64)[2]
     assert ties["summing"] == 4 * params * 20 + 8 * params
-    assert ties["reading"] == 4 * params * 19 + 20 * params
+    assert ties["reading"] == 4 * params * 20 + 8 * params + 4 * params
     assert compose_peak_bytes(ties) == max(ties.values())
     project = compose_cost(MODEL, m, 20, "project", 32, 64)
     # 21 prompt sets x one eigh per linear, and 20 unions x one per linear: 9 n^3 each

@@ -309,23 +309,24 @@ def compose_cost(model: ModelShape, method: MethodShape, deltas: int, how: str, 
     """(bf16-rate FLOPs by part, fp64 FLOPs, host bytes by phase) of composing ``deltas`` deltas by ``how``.
 
     Host memory, by phase (the composition's peak is the largest; ``P`` trained parameters, ``d`` the deltas'
-    bytes per value): reading a delta while the one before is still referenced (``delta_changes`` is a
-    generator) holds two float64 change sets and the file's tensors, ``16 P + d P`` (one delta: ``8 P + d P``); ``sum`` adds them to a
-    float64 sum (``8 P``) and holds nothing else; ``ties`` and ``project`` hold every delta's changes in float32
-    (``4 P`` each), then ``project`` the float64 input moment of every prompt set and linear, each set's basis
-    (a slice of its whole ``in x in`` eigenvector matrix, which it keeps) and each delta's union basis
-    (``[in, k]``, ``k <= in``: counted as a bound, under ``BOUND``), and both sum the result in float64.
+    bytes per value). ``sum`` (``apply_deltas``) streams: a float64 sum (``8 P``), the float64 changes of the
+    delta it reads and of the one before, still referenced while ``delta_changes`` (a generator) reads the next
+    (``16 P``; one delta: ``8 P``), and the file's tensors (``d P``). ``ties`` and ``project`` hold every delta's
+    changes in float32 (``4 P`` each; while one is converted, its float64 changes and the file's tensors too),
+    then ``project`` the float64 input moment of every prompt set and linear, each set's basis (a slice of its
+    whole ``in x in`` eigenvector matrix, which it keeps) and each delta's union basis (``[in, k]``,
+    ``k <= in``: counted as a bound, under ``BOUND``); both sum the result in float64.
     """
     params = trained_params(model, method)
     linears = trained_linears(model, method)
     flops: dict[str, float] = {}
     fp64 = 0.0
     reading = (16 if deltas > 1 else 8) * params + model.dtype_bytes * params
-    if how == "sum":  # apply_deltas streams
+    if how == "sum":
         return flops, fp64, {"reading and summing": reading + 8 * params}
     linear_params = sum(w.out * w.inp for w in linears)
     held = 4 * params * deltas
-    host = {"reading": 4 * params * (deltas - 1) + reading, "summing": held + 8 * params}
+    host = {"reading": held + 8 * params + model.dtype_bytes * params, "summing": held + 8 * params}
     if how == "ties":  # per tensor: trim (top-k), stack, elect, mean: a few passes over N float32 copies
         # per tensor: the trimmed copies, their stack and the agreeing entries' values, N of each
         host["merging"] = held + 3 * 4 * max(w.out * w.inp for w in linears) * deltas
