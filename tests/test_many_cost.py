@@ -8,9 +8,9 @@ import torch
 
 from ear_dist.many.cost import (GIB, compose_peak_bytes, MethodShape, ModelShape, anchor_cache_bytes, anchor_count, compose_cost,
                                 decoder_linears, moment_bytes, projection_flops, projector_bytes, recipe_shape,
-                                peak_host_bytes, route_cost, run_cost, step_flops, trained_params, train_state_bytes)
+                                peak_host_bytes, route_cost, run_cost, setup_flops, step_flops, trained_params, train_state_bytes)
 from ear_dist.models.janus.presets import preset_config, tiny_config
-from ear_dist.telemetry.flops import executed_train_flops_per_token, frozen_forward_flops_per_token
+from ear_dist.telemetry.flops import executed_train_flops_per_token, frozen_forward_flops_per_token, rollout_flops
 
 # hidden 8, intermediate 12, 2 heads of 4, 3 layers; 2 x 2 = 4 image tokens over 16 codes
 CONFIG = tiny_config(text_vocab_size=256, hidden_size=8, num_layers=3, num_heads=2, intermediate_size=12,
@@ -63,6 +63,15 @@ def test_step_flops_by_hand():
     assert parts["null-space projection"] == pytest.approx(2 * 2 * 2 * 18944 + 18944 / 10)
     plain = step_flops(MODEL, method(nullspace=False, kl_weight=0.0), anchors=0)
     assert set(plain) == {"teacher", "student"}
+    setup = setup_flops(MODEL, m, anchors=3)
+    assert setup["anchor rollouts"] == rollout_flops(f, 3, 4, 3)
+    assert setup["anchor distributions"] == setup["projector inputs"] == 2 * 3 * 7 * ff(7)
+    assert setup["projector moments (fp64)"] == 2 * 3 * 7 * 2 * (2 * 528)
+    # one eigh per distinct input of a layer: 9 (8^3 + 8^3 + 8^3 + 12^3), two layers
+    assert setup["projector eigh (fp64)"] == 2 * 9 * (3 * 512 + 1728)
+    run = run_cost(MODEL, m, 1, anchors_per_concept=0, pairs_per_concept=2, steps=1)
+    assert run.fp64_flops == setup_flops(MODEL, m, 64)["projector moments (fp64)"] + 2 * 9 * (3 * 512 + 1728)
+    assert setup_flops(MODEL, method(nullspace=False, kl_weight=0.0), anchors=3) == {}
 
 
 def test_routes_add_up():
@@ -92,7 +101,9 @@ def test_routes_add_up():
     project = compose_cost(MODEL, m, 20, "project", 32, 64)
     # 21 prompt sets x one eigh per linear, and 20 unions x one per linear: 9 n^3 each
     linears = decoder_linears(CONFIG, (1, 2))
-    assert project[1] == 41 * sum(9 * w.inp ** 3 for w in linears)
+    # float64: the moments (2 in^2 per token of 2 rows of 7 tokens of 20 x 32 + 64 prompts), the eighs
+    moments = 2 * (20 * 32 + 64) * 7 * sum(2 * w.inp ** 2 for w in linears)
+    assert project[1] == moments + 41 * sum(9 * w.inp ** 3 for w in linears)
     assert project[2]["projecting"] == 4 * params * 20 + 2 * 21 * moment_bytes(linears)
     assert project[2]["at most: projecting, with the unions"] == project[2]["projecting"] + 20 * moment_bytes(linears)
     composed = route_cost(MODEL, m, 20, "project", anchors_per_concept=16, pairs_per_concept=32, kept_prompts=64)

@@ -15,8 +15,8 @@ forward ``2 N + 4 L h s`` per token, the partly frozen training step as
 - **null space** (``preserve.nullspace``): every student forward materialises ``W0 + E P`` for each edited
   linear (``2 out in^2`` FLOPs), its backward the gradient through ``P`` (as much again);
 - **a run's setup**: the anchors' CFG rollouts, their teacher distributions (one forward), the input moments
-  (another forward, ``2 in^2`` per token and row per edited linear) and one eigendecomposition per distinct
-  projector (``EIGH_FLOPS_PER_N3 n^3``, symmetric with vectors, Golub and Van Loan);
+  (another forward, then ``2 in^2`` float64 FLOPs per token and row per edited linear) and one float64
+  eigendecomposition per distinct projector (``EIGH_FLOPS_PER_N3 n^3``, symmetric with vectors, Golub and Van Loan);
 - **the filter stage**: one CFG rollout per generated pair (``pairs_per_concept``), the same for both routes;
 - **composition** (``ear_dist.models.compose``): ``sum`` streams the deltas (``apply_deltas``); ``ties`` and
   ``project`` hold every delta's linear changes in float32; ``project`` also samples and teacher-forces each
@@ -218,7 +218,8 @@ def step_flops(model: ModelShape, method: MethodShape, anchors: int) -> dict[str
 
 
 def setup_flops(model: ModelShape, method: MethodShape, anchors: int) -> dict[str, float]:
-    """A run's one-off work before its first step: the anchors' rollouts and distributions, the projectors."""
+    """A run's one-off work before its first step: the anchors' rollouts and distributions, the projectors
+    (the parts named ``(fp64)`` run in float64: the input moments and the eigendecompositions)."""
     if not method.uses_anchors or anchors == 0:
         return {}
     f, seq = model.flops, model.prompt_len + model.image_tokens
@@ -228,7 +229,8 @@ def setup_flops(model: ModelShape, method: MethodShape, anchors: int) -> dict[st
     if method.nullspace:
         linears = trained_linears(model, method)
         distinct = {(w.layer, w.inputs): w.inp for w in linears}
-        parts["projector inputs"] = forward + 2 * anchors * seq * sum(2 * w.inp * w.inp for w in linears)
+        parts["projector inputs"] = forward
+        parts["projector moments (fp64)"] = 2 * anchors * seq * sum(2 * w.inp * w.inp for w in linears)
         parts["projector eigh (fp64)"] = sum(eigh_flops(n) for n in distinct.values())
     return parts
 
@@ -290,7 +292,7 @@ def run_cost(model: ModelShape, method: MethodShape, concepts: int, anchors_per_
                                                       pairs_per_concept * concepts)})
     _add(out.flops, step_flops(model, method, m), steps)
     setup = setup_flops(model, method, m)
-    out.fp64_flops = setup.pop("projector eigh (fp64)", 0.0)
+    out.fp64_flops = sum(setup.pop(k) for k in [k for k in setup if k.endswith("(fp64)")])
     _add(out.flops, setup)
     params = trained_params(model, method)
     linears = trained_linears(model, method)
@@ -338,10 +340,10 @@ def compose_cost(model: ModelShape, method: MethodShape, deltas: int, how: str, 
     sets = [prompts_per_concept] * deltas + ([kept_prompts] if kept_prompts else [])
     prompts = sum(sets)
     flops["prompt rollouts"] = rollout_flops(f, model.prompt_len, model.image_tokens, prompts)
-    flops["input moments"] = 2 * prompts * seq * (frozen_forward_flops_per_token(f, seq)
-                                                  + sum(2 * w.inp * w.inp for w in linears))
+    flops["prompt forwards"] = 2 * prompts * seq * frozen_forward_flops_per_token(f, seq)
+    moments = 2 * prompts * seq * sum(2 * w.inp * w.inp for w in linears)  # x^T x in float64
     flops["projection"] = deltas * sum(4 * w.out * w.inp * w.inp for w in linears)
-    fp64 = (len(sets) + deltas) * sum(eigh_flops(w.inp) for w in linears)
+    fp64 = moments + (len(sets) + deltas) * sum(eigh_flops(w.inp) for w in linears)
     # every set's moment and basis: principal_basis returns a slice of the whole in x in eigenvector matrix
     host["projecting"] = held + 2 * len(sets) * moment_bytes(linears)
     host[f"{BOUND}projecting, with the unions"] = host["projecting"] + deltas * moment_bytes(linears)
