@@ -393,8 +393,8 @@ def _host(row: dict) -> str:
 
 def projection(args) -> dict:
     """The Janus-Pro-7B tables: every method and route at N = 20 (and --project-n), per-step parts."""
-    from ear_dist.many.cost import (GIB, H100_BF16, H100_FP64, PROMPT_LEN_7B, ModelShape, anchor_count, peak_host_bytes, recipe_shape,
-                                    route_cost, step_flops)
+    from ear_dist.many.cost import (GIB, H100_BF16, H100_FP64, PROMPT_LEN_7B, ModelShape, anchor_count,
+                                    peak_host_bytes, recipe_shape, route_cost, step_flops, trained_params)
     from ear_dist.models.janus.presets import preset_config
 
     config = preset_config("janus-pro-7b")
@@ -412,7 +412,6 @@ def projection(args) -> dict:
     print("|---|---|---|---|---|---|---|---|---|")
     for label, (_, recipe) in RECIPES.items():
         shape = recipe_shape(recipe, layers)
-        from ear_dist.many.cost import trained_params
         parts = step_flops(big, shape, anchor_count(shape, 20, args.anchors_per_concept))
         cells = [parts.get(k, 0.0) / 1e15 for k in ("teacher", "student", "anchors' KL", "drift refresh",
                                                       "null-space projection")]

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from ear_dist.many.cost import (GIB, compose_peak_bytes, MethodShape, ModelShape, anchor_cache_bytes, anchor_count, compose_cost,
-                                decoder_linears, moment_bytes, projection_flops, projector_bytes, recipe_shape,
-                                peak_host_bytes, route_cost, run_cost, setup_flops, step_flops, trained_params, train_state_bytes)
+from ear_dist.many.cost import (GIB, MethodShape, ModelShape, anchor_cache_bytes, anchor_count, compose_cost,
+                                compose_peak_bytes, decoder_linears, moment_bytes, peak_host_bytes, projection_flops,
+                                projector_bytes, recipe_shape, route_cost, run_cost, setup_flops, step_flops,
+                                train_state_bytes, trained_params)
 from ear_dist.models.janus.presets import preset_config, tiny_config
 from ear_dist.telemetry.flops import executed_train_flops_per_token, frozen_forward_flops_per_token, rollout_flops
 

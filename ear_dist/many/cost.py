@@ -268,7 +268,8 @@ class RouteCost:
     def as_dict(self, mfu: float) -> dict:
         return {"method": self.method, "route": self.route, "concepts": self.concepts, "steps": self.steps,
                 "flops": self.flops, "fp64_flops": self.fp64_flops, "total_flops": self.total_flops,
-                "h100_seconds": self.h100_seconds(mfu), "h100_seconds_per_concept": self.h100_seconds(mfu) / self.concepts,
+                "h100_seconds": self.h100_seconds(mfu),
+                "h100_seconds_per_concept": self.h100_seconds(mfu) / self.concepts,
                 "gpu_gib": {k: v / GIB for k, v in self.gpu_bytes.items()},
                 "host_gib": {k: v / GIB for k, v in self.host_bytes.items()},
                 "delta_gib": self.delta_bytes / GIB, "setup_gpu_gib": self.setup_gpu_bytes / GIB}
