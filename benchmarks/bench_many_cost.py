@@ -444,7 +444,7 @@ def projection(args) -> dict:
               f"{_host(r)} | {r['delta_gib']:.2f} |")
     print(f"\nThe composition alone at N = {n_main} (in the totals above; `merge` runs it on the CPU, where the "
           "base model is loaded):\n")
-    print("| method | composition | model FLOPs, PFLOP (rollouts, moments, projection) | float64 eigh, PFLOP | "
+    print("| method | composition | model FLOPs, PFLOP (rollouts, forwards, projection) | float64 FLOPs, PFLOP (moments, eigh) | "
           "H100-s at the same utilisation |")
     print("|---|---|---|---|---|")
     for r in res["rows"]:
