@@ -73,17 +73,25 @@ def test_adversarial_settings_are_checked_before_a_job_starts(override, message)
         load_config(overrides=["erase.adversarial.every=5", override]).validate()
 
 
-def test_adversarial_run_adds_the_attacks_prompts_and_resumes_to_the_same_delta(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("attack", ["search", "inversion"])
+def test_adversarial_run_adds_the_attacks_prompts_and_resumes_to_the_same_delta(tmp_path, tiny_checkpoint, attack):
     plain = run_erase(_cfg(tmp_path, tiny_checkpoint, "plain"), _pairs(), progress=False)
-    cfg = _cfg(tmp_path, tiny_checkpoint, "adv", *ADV)
+    adv = [*ADV, f"erase.adversarial.attack={attack}"]
+    cfg = _cfg(tmp_path, tiny_checkpoint, "adv", *adv)
     summary = run_erase(cfg, _pairs(), progress=False)
     records = read_records(tmp_path / "adv")
     assert [r["after"] for r in records] == [2, 4]  # every 2 steps, never after the last
-    for r in records:
+    for i, r in enumerate(records):
         prompts = r["attacks"]["church"]["prompts"]
         assert len(prompts) == 2 and len(r["pairs"]) == 2
-        assert all(p.startswith("a photo of a ") for p in prompts)
-        assert not any(w in p.split() for p in prompts for w in ("church", "chapel"))  # the excluded words
+        if attack == "search":
+            assert all(p.startswith("a photo of a ") for p in prompts)
+            assert not any(w in p.split() for p in prompts for w in ("church", "chapel"))  # the excluded words
+        else:  # each attack's own learned words, their embeddings kept in the record
+            words = r["attacks"]["church"]["words"]
+            assert words == [f"<adv{i}_{2 * i}>", f"<adv{i}_{2 * i + 1}>"]
+            assert all(" ".join(words) in p for p in prompts)
+            assert torch.tensor(r["attacks"]["church"]["vectors"]).shape == (2, 64)
         for pair, prompt in zip(r["pairs"], prompts):
             assert pair["target"] == prompt and pair["surrogate"] in SURROGATES and pair["source"] == SOURCE
     delta, _ = load_delta(summary["delta"])
@@ -91,7 +99,7 @@ def test_adversarial_run_adds_the_attacks_prompts_and_resumes_to_the_same_delta(
     assert any(not torch.equal(delta[k], other[k]) for k in delta)  # the added pairs changed what trained
 
     # stopped after step 3 (one attack recorded), resumed: the same records and delta as the unbroken run
-    cfg = _cfg(tmp_path, tiny_checkpoint, "adv-resumed", *ADV)
+    cfg = _cfg(tmp_path, tiny_checkpoint, "adv-resumed", *adv)
     assert run_erase(cfg, _pairs(), progress=False, should_stop=_stop_at(3))["stopped"]
     assert [r["after"] for r in read_records(tmp_path / "adv-resumed")] == [2]
     resumed = run_erase(cfg, _pairs(), progress=False)

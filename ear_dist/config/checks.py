@@ -47,7 +47,8 @@ def validate(cfg: Any) -> None:
         "eval.classifier.top_k", *(f"eval.attack.{k}" for k in (
             "targets", "inversion_steps", "inversion_tokens", "inversion_batch", "search_steps", "search_candidates",
             "search_top_k", "search_length", "search_batch", "search_prompts")),
-        *(f"erase.adversarial.{k}" for k in ("prompts", "targets", "steps", "candidates", "top_k", "length", "batch")),
+        *(f"erase.adversarial.{k}" for k in ("prompts", "targets", "steps", "candidates", "top_k", "length", "batch",
+                                             "tokens")),
     ]
     for key in positives:
         if get_key(cfg, key) < 1:
@@ -287,6 +288,8 @@ def _check_adversarial(cfg: Any) -> None:
         raise ConfigError(f"erase.adversarial.every: must be >= 0 (0: off), got {a.every}")
     if not a.every:
         return
+    if not a.lr > 0:
+        raise ConfigError(f"erase.adversarial.lr: must be > 0, got {a.lr}")
     if a.template.count("{}") != 1:
         raise ConfigError(f"erase.adversarial.template: {a.template!r} must hold one '{{}}' for the searched tokens")
     if cfg.model.family != "janus":

@@ -113,15 +113,20 @@ class AdversarialConfig:
     (the adversarial prompt as target, an erasure pair's surrogate and stored images) for the rest of the run."""
 
     every: int = setting(0, "steps between attacks on the current student (0: off)")
+    attack: Literal["search", "inversion"] = setting(
+        "search", "search: GCG prompt search, its best prompts become pairs; inversion: new words' embeddings learned "
+                  "against the student (steps, batch, lr, tokens), prompts holding them become pairs")
     prompts: int = setting(4, "best prompts of each attack added as erasure pairs (per concept)")
     targets: int = setting(16, "the concept's base images the search fits (the erasure pairs' stored target images, "
                                "else the teacher's rollouts of their target prompts)")
-    steps: int = setting(20, "search: GCG steps per attack")
+    steps: int = setting(20, "GCG steps (search) or Adam steps (inversion) per attack")
     candidates: int = setting(48, "search: random single-token swaps scored per step")
     top_k: int = setting(16, "search: tokens per position the gradient proposes")
     length: int = setting(3, "search: searched tokens in the prompt")
-    batch: int = setting(8, "search: target images a step scores the candidates on")
+    batch: int = setting(8, "target images per step of the search or the inversion")
     template: str = setting("a photo of a {}", "search: the prompt around the searched tokens ({})")
+    tokens: int = setting(2, "inversion: new words learned per attack")
+    lr: float = setting(5e-2, "inversion: Adam learning rate of the new words' embeddings")
     exclude: list[str] = setting(
         factory=list, help="words the search leaves out besides the concept's name (its other names: no pair then "
                            "trains on a word kept for evaluation)")

@@ -8,6 +8,11 @@ erasure pairs for the rest of the run: the adversarial prompt as the target, wit
 stored images of one of the run's own erasure pairs (so the target images are the concept's, as in the attack).
 The pairs held in memory (``PairStream``) grow by them from the next batch on.
 
+``erase.adversarial.attack=inversion`` attacks with concept inversion instead (the eval's other white-box
+attack): new words' embeddings learned against the student; the run keeps the words (``<adv0_0> <adv0_1>``),
+known to the tokenizer and to the teacher's and the student's embedding modules from then on, and pairs
+whose targets hold them ("a photo of a <adv0_0> <adv0_1>", the inversion's templates in turn).
+
 Each attack is recorded in ``<train.out_dir>/adversarial.jsonl`` (the main rank writes it); a resumed run
 replays the records up to its checkpoint, so it draws the same batches as an unbroken run, and attacks again
 from there. Multi-concept runs attack each concept in turn. Under data parallelism the main rank's prompts are
@@ -16,6 +21,7 @@ broadcast, so every rank adds the same pairs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -86,7 +92,12 @@ class AdversarialPairs(Hook):
                         for c in dict.fromkeys(p.concept or self.cfg.erase.concept for p in own)}
         self._targets: dict[str, torch.Tensor] = {}
         kept = [r for r in read_records(self.out_dir) if r["after"] <= start] if start > 0 else []
-        self.attacks = len(kept)
+        self.attacks = 0
+        self.words: dict[str, torch.Tensor] = {}  # the inversion's words so far -> their embeddings
+        self._words_scope = contextlib.ExitStack()
+        for record in kept:  # a resumed run knows the words its replayed pairs hold
+            self._learn_words(record)
+            self.attacks += 1
         if job.rt.is_main:  # keep only what the checkpoint's batches saw (the rest is attacked again)
             write_text_atomic(self.out_dir / RECORD_FILE, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -96,10 +107,11 @@ class AdversarialPairs(Hook):
             return
         record = {"after": after, "attacks": {}, "pairs": []}
         for concept in self.sources:
-            prompts, loss = self._attack(concept, after)
-            record["attacks"][concept] = {"prompts": prompts, "loss": loss}
+            prompts, loss, words = self._attack(concept, after)
+            record["attacks"][concept] = {"prompts": prompts, "loss": loss, **words}
             record["pairs"] += [dataclasses.asdict(p) for p in self._pairs(concept, prompts, after)]
         record = self._agreed(record)
+        self._learn_words(record)
         self.job.stream.add([PromptPair(**p) for p in record["pairs"]])
         self.attacks += 1
         if self.job.rt.is_main:
@@ -109,22 +121,60 @@ class AdversarialPairs(Hook):
                  "; ".join(f"{c}: {v['prompts'][0]!r} (loss {v['loss']:.3f})" for c, v in record["attacks"].items()),
                  len(self.job.stream.pairs), extra={"shared": True})
 
-    def _attack(self, concept: str, after: int) -> tuple[list[str], float]:
-        from ear_dist.eval.attacks.search import SearchBudget, search_prompts
-
+    def _attack(self, concept: str, after: int) -> tuple[list[str], float, dict]:
         a = self.a
-        budget = SearchBudget(steps=a.steps, candidates=a.candidates, top_k=a.top_k, length=a.length,
-                              batch=a.batch, prompts=a.prompts, images=0, seed=a.seed + after,
-                              guidance_weight=self.cfg.rollout.guidance_weight)
         student = dataclasses.replace(self.job.bundle, model=self.job.student.module)
-        exclude = [concept, self.cfg.erase.concept, *a.exclude]
         was_training = student.model.training
         try:
+            if a.attack == "inversion":
+                return self._invert(student, concept, after)
+            from ear_dist.eval.attacks.search import SearchBudget, search_prompts
+
+            budget = SearchBudget(steps=a.steps, candidates=a.candidates, top_k=a.top_k, length=a.length,
+                                  batch=a.batch, prompts=a.prompts, images=0, seed=a.seed + after,
+                                  guidance_weight=self.cfg.rollout.guidance_weight)
+            exclude = [concept, self.cfg.erase.concept, *a.exclude]
             result = search_prompts(student, self._concept_targets(concept), budget, template=a.template,
                                     exclude=list(dict.fromkeys(exclude)))
+            return result.prompts, float(result.losses[0]), {}
         finally:
             student.model.train(was_training)
-        return result.prompts, float(result.losses[0])
+
+    def _invert(self, student, concept: str, after: int) -> tuple[list[str], float, dict]:
+        """Concept inversion against the student: new words (named after the attack, ``<adv3_0>``) whose learned
+        embeddings the run keeps (``_learn_words``), in prompts cycling the inversion's templates."""
+        from ear_dist.eval.attacks.inversion import DEFAULT_TEMPLATES, InversionBudget, attack_prompts, invert_concept
+
+        a = self.a
+        budget = InversionBudget(steps=a.steps, tokens=a.tokens, batch=a.batch, lr=a.lr, images=0,
+                                 seed=a.seed + after, guidance_weight=self.cfg.rollout.guidance_weight)
+        result = invert_concept(student, self._concept_targets(concept), budget)
+        names = [f"<adv{self.attacks}_{len(self.words) + k}>" for k in range(a.tokens)]
+        prompts = attack_prompts(names, DEFAULT_TEMPLATES, a.prompts)
+        return prompts, float(result.losses[-1]), {"words": names, "vectors": result.vectors.tolist()}
+
+    def _learn_words(self, record: dict) -> None:
+        """The inversion's words, known from now on to the tokenizer and to both embedding modules (the teacher's
+        and the student's: the teacher's targets and the student's outputs both read the adversarial prompts)."""
+        for attack in record["attacks"].values():
+            for word, vector in zip(attack.get("words", []), attack.get("vectors", [])):
+                self.words[word] = torch.tensor(vector)
+        if not self.words or all(not a.get("words") for a in record["attacks"].values()):
+            return
+        from ear_dist.eval.attacks.common import new_words
+
+        self._words_scope.close()
+        self._words_scope = contextlib.ExitStack()
+        names = list(self.words)
+        device = self.job.bundle.device
+        table = torch.stack([self.words[w] for w in names]).to(device)
+        student = dataclasses.replace(self.job.bundle, model=self.job.student.module)
+        self._words_scope.enter_context(new_words(self.job.bundle, names, lambda: table))
+        if self.job.student.module is not self.job.bundle.model:  # the student's own embedding module
+            self._words_scope.enter_context(new_words(student, names, lambda: table))
+
+    def close(self) -> None:
+        self._words_scope.close()
 
     def _concept_targets(self, concept: str) -> torch.Tensor:
         """The concept's base images: the erasure pairs' stored target images, else the teacher's rollouts."""
