@@ -144,6 +144,9 @@ def test_the_recipes_carry_the_large_world():
     assert (mini_cfg.vocabulary, mini_cfg.objects, mini_cfg.styles, mini_cfg.synonyms) == ("generated", 8, 3, 3)
     large = load_config(recipes=["world-large"]).world
     assert large.objects >= 40 and large.styles >= 10 and large.synonyms == 3
+    for name in ("world-large-mini", "world-large"):  # the build is judged at the CFG the world is sampled with
+        cfg = load_config(recipes=[name])
+        assert cfg.world.guidance_weight == cfg.rollout.guidance_weight == 3.0
     for cfg in (mini_cfg, large):  # the code layout fits
         world = World(WorldConfig(**{**cfg.__dict__, "calibration_samples": 300}))
         assert world.layout.group_size >= 2

@@ -263,10 +263,12 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
         if step % c.eval_every == 0 and step < c.max_steps:
             check = len(history)
             accuracy = evaluate_model(world, bundle, eval_sets[check % 2], seed=check * len(eval_sets[0]))
-            worst = min(required_concepts(accuracy, world).items(), key=lambda kv: kv[1])
+            required = required_concepts(accuracy, world)
+            worst = min(required.items(), key=lambda kv: kv[1])
+            mean = float(np.mean(list(required.values())))
             history.append({"step": step, "loss": float(loss.item()), "seconds": time.perf_counter() - started,
-                            "min_accuracy": worst[1], "worst": worst[0]})
-            log(f"step {step}: loss {loss.item():.3f}, lowest accuracy {worst[1]:.3f} ({worst[0]})")
+                            "min_accuracy": worst[1], "worst": worst[0], "mean_accuracy": mean})
+            log(f"step {step}: loss {loss.item():.3f}, lowest accuracy {worst[1]:.3f} ({worst[0]}), mean {mean:.3f}")
     if bar is not None:
         bar.close()
     model.eval()
