@@ -13,13 +13,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _default_sigint():
+    """The child starts with SIGINT's default disposition, as under a terminal: a suite started in the background
+    by a shell without job control has SIGINT ignored, and a child inherits that (Python then keeps it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_sigint_during_generate_is_one_line_and_exit_130(tiny_checkpoint, tmp_path):
     out = tmp_path / "images"
     proc = subprocess.Popen([sys.executable, "-m", "ear_dist", "generate", "--model", str(tiny_checkpoint),
                              "--prompt", "a church", "--images-per-prompt", "100000", "--out", str(out),
                              "--set", "model.device=cpu"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                            preexec_fn=_default_sigint)
     seen = ""
     while "generating" not in seen:  # tqdm's first bar (no newline after it): generation has begun
         char = proc.stderr.read(1)
