@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from ear_dist.eval.attacks.whitebox import budgets, target_prompts
     from ear_dist.models.delta import applied_deltas
     from ear_dist.models.family import load_model
-    from ear_dist.world.concepts import concept_words
+    from ear_dist.world.concepts import all_concept_words
     from ear_dist.world.erasure import run_world_erasure
     from ear_dist.world.pretrain import build_world_model, refuse_missed_target
     from ear_dist.world.world import World
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
           f"{IMAGES} images per attack; run directory {out}", flush=True)
     rows = []
     for concept in concepts:
-        words = [w for s in ("train", "validation", "heldout") for w in concept_words(world, concept, s)]
+        words = all_concept_words(world, [concept])
         targets = sample_targets(model, target_prompts(concept, a.targets), a.seed, cfg.world.guidance_weight)
         for seed in args.seeds:
             inversion, search = budgets(cfg)

@@ -113,10 +113,9 @@ def searched_out_words(erased: list[ConceptEntry], target: Target) -> list[str]:
     their splits, so no adversarial pair trains on a word the evaluation keeps)."""
     words = [w for e in erased for w in [e.name, *e.words]]
     if target.is_world:
-        from ear_dist.world.concepts import concept_words
+        from ear_dist.world.concepts import all_concept_words
 
-        words += [w for e in erased for split in ("train", "validation", "heldout")
-                  for w in concept_words(target.world, e.name, split)]
+        words += all_concept_words(target.world, [e.name for e in erased])
     return list(dict.fromkeys(words))
 
 

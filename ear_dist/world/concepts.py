@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ear_dist.world.vocabulary import WORD_SPLITS, Vocabulary
 
-__all__ = ["WORD_SPLITS", "world_concepts", "object_concepts", "style_concepts", "concept_words"]
+__all__ = ["WORD_SPLITS", "world_concepts", "object_concepts", "style_concepts", "concept_words", "all_concept_words"]
 
 
 def _vocab(world) -> Vocabulary:
@@ -47,3 +47,9 @@ def style_concepts(world) -> list[str]:
 def concept_words(world, concept: str, split: str) -> tuple[str, ...]:
     """The words of ``concept`` in one split (see the module docstring; a style's names lowercased)."""
     return _vocab(world).words(concept, split)
+
+
+def all_concept_words(world, concepts) -> list[str]:
+    """Every word of ``concepts`` over the splits (train, validation, held out), each once: what an attack or an
+    adversarial search must leave out."""
+    return list(dict.fromkeys(w for c in concepts for split in WORD_SPLITS for w in concept_words(world, c, split)))

@@ -33,7 +33,7 @@ from ear_dist.eval import figures
 from ear_dist.models.family import as_image_model, detect_family, load_model
 from ear_dist.models.interface import ImageModel
 from ear_dist.world.world import World
-from ear_dist.world.concepts import concept_words
+from ear_dist.world.concepts import all_concept_words, concept_words
 
 PAIR_STREAM, ANCHOR_STREAM = 202, 303
 
@@ -82,9 +82,7 @@ def with_anchor_prompts(world: World, erased: Sequence[str], sets: Sequence[str]
     every = value("erase.adversarial.every")
     if every not in ("", "0") and not value("erase.adversarial.exclude"):
         # the adversarial search never proposes an erased concept's words (its held-out ones are evaluation's)
-        words = [w for c in erased for split in ("train", "validation", "heldout")
-                 for w in concept_words(world, c, split)]
-        sets.append(f"erase.adversarial.exclude={json.dumps(list(dict.fromkeys(words)))}")
+        sets.append(f"erase.adversarial.exclude={json.dumps(all_concept_words(world, erased))}")
     if not wants or value("preserve.prompts") or value("preserve.prompts_file"):
         return sets
     return [*sets, f"preserve.prompts={json.dumps(anchor_prompts(world, erased, n))}"]
