@@ -264,3 +264,23 @@ def test_an_erased_group_the_base_never_draws_fails_the_bar_and_is_named():
     assert figures.meets_bar(after, kept) and figures.meets_bar(after, kept, base=drawn)
     assert figures.unmeasured(undrawn) == ["chapel"]
     assert not figures.meets_bar(after, kept, base=undrawn)
+
+
+def test_an_erased_concepts_validation_word_is_erasure_never_a_kept_concept():
+    """On a generated world the validation split's groups are the canonical word and the validation word; both
+    belong to the erased concept (an earlier harness scored the validation word as a kept concept at ratio ~0)."""
+    from benchmarks.harness.compare import concept_groups, outcome
+    from ear_dist.config import WorldConfig
+    from ear_dist.world import World
+
+    vocab = World(WorldConfig(vocabulary="generated", objects=8, styles=3, synonyms=3, codebook_size=384)).vocab
+    erased, kept = list(vocab.objects)[:2]
+    groups = {**concept_groups(erased, "validation", vocab), **concept_groups(kept, "validation", vocab)}
+    assert len(groups) == 4  # two concepts x (canonical word, validation word)
+    base = {g: 1.0 for g in groups}
+    after = {g: (0.0 if g.startswith(erased) else 0.9) for g in groups}
+    res = outcome(base, after, [erased], vocab=vocab)
+    assert sorted(res.erasure) == sorted(concept_groups(erased, "validation", vocab))
+    assert all(v == pytest.approx(1.0) for v in res.erasure.values())
+    assert sorted(res.preservation) == sorted(concept_groups(kept, "validation", vocab))
+    assert res.preservation_figures.mean == pytest.approx(0.9)

@@ -229,3 +229,72 @@ def test_joint_and_composed_erasure_both_erase_each_concept(default_world_model,
         for concept in ("church", "van gogh"):
             assert table[model][concept]["erasure_rate"] > table["before"][concept]["erasure_rate"] + 0.15, table
     assert (tmp_path / "multi_concept.md").is_file()
+
+
+class _StopAt(Exception):
+    pass
+
+
+@pytest.mark.slow  # three short builds
+def test_a_stopped_build_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """A build stopped mid-training, or after training during its judgement, loses at most the steps since its
+    last progress check: rerun, it resumes from the saved state and caches the same weights bit for bit."""
+    from ear_dist.world import pretrain as pt
+
+    whole_cfg = small_config(tmp_path / "whole", max_steps=6, eval_every=2, uncond_prob=0.5)  # drops: the stream matters
+    whole, whole_info = build_world_model(whole_cfg, progress=False, log=lambda _: None)
+    assert not (whole.with_name(whole.name + ".partial")).exists()
+
+    cfg = small_config(tmp_path / "stopped", max_steps=6, eval_every=2, uncond_prob=0.5)
+    real_call, calls = pt.PretrainingStep.__call__, []
+
+    def stop_at_step_5(self, step):
+        calls.append(step)
+        if step == 5:
+            raise _StopAt
+        return real_call(self, step)
+
+    monkeypatch.setattr(pt.PretrainingStep, "__call__", stop_at_step_5)
+    with pytest.raises(_StopAt):
+        build_world_model(cfg, progress=False, log=lambda _: None)
+    out = cache_root(cfg) / build_hash(World(cfg))
+    partial = out.with_name(out.name + ".partial")
+    assert not out.exists() and torch.load(partial / pt.PRETRAIN_STATE_FILE, weights_only=False)["step"] == 4
+
+    # the rerun trains steps 5 and 6 only, then stops in the judgement: the trained model is kept
+    calls.clear()
+    monkeypatch.setattr(pt.PretrainingStep, "__call__", lambda self, step: (calls.append(step), real_call(self, step))[1])
+    real_judge = pt.judge_build
+    monkeypatch.setattr(pt, "judge_build", lambda world, bundle: (_ for _ in ()).throw(_StopAt()))
+    messages = []
+    with pytest.raises(_StopAt):
+        build_world_model(cfg, progress=False, log=messages.append)
+    assert calls == [5, 6] and any("resuming the build after step 4 of 6" in m for m in messages)
+    assert torch.load(partial / pt.PRETRAIN_STATE_FILE, weights_only=False)["step"] == 6
+
+    # the third run only judges
+    calls.clear()
+    monkeypatch.setattr(pt, "judge_build", real_judge)
+    path, info = build_world_model(cfg, progress=False, log=lambda _: None)
+    assert calls == [] and info["resumed_after_step"] == 6 and not partial.exists()
+    assert [h["step"] for h in info["history"]] == [h["step"] for h in whole_info["history"]] == [2, 4]
+    assert info["accuracy"] == whole_info["accuracy"]
+    a = load_janus(str(whole), device="cpu", dtype="float32").model.state_dict()
+    b = load_janus(str(path), device="cpu", dtype="float32").model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_a_saved_state_of_another_build_is_not_resumed(tmp_path):
+    from ear_dist.world import pretrain as pt
+
+    cfg = small_config(tmp_path, max_steps=2, eval_every=2)
+    out = cache_root(cfg) / build_hash(World(cfg))
+    partial = out.with_name(out.name + ".partial")
+    partial.mkdir(parents=True)
+    torch.save({"build_hash": "0" * 16, "step": 1}, partial / pt.PRETRAIN_STATE_FILE)
+    messages = []
+    path, info = build_world_model(cfg, progress=False, log=messages.append)
+    assert "resumed_after_step" not in info and not any("resuming" in m for m in messages)

@@ -132,7 +132,9 @@ class Outcome:
 def outcome(base_hits: dict[str, float], hits: dict[str, float], erased: Sequence[str],
             base_floor: float = figures.BASE_FLOOR, vocab: Optional[Vocabulary] = None) -> Outcome:
     """Erasure of the erased concepts' groups, preservation ratio of every other group (zero base: excluded)."""
-    erased_groups = {g for c in erased for g in concept_groups(c, "heldout", vocab)}
+    # every group of an erased concept, whatever the split (a generated world's validation and held-out words are
+    # different groups): an erased concept's word is never scored as a kept concept
+    erased_groups = {g for c in erased for split in SPLITS for g in concept_groups(c, split, vocab)}
     erased_hits = {g: v for g, v in hits.items() if g in erased_groups}
     # the concept's own test prompts are the canonical word's group, named as the concept
     gone = figures.erasure(erased_hits, test_groups=[c for c in erased if c in erased_hits])

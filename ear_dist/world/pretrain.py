@@ -18,6 +18,11 @@ its target when every object (each synonym counted on its own) and style reaches
 is reported beside it. Nothing the checks do touches the training's random streams, so
 the weights depend only on the world, the settings and the thread count.
 
+The training state is saved beside the cache (``<build hash>.partial``) at every progress
+check and when training ends, before the judgement; a build that was stopped resumes from
+it (the same weights as an uninterrupted build) and the directory goes once the model is
+cached.
+
 The result is the family's model directory (for Janus a plain transformers checkpoint)
 under ``<cache>/<build hash>``; the hash covers the world and every pretraining setting, so
 a second build with the same config returns the cached model at once.
@@ -202,10 +207,40 @@ def pretraining_threads(config: WorldConfig):
         torch.set_num_threads(ambient)
 
 
-def pretrain(world: World, progress: bool = True, log: Callable[[str], None] = print):
-    """Train a fresh tiny model on the world with ``world.threads`` CPU threads; returns (bundle, info dict)."""
+def pretrain(world: World, progress: bool = True, log: Callable[[str], None] = print,
+             checkpoint_dir: Path | None = None):
+    """Train a fresh tiny model on the world with ``world.threads`` CPU threads; returns (bundle, info dict).
+
+    With ``checkpoint_dir`` the training state is saved there at every progress check and when
+    training ends (before the judgement), and a build that finds a state there resumes from it:
+    a stopped build loses at most ``eval_every`` steps, and the resumed weights equal an
+    uninterrupted build's bit for bit."""
     with pretraining_threads(world.config):
-        return _pretrain(world, progress, log)
+        return _pretrain(world, progress, log, checkpoint_dir)
+
+
+PRETRAIN_STATE_FILE = "pretrain_state.pt"
+
+
+def save_pretrain_state(directory: Path, step: int, bundle, train_step: "PretrainingStep", history: list,
+                        seconds: float, build: str) -> None:
+    """The training state after ``step`` (model, optimizer, schedule, the prompt-drop stream), written
+    atomically: a crash while saving leaves the previous state."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"build_hash": build, "step": step, "model": bundle.model.state_dict(),
+             "optimizer": train_step.optimizer.state_dict(), "schedule": train_step.schedule.state_dict(),
+             "drop_rng": train_step.drop_rng.bit_generator.state, "history": history, "seconds": seconds}
+    tmp = directory / f"{PRETRAIN_STATE_FILE}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, directory / PRETRAIN_STATE_FILE)
+
+
+def load_pretrain_state(directory: Path | None, build: str) -> dict | None:
+    """The saved training state of this build, or None (none saved, or one of another build)."""
+    if directory is None or not (directory / PRETRAIN_STATE_FILE).is_file():
+        return None
+    state = torch.load(directory / PRETRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+    return state if state.get("build_hash") == build else None
 
 
 class PretrainingStep:
@@ -240,21 +275,37 @@ class PretrainingStep:
         return loss.detach()
 
 
-def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
+def _pretrain(world: World, progress: bool, log: Callable[[str], None], checkpoint_dir: Path | None = None):
     c = world.config
     bundle = _new_model(world)
     model = bundle.model
     model.train()
     train_step = PretrainingStep(world, bundle)
     eval_sets = [evaluation_batch(world, stream)[0] for stream in _EVAL_STREAMS]
-    history = []
-    started = time.perf_counter()
-    steps = range(1, c.max_steps + 1)
+    history, first, earlier_seconds = [], 1, 0.0
+    build = build_hash(world)
+    state = load_pretrain_state(checkpoint_dir, build)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        train_step.optimizer.load_state_dict(state["optimizer"])
+        train_step.schedule.load_state_dict(state["schedule"])
+        train_step.drop_rng.bit_generator.state = state["drop_rng"]
+        history, first, earlier_seconds = state["history"], state["step"] + 1, state["seconds"]
+        log(f"world model: resuming the build after step {state['step']} of {c.max_steps} "
+            f"({checkpoint_dir / PRETRAIN_STATE_FILE}, {earlier_seconds:.0f} s of training so far)")
+    started = time.perf_counter() - earlier_seconds
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_dir is not None:
+            save_pretrain_state(checkpoint_dir, step, bundle, train_step, history, time.perf_counter() - started,
+                                build)
+
+    steps = range(first, c.max_steps + 1)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(steps, desc="world pretraining", unit="step")
+        bar = tqdm(steps, desc="world pretraining", unit="step", initial=first - 1, total=c.max_steps)
         steps = bar
     for step in steps:
         loss = train_step(step)
@@ -269,8 +320,11 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
             history.append({"step": step, "loss": float(loss.item()), "seconds": time.perf_counter() - started,
                             "min_accuracy": worst[1], "worst": worst[0], "mean_accuracy": mean})
             log(f"step {step}: loss {loss.item():.3f}, lowest accuracy {worst[1]:.3f} ({worst[0]}), mean {mean:.3f}")
+            checkpoint(step)
     if bar is not None:
         bar.close()
+    if first <= c.max_steps:  # trained in this call: keep the trained model before the (long) judgement
+        checkpoint(c.max_steps)
     model.eval()
     judged = judge_build(world, bundle)
     info = {
@@ -281,6 +335,7 @@ def _pretrain(world: World, progress: bool, log: Callable[[str], None]):
         "seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
         "history": history,
+        **({"resumed_after_step": state["step"]} if state is not None else {}),
         "world": world.describe(),
         "config": dataclasses.asdict(c),
     }
@@ -317,7 +372,8 @@ def build_world_model(config: WorldConfig, force: bool = False, progress: bool =
     if threads < config.threads:
         log(f"world model: world.threads={config.threads} but this process may run on {threads} CPU(s): pretraining "
             f"on {threads} thread(s), which builds another model than {config.threads} threads do (cached apart)")
-    bundle, info = pretrain(world, progress=progress, log=log)
+    partial = out.with_name(out.name + ".partial")  # the training state of a build that has not finished
+    bundle, info = pretrain(world, progress=progress, log=log, checkpoint_dir=partial)
     _warn_if_short(info, log)
     # write beside the final directory and rename, so a crash never leaves a half model in the cache
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -329,6 +385,7 @@ def build_world_model(config: WorldConfig, force: bool = False, progress: bool =
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+    shutil.rmtree(partial, ignore_errors=True)
     return out, info
 
 
