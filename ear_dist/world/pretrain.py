@@ -373,7 +373,13 @@ def build_world_model(config: WorldConfig, force: bool = False, progress: bool =
         log(f"world model: world.threads={config.threads} but this process may run on {threads} CPU(s): pretraining "
             f"on {threads} thread(s), which builds another model than {config.threads} threads do (cached apart)")
     partial = out.with_name(out.name + ".partial")  # the training state of a build that has not finished
-    bundle, info = pretrain(world, progress=progress, log=log, checkpoint_dir=partial)
+    try:
+        bundle, info = pretrain(world, progress=progress, log=log, checkpoint_dir=partial)
+    except KeyboardInterrupt:
+        state = load_pretrain_state(partial, build_hash(world))
+        if state is not None:
+            log(f"world model: stopped; the same command resumes the build after step {state['step']} ({partial})")
+        raise
     _warn_if_short(info, log)
     # write beside the final directory and rename, so a crash never leaves a half model in the cache
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
