@@ -259,7 +259,7 @@ def test_a_stopped_build_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
         build_world_model(cfg, progress=False, log=lambda _: None)
     out = cache_root(cfg) / build_hash(World(cfg))
     partial = out.with_name(out.name + ".partial")
-    assert not out.exists() and torch.load(partial / pt.PRETRAIN_STATE_FILE, weights_only=False)["step"] == 4
+    assert not out.exists() and torch.load(partial / pt.PRETRAIN_STATE_FILE, weights_only=True)["step"] == 4
 
     # the rerun trains steps 5 and 6 only, then stops in the judgement: the trained model is kept
     calls.clear()
@@ -270,7 +270,7 @@ def test_a_stopped_build_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
     with pytest.raises(_StopAt):
         build_world_model(cfg, progress=False, log=messages.append)
     assert calls == [5, 6] and any("resuming the build after step 4 of 6" in m for m in messages)
-    assert torch.load(partial / pt.PRETRAIN_STATE_FILE, weights_only=False)["step"] == 6
+    assert torch.load(partial / pt.PRETRAIN_STATE_FILE, weights_only=True)["step"] == 6
 
     # the third run only judges
     calls.clear()

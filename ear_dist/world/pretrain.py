@@ -239,7 +239,7 @@ def load_pretrain_state(directory: Path | None, build: str) -> dict | None:
     """The saved training state of this build, or None (none saved, or one of another build)."""
     if directory is None or not (directory / PRETRAIN_STATE_FILE).is_file():
         return None
-    state = torch.load(directory / PRETRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(directory / PRETRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     return state if state.get("build_hash") == build else None
 
 
