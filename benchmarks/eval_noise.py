@@ -42,14 +42,21 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=4, help="sampling-seed sets judged against draw 0")
     ap.add_argument("--eval-prompts", default="48", help="comma-separated prompts per group")
     ap.add_argument("--erased", default="church", help="comma-separated: the concepts whose groups are left out")
+    ap.add_argument("--world-recipe", action="append", default=[], metavar="NAME",
+                    help="a world recipe for the builds, e.g. world-large (before --world-set)")
+    ap.add_argument("--world-set", action="append", default=[], dest="world_overrides",
+                    help="a world.* override for the builds (e.g. world.cache_dir=DIR)")
     ap.add_argument("--out", default="runs/eval_noise.json")
     args = ap.parse_args()
+    bad = [w for w in args.world_overrides if not w.startswith("world.")]
+    if bad:
+        ap.error(f"--world-set: expected world.KEY=VALUE, got {bad}")
 
     erased = [c.strip() for c in args.erased.split(",") if c.strip()]
     t0 = time.perf_counter()
     rows = []
     for ws in [int(s) for s in args.world_seeds.split(",")]:
-        wcfg = load_config(overrides=[f"world.seed={ws}"]).world
+        wcfg = load_config(overrides=[*args.world_overrides, f"world.seed={ws}"], recipes=args.world_recipe).world
         path, info = build_world_model(wcfg, progress=True)
         refuse_missed_target(info, wcfg, f"world seed {ws} ({path})")  # measured only with world.allow_missed_target
         world = world_for(wcfg, "janus")
@@ -57,7 +64,7 @@ def main() -> None:
         for n in [int(s) for s in args.eval_prompts.split(",")]:
             draws = [hit_rates(world, base, args.split, n, wcfg.guidance_weight, draw=k) for k in range(args.draws + 1)]
             for k in range(1, args.draws + 1):
-                res = outcome(draws[0], draws[k], erased)
+                res = outcome(draws[0], draws[k], erased, vocab=world.vocab)
                 name, worst = res.preservation_worst
                 rows.append({"world_seed": ws, "eval_prompts": n, "draw": k, "mean": res.preservation_mean,
                              "worst": worst, "worst_group": name,
