@@ -165,6 +165,9 @@ def main() -> None:
                          "(ear-dist erase-many); plain: every run the single-concept pairs (earlier tables)")
     ap.add_argument("--world-recipe", action="append", default=[], metavar="NAME",
                     help="a world recipe for the builds, e.g. world-large or world-large-mini (before --world-set)")
+    ap.add_argument("--noise-draws", type=int, default=1,
+                    help="with --draw: the unchanged base judged again with this many other sets of sampling seeds "
+                         "(the judge's noise floor at the same evaluation size, printed beside the scaling table)")
     ap.add_argument("--out", default="runs/preservation")
     args = ap.parse_args()
     if args.split == "heldout" and args.overrides:
@@ -189,6 +192,7 @@ def main() -> None:
     erase_settings = VAR_WORLD_ERASE if args.family == "var" else WORLD_ERASE
     draws = [int(n) for n in args.draw.split(",") if n.strip()]
     scaling: list[dict] = []
+    noise: dict[int, list[dict]] = {}
     for ws in [int(s) for s in args.world_seeds.split(",")]:
         wcfg = load_config(overrides=[*args.world_overrides, f"world.seed={ws}"], recipes=args.world_recipe).world
         path, info = build_world_model(wcfg, progress=True, family=args.family)
@@ -211,15 +215,27 @@ def main() -> None:
                 by_world[ws]["base"] = res["base"]
                 by_world[ws]["runs"] += res["runs"]
                 scaling += [dict(r, world_seed=ws, n=n) for r in res["runs"]]
+        if args.noise_draws > 0:
+            from benchmarks.harness.compare import judge_noise
+            from ear_dist.models.family import load_model
+
+            noise[ws] = judge_noise(world, load_model(str(path), args.family, device="cpu", dtype="float32"),
+                                    args.split, args.eval_prompts, world.config.guidance_weight,
+                                    by_world[ws]["base"], args.noise_draws)
     info = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(), "machine": platform.node(),
             "cpus": __import__("os").cpu_count(), "seconds": round(time.perf_counter() - t0), "builds": builds,
             "split": args.split, "family": args.family, "world_overrides": args.world_overrides,
             "methods": {m.name: m.overrides for m in methods}, "overrides": args.overrides,
-            "multi_pairs": args.multi_pairs, "world_recipes": args.world_recipe}
+            "multi_pairs": args.multi_pairs, "world_recipes": args.world_recipe, "noise_floor": noise}
     payload = write(out, by_world, info)
     if draws:
         info["draws"] = draws
-        (out / "scaling.md").write_text(scaling_table(scaling, info) + "\n")
+        floor = "".join(f"\n\nThe judge's noise floor, world seed {ws} (the unchanged base judged again with other "
+                        f"sampling seeds, the same prompts, {args.eval_prompts} per group, every group): " +
+                        "; ".join(f"draw {r['draw']}: mean {r['mean']:.3f}, worst {r['worst']:.3f} "
+                                  f"({r['worst_group']})" for r in rows) + "."
+                        for ws, rows in noise.items() if rows and rows[0]["mean"] is not None)
+        (out / "scaling.md").write_text(scaling_table(scaling, info) + floor + "\n")
         print((out / "scaling.md").read_text())
     print((out / "results.md").read_text())
     print(f"{len(payload['runs'])} evaluations in {info['seconds']} s; {out / 'results.json'}")

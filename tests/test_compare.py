@@ -135,3 +135,25 @@ def test_bench_preservation_set_wins_over_a_methods_own_settings():
         assert method.anchors == 64
         (plain,) = build_methods(["null-space EAR"], family)
         assert load_config(overrides=[*world_erase, *plain.overrides, *anchors]).preserve.nullspace_energy == 0.9999
+
+
+def test_the_judges_noise_floor_is_the_base_against_its_own_other_draws(monkeypatch):
+    """bench_preservation's noise floor: hit_rates at draws 1..k of the unchanged base, as preservation against
+    draw 0 over every group (mean and the worst group per draw)."""
+    import benchmarks.harness.compare as cmp
+
+    base = {"a": 1.0, "b": 0.8, "c": 0.5, "z": 0.0}
+    again = {1: {"a": 1.0, "b": 0.8, "c": 0.4, "z": 0.1}, 2: {"a": 0.9, "b": 0.8, "c": 0.5, "z": 0.0}}
+    asked = []
+
+    def fake_hit_rates(world, bundle, split, n, g, batch_size=64, draw=0):
+        asked.append((split, n, g, draw))
+        return again[draw]
+
+    monkeypatch.setattr(cmp, "hit_rates", fake_hit_rates)
+    rows = cmp.judge_noise(None, None, "validation", 48, 3.0, base, draws=2)
+    assert asked == [("validation", 48, 3.0, 1), ("validation", 48, 3.0, 2)]
+    assert [r["draw"] for r in rows] == [1, 2] and all(r["prompts_per_group"] == 48 for r in rows)
+    assert rows[0]["mean"] == pytest.approx((1.0 + 1.0 + 0.8) / 3) and rows[0]["worst"] == pytest.approx(0.8)
+    assert rows[0]["worst_group"] == "c"  # z: base hit rate 0, excluded
+    assert rows[1]["mean"] == pytest.approx((0.9 + 1.0 + 1.0) / 3) and rows[1]["worst_group"] == "a"

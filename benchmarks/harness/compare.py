@@ -102,6 +102,20 @@ def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, 
     return out
 
 
+def judge_noise(world: World, bundle, split: str, n: int, guidance_weight: float, base_hits: dict[str, float],
+                draws: int = 1) -> list[dict]:
+    """The judge's own noise floor at this evaluation size: the unchanged model judged again with ``draws`` other
+    sets of sampling seeds (the same prompts, ``hit_rates(draw=k)``), as preservation against ``base_hits`` over
+    every group: the mean ratio and the worst group of each draw. A run's figures are only as exact as these."""
+    out = []
+    for k in range(1, draws + 1):
+        again = hit_rates(world, bundle, split, n, guidance_weight, draw=k)
+        p = figures.preservation(base_hits, again)
+        out.append({"draw": k, "prompts_per_group": n, "mean": p.mean, "worst": p.worst,
+                    "worst_group": p.worst_concept})
+    return out
+
+
 @dataclass
 class Outcome:
     """One model against the base, for the concepts it erased (figures as ``ear_dist.eval.figures`` defines them)."""
