@@ -132,8 +132,7 @@ def scaling_table(runs: list[dict], info: dict) -> str:
 
 
 def main() -> None:
-    from ear_dist.config import load_config
-    from benchmarks.harness.compare import compare, write
+    from benchmarks.harness.compare import add_world_arguments, check_world_arguments, compare, world_config, write
     from ear_dist.world.erasure import VAR_WORLD_ERASE, WORLD_ERASE
     from ear_dist.world.pretrain import build_world_model, refuse_missed_target
     from ear_dist.world.var_world import world_for
@@ -142,8 +141,6 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     ap.add_argument("--split", default="validation", choices=list(SPLITS))
     ap.add_argument("--family", default="janus", choices=["janus", "var"], help="the model family and its world")
-    ap.add_argument("--world-set", action="append", default=[], dest="world_overrides",
-                    help="a world.* override for the builds (e.g. world.max_steps=600)")
     ap.add_argument("--world-seeds", default="0")
     ap.add_argument("--seeds", default="0", help="erasure seeds (train.seed)")
     ap.add_argument("--concepts", default="church,van gogh", help="concepts erased alone")
@@ -163,8 +160,7 @@ def main() -> None:
     ap.add_argument("--multi-pairs", default="avoid", choices=["avoid", "plain"],
                     help="avoid: the joint run's and array tasks' pairs show none of the job's other concepts "
                          "(ear-dist erase-many); plain: every run the single-concept pairs (earlier tables)")
-    ap.add_argument("--world-recipe", action="append", default=[], metavar="NAME",
-                    help="a world recipe for the builds, e.g. world-large or world-large-mini (before --world-set)")
+    add_world_arguments(ap)
     ap.add_argument("--noise-draws", type=int, default=1,
                     help="with --draw: the unchanged base judged again with this many other sets of sampling seeds "
                          "(the judge's noise floor at the same evaluation size, printed beside the scaling table)")
@@ -180,9 +176,7 @@ def main() -> None:
         ap.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     methods = build_methods(names, args.family, args.overrides, args.anchors)
     methods += [recipe_method(r, args.overrides, args.anchors) for r in args.recipe]
-    bad = [w for w in args.world_overrides if not w.startswith("world.")]
-    if bad:
-        ap.error(f"--world-set: expected world.KEY=VALUE, got {bad}")
+    check_world_arguments(ap, args)
     singles = [c.strip() for c in args.concepts.split(",") if c.strip()]
     multi = [c.strip() for c in args.multi.split(",") if c.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -194,7 +188,7 @@ def main() -> None:
     scaling: list[dict] = []
     noise: dict[int, list[dict]] = {}
     for ws in [int(s) for s in args.world_seeds.split(",")]:
-        wcfg = load_config(overrides=[*args.world_overrides, f"world.seed={ws}"], recipes=args.world_recipe).world
+        wcfg = world_config(args, ws)
         path, info = build_world_model(wcfg, progress=True, family=args.family)
         builds[ws] = {"path": str(path), "steps": info["steps"], "reached_target": info["reached_target"]}
         refuse_missed_target(info, wcfg, f"world seed {ws} ({path})")  # measured only with world.allow_missed_target

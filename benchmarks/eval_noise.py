@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from ear_dist.config import load_config
     from ear_dist.models.family import load_model
-    from benchmarks.harness.compare import SPLITS, hit_rates, outcome
+    from benchmarks.harness.compare import (SPLITS, add_world_arguments, check_world_arguments, hit_rates, outcome,
+                                            world_config)
     from ear_dist.world.pretrain import build_world_model, refuse_missed_target
     from ear_dist.world.var_world import world_for
 
@@ -42,21 +42,16 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=4, help="sampling-seed sets judged against draw 0")
     ap.add_argument("--eval-prompts", default="48", help="comma-separated prompts per group")
     ap.add_argument("--erased", default="church", help="comma-separated: the concepts whose groups are left out")
-    ap.add_argument("--world-recipe", action="append", default=[], metavar="NAME",
-                    help="a world recipe for the builds, e.g. world-large (before --world-set)")
-    ap.add_argument("--world-set", action="append", default=[], dest="world_overrides",
-                    help="a world.* override for the builds (e.g. world.cache_dir=DIR)")
+    add_world_arguments(ap)
     ap.add_argument("--out", default="runs/eval_noise.json")
     args = ap.parse_args()
-    bad = [w for w in args.world_overrides if not w.startswith("world.")]
-    if bad:
-        ap.error(f"--world-set: expected world.KEY=VALUE, got {bad}")
+    check_world_arguments(ap, args)
 
     erased = [c.strip() for c in args.erased.split(",") if c.strip()]
     t0 = time.perf_counter()
     rows = []
     for ws in [int(s) for s in args.world_seeds.split(",")]:
-        wcfg = load_config(overrides=[*args.world_overrides, f"world.seed={ws}"], recipes=args.world_recipe).world
+        wcfg = world_config(args, ws)
         path, info = build_world_model(wcfg, progress=True)
         refuse_missed_target(info, wcfg, f"world seed {ws} ({path})")  # measured only with world.allow_missed_target
         world = world_for(wcfg, "janus")

@@ -102,6 +102,28 @@ def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, 
     return out
 
 
+def add_world_arguments(ap) -> None:
+    """``--world-recipe`` and ``--world-set``: the world builds a harness script measures on."""
+    ap.add_argument("--world-recipe", action="append", default=[], metavar="NAME",
+                    help="a world recipe for the builds, e.g. world-large or world-large-mini (before --world-set)")
+    ap.add_argument("--world-set", action="append", default=[], dest="world_overrides",
+                    help="a world.* override for the builds (e.g. world.cache_dir=DIR, world.max_steps=600)")
+
+
+def check_world_arguments(ap, args) -> None:
+    """Refuse (``ap.error``) a ``--world-set`` that is not ``world.KEY=VALUE``, before any work starts."""
+    bad = [w for w in args.world_overrides if not w.startswith("world.")]
+    if bad:
+        ap.error(f"--world-set: expected world.KEY=VALUE, got {bad}")
+
+
+def world_config(args, world_seed: int):
+    """The world config of one build: the recipes, then the overrides, then the seed."""
+    from ear_dist.config import load_config
+
+    return load_config(overrides=[*args.world_overrides, f"world.seed={world_seed}"], recipes=args.world_recipe).world
+
+
 def judge_noise(world: World, bundle, split: str, n: int, guidance_weight: float, base_hits: dict[str, float],
                 draws: int = 1) -> list[dict]:
     """The judge's own noise floor at this evaluation size: the unchanged model judged again with ``draws`` other
