@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--multi-pairs", default="avoid", choices=["avoid", "plain"],
                     help="avoid: the joint run's and array tasks' pairs show none of the job's other concepts "
                          "(ear-dist erase-many); plain: every run the single-concept pairs (earlier tables)")
+    ap.add_argument("--routes", default="joint,composed",
+                    help="for the concepts of --multi (or each --draw N > 1): joint (one run), composed (a job "
+                         "array's per-concept deltas, merged), or both")
     add_world_arguments(ap)
     ap.add_argument("--noise-draws", type=int, default=1,
                     help="with --draw: the unchanged base judged again with this many other sets of sampling seeds "
@@ -180,6 +183,9 @@ def main() -> None:
     singles = [c.strip() for c in args.concepts.split(",") if c.strip()]
     multi = [c.strip() for c in args.multi.split(",") if c.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
+    routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    if not routes or any(r not in ("joint", "composed") for r in routes):
+        ap.error(f"--routes {args.routes!r}: joint, composed or joint,composed")
     out = Path(args.out)
     t0 = time.perf_counter()
     by_world, builds = {}, {}
@@ -196,7 +202,7 @@ def main() -> None:
         if not draws:
             by_world[ws] = compare(str(path), world, methods, out / f"world{ws}", singles, multi, seeds, args.split,
                                    args.pairs, args.eval_prompts, base_overrides=erase_settings,
-                                   avoid_erased=args.multi_pairs == "avoid")
+                                   avoid_erased=args.multi_pairs == "avoid", routes=routes)
             continue
         by_world[ws] = {"base": None, "runs": []}
         for seed in seeds:
@@ -205,7 +211,8 @@ def main() -> None:
                 res = compare(str(path), world, methods, out / f"world{ws}" / f"seed{seed}-n{n}",
                               drawn if n == 1 else [], drawn if n > 1 else [], [seed], args.split, args.pairs,
                               args.eval_prompts, base_overrides=erase_settings,
-                              avoid_erased=args.multi_pairs == "avoid", base_hits=by_world[ws]["base"])
+                              avoid_erased=args.multi_pairs == "avoid", base_hits=by_world[ws]["base"],
+                              routes=routes)
                 by_world[ws]["base"] = res["base"]
                 by_world[ws]["runs"] += res["runs"]
                 scaling += [dict(r, world_seed=ws, n=n) for r in res["runs"]]
@@ -220,7 +227,7 @@ def main() -> None:
             "cpus": __import__("os").cpu_count(), "seconds": round(time.perf_counter() - t0), "builds": builds,
             "split": args.split, "family": args.family, "world_overrides": args.world_overrides,
             "methods": {m.name: m.overrides for m in methods}, "overrides": args.overrides,
-            "multi_pairs": args.multi_pairs, "world_recipes": args.world_recipe, "noise_floor": noise}
+            "multi_pairs": args.multi_pairs, "routes": routes, "world_recipes": args.world_recipe, "noise_floor": noise}
     payload = write(out, by_world, info)
     if draws:
         info["draws"] = draws

@@ -157,3 +157,82 @@ def test_the_judges_noise_floor_is_the_base_against_its_own_other_draws(monkeypa
     assert rows[0]["mean"] == pytest.approx((1.0 + 1.0 + 0.8) / 3) and rows[0]["worst"] == pytest.approx(0.8)
     assert rows[0]["worst_group"] == "c"  # z: base hit rate 0, excluded
     assert rows[1]["mean"] == pytest.approx((0.9 + 1.0 + 1.0) / 3) and rows[1]["worst_group"] == "a"
+
+
+def test_the_base_models_hit_rates_are_measured_once_per_model_split_and_size(tmp_path, monkeypatch):
+    """bench_preservation measures the unchanged base once per model, split and size (minutes on the large
+    world) and reads it back after; other weights, another size or a damaged file are measured again."""
+    import benchmarks.harness.compare as cmp
+    from safetensors.torch import save_file
+
+    world = World(WorldConfig(cache_dir=str(tmp_path / "cache"), **SMALL))
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"w": torch.ones(3)}, str(model / "model.safetensors"))
+    calls = []
+
+    def fake_hit_rates(world, bundle, split, n, g, batch_size=64, draw=0):
+        calls.append((split, n))
+        return {"church": 0.5 + len(calls) / 100, "barn": 1.0}
+
+    monkeypatch.setattr(cmp, "hit_rates", fake_hit_rates)
+    said = []
+    first = cmp.cached_base_hits(str(model), world, None, "validation", 8, 5.0, log=said.append)
+    again = cmp.cached_base_hits(str(model), world, None, "validation", 8, 5.0, log=said.append)
+    assert first == again == {"church": 0.51, "barn": 1.0} and calls == [("validation", 8)]
+    assert "measured before" in said[-1] and str(model / ".base-hits") in said[-1]
+    cmp.cached_base_hits(str(model), world, None, "validation", 16, 5.0, log=said.append)  # another size
+    cmp.cached_base_hits(str(model), world, None, "heldout", 8, 5.0, log=said.append)  # another split
+    assert calls == [("validation", 8), ("validation", 16), ("heldout", 8)]
+    save_file({"w": torch.zeros(3)}, str(model / "model.safetensors"))  # other weights in the same folder
+    assert cmp.cached_base_hits(str(model), world, None, "validation", 8, 5.0, log=said.append)["church"] == 0.54
+    for f in (model / ".base-hits").glob("*.json"):
+        f.write_text("{not json")
+    assert cmp.cached_base_hits(str(model), world, None, "validation", 8, 5.0, log=said.append)["church"] == 0.55
+    assert any("unreadable" in s for s in said)
+    # a merge carries a base model's other files into the merged folder, but not this hidden one
+    from ear_dist.models.merge import non_weight_files
+
+    assert not [p for p in non_weight_files(model) if ".base-hits" in str(p)]
+
+
+def test_the_comparison_runs_only_the_routes_it_is_asked_for(tmp_path, monkeypatch):
+    """bench_preservation --routes joint trains one joint run and no per-concept run (and composed: the array
+    alone); the figures of each route are those of the deltas it trained."""
+    import benchmarks.harness.compare as cmp
+    import ear_dist.models.delta as delta_module
+    import ear_dist.models.family as family_module
+    import ear_dist.world.pretrain as pretrain_module
+
+    world = World(WorldConfig(cache_dir=str(tmp_path / "cache"), **SMALL))
+    trained, judged = [], []
+
+    def fake_run(method, model_path, world, pairs, concepts, out_dir, seed, base_overrides, steps_factor=1,
+                 progress=False, extra=()):
+        trained.append((tuple(concepts), out_dir.name))
+        return f"{out_dir.name}.safetensors", 0.1, 2 * steps_factor
+
+    monkeypatch.setattr(cmp, "run_method", fake_run)
+    monkeypatch.setattr(cmp, "training_pairs", lambda world, base, c, n, avoid=(): [])
+    monkeypatch.setattr(cmp, "hit_rates", lambda *a, **k: {"church": 1.0, "barn": 1.0, "castle": 1.0})
+    monkeypatch.setattr(family_module, "load_model", lambda *a, **k: type("M", (), {"model": None})())
+    monkeypatch.setattr(delta_module, "apply_deltas", lambda model, deltas: judged.append(list(deltas)))
+    monkeypatch.setattr(pretrain_module, "model_build_info", lambda path: {})
+    monkeypatch.setattr(pretrain_module, "refuse_missed_target", lambda *a, **k: None)
+    method = cmp.Method("plain", [])
+    for routes, runs, settings in (
+            (["joint"], [(("church", "barn"), "joint")], ["joint: church, barn"]),
+            (["composed"], [(("church",), "church"), (("barn",), "barn")], ["composed: church, barn"]),
+            (["joint", "composed"], [(("church",), "church"), (("barn",), "barn"), (("church", "barn"), "joint")],
+             ["joint: church, barn", "composed: church, barn"])):
+        trained.clear(), judged.clear()
+        res = cmp.compare(str(tmp_path), world, [method], tmp_path / "cmp", [], ["church", "barn"], [0], "validation",
+                          n_pairs=2, n_eval=2, log=lambda _: None, base_hits={"church": 1.0, "barn": 1.0,
+                                                                               "castle": 1.0}, routes=routes)
+        assert trained == runs and [r["setting"] for r in res["runs"]] == settings
+        expect = {"joint: church, barn": ["joint.safetensors"],
+                  "composed: church, barn": ["church.safetensors", "barn.safetensors"]}
+        assert judged == [expect[s] for s in settings]
+    with pytest.raises(cmp.InputError, match="routes"):
+        cmp.compare(str(tmp_path), world, [method], tmp_path / "cmp", [], ["church", "barn"], [0], "validation",
+                    routes=["joint", "array"])

@@ -248,6 +248,30 @@ def test_many_concept_pairs_show_none_of_the_jobs_other_concepts(make):
         [p.target for p in make_pairs(world, objects[0], 8)]
 
 
+@pytest.mark.parametrize("make", [lambda: World(), lambda: World(WorldConfig(**MINI))], ids=["planted", "generated"])
+def test_each_concept_of_a_many_concept_job_draws_its_own_sentences_and_surrogates(make):
+    """Pair i of two concepts of one job was the same sentence with the same surrogate and rollout seed (one
+    stream for all), so a joint run taught every erased word one set of images; each now draws its own."""
+    world = make()
+    objects = list(world.vocab.objects)
+    erased = [objects[0], objects[1], objects[2], list(world.vocab.styles)[0]]
+    pairs = {c: make_pairs(world, c, 16, avoid=erased) for c in erased}
+
+    def frame(p, concept):  # the sentence with the erased word blanked
+        return re.sub(r"\b(" + "|".join(map(re.escape, concept_words(world, concept, "train"))) + r")\b", "_",
+                      p.target.lower())
+
+    a, b = objects[0], objects[1]
+    assert [frame(p, a) for p in pairs[a]] != [frame(p, b) for p in pairs[b]]
+    same = sum(p.surrogate_concept == q.surrogate_concept for p, q in zip(pairs[a], pairs[b]))
+    assert same <= 6, f"{same} of 16 pairs give {a} and {b} the same surrogate"
+    seeds = [p.seed for c in erased for p in pairs[c]]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**31 for s in seeds)
+    # the same concept's pairs do not depend on which other concepts the job erases
+    again = make_pairs(world, a, 16, avoid=[a, objects[3]])
+    assert [p.seed for p in again] == [p.seed for p in pairs[a]]
+
+
 def test_many_concept_pairs_refuse_a_job_that_leaves_no_surrogate():
     world = World()
     with pytest.raises(Exception, match="no object is left"):

@@ -102,6 +102,61 @@ def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, 
     return out
 
 
+BASE_HITS_DIR = ".base-hits"  # in a world model's folder (hidden: a merge does not carry it): its hit rates per split and size
+
+
+def base_hits_key(model_path: str, world: World, split: str, n: int, guidance_weight: float,
+                  batch_size: int = 64) -> str:
+    """What the base model's hit rates depend on: its weights (a digest of every weight file), the world
+    (prompts and judge), the split, the prompts per group, the guidance, the sampling batch, the thread
+    count and torch's version (float sums, and so a sample, may differ between them)."""
+    import hashlib
+
+    weights = hashlib.sha256()
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{model_path}: no *.safetensors weight file to key the base model's hit rates on")
+    for f in files:
+        weights.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                weights.update(chunk)
+    text = json.dumps({"weights": weights.hexdigest(), "world": world.config_hash, "split": split, "n": n,
+                       "guidance": guidance_weight, "batch": batch_size, "threads": torch.get_num_threads(),
+                       "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_base_hits(model_path: str, world: World, bundle, split: str, n: int, guidance_weight: float,
+                     log: Callable[[str], None] = print) -> dict[str, float]:
+    """``hit_rates`` of the unchanged base model, kept in ``<model_path>/.base-hits/<key>.json`` so later
+    comparisons on the same model, split and size reuse it (on the large world it costs minutes). A model
+    folder that cannot be written to is measured every time."""
+    import os
+
+    key = base_hits_key(model_path, world, split, n, guidance_weight)
+    path = Path(model_path) / BASE_HITS_DIR / f"{key}.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key and isinstance(saved.get("hits"), dict):
+                log(f"base hit rates: measured before on this model, split and size ({path})")
+                return {k: float(v) for k, v in saved["hits"].items()}
+        except (OSError, ValueError):
+            pass  # a damaged file: measured again and rewritten
+        log(f"base hit rates: {path} is unreadable; measuring again")
+    hits = hit_rates(world, bundle, split, n, guidance_weight)
+    try:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "split": split, "n": n, "guidance": guidance_weight,
+                                   "hits": hits}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        log(f"base hit rates: not kept ({e.strerror or e}: {path.parent}); the next comparison measures them again")
+    return hits
+
+
 def add_world_arguments(ap) -> None:
     """``--world-recipe`` and ``--world-set``: the world builds a harness script measures on."""
     ap.add_argument("--world-recipe", action="append", default=[], metavar="NAME",
@@ -230,15 +285,19 @@ def run_method(method: Method, model_path: str, world: World, pairs: dict[str, l
 def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: Path, singles: Sequence[str],
             multi: Sequence[str], seeds: Sequence[int], split: str, n_pairs: int = 32, n_eval: int = 48,
             base_overrides: Sequence[str] = (), log: Callable[[str], None] = print, avoid_erased: bool = True,
-            base_hits: Optional[dict[str, float]] = None) -> dict:
+            base_hits: Optional[dict[str, float]] = None, routes: Sequence[str] = ("joint", "composed")) -> dict:
     """Every method on every single concept, on ``multi`` jointly and composed, for each erasure seed.
 
     ``world`` is the world of the model's family (``world_for``); ``base_overrides`` select the
     family's erasure settings (``model.family=var`` for a VAR world model). ``avoid_erased``: the joint
     run's and the array tasks' pairs avoid the other concepts of ``multi`` (what ``ear-dist erase-many``
     does); False gives every run the single-concept pairs (the tables before the many-concept job).
-    ``base_hits``: the base model's hit rates on this split and size from an earlier call (not measured again).
+    ``base_hits``: the base model's hit rates on this split and size from an earlier call (not measured again;
+    else ``cached_base_hits``). ``routes``: which of the joint run and the composed array ``multi`` gets.
     """
+    unknown = [r for r in routes if r not in ("joint", "composed")]
+    if unknown or not routes:
+        raise InputError(f"routes: {list(routes)}; each of joint, composed, at least one")
     from ear_dist.models.delta import apply_deltas
     from ear_dist.models.family import detect_family, load_model
 
@@ -253,7 +312,7 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
     refuse_missed_target(model_build_info(model_path), world.config, f"the comparison ({model_path})", log)
     base = load_model(model_path, family, device="cpu", dtype="float32")
     if base_hits is None:
-        base_hits = hit_rates(world, base, split, n_eval, g)
+        base_hits = cached_base_hits(model_path, world, base, split, n_eval, g, log)
     log(f"base: {json.dumps({k: round(v, 3) for k, v in base_hits.items()})}")
     every = list(dict.fromkeys(list(singles) + list(multi)))
     pairs = {c: training_pairs(world, base, c, n_pairs) for c in every}
@@ -273,8 +332,8 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
             singles_done: dict[str, str] = {}
             single_cost: dict[str, dict] = {}
             for concept in every:
-                if concept not in singles and array:
-                    continue  # trained below, as an array task
+                if concept not in singles and (array or "composed" not in routes):
+                    continue  # trained below, as an array task, or not composed at all
                 run_dir = out_dir / "runs" / _slug(method.name) / f"seed{seed}" / _slug(concept)
                 started = time.perf_counter()
                 singles_done[concept], step_s, steps = run_method(method, model_path, world, pairs, [concept], run_dir,
@@ -283,12 +342,14 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
                 results.setdefault("step_seconds", {}).setdefault(method.name, []).append(step_s)
             settings = [(c, [c], [singles_done[c]]) for c in singles]
             cost = {c: single_cost[c] for c in singles}
-            if len(multi) > 1:
+            if len(multi) > 1 and "joint" in routes:
                 joint_dir = out_dir / "runs" / _slug(method.name) / f"seed{seed}" / "joint"
                 started = time.perf_counter()
                 joint, _, steps = run_method(method, model_path, world, multi_pairs, list(multi), joint_dir, seed,
                                              base_overrides, steps_factor=len(multi))
                 cost["joint: " + ", ".join(multi)] = _cost(time.perf_counter() - started, steps)
+                settings.append(("joint: " + ", ".join(multi), list(multi), [joint]))
+            if len(multi) > 1 and "composed" in routes:
                 if not array:
                     composed = [singles_done[c] for c in multi]
                     seconds = sum(single_cost[c]["seconds"] for c in multi)
@@ -304,8 +365,7 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
                         composed.append(delta)
                         seconds, steps = seconds + one["seconds"], steps + one["steps"]
                 cost["composed: " + ", ".join(multi)] = {"seconds": round(seconds, 1), "steps": steps}
-                settings += [("joint: " + ", ".join(multi), list(multi), [joint]),
-                             ("composed: " + ", ".join(multi), list(multi), composed)]
+                settings.append(("composed: " + ", ".join(multi), list(multi), composed))
             for setting, erased, deltas in settings:
                 res = outcome(base_hits, judge(deltas), erased, vocab=world.vocab)
                 results["runs"].append({"method": method.name, "seed": seed, "setting": setting,

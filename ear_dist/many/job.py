@@ -306,13 +306,18 @@ class ManyConceptJob:
     def _template_pairs(self, entry: ConceptEntry, n: int) -> list[PromptPair]:
         from ear_dist.data.ecg import template_pairs
 
+        from ear_dist.world.erasure import concept_offset
+
         e = self.cfg.data.ecg
         words = training_words(entry, self.target)
+        # each concept of a job of several draws its own templates and surrogates (one seed for all gave
+        # pair i of every concept the same template and surrogate)
+        offset = concept_offset(entry.name) if len(self.spec.names) > 1 else 0
         pairs: list[PromptPair] = []
         for i, word in enumerate(words):
             share = n // len(words) + (1 if i < n % len(words) else 0)
-            for p in template_pairs(word, e.templates, entry.surrogates or e.surrogates, e.slots, share, e.seed + i,
-                                    entry.category or e.category):
+            for p in template_pairs(word, e.templates, entry.surrogates or e.surrogates, e.slots, share,
+                                    e.seed + offset + i, entry.category or e.category):
                 pairs.append(p)
         return pairs
 

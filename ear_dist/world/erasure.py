@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -112,10 +113,15 @@ def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM, av
     student to draw what another pair of the same job removes (church -> barn while barn is
     erased too). Empty: the single-concept pairs, as before.
     """
-    rng = np.random.default_rng([world.seed, stream])
     vocab = world.vocab
     words = concept_words(world, concept, "train") if concept in vocab.concepts else ()
     avoid = [a for a in avoid if a != concept]
+    # In a many-concept job every concept draws its own sentences, styles, surrogates and rollout seeds: with
+    # one stream for all, pair i of every concept was the same sentence with the same surrogate (church ->
+    # barn, castle -> barn, ...), so a joint run of N concepts taught N words one set of 32 images.
+    seed_offset = concept_offset(concept) if avoid else 0
+    stream += seed_offset
+    rng = np.random.default_rng([world.seed, stream])
     unknown = [a for a in avoid if a not in vocab.concepts]
     if unknown:
         raise _unknown_concept(world, unknown[0])
@@ -147,8 +153,15 @@ def make_pairs(world: World, concept: str, n: int, stream: int = PAIR_STREAM, av
         return vocab.style_phrase(concept, record.style_word).lower()
 
     return [PromptPair(t.prompt, s.prompt, concept=named(t) if named(t) in t.prompt.lower() else concept,
-                       surrogate_concept=s.object if concept in vocab.objects else "", source="world-ecg", seed=i)
+                       surrogate_concept=s.object if concept in vocab.objects else "", source="world-ecg",
+                       seed=seed_offset + i)
             for i, (t, s) in enumerate(pairs)]
+
+
+def concept_offset(concept: str) -> int:
+    """A stable per-concept offset (a multiple of 2**16 below 2**31) for the streams and seeds of a
+    many-concept job's pairs, the same in every process and for any job the concept is part of."""
+    return (zlib.crc32(concept.encode()) & 0x7FFF) << 16
 
 
 def make_anchor_pairs(world: World, concept: str, n: int, stream: int = ANCHOR_STREAM) -> list[PromptPair]:
