@@ -108,6 +108,30 @@ def test_template_pairs_of_a_real_model_use_each_training_word(tmp_path):
     assert all(p.concept in p.target and p.surrogate_concept in p.surrogate for p in pairs)
 
 
+def test_each_concept_of_a_real_models_job_draws_its_own_templates_and_surrogates(tmp_path):
+    """Two concepts with the same templates and surrogates got pair i from the same draw (one seed for all), so
+    a joint run taught every word the same sentences; in a job of several each draws its own, and a concept
+    alone draws as it always did, so its pairs differ from its pairs in a job of two."""
+    from ear_dist.config import load_config
+    from ear_dist.many.job import ManyConceptJob, Target
+    from ear_dist.many.spec import load_spec
+
+    cfg = load_config(overrides=['data.ecg.templates=["a photo of a {concept} {where}", "a {concept} {where}"]',
+                                 "data.ecg.slots={where: [at night, in snow, by the sea, in a field, in the city]}"])
+    entries = ("  - name: tower\n    surrogates: [barn, castle, mill, shed]\n"
+               "  - name: bridge\n    surrogates: [barn, castle, mill, shed]\n")
+
+    def frames(text):
+        spec = load_spec(_write(tmp_path / "c.yaml", "pairs_per_concept: 8\nconcepts:\n" + text))
+        job = ManyConceptJob(spec, cfg, Target("unused", "janus"), tmp_path / "job", log=lambda _: None)
+        return [[p.surrogate for p in job._template_pairs(e, 8)] for e in spec.concepts]
+
+    tower, bridge = frames(entries)
+    assert tower != bridge  # the surrogate sentences: the same only when both drew the same template and surrogate
+    (alone,) = frames(entries.split("  - name: bridge")[0])
+    assert alone != tower and len(alone) == len(tower) == 8
+
+
 def test_a_real_models_pairs_whose_surrogate_names_another_concept_of_the_job_are_dropped(tmp_path):
     """church -> "a barn" would teach the student to draw barn while the same job erases it: such pairs are dropped
     and counted; with barn not erased they are kept (the check can fail)."""
