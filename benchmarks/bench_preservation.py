@@ -132,7 +132,8 @@ def scaling_table(runs: list[dict], info: dict) -> str:
 
 
 def main() -> None:
-    from benchmarks.harness.compare import add_world_arguments, check_world_arguments, compare, world_config, write
+    from benchmarks.harness.compare import (ROUTES, add_world_arguments, check_world_arguments, compare, world_config,
+                                            write)
     from ear_dist.world.erasure import VAR_WORLD_ERASE, WORLD_ERASE
     from ear_dist.world.pretrain import build_world_model, refuse_missed_target
     from ear_dist.world.var_world import world_for
@@ -160,7 +161,7 @@ def main() -> None:
     ap.add_argument("--multi-pairs", default="avoid", choices=["avoid", "plain"],
                     help="avoid: the joint run's and array tasks' pairs show none of the job's other concepts "
                          "(ear-dist erase-many); plain: every run the single-concept pairs (earlier tables)")
-    ap.add_argument("--routes", default="joint,composed",
+    ap.add_argument("--routes", default="joint,composed",  # the harness's ROUTES
                     help="for the concepts of --multi (or each --draw N > 1): joint (one run), composed (a job "
                          "array's per-concept deltas, merged), or both")
     add_world_arguments(ap)
@@ -184,7 +185,7 @@ def main() -> None:
     multi = [c.strip() for c in args.multi.split(",") if c.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
-    if not routes or any(r not in ("joint", "composed") for r in routes):
+    if not routes or any(r not in ROUTES for r in routes):
         ap.error(f"--routes {args.routes!r}: joint, composed or joint,composed")
     out = Path(args.out)
     t0 = time.perf_counter()

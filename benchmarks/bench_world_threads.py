@@ -49,15 +49,12 @@ def worker(threads: int, steps: int, seconds: float, warmup: int, recipes: list[
     # so the cell runs with the wait policy its environment names (unset: OpenMP's own default)
     import torch
 
-    from ear_dist.config import WorldConfig
+    from ear_dist.config import load_config
     from ear_dist.world.pretrain import PretrainingStep, _new_model, pretraining_threads
     from ear_dist.world.world import World
 
-    from ear_dist.config import load_config
-
     sets = [f"world.threads={threads}"] + ([f"world.batch_size={batch}"] if batch else [])
-    world = World(load_config(overrides=sets, recipes=recipes).world if recipes else
-                  WorldConfig(threads=threads, **({"batch_size": batch} if batch else {})))
+    world = World(load_config(overrides=sets, recipes=recipes).world)
     with pretraining_threads(world.config):
         bundle = _new_model(world)
         bundle.model.train()

@@ -102,6 +102,7 @@ def hit_rates(world: World, bundle, split: str, n: int, guidance_weight: float, 
     return out
 
 
+ROUTES = ("joint", "composed")  # a many-concept comparison's routes: one joint run, a job array's merged deltas
 BASE_HITS_DIR = ".base-hits"  # in a world model's folder (hidden: a merge does not carry it): its hit rates per split and size
 
 
@@ -137,14 +138,11 @@ def cached_base_hits(model_path: str, world: World, bundle, split: str, n: int, 
     key = base_hits_key(model_path, world, split, n, guidance_weight)
     path = Path(model_path) / BASE_HITS_DIR / f"{key}.json"
     if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            if saved.get("key") == key and isinstance(saved.get("hits"), dict):
-                log(f"base hit rates: measured before on this model, split and size ({path})")
-                return {k: float(v) for k, v in saved["hits"].items()}
-        except (OSError, ValueError):
-            pass  # a damaged file: measured again and rewritten
-        log(f"base hit rates: {path} is unreadable; measuring again")
+        saved = _saved_hits(path, key)
+        if saved is not None:
+            log(f"base hit rates: measured before on this model, split and size ({path})")
+            return saved
+        log(f"base hit rates: {path} is unreadable; measuring again")  # and rewritten below
     hits = hit_rates(world, bundle, split, n, guidance_weight)
     try:
         path.parent.mkdir(exist_ok=True)
@@ -155,6 +153,17 @@ def cached_base_hits(model_path: str, world: World, bundle, split: str, n: int, 
     except OSError as e:
         log(f"base hit rates: not kept ({e.strerror or e}: {path.parent}); the next comparison measures them again")
     return hits
+
+
+def _saved_hits(path: Path, key: str) -> Optional[dict[str, float]]:
+    """The hit rates kept in ``path`` under ``key``, or None when the file is damaged or holds another key."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("hits"), dict):
+        return None
+    return {k: float(v) for k, v in saved["hits"].items()}
 
 
 def add_world_arguments(ap) -> None:
@@ -285,7 +294,7 @@ def run_method(method: Method, model_path: str, world: World, pairs: dict[str, l
 def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: Path, singles: Sequence[str],
             multi: Sequence[str], seeds: Sequence[int], split: str, n_pairs: int = 32, n_eval: int = 48,
             base_overrides: Sequence[str] = (), log: Callable[[str], None] = print, avoid_erased: bool = True,
-            base_hits: Optional[dict[str, float]] = None, routes: Sequence[str] = ("joint", "composed")) -> dict:
+            base_hits: Optional[dict[str, float]] = None, routes: Sequence[str] = ROUTES) -> dict:
     """Every method on every single concept, on ``multi`` jointly and composed, for each erasure seed.
 
     ``world`` is the world of the model's family (``world_for``); ``base_overrides`` select the
@@ -295,9 +304,8 @@ def compare(model_path: str, world: World, methods: Sequence[Method], out_dir: P
     ``base_hits``: the base model's hit rates on this split and size from an earlier call (not measured again;
     else ``cached_base_hits``). ``routes``: which of the joint run and the composed array ``multi`` gets.
     """
-    unknown = [r for r in routes if r not in ("joint", "composed")]
-    if unknown or not routes:
-        raise InputError(f"routes: {list(routes)}; each of joint, composed, at least one")
+    if not routes or any(r not in ROUTES for r in routes):
+        raise InputError(f"routes: {list(routes)}; each of {', '.join(ROUTES)}, at least one")
     from ear_dist.models.delta import apply_deltas
     from ear_dist.models.family import detect_family, load_model
 
